@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: safetensors headers, lazy tensor loads, streamed shard writes."""

@@ -1,0 +1,1 @@
+"""Tokenizers: reading Mistral's tokenizer files, converting them to the HF layout, chat templates, images."""
