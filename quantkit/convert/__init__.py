@@ -1,0 +1,1 @@
+"""Mistral-native -> Hugging Face: checkpoint reader -> key map -> transforms -> config -> writer."""

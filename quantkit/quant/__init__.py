@@ -1,0 +1,1 @@
+"""Quantization: GPTQ solver (gptq.py) and int32 bit packing, incl. the GPTQ checkpoint layout (pack.py)."""

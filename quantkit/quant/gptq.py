@@ -1,0 +1,329 @@
+"""GPTQ solver and round-to-nearest baseline: pure functions on tensors, no I/O.
+
+GPTQ (Frantar et al., arXiv 2210.17323) quantizes a linear layer W [out, in] one input column at a time and spreads
+each column's rounding error over the not-yet-quantized columns through the inverse Hessian of the layer's inputs,
+H = XᵀX. The objective is the output error ‖(W − Q)Xᵀ‖² = tr((W − Q) H (W − Q)ᵀ), which this module reports as
+`loss` (on the undamped H) so callers can compare settings.
+
+The grid is the GPTQ checkpoint grid: per (group, output row) an fp32 scale that is exactly representable in fp16
+(the checkpoint stores fp16) and an integer zero point; code q ∈ [0, 2^bits − 1] dequantizes to scale · (q − zero).
+Symmetric grids use zero = 2^(bits−1). Because the solver quantizes with the fp16-rounded scale, dequantizing the
+exported tensors reproduces `GPTQResult.weight` bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.errors import QuantkitError
+
+MIN_SCALE = 1e-7  # scales below this (all-tiny groups) are raised to it; still > 0 after fp16 rounding
+
+
+@dataclass
+class GPTQResult:
+    q: torch.Tensor  # [out, in] uint8 codes in 0..2^bits-1, original column order
+    scales: torch.Tensor  # [n_groups, out] fp32, each value exactly representable in fp16
+    zeros: torch.Tensor  # [n_groups, out] uint8 integer zero points
+    g_idx: torch.Tensor  # [in] int32 group of each input column (original order), as GPTQ stores it
+    perm: torch.Tensor | None  # [in] int64 act-order permutation: column perm[k] was quantized k-th; None = identity
+    weight: torch.Tensor  # [out, in] fp32 dequantized weight, == dequantize(q, scales, zeros, g_idx)
+    loss: float  # tr((W - Q) H (W - Q)ᵀ) with the undamped H; nan when no H was given
+    rel_loss: float  # loss / tr(W H Wᵀ)
+    damp: float  # damping used, as a fraction of mean(diag H) (raised from the requested one if Cholesky failed)
+    dead: int  # input columns whose Hessian diagonal was zero (weight column zeroed)
+    bits: int
+    group_size: int | None  # None = one group per output row (per-channel)
+    sym: bool
+
+
+class HessianAccumulator:
+    """Accumulates H = Σ w_t x_t x_tᵀ / Σ w_t in fp32 from batches of layer inputs.
+
+    Normalizing by the total weight keeps H's scale independent of the number of calibration tokens (GPTQ uses
+    2/N · Σ xxᵀ; the constant does not change the solution because damping is relative to mean(diag H)).
+    Weights let callers count tokens unequally, e.g. MoE routing weights or a padding mask.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        self.in_features = in_features
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # [in, in]
+        self.total_weight = 0.0
+        self.tokens = 0  # tokens with a non-zero weight
+
+    def add(self, x: torch.Tensor, weight: float | torch.Tensor | None = None) -> None:
+        """Add a batch x [..., in]; weight is None (1 per token), a scalar per token, or a tensor [...] per token."""
+        x = x.reshape(-1, self.in_features).to(self.sum.device, torch.float32)  # [n, in]
+        if weight is None or not isinstance(weight, torch.Tensor):
+            w = 1.0 if weight is None else float(weight)
+            if w < 0 or not math.isfinite(w):
+                raise QuantkitError(f"Hessian token weight must be finite and >= 0, got {w}")
+            if w == 0 or x.shape[0] == 0:
+                return
+            self.sum.addmm_(x.T, x, alpha=w)
+            self.total_weight += w * x.shape[0]
+            self.tokens += x.shape[0]
+            return
+        w = weight.reshape(-1).to(self.sum.device, torch.float32)  # [n]
+        if w.shape[0] != x.shape[0]:
+            raise QuantkitError(f"Hessian weights have {w.shape[0]} entries for {x.shape[0]} tokens")
+        if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
+            raise QuantkitError("Hessian token weights must be finite and >= 0")
+        xs = x * w.sqrt().unsqueeze(1)  # [n, in]
+        self.sum.addmm_(xs.T, xs)
+        self.total_weight += float(w.sum())
+        self.tokens += int((w > 0).sum())
+
+    def merge(self, other: HessianAccumulator) -> None:
+        """Add another accumulator's tokens (e.g. a shared Hessian for MoE experts that saw few tokens)."""
+        self.sum += other.sum.to(self.sum.device)
+        self.total_weight += other.total_weight
+        self.tokens += other.tokens
+
+    def hessian(self) -> torch.Tensor:
+        """H [in, in] fp32, the weighted mean of x xᵀ."""
+        if self.total_weight <= 0:
+            raise QuantkitError("no calibration tokens reached this layer: its Hessian is empty")
+        return self.sum / self.total_weight
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """W [out, in] fp32 = scales[g_idx]ᵀ · (q − zeros[g_idx]ᵀ), the GPTQ dequantization rule."""
+    g = g_idx.long()
+    s = scales.float()[g].T  # [out, in]
+    z = zeros.float()[g].T  # [out, in]
+    return s * (q.float() - z)
+
+
+def proxy_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
+    """(tr(E H Eᵀ), tr(E H Eᵀ) / tr(W H Wᵀ)) with E = W − Q: the layer's output error on the calibration inputs."""
+    W = W.float()
+    H = H.to(W.device, torch.float32)
+    E = W - Q.float()  # [out, in]
+    loss = float(((E @ H) * E).sum())
+    ref = float(((W @ H) * W).sum())
+    return loss, (loss / ref if ref > 0 else float("nan"))
+
+
+def _check_args(W: torch.Tensor, bits: int, group_size: int | None) -> None:
+    if W.dim() != 2:
+        raise QuantkitError(f"weight must be 2-D [out, in], got shape {tuple(W.shape)}")
+    if not (isinstance(bits, int) and 2 <= bits <= 8):
+        raise QuantkitError(f"bits must be an integer from 2 to 8, got {bits}")
+    if group_size is not None and (group_size <= 0 or W.shape[1] % group_size != 0):
+        raise QuantkitError(f"group size {group_size} does not divide in_features {W.shape[1]}")
+
+
+def _grid(
+    x: torch.Tensor, maxq: int, sym: bool, shrink: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero [out] covering the range of x [out, k] (times shrink); the scale is rounded to fp16."""
+    xmin = x.min(dim=1).values.clamp(max=0) * shrink  # [out]
+    xmax = x.max(dim=1).values.clamp(min=0) * shrink  # [out]
+    if sym:
+        xmax = torch.maximum(xmax, -xmin)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    scale = ((xmax - xmin) / maxq).clamp(min=MIN_SCALE).half().float()
+    if sym:
+        zero = torch.full_like(scale, float((maxq + 1) // 2))
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def _quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and dequantized values of x [out, k] (or [out]) on the grid (scale, zero) [out, 1] (or [out])."""
+    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+    return q, scale * (q - zero)
+
+
+def _find_params(
+    x: torch.Tensor, maxq: int, sym: bool, clip: bool, clip_grid: int, clip_max_shrink: float, clip_norm: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid for x [out, k]; with clip, the shrink factor per row minimizing Σ|x − deq|^clip_norm.
+
+    Clipping the range trades a few saturated outliers for a finer step on everything else; at 2-3 bits this is
+    usually a win (GPTQ's --mse option, grid p = 1 − i/grid down to 1 − clip_max_shrink).
+    """
+    scale, zero = _grid(x, maxq, sym)
+    if not clip:
+        return scale, zero
+    _, deq = _quant(x, scale.unsqueeze(1), zero.unsqueeze(1), maxq)
+    best = (deq - x).abs().pow(clip_norm).sum(dim=1)  # [out]
+    for i in range(1, int(clip_max_shrink * clip_grid)):
+        s1, z1 = _grid(x, maxq, sym, shrink=1 - i / clip_grid)
+        _, deq = _quant(x, s1.unsqueeze(1), z1.unsqueeze(1), maxq)
+        err = (deq - x).abs().pow(clip_norm).sum(dim=1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s1, scale)
+        zero = torch.where(better, z1, zero)
+    return scale, zero
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float, damp_step: float, max_damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + damp·mean(diag H)·I)⁻¹, raising damp by damp_step until it factorizes."""
+    mean_diag = float(torch.diag(H).mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    d = damp
+    while d <= max_damp + 1e-12:
+        L, info = torch.linalg.cholesky_ex(H + (d * mean_diag) * eye)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, d
+        d += damp_step
+    raise QuantkitError(f"Hessian is not positive definite even with damping {max_damp:g} × mean(diag H)")
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int | None = 128,
+    sym: bool = True,
+    act_order: bool = False,
+    static_groups: bool = False,
+    damp: float = 0.01,
+    damp_step: float = 0.01,
+    max_damp: float = 1.0,
+    clip: bool = False,
+    clip_grid: int = 100,
+    clip_max_shrink: float = 0.8,
+    clip_norm: float = 2.4,
+    block_size: int = 128,
+) -> GPTQResult:
+    """Quantize W [out, in] against the input Hessian H [in, in] with GPTQ (lazy-batch blocks of block_size columns).
+
+    act_order quantizes columns by decreasing diag(H) so the most active inputs are fixed first while the most
+    error can still be compensated. Without static_groups the groups are then consecutive in that order and g_idx
+    is not monotonic (the loader gathers scales per column); with static_groups the group grids are computed on the
+    original W before any update and groups stay in original column order (g_idx = i // group_size).
+    """
+    _check_args(W, bits, group_size)
+    n_out, n_in = W.shape
+    if H.shape != (n_in, n_in):
+        raise QuantkitError(f"Hessian shape {tuple(H.shape)} does not match in_features {n_in}")
+    maxq = 2**bits - 1
+    dev = W.device
+    W0 = W.detach().to(torch.float32)
+    H0 = H.detach().to(dev, torch.float32)
+    Wk = W0.clone()  # [out, in], updated in place
+    Hk = H0.clone()
+    dead = torch.diag(Hk) == 0
+    Hk[dead, dead] = 1
+    Wk[:, dead] = 0
+    clip_args = (clip, clip_grid, clip_max_shrink, clip_norm)
+
+    gs = group_size or n_in
+    n_groups = n_in // gs
+    scales = torch.zeros(n_groups, n_out, dtype=torch.float32, device=dev)
+    zeros = torch.zeros(n_groups, n_out, dtype=torch.float32, device=dev)
+    if group_size is None:
+        scales[0], zeros[0] = _find_params(Wk, maxq, sym, *clip_args)
+    elif static_groups:
+        for g in range(n_groups):
+            scales[g], zeros[g] = _find_params(Wk[:, g * gs : (g + 1) * gs], maxq, sym, *clip_args)
+
+    perm = torch.argsort(torch.diag(Hk), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        Wk = Wk[:, perm]
+        Hk = Hk[perm][:, perm]
+    U, damp_used = _inverse_cholesky(Hk, damp, damp_step, max_damp)
+    del Hk
+
+    # Column k of the permuted matrix belongs to group gpos[k]: consecutive in quantization order unless the groups
+    # were fixed up front (static or per-channel), where it is the group of the original column.
+    orig = perm if perm is not None else torch.arange(n_in, device=dev)
+    dynamic = group_size is not None and not static_groups
+    gpos = torch.arange(n_in, device=dev) // gs if dynamic else orig // gs  # [in]
+    codes = torch.zeros(n_out, n_in, dtype=torch.float32, device=dev)  # permuted order
+    deq = torch.zeros(n_out, n_in, dtype=torch.float32, device=dev)
+    bs = gs * max(1, block_size // gs) if dynamic else block_size  # dynamic groups never straddle blocks
+
+    for b1 in range(0, n_in, bs):
+        b2 = min(b1 + bs, n_in)
+        W1 = Wk[:, b1:b2].clone()  # [out, nb]
+        E1 = torch.zeros_like(W1)
+        U1 = U[b1:b2, b1:b2]
+        for i in range(b2 - b1):
+            col = b1 + i
+            g = int(gpos[col])
+            if dynamic and col % gs == 0:
+                scales[g], zeros[g] = _find_params(W1[:, i : i + gs], maxq, sym, *clip_args)
+            w = W1[:, i]
+            q, dq = _quant(w, scales[g], zeros[g], maxq)
+            codes[:, col] = q
+            deq[:, col] = dq
+            err = (w - dq) / U1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        Wk[:, b2:] -= E1 @ U[b1:b2, b2:]
+
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes, deq, gpos = codes[:, inv], deq[:, inv], gpos[inv]
+    loss, rel = proxy_loss(W0, deq, H0)
+    return GPTQResult(
+        q=codes.to(torch.uint8),
+        scales=scales,
+        zeros=zeros.to(torch.uint8),
+        g_idx=gpos.to(torch.int32),
+        perm=perm,
+        weight=deq,
+        loss=loss,
+        rel_loss=rel,
+        damp=damp_used,
+        dead=int(dead.sum()),
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+    )
+
+
+def rtn_quantize(
+    W: torch.Tensor,
+    bits: int,
+    group_size: int | None = 128,
+    sym: bool = True,
+    H: torch.Tensor | None = None,
+    clip: bool = False,
+    clip_grid: int = 100,
+    clip_max_shrink: float = 0.8,
+    clip_norm: float = 2.4,
+) -> GPTQResult:
+    """Round-to-nearest on the same grid as gptq_quantize: the baseline GPTQ must beat, and the fallback for
+    modules without calibration data. With H, loss is the same output-error proxy as GPTQ's."""
+    _check_args(W, bits, group_size)
+    n_out, n_in = W.shape
+    maxq = 2**bits - 1
+    W0 = W.detach().to(torch.float32)
+    gs = group_size or n_in
+    n_groups = n_in // gs
+    Wg = W0.reshape(n_out, n_groups, gs).transpose(0, 1).reshape(n_groups * n_out, gs)  # [groups*out, gs]
+    scale, zero = _find_params(Wg, maxq, sym, clip, clip_grid, clip_max_shrink, clip_norm)  # [groups*out]
+    q, dq = _quant(Wg, scale.unsqueeze(1), zero.unsqueeze(1), maxq)
+    q = q.reshape(n_groups, n_out, gs).transpose(0, 1).reshape(n_out, n_in)
+    dq = dq.reshape(n_groups, n_out, gs).transpose(0, 1).reshape(n_out, n_in)
+    loss, rel = proxy_loss(W0, dq, H) if H is not None else (float("nan"), float("nan"))
+    return GPTQResult(
+        q=q.to(torch.uint8),
+        scales=scale.reshape(n_groups, n_out),
+        zeros=zero.reshape(n_groups, n_out).to(torch.uint8),
+        g_idx=(torch.arange(n_in, device=W0.device) // gs).to(torch.int32),
+        perm=None,
+        weight=dq,
+        loss=loss,
+        rel_loss=rel,
+        damp=float("nan"),
+        dead=0,
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+    )

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random models of the four architectures in Mistral-native and converted HF layout."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class TinyModels:
+    """Builds each tiny model once per test session: reference (transformers), native folder, converted folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._cache: dict[str, dict] = {}
+
+    def get(self, name: str) -> dict:
+        if name not in self._cache:
+            from native_models import build_reference, write_native
+
+            from quantkit.convert.pipeline import convert
+
+            ref = build_reference(name)
+            native_dir, hf_dir = self.root / f"{name}-native", self.root / f"{name}-hf"
+            native, hf = write_native(name, ref, native_dir)
+            convert(native_dir, hf_dir, progress=False)
+            self._cache[name] = dict(reference=ref, native=native_dir, hf=hf_dir, native_tensors=native, hf_tensors=hf)
+        return self._cache[name]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> TinyModels:
+    """tiny_models.get(name) -> {reference, native, hf, native_tensors, hf_tensors}; names in native_models.MODELS."""
+    return TinyModels(tmp_path_factory.mktemp("tiny"))
