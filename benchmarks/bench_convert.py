@@ -1,6 +1,6 @@
 """Convert throughput next to a plain `cp` of the same files, and the convert process's peak RSS.
 
-Builds a synthetic Mistral-native checkpoint of about 4.3 GB (bf16, cached under --work), then in one run:
+Builds a synthetic Mistral-native checkpoint of about 5.8 GB (bf16, cached under --work), then in one run:
 copies it with `cp`, converts it with quantkit in a fresh process that reports its own peak RSS, and prints
 both throughputs, their ratio, and the RSS next to the bound (1.5 GB + the largest tensor).
 """
