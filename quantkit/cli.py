@@ -86,3 +86,115 @@ def inspect(path: Path, as_json: bool) -> None:
 
     report = describe(path)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--messages", "messages_file", required=True, type=click.Path(path_type=Path), help="OpenAI chat JSON.")
+@click.option("--tools", "tools_file", type=click.Path(path_type=Path), help="OpenAI function tools JSON.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"input_ids": [...], "images": [{"height", "width"}]}.')
+def tokenize(model: Path, messages_file: Path, tools_file: Path | None, as_json: bool) -> None:
+    """Show the prompt a model folder MODEL builds from a chat (special tokens visible) and its token count."""
+    from quantkit.tokenizer.command import tokenize_report
+
+    click.echo(tokenize_report(model, messages_file, tools_file, as_json))
+
+
+@main.command("run")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--prompt", help="Answer this prompt and exit. Without it: an interactive chat on stdin.")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image file (repeatable).")
+@click.option("--system", help="System prompt.")
+@click.option("--max-new-tokens", default=512, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", type=int, help="Seed for sampling, for reproducible answers.")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="cpu, cuda, cuda:N, a list (cuda:0,cuda:1), or auto: every GPU, layers split by free memory, else CPU.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    default="auto",
+    show_default=True,
+    help="auto: the checkpoint's dtype on GPU, float32 on CPU.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per answer (ids, text, tokens/s).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def run_command(
+    model: Path,
+    prompt: str | None,
+    images: tuple[Path, ...],
+    system: str | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    device: str,
+    dtype: str,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Chat with a converted model folder MODEL (Mistral, Mixtral, or Pixtral with images)."""
+    from quantkit.model.run import Sampling, run
+
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+    run(model, prompt, list(images), system, sampling, device, dtype, as_json, progress=not quiet)
+
+
+def _group_size(value: str) -> int | None:
+    return None if value.lower() in ("none", "-1", "0") else int(value)
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("-b", "--bits", type=int, default=4, show_default=True, help="Bits per weight (2-8).")
+@click.option("--group-size", default="128", show_default=True, help="32, 64, 128 or none (per channel).")
+@click.option("--act-order/--no-act-order", default=True, show_default=True, help="Quantize columns by salience.")
+@click.option("--static-groups", is_flag=True, help="With act order, fix the group grids up front.")
+@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grids.")
+@click.option("--damp", type=float, default=0.01, show_default=True, help="Damping, fraction of mean diag(H).")
+@click.option("--clip", is_flag=True, help="Search a clipping factor for each group's scale.")
+@click.option("-hb", "--head-bits", type=int, help="Quantize lm_head with these bits (default: keep 16-bit).")
+@click.option("--format", "fmt", type=click.Choice(["gptq"]), default="gptq", show_default=True,
+              help="gptq: the GPTQ checkpoint format (transformers, GPTQModel, vLLM, ExLlamaV2).")
+@click.option("-c", "--dataset", help="A datasets hub name or local .jsonl/.parquet/.txt (default: bundled mix).")
+@click.option("--split", default="train", show_default=True, help="Hub dataset split.")
+@click.option("--text-field", default="text", show_default=True, help="Column holding the text.")
+@click.option("--rows", type=int, default=128, show_default=True, help="Calibration rows.")
+@click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per calibration row.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--work-dir", type=click.Path(path_type=Path), help="Job folder (default: .DST.quantkit-work).")
+@click.option("--restart", is_flag=True, help="Discard an unfinished job in the work dir.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute dtype.")
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the plan, the output size and peak memory; write nothing.")
+@click.option("--force", is_flag=True, help="Replace a non-empty DST.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def quantize(src: Path, dst: Path, bits: int, group_size: str, act_order: bool, static_groups: bool, sym: bool,
+             damp: float, clip: bool, head_bits: int | None, fmt: str, dataset: str | None, split: str,
+             text_field: str, rows: int, seq_len: int, seed: int, work_dir: Path | None, restart: bool, device: str,
+             dtype: str | None, max_shard_size: str, dry_run: bool, force: bool, quiet: bool) -> None:  # fmt: skip
+    """Quantize a converted model SRC with GPTQ, layer by layer, into DST (resumable: rerun after a crash)."""
+    from quantkit.quant.capture import QuantSettings
+    from quantkit.quant.pipeline import quantize as run_quantize
+
+    try:
+        gs = _group_size(group_size)
+    except ValueError:
+        raise QuantkitError(f"--group-size must be 32, 64, 128 or none, got {group_size}") from None
+    settings = QuantSettings(bits=bits, group_size=gs, sym=sym, act_order=act_order, static_groups=static_groups,
+                             damp=damp, clip=clip)  # fmt: skip
+    plan = run_quantize(
+        src, dst, settings=settings, fmt=fmt, head_bits=head_bits, dataset=dataset, split=split,
+        text_field=text_field, rows=rows, seq_len=seq_len, seed=seed, work_dir=work_dir, restart=restart,
+        force=force, dry_run=dry_run, device=device, dtype=dtype, max_shard_size=max_shard_size,
+        progress=not quiet, log=click.echo,
+    )  # fmt: skip
+    if dry_run:
+        click.echo(plan.summary())

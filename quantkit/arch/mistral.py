@@ -157,3 +157,22 @@ def model_dims(params: dict) -> dict[str, int]:
             V=int(_need(v, "num_hidden_layers", where)),
         )
     return d
+
+
+# Quantization order inside a decoder layer (runtime module names, relative to `layers.{i}`). Linears in one
+# group share their input and are solved together; each group is captured after the previous groups were
+# quantized, so it sees their quantized outputs. `{E}` expands to every expert. The router gate stays 16-bit.
+CAPTURE_GROUPS = {
+    "dense": (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+    "moe": (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("block_sparse_moe.experts.{E}.w1", "block_sparse_moe.experts.{E}.w3"),
+        ("block_sparse_moe.experts.{E}.w2",),
+    ),
+}

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,8 +134,10 @@ class OutputFolder:
         parent = self.dst.parent
         if not parent.is_dir():
             raise QuantkitError(f"parent folder {parent} does not exist")
-        if not os.access(parent, os.W_OK):
-            raise QuantkitError(f"cannot write to {parent} (permission denied)")
+        try:  # a real probe: permissions, read-only file systems and special folders all show here
+            os.rmdir(tempfile.mkdtemp(prefix=f".{self.dst.name}.probe-", dir=parent))
+        except OSError as e:
+            raise QuantkitError(f"cannot write to {parent} ({e.strerror})") from None
         self.tmp = parent / f".{self.dst.name}.tmp-{os.getpid()}"
 
     def __enter__(self) -> Path:

@@ -1,0 +1,180 @@
+"""Quantize one decoder layer in place from its calibration inputs, group by group (true sequential).
+
+For each capture group (q/k/v, then o, then gate/up, then down; arch.CAPTURE_GROUPS) the layer is run over all
+calibration rows with hooks that accumulate each input site's Hessian H = XᵀX, then every linear of the group
+is solved with GPTQ and its weight replaced by the dequantized one, so the next group is captured on the
+outputs of the already-quantized parts. Only this layer's weights and one row of activations are resident.
+MoE experts see only the tokens routed to them; an expert that got too few tokens for a usable Hessian gets
+the Hessian of every token entering the MoE block instead (computed through its own w1/w3 for w2), and is
+reported.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit.arch import CAPTURE_GROUPS
+from quantkit.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize
+
+STARVED_FRACTION = 0.1  # an expert with < 10% of the tokens uniform routing would give it is "starved"
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """The GPTQ knobs users know from published GPTQ releases."""
+
+    bits: int = 4
+    group_size: int | None = 128
+    sym: bool = True
+    act_order: bool = True
+    static_groups: bool = False
+    damp: float = 0.01
+    clip: bool = False
+
+
+@dataclass
+class LayerReport:
+    """What happened to one layer: per-linear GPTQ results, output error, starved experts."""
+
+    results: dict[str, GPTQResult] = field(default_factory=dict)
+    rel_error: float = 0.0  # ||y_q - y_f|| / ||y_f|| over the calibration rows (y includes the residual stream)
+    starved: dict[str, int] = field(default_factory=dict)  # expert linear -> tokens routed to it
+
+
+def capture_groups(layer: nn.Module) -> list[list[str]]:
+    """The layer's linears to quantize, in capture order, with experts expanded."""
+    kind = "moe" if getattr(layer, "is_moe", False) else "dense"
+    n_experts = len(layer.block_sparse_moe.experts) if kind == "moe" else 0
+    groups = []
+    for group in CAPTURE_GROUPS[kind]:
+        names = []
+        for e in range(max(n_experts, 1)) if any("{E}" in n for n in group) else [None]:
+            names += [n.format(E=e) if e is not None else n for n in group]
+        groups.append(names)
+    return groups
+
+
+def _site(name: str) -> str:
+    """Linears under one parent module read the same input (q/k/v, gate/up, an expert's w1/w3)."""
+    return name.rpartition(".")[0]
+
+
+RowFn = Callable[[int], torch.Tensor]
+
+
+def _run_rows(layer: nn.Module, rows: int, read: RowFn, ctx) -> None:
+    with torch.no_grad():
+        for r in range(rows):
+            layer(read(r), ctx)
+
+
+def _capture(layer: nn.Module, names: list[str], rows: int, read: RowFn, ctx) -> dict[str, HessianAccumulator]:
+    """Run all rows through layer, accumulating one Hessian per input site of the named linears."""
+    accs: dict[str, HessianAccumulator] = {}
+    hooks = []
+    for name in names:
+        site = _site(name)
+        if site in accs:
+            continue
+        linear = layer.get_submodule(name)
+        accs[site] = acc = HessianAccumulator(linear.in_features, device=linear.weight.device)
+        hooks.append(linear.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])))
+    try:
+        _run_rows(layer, rows, read, ctx)
+    finally:
+        for h in hooks:
+            h.remove()
+    return accs
+
+
+def _shared_expert_hessians(
+    layer: nn.Module, experts: list[int], down: bool, rows: int, read: RowFn, ctx
+) -> dict[int, HessianAccumulator]:
+    """Hessians from every token entering the MoE block, for starved experts (w1/w3 input, or w2's via w1/w3)."""
+    moe = layer.block_sparse_moe
+    accs = {e: HessianAccumulator(moe.experts[e].w2.in_features if down else moe.gate.in_features) for e in experts}
+
+    def hook(module, args):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        for e, acc in accs.items():
+            ex = moe.experts[e]
+            acc.add(F.silu(ex.w1(x)) * ex.w3(x) if down else x)
+
+    handle = moe.register_forward_pre_hook(hook)
+    try:
+        _run_rows(layer, rows, read, ctx)
+    finally:
+        handle.remove()
+    return accs
+
+
+def _expert_index(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[parts.index("experts") + 1]) if "experts" in parts else None
+
+
+def quantize_layer(
+    layer: nn.Module,
+    rows: int,
+    read: RowFn,
+    write: Callable[[int, torch.Tensor], None],
+    ctx,
+    settings: QuantSettings,
+    on_group: Callable[[str], None] | None = None,
+) -> LayerReport:
+    """Quantize layer (in place) on rows read(r) -> [1, T, D]; write(r, output) gets the quantized outputs."""
+    report = LayerReport()
+    reference = copy.deepcopy(layer)  # the float layer, for the output error
+    total_tokens = 0
+    for names in capture_groups(layer):
+        if on_group:
+            on_group(names[0])
+        accs = _capture(layer, names, rows, read, ctx)
+        experts = {e for n in names if (e := _expert_index(n)) is not None}
+        if experts:
+            moe = layer.block_sparse_moe
+            total_tokens = total_tokens or rows * read(0).shape[1]
+            fair = total_tokens * moe.top_k / len(moe.experts)
+            counts = {e: int(accs[_site(n)].total_weight) for n in names if (e := _expert_index(n)) is not None}
+            starved = sorted(e for e, c in counts.items() if c < STARVED_FRACTION * fair)
+            if starved:
+                down = names[0].endswith(".w2")
+                shared = _shared_expert_hessians(layer, starved, down, rows, read, ctx)
+                for n in names:
+                    e = _expert_index(n)
+                    if e in shared:
+                        report.starved[n] = counts[e]
+                        accs[_site(n)].merge(shared[e])
+        for name in names:
+            linear = layer.get_submodule(name)
+            res = gptq_quantize(
+                linear.weight.data,
+                accs[_site(name)].hessian(),
+                settings.bits,
+                settings.group_size,
+                sym=settings.sym,
+                act_order=settings.act_order,
+                static_groups=settings.static_groups,
+                damp=settings.damp,
+                clip=settings.clip,
+            )
+            linear.weight.data = res.weight.to(linear.weight.dtype)
+            report.results[name] = res
+        del accs
+    err, ref = 0.0, 0.0
+    with torch.no_grad():
+        for r in range(rows):
+            x = read(r)
+            y = layer(x, ctx)
+            y_f = reference(x, ctx)
+            err += float((y.float() - y_f.float()).pow(2).sum())
+            ref += float(y_f.float().pow(2).sum())
+            write(r, y)
+    report.rel_error = (err / ref) ** 0.5 if ref > 0 else 0.0
+    return report

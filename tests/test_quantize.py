@@ -1,0 +1,200 @@
+"""quantkit quantize: the layer-by-layer pipeline, the GPTQ export, streaming, resume and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from quantkit.cli import main
+
+FAST = ["--rows", "4", "--seq-len", "64", "--quiet"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118
+    return out
+
+
+def unpack_gptq_4bit(t: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    """Dequantize one GPTQ v1 4-bit linear with plain bit arithmetic: 8 codes per int32, LSB first, zero - 1 stored."""
+    qweight, qzeros = t[f"{prefix}.qweight"].to(torch.int64) & 0xFFFFFFFF, t[f"{prefix}.qzeros"].to(torch.int64)
+    scales, g_idx = t[f"{prefix}.scales"].float(), t[f"{prefix}.g_idx"].long()
+    shifts = torch.arange(8) * 4
+    q = ((qweight[:, None, :] >> shifts[None, :, None]) & 15).reshape(-1, qweight.shape[1])  # [in, out]
+    z = (((qzeros & 0xFFFFFFFF)[:, :, None] >> shifts) & 15).reshape(qzeros.shape[0], -1) + 1  # [groups, out]
+    return (scales[g_idx] * (q - z[g_idx])).T  # [out, in]
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_models, tmp_path_factory):
+    """The tiny Mistral-Large-like model quantized to 4 and 2 bits, g32, act order."""
+    src = tiny_models.get("mistral_large")["hf"]
+    root = tmp_path_factory.mktemp("q")
+    outs = {}
+    for bits in (4, 2):
+        dst = root / f"q{bits}"
+        result = run("quantize", src, dst, "--bits", bits, "--group-size", "32", *FAST)
+        assert result.exit_code == 0, result.output + str(result.exception)
+        outs[bits] = dst
+    return src, outs
+
+
+def test_gptq_export_matches_spec(quantized):
+    src, outs = quantized
+    out, float_t = tensors(outs[4]), tensors(src)
+    cfg = json.loads((outs[4] / "config.json").read_text())
+    q = cfg["quantization_config"]
+    assert (q["quant_method"], q["bits"], q["group_size"], q["desc_act"], q["sym"]) == ("gptq", 4, 32, True, True)
+    assert q["checkpoint_format"] == "gptq"
+    prefix = "model.layers.1.mlp.down_proj"
+    assert f"{prefix}.weight" not in out
+    assert out[f"{prefix}.qweight"].dtype == torch.int32 and out[f"{prefix}.qweight"].shape == (128 * 4 // 32, 64)
+    assert out[f"{prefix}.qzeros"].shape == (128 // 32, 64 * 4 // 32)
+    assert out[f"{prefix}.scales"].dtype == torch.float16 and out[f"{prefix}.scales"].shape == (4, 64)
+    assert out[f"{prefix}.g_idx"].dtype == torch.int32 and sorted(out[f"{prefix}.g_idx"].tolist()) == sorted(
+        [i // 32 for i in range(128)]
+    )
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.0.input_layernorm.weight"):
+        assert torch.equal(out[name], float_t[name])  # 16-bit parts are copied as they are
+    w = float_t[f"{prefix}.weight"]
+    deq = unpack_gptq_4bit(out, prefix)
+    rel = (deq - w).norm() / w.norm()
+    assert 0 < rel < 0.2, rel
+    assert (outs[4] / "tokenizer.model.v3").is_file() and (outs[4] / "README.md").read_text().count("| Bits | 4 |")
+
+
+def _dequantized_logits(src: Path, out: Path, ids: torch.Tensor) -> torch.Tensor:
+    from quantkit.model.load import load_model
+    from quantkit.quant.pack import gptq_unpack
+
+    model = load_model(src, device="cpu", dtype="float32")
+    t = tensors(out)
+    for name, mod in model.named_modules():
+        key = f"model.{name}" if not name.startswith("lm_head") else name
+        if f"{key}.qweight" in t:
+            bits = json.loads((out / "config.json").read_text())["quantization_config"]["bits"]
+            qz, scales, zeros, g_idx = gptq_unpack(
+                {k: t[f"{key}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}, bits
+            )
+            g = g_idx.long()
+            mod.weight.data = (scales.float()[g].T * (qz - zeros[g].T)).float()
+    with torch.no_grad():
+        return model(ids)
+
+
+def test_more_bits_track_the_float_model_closer(quantized):
+    from quantkit.model.load import load_model
+
+    src, outs = quantized
+    ids = torch.randint(100, 30000, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = load_model(src, device="cpu", dtype="float32")(ids)
+    err = {b: float((_dequantized_logits(src, outs[b], ids) - ref).norm() / ref.norm()) for b in outs}
+    assert 0 < err[4] < err[2], err
+
+
+def test_only_one_layer_resident(tiny_models, tmp_path, monkeypatch):
+    from quantkit.model import load as load_mod
+
+    resident, peak = set(), [0]
+    orig_load, orig_unload = load_mod.Checkpoint.load, load_mod.unload
+
+    def load(self, model, name="", *a, **k):
+        if name.startswith("layers."):
+            resident.add(name)
+            peak[0] = max(peak[0], len(resident))
+        assert name != "", "the whole model must never be loaded"
+        return orig_load(self, model, name, *a, **k)
+
+    def unload(module):
+        for n in list(resident):
+            resident.discard(n)
+        orig_unload(module)
+
+    monkeypatch.setattr(load_mod.Checkpoint, "load", load)
+    monkeypatch.setattr("quantkit.quant.pipeline.unload", unload)
+    src = tiny_models.get("mixtral")["hf"]
+    result = run("quantize", src, tmp_path / "out", "--bits", "4", "--group-size", "32", *FAST)
+    assert result.exit_code == 0, result.output + str(result.exception)
+    assert peak[0] == 1
+    assert not resident
+
+
+CRASH = """
+import os, signal, sys
+from quantkit.quant import job
+orig = job.Job.finish
+def finish(self, done, *a, **k):
+    orig(self, done, *a, **k)
+    if done == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+job.Job.finish = finish
+from quantkit.cli import main
+main(sys.argv[2:])
+"""
+
+
+def test_resume_after_kill_is_byte_identical(tiny_models, tmp_path):
+    src = tiny_models.get("mistral_large")["hf"]
+    args = ["quantize", str(src), "", "--bits", "3", "--group-size", "32", *FAST]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    whole, crashed = tmp_path / "a" / "out", tmp_path / "b" / "out"
+    whole.parent.mkdir()
+    crashed.parent.mkdir()
+    subprocess.run([sys.executable, "-m", "quantkit", *[a or str(whole) for a in args]], check=True, env=env)
+    first = subprocess.run([sys.executable, "-c", CRASH, "1", *[a or str(crashed) for a in args]], env=env)
+    assert first.returncode == -9 and not crashed.exists()
+    work = crashed.parent / ".out.quantkit-work"
+    assert json.loads((work / "job.json").read_text())["done"] == 1
+    second = subprocess.run(
+        [sys.executable, "-m", "quantkit", *[a or str(crashed) for a in args]], env=env, capture_output=True, text=True
+    )
+    assert second.returncode == 0, second.stderr
+    assert "resuming at layer 1/2" in second.stdout + second.stderr
+    for f in sorted(whole.iterdir()):
+        assert f.read_bytes() == (crashed / f.name).read_bytes(), f.name
+    other = run("quantize", src, crashed, "--bits", "4", "--group-size", "32", "--force", *FAST)
+    assert other.exit_code == 1 and "other settings" in other.stderr and "--restart" in other.stderr
+
+
+def test_bad_input(tiny_models, tmp_path):
+    src = tiny_models.get("mistral_large")["hf"]
+    dst = tmp_path / "dst"
+
+    def error(result, needle):
+        assert result.exit_code == 1, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], result.stderr
+        assert not dst.exists()
+
+    error(run("quantize", src, dst, "--bits", "9", *FAST), "--bits must be between 2 and 8")
+    error(run("quantize", src, dst, "--bits", "5", *FAST), "GPTQ format stores 2, 3, 4 or 8 bits")
+    error(run("quantize", src, dst, "--group-size", "128", *FAST), "does not divide")
+    error(run("quantize", tiny_models.get("mistral_large")["native"], dst, *FAST), "no config.json")
+    unsupported = tmp_path / "weird"
+    unsupported.mkdir()
+    (unsupported / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    error(run("quantize", unsupported, dst, *FAST), "GPT2LMHeadModel is not supported")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    error(run("quantize", src, dst, "--group-size", "32", "--dataset", empty, *FAST), "empty")
+    wrong_field = tmp_path / "data.jsonl"
+    wrong_field.write_text('{"body": "hello there"}\n')
+    error(run("quantize", src, dst, "--group-size", "32", "--dataset", wrong_field, *FAST), "text")
+    result = run("quantize", src, "/proc/quantkit-out", "--group-size", "32", *FAST)  # not writable, even by root
+    assert result.exit_code == 1 and result.stderr.startswith("error: cannot write to /proc")
