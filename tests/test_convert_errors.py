@@ -103,7 +103,7 @@ def test_wrong_tokenizer_for_weights(tiny_models, tmp_path):
     shutil.copytree(tiny_models.get("pixtral_large")["native"], folder, symlinks=False)
     shutil.copy(tiny_models.get("pixtral_12b")["native"] / "tekken.json", folder / "tekken.json")
     (folder / "tokenizer.model.v7m1").unlink()
-    assert_error(run("convert", folder, tmp_path / "dst"), "wrong tokenizer", tmp_path / "dst")
+    assert_error(run("convert", folder, tmp_path / "dst"), "does not belong to these weights", tmp_path / "dst")
 
 
 def test_adapter_bias_disagrees_with_params(tiny_models, tmp_path):

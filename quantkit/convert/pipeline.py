@@ -7,7 +7,6 @@ The output folder is assembled as a hidden sibling and renamed at the end; the s
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,7 +32,8 @@ from quantkit.io.writer import (
     write_json,
     write_shard,
 )
-from quantkit.tokenizer.source import TokenizerInfo, find_tokenizer_file, read_tokenizer_info
+from quantkit.tokenizer.hf import write_tokenizer_files
+from quantkit.tokenizer.source import TokenizerInfo, check_against_params, find_tokenizer_file, read_tokenizer_info
 
 FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
 CAST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -110,11 +110,7 @@ def _tokenizer(src: Path, params: dict) -> TokenizerInfo | None:
     if path is None:
         return None
     info = read_tokenizer_info(path)
-    if info.vocab_size != int(params["vocab_size"]):
-        raise QuantkitError(
-            f"tokenizer {path.name} has {info.vocab_size} tokens but params.json vocab_size is "
-            f"{params['vocab_size']}: wrong tokenizer for these weights"
-        )
+    check_against_params(info, params)
     return info
 
 
@@ -239,5 +235,5 @@ def convert(
         text = plan.config.get("text_config", plan.config)
         write_json(tmp / "generation_config.json", generation_config(text["bos_token_id"], text["eos_token_id"]))
         if tokenizer is not None:
-            shutil.copy2(tokenizer.path, tmp / tokenizer.path.name)
+            write_tokenizer_files(tokenizer, tmp)
     return plan

@@ -1,0 +1,94 @@
+"""Pixtral image preprocessing and image-token layout, matching mistral-common's ImageEncoder.
+
+transformers' Pixtral processor needs torchvision, which has no CPU build here, so the runtime does it itself:
+mistral-common's resize rule (round, not ceil), RGBA onto white, bicubic resize to whole patches, CLIP
+normalization. torch's bicubic (a = -0.75, half-pixel centres, no antialias) is the same kernel as the cv2
+INTER_CUBIC that mistral-common uses, so pixels agree to ~1e-4 rather than the ~1e-2 a PIL resize would give.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from quantkit.errors import QuantkitError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_image(url: str, base_dir: Path | None = None) -> Image.Image:
+    """Open an image given as a local path (relative to base_dir), a file:// URI or a data: URI."""
+    if not isinstance(url, str) or not url:
+        raise QuantkitError("image_url must be a non-empty string")
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if ";base64" not in header:
+            raise QuantkitError("data: image URIs must be base64-encoded")
+        try:
+            raw = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise QuantkitError("data: image URI has an invalid base64 payload") from None
+        return _open(io.BytesIO(raw), "data: URI")
+    if url.startswith(("http://", "https://")):
+        raise QuantkitError(f"remote image URLs are not supported, download the file first: {url[:80]}")
+    path = Path(unquote(urlparse(url).path)) if url.startswith("file://") else Path(url)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if not path.is_file():
+        raise QuantkitError(f"image file not found: {path}")
+    return _open(path, str(path))
+
+
+def _open(source, label: str) -> Image.Image:
+    try:
+        image = Image.open(source)
+        image.load()
+    except Image.DecompressionBombError:
+        raise QuantkitError(f"{label}: image has too many pixels to open safely") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise QuantkitError(f"{label}: not a readable image ({type(e).__name__})") from None
+    return image
+
+
+def image_grid(width: int, height: int, patch_size: int = 16, max_size: int = 1024) -> tuple[int, int]:
+    """(columns, rows) of image tokens: scale the longest edge down to max_size (rounding), then whole patches."""
+    ratio = max(width, height) / max_size
+    if ratio > 1:
+        width, height = max(round(width / ratio), 1), max(round(height / ratio), 1)
+    return (width - 1) // patch_size + 1, (height - 1) // patch_size + 1
+
+
+def image_token_ids(columns: int, rows: int, img_id: int, break_id: int, end_id: int) -> list[int]:
+    """Each row is `columns` x [IMG] then [IMG_BREAK]; the very last token is [IMG_END] instead."""
+    ids = ([img_id] * columns + [break_id]) * rows
+    ids[-1] = end_id
+    return ids
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with transparent areas composited onto white (what mistral-common does)."""
+    if image.mode == "RGB":
+        return image
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, "WHITE")
+    background.paste(rgba, (0, 0), rgba)
+    return background.convert("RGB")
+
+
+def preprocess_image(image: Image.Image, patch_size: int = 16, max_size: int = 1024) -> torch.Tensor:
+    """[3, H, W] float32, normalized, with H and W whole multiples of patch_size."""
+    columns, rows = image_grid(image.width, image.height, patch_size, max_size)
+    pixels = torch.from_numpy(np.asarray(to_rgb(image), dtype=np.float32).copy()).permute(2, 0, 1)
+    size = (rows * patch_size, columns * patch_size)
+    resized = torch.nn.functional.interpolate(pixels[None], size=size, mode="bicubic", align_corners=False)[0]
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (resized / 255.0 - mean) / std
