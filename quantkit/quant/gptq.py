@@ -117,9 +117,7 @@ def _check_args(W: torch.Tensor, bits: int, group_size: int | None) -> None:
         raise QuantkitError(f"group size {group_size} does not divide in_features {W.shape[1]}")
 
 
-def _grid(
-    x: torch.Tensor, maxq: int, sym: bool, shrink: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid(x: torch.Tensor, maxq: int, sym: bool, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero [out] covering the range of x [out, k] (times shrink); the scale is rounded to fp16."""
     xmin = x.min(dim=1).values.clamp(max=0) * shrink  # [out]
     xmax = x.max(dim=1).values.clamp(min=0) * shrink  # [out]
@@ -131,10 +129,13 @@ def _grid(
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
     scale = ((xmax - xmin) / maxq).clamp(min=MIN_SCALE).half().float()
     if sym:
-        zero = torch.full_like(scale, float((maxq + 1) // 2))
-    else:
-        zero = torch.round(-xmin / scale).clamp(0, maxq)
-    return scale, zero
+        return scale, torch.full_like(scale, float((maxq + 1) // 2))
+    zero = torch.round(-xmin / scale).clamp(0, maxq)
+    # Keep zero >= 1: GPTQ v1 files store zero - 1, and several loaders mis-read a stored -1 (see docs/format.md).
+    # Where the range starts at ~0, stretch the step so that code 1 is zero and code maxq still reaches xmax.
+    low = zero < 1
+    scale = torch.where(low, (xmax / (maxq - 1)).clamp(min=MIN_SCALE).half().float(), scale)
+    return scale, torch.where(low, torch.ones_like(zero), zero)
 
 
 def _quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,6 +247,7 @@ def gptq_quantize(
     codes = torch.zeros(n_out, n_in, dtype=torch.float32, device=dev)  # permuted order
     deq = torch.zeros(n_out, n_in, dtype=torch.float32, device=dev)
     bs = gs * max(1, block_size // gs) if dynamic else block_size  # dynamic groups never straddle blocks
+    group_of = gpos.tolist()
 
     for b1 in range(0, n_in, bs):
         b2 = min(b1 + bs, n_in)
@@ -254,7 +256,7 @@ def gptq_quantize(
         U1 = U[b1:b2, b1:b2]
         for i in range(b2 - b1):
             col = b1 + i
-            g = int(gpos[col])
+            g = group_of[col]
             if dynamic and col % gs == 0:
                 scales[g], zeros[g] = _find_params(W1[:, i : i + gs], maxq, sym, *clip_args)
             w = W1[:, i]
