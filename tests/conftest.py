@@ -7,9 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on CPU tensors; this must be set before anything imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 class TinyModels:

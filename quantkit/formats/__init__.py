@@ -1,0 +1,35 @@
+"""Storage formats of quantized weights: the quantkit packed format (packed.py), its Hadamard rotation
+(hadamard.py) and the GPTQ -> quantkit repacking (gptq_import.py)."""
+
+from quantkit.formats.gptq_import import from_gptq, pack_gptq_result
+from quantkit.formats.packed import (
+    FORMAT_VERSION,
+    PackedLinear,
+    Segment,
+    dequantize,
+    from_tensors,
+    pack_linear,
+    padded_layout,
+    plane_widths,
+    stored_bits,
+    stored_bits_for,
+    to_tensors,
+    unpack_codes,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "PackedLinear",
+    "Segment",
+    "dequantize",
+    "from_gptq",
+    "from_tensors",
+    "pack_gptq_result",
+    "pack_linear",
+    "padded_layout",
+    "plane_widths",
+    "stored_bits",
+    "stored_bits_for",
+    "to_tensors",
+    "unpack_codes",
+]

@@ -1,0 +1,114 @@
+"""Tune the kernels' launch configs on this GPU; saves configs/<gpu>.json (python -m quantkit.kernels.autotune).
+
+For each row bucket (M = 1, 16, 256, 2048) every candidate launch is timed on Pixtral-Large's linear shapes at the
+chosen bit widths and the one with the least total time wins. Runs once per GPU model, not at every start: the
+runtime only reads the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from quantkit.formats.packed import PackedLinear, Segment, plane_widths
+from quantkit.kernels.config import CONFIG_DIR, device_slug
+
+SHAPES = [(12288, 12288), (12288, 1024), (12288, 28672), (28672, 12288)]  # (in, out)
+BUCKETS = {"skinny": [1, 16], "tiled": [256, 2048]}
+
+
+def candidates(path: str, m: int) -> list[dict]:
+    """Launch configs worth timing for M rows on a path."""
+    unpack = ("reshape", "index")
+    if path == "skinny":
+        split = dict(split_k="auto")
+        if m == 1:  # GEMV: (BLOCK_N, BLOCK_K, unpack, warps, programs per SM)
+            grid = itertools.product((64, 128, 256), (32, 64, 128), unpack, (2, 4), (2, 4, 8))
+            return [
+                dict(BLOCK_M=1, BLOCK_N=n, BLOCK_K=k, unpack=u, num_warps=w, programs_per_sm=p, num_stages=2, **split)
+                for n, k, u, w, p in grid
+            ]
+        grid = itertools.product((32, 64, 128), (64, 128), unpack, (4, 8), (2, 4))  # ... programs per SM, stages
+        return [
+            dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, unpack=u, num_warps=4, programs_per_sm=p, num_stages=s, **split)
+            for n, k, u, p, s in grid
+        ]
+    grid = itertools.product((64, 128), (64, 128, 256), (64,), unpack, (4, 8), (3, 4))
+    return [
+        dict(BLOCK_M=bm, BLOCK_N=n, BLOCK_K=k, split_k=1, unpack=u, num_warps=w, num_stages=s)
+        for bm, n, k, u, w, s in grid
+        if bm * n <= 128 * 128
+    ]
+
+
+def random_layer(n: int, k: int, bits: int, device: str | torch.device) -> PackedLinear:
+    """Random words (every word is a valid set of codes), symmetric, G = 128, act order."""
+    planes = [
+        torch.randint(-(2**31), 2**31 - 1, (k * w // 32, n), dtype=torch.int32, device=device)
+        for w in plane_widths(bits)
+    ]
+    scales = (torch.rand(k // 128, n, device=device) * 1e-3).half()
+    return PackedLinear(k, n, 128, [Segment(bits, k, planes)], scales, None, torch.randperm(k, device=device).int())
+
+
+def tune(
+    shapes: list[tuple[int, int]],
+    bits: list[int],
+    buckets: dict[str, list[int]],
+    timer: Callable[[Callable[[], object]], float],
+    device: str | torch.device = "cuda",
+    candidate_fn: Callable[[str, int], list[dict]] = candidates,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """{path: [entry per bucket, with max_m]} of the fastest candidates; timer(fn) returns ms."""
+    from quantkit.kernels.triton_dequant import triton_matmul
+
+    layers = [random_layer(n, k, b, device) for (k, n), b in itertools.product(shapes, bits)]
+    out: dict = {"skinny_max_m": max(buckets["skinny"])}
+    for path, ms in buckets.items():
+        out[path] = []
+        for m in ms:
+            best, best_t = None, float("inf")
+            for cand in candidate_fn(path, m):
+                try:
+                    total = 0.0
+                    for pl in layers:
+                        x = torch.randn(m, pl.in_features, device=device, dtype=torch.float16)
+                        total += timer(lambda x=x, pl=pl, cand=cand: triton_matmul(x, pl, launch=cand))
+                except Exception as e:  # a candidate the GPU cannot run (shared memory, registers): skip it
+                    log(f"  skip {cand}: {type(e).__name__}")
+                    continue
+                if total < best_t:
+                    best, best_t = cand, total
+            if best is None:
+                raise RuntimeError(f"no candidate ran for {path} M={m}")
+            log(f"{path} M={m}: {best_t:.3f} ms total with {best}")
+            out[path].append({"max_m": m, **best})
+        out[path][-1]["max_m"] = None if path == "tiled" else out[path][-1]["max_m"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bits", nargs="+", type=int, default=[3, 4])
+    ap.add_argument("--out", type=Path, help="output file (default: configs/<gpu>.json)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("autotuning needs a CUDA GPU")
+    import triton.testing
+
+    name = torch.cuda.get_device_name()
+    cfg = tune(SHAPES, args.bits, BUCKETS, lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20))
+    cfg["_note"] = f"tuned by quantkit.kernels.autotune on {name}, bits {args.bits}"
+    out = args.out or CONFIG_DIR / f"{device_slug(name)}.json"
+    out.write_text(json.dumps(cfg, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
