@@ -62,9 +62,9 @@ class Calibration:
 
 
 def default_calib_dir() -> Path:
-    """calib_data/ of this checkout, or $QUANTKIT_CALIB_DIR."""
+    """Bundled calib_data/ (quantkit/calib_data links to it in a checkout), or $QUANTKIT_CALIB_DIR."""
     env = os.environ.get(CALIB_DIR_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "calib_data"
+    return Path(env) if env else Path(__file__).parents[1] / "calib_data"
 
 
 def default_images(root: Path | None = None) -> list[Path]:
