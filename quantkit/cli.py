@@ -160,8 +160,14 @@ def _group_size(value: str) -> int | None:
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Damping, fraction of mean diag(H).")
 @click.option("--clip", is_flag=True, help="Search a clipping factor for each group's scale.")
 @click.option("-hb", "--head-bits", type=int, help="Quantize lm_head with these bits (default: keep 16-bit).")
-@click.option("--format", "fmt", type=click.Choice(["gptq"]), default="gptq", show_default=True,
-              help="gptq: the GPTQ checkpoint format (transformers, GPTQModel, vLLM, ExLlamaV2).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["gptq"]),
+    default="gptq",
+    show_default=True,
+    help="gptq: the GPTQ checkpoint format (transformers, GPTQModel, vLLM, ExLlamaV2).",
+)
 @click.option("-c", "--dataset", help="A datasets hub name or local .jsonl/.parquet/.txt (default: bundled mix).")
 @click.option("--split", default="train", show_default=True, help="Hub dataset split.")
 @click.option("--text-field", default="text", show_default=True, help="Column holding the text.")

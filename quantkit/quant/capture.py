@@ -11,7 +11,6 @@ reported.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,9 +39,10 @@ class QuantSettings:
 
 @dataclass
 class LayerReport:
-    """What happened to one layer: per-linear GPTQ results, output error, starved experts."""
+    """What happened to one layer: per-linear proxy losses and damping, output error, starved experts."""
 
-    results: dict[str, GPTQResult] = field(default_factory=dict)
+    rel_loss: dict[str, float] = field(default_factory=dict)  # tr(E H Eᵀ) / tr(W H Wᵀ) per linear
+    damp: dict[str, float] = field(default_factory=dict)  # damping used per linear
     rel_error: float = 0.0  # ||y_q - y_f|| / ||y_f|| over the calibration rows (y includes the residual stream)
     starved: dict[str, int] = field(default_factory=dict)  # expert linear -> tokens routed to it
 
@@ -66,16 +66,21 @@ def _site(name: str) -> str:
 
 
 RowFn = Callable[[int], torch.Tensor]
+WriteFn = Callable[[int, torch.Tensor], None]
 
 
-def _run_rows(layer: nn.Module, rows: int, read: RowFn, ctx) -> None:
+def _run_rows(layer: nn.Module, rows: int, read: RowFn, ctx, write: WriteFn | None = None) -> None:
     with torch.no_grad():
         for r in range(rows):
-            layer(read(r), ctx)
+            y = layer(read(r), ctx)
+            if write is not None:
+                write(r, y)
 
 
-def _capture(layer: nn.Module, names: list[str], rows: int, read: RowFn, ctx) -> dict[str, HessianAccumulator]:
-    """Run all rows through layer, accumulating one Hessian per input site of the named linears."""
+def _capture(
+    layer: nn.Module, names: list[str], rows: int, read: RowFn, ctx, write: WriteFn | None = None
+) -> dict[str, HessianAccumulator]:
+    """Run all rows through layer (writing its outputs if asked), accumulating one Hessian per input site."""
     accs: dict[str, HessianAccumulator] = {}
     hooks = []
     for name in names:
@@ -86,7 +91,7 @@ def _capture(layer: nn.Module, names: list[str], rows: int, read: RowFn, ctx) ->
         accs[site] = acc = HessianAccumulator(linear.in_features, device=linear.weight.device)
         hooks.append(linear.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])))
     try:
-        _run_rows(layer, rows, read, ctx)
+        _run_rows(layer, rows, read, ctx, write)
     finally:
         for h in hooks:
             h.remove()
@@ -123,19 +128,22 @@ def quantize_layer(
     layer: nn.Module,
     rows: int,
     read: RowFn,
-    write: Callable[[int, torch.Tensor], None],
+    read_out: RowFn,
+    write_out: WriteFn,
     ctx,
     settings: QuantSettings,
-    on_group: Callable[[str], None] | None = None,
+    emit: Callable[[str, GPTQResult], None],
 ) -> LayerReport:
-    """Quantize layer (in place) on rows read(r) -> [1, T, D]; write(r, output) gets the quantized outputs."""
+    """Quantize layer (in place) on rows read(r) -> [1, T, D]; each solved linear goes to emit(name, result).
+
+    The float layer's outputs are written to the output store during the first capture pass (the layer is still
+    unquantized then), and replaced by the quantized layer's outputs at the end, which also gives the output error
+    without a second copy of the layer's weights.
+    """
     report = LayerReport()
-    reference = copy.deepcopy(layer)  # the float layer, for the output error
     total_tokens = 0
-    for names in capture_groups(layer):
-        if on_group:
-            on_group(names[0])
-        accs = _capture(layer, names, rows, read, ctx)
+    for k, names in enumerate(capture_groups(layer)):
+        accs = _capture(layer, names, rows, read, ctx, write_out if k == 0 else None)
         experts = {e for n in names if (e := _expert_index(n)) is not None}
         if experts:
             moe = layer.block_sparse_moe
@@ -151,30 +159,33 @@ def quantize_layer(
                     if e in shared:
                         report.starved[n] = counts[e]
                         accs[_site(n)].merge(shared[e])
-        for name in names:
-            linear = layer.get_submodule(name)
-            res = gptq_quantize(
-                linear.weight.data,
-                accs[_site(name)].hessian(),
-                settings.bits,
-                settings.group_size,
-                sym=settings.sym,
-                act_order=settings.act_order,
-                static_groups=settings.static_groups,
-                damp=settings.damp,
-                clip=settings.clip,
-            )
-            linear.weight.data = res.weight.to(linear.weight.dtype)
-            report.results[name] = res
-        del accs
+        for site in list(accs):
+            H = accs.pop(site).hessian()  # free the accumulator before solving: H is the biggest tensor here
+            for name in (n for n in names if _site(n) == site):
+                linear = layer.get_submodule(name)
+                res = gptq_quantize(
+                    linear.weight.data,
+                    H,
+                    settings.bits,
+                    settings.group_size,
+                    sym=settings.sym,
+                    act_order=settings.act_order,
+                    static_groups=settings.static_groups,
+                    damp=settings.damp,
+                    clip=settings.clip,
+                )
+                linear.weight.data = res.weight.to(linear.weight.dtype)
+                report.rel_loss[name], report.damp[name] = res.rel_loss, res.damp
+                emit(name, res)
+                del res
+            del H
     err, ref = 0.0, 0.0
     with torch.no_grad():
         for r in range(rows):
-            x = read(r)
-            y = layer(x, ctx)
-            y_f = reference(x, ctx)
+            y = layer(read(r), ctx)
+            y_f = read_out(r).to(y.device)
             err += float((y.float() - y_f.float()).pow(2).sum())
             ref += float(y_f.float().pow(2).sum())
-            write(r, y)
+            write_out(r, y)
     report.rel_error = (err / ref) ** 0.5 if ref > 0 else 0.0
     return report

@@ -207,14 +207,15 @@ def quantize(
             cur, nxt = job.stores(rows, row_shape, torch_dtype)
             layer = ckpt.load(model, f"layers.{i}", device, torch_dtype)
             ctx = model.context(0, torch.empty(row_shape, dtype=torch_dtype, device=device))
+            tensors: dict[str, torch.Tensor] = {}
+
+            def emit(name: str, res, i=i, tensors=tensors) -> None:
+                prefix = _prefix(ckpt, f"layers.{i}.{name}")
+                tensors.update({f"{prefix}.{k}": t for k, t in linear_tensors(fmt, res).items()})
+
             report = quantize_layer(
-                layer, rows, lambda r, cur=cur: cur.read(r).to(device), nxt.write, ctx, settings
+                layer, rows, lambda r, cur=cur: cur.read(r).to(device), nxt.read, nxt.write, ctx, settings, emit
             )  # fmt: skip
-            tensors = {
-                f"{_prefix(ckpt, f'layers.{i}.{name}')}.{suffix}": t
-                for name, res in report.results.items()
-                for suffix, t in linear_tensors(fmt, res).items()
-            }
             info = {"bits": settings.bits, "rel_error": report.rel_error, "starved_experts": report.starved}
             job.finish(i + 1, tensors, info)
             unload(layer)

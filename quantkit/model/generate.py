@@ -1,0 +1,116 @@
+"""Token generation: preallocated KV cache, chunked prefill, greedy / temperature / top-p sampling, streaming.
+
+Prefill runs the prompt (and the vision tower, once) in chunks so a long prompt never needs a T x T attention
+matrix at once; decode then feeds one token at a time. Timings are taken around each phase (with a CUDA
+synchronize) so tokens/s figures mean what they say.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.model.text import Transformer
+
+
+@dataclass
+class Generation:
+    """One generate() call: prompt ids, generated ids (stop token included when hit) and phase timings."""
+
+    input_ids: list[int]
+    output_ids: list[int]
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return len(self.input_ids) / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first (which prefill produces) per second of decoding."""
+        n = len(self.output_ids) - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+
+def sample(
+    logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None
+) -> int:
+    """Next token from logits [vocab]: argmax when temperature is 0, else softmax(logits / T) cut to top-p mass."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)  # [V]
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)  # [V]
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # smallest prefix holding top_p (never empty)
+        choice = torch.multinomial(sorted_probs * keep, 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _sync(model: Transformer) -> None:
+    """Wait for queued GPU work, so a timer measures the work and not just its launch."""
+    if model.norm.weight.is_cuda:
+        torch.cuda.synchronize(model.norm.weight.device)
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    input_ids: Sequence[int],
+    images: Sequence[torch.Tensor] | None = None,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_ids: Sequence[int] = (),
+    chunk_size: int = 512,
+    on_token: Callable[[int], None] | None = None,
+) -> Generation:
+    """Generate up to max_new_tokens after input_ids (batch 1), stopping after a token in stop_ids.
+
+    The KV cache is sized to the prompt plus max_new_tokens, capped at the model's context; a prompt that does
+    not fit the context is a one-line error. on_token(id) is called as each token is produced (streaming).
+    """
+    n = len(input_ids)
+    context = model.config.text.max_seq_len
+    if n == 0:
+        raise QuantkitError("the prompt is empty")
+    if n > context:
+        raise QuantkitError(f"the prompt is {n} tokens, longer than the model's context of {context} tokens")
+    if max_new_tokens < 1:
+        raise QuantkitError("max_new_tokens must be at least 1")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    total = min(n + max_new_tokens, context)
+    stop = set(stop_ids)
+    model.setup_caches(1, total)
+    try:
+        _sync(model)
+        t0 = time.perf_counter()
+        h = model.embed(torch.tensor([list(input_ids)]), images)  # [1, n, D]
+        for s in range(0, n, chunk_size):
+            out = model.run_layers(h[:, s : s + chunk_size], start=s)  # [1, chunk, D]
+        token = sample(model.head(out[:, -1:])[0, -1], temperature, top_p, generator)
+        _sync(model)
+        t1 = time.perf_counter()
+        output = [token]
+        if on_token:
+            on_token(token)
+        pos = n
+        while token not in stop and len(output) < max_new_tokens and pos < total:
+            logits = model(torch.tensor([[token]]), start=pos)  # [1, 1, V]
+            pos += 1
+            token = sample(logits[0, -1], temperature, top_p, generator)
+            output.append(token)
+            if on_token:
+                on_token(token)
+        _sync(model)
+        t2 = time.perf_counter()
+    finally:
+        model.clear_caches()
+    return Generation(list(input_ids), output, t1 - t0, t2 - t1)

@@ -1,0 +1,199 @@
+"""`quantkit run`: one answer to --prompt, or an interactive multi-turn chat, with images for Pixtral.
+
+Inputs are checked before the model is loaded (config.json, image files, vision support), so mistakes cost no
+loading time. Prompts go through the tokenizer's chat template and image preprocessing (quantkit.tokenizer);
+answers stream to stdout as they are produced, and speed figures go to stderr so stdout stays the answer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from quantkit.errors import QuantkitError
+from quantkit.model.config import load_config
+from quantkit.model.generate import Generation, generate
+from quantkit.model.load import load_model
+from quantkit.model.text import Transformer
+
+if TYPE_CHECKING:
+    from quantkit.tokenizer.chat import ChatTokenizer, Encoded
+
+HELP = "commands: /image PATH (attach to your next message), /reset (new conversation), /exit"
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+class TextStream:
+    """Prints an answer as tokens arrive; decodes the whole answer each time so multi-byte characters that
+    span tokens are printed only once complete."""
+
+    def __init__(self, tokenizer: ChatTokenizer, stop_ids: set[int], echo: bool):
+        self.tokenizer, self.stop_ids, self.echo = tokenizer, stop_ids, echo
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def __call__(self, token: int) -> None:
+        if token in self.stop_ids:
+            return
+        self.ids.append(token)
+        if not self.echo:
+            return
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            click.echo(text[len(self.printed) :], nl=False)
+            sys.stdout.flush()
+            self.printed = text
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids)
+
+
+def user_message(text: str, images: list[Path]) -> dict:
+    """An OpenAI-format user message: text, then images as image_url parts (paths)."""
+    if not images:
+        return {"role": "user", "content": text}
+    parts = [{"type": "text", "text": text}] if text else []
+    return {"role": "user", "content": parts + [{"type": "image_url", "image_url": str(p)} for p in images]}
+
+
+def check_images(paths: list[Path], has_vision: bool, folder: Path) -> list[Path]:
+    for p in paths:
+        if not Path(p).is_file():
+            raise QuantkitError(f"image file not found: {p}")
+    if paths and not has_vision:
+        raise QuantkitError(f"{folder.name} is a text-only model: it takes no --image")
+    return [Path(p) for p in paths]
+
+
+def answer(model: Transformer, tokenizer: ChatTokenizer, encoded: Encoded, sampling: Sampling, as_json: bool) -> str:
+    """Stream one answer to an encoded conversation, print speeds (or one JSON object); returns the answer text."""
+    stream = TextStream(tokenizer, {tokenizer.eos_id}, echo=not as_json)
+    result: Generation = generate(
+        model,
+        encoded.input_ids,
+        encoded.images or None,
+        max_new_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+        stop_ids=[tokenizer.eos_id],
+        on_token=stream,
+    )
+    if as_json:
+        report = {
+            "input_ids": result.input_ids,
+            "output_ids": result.output_ids,
+            "text": stream.text,
+            "prefill_tokens_per_s": round(result.prefill_tokens_per_s, 2),
+            "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
+        }
+        click.echo(json.dumps(report, ensure_ascii=False))
+    else:
+        click.echo(stream.text[len(stream.printed) :])
+        n_in, n_out = len(result.input_ids), len(result.output_ids)
+        cut = n_out < sampling.max_new_tokens and result.output_ids[-1] != tokenizer.eos_id
+        note = f", stopped at the context of {model.config.text.max_seq_len} tokens" if cut else ""
+        click.echo(
+            f"[prefill {n_in} tokens at {result.prefill_tokens_per_s:.1f} tok/s, "
+            f"decode {n_out} tokens at {result.decode_tokens_per_s:.1f} tok/s{note}]",
+            err=True,
+        )
+    return stream.text
+
+
+def read_line() -> str | None:
+    """The next user line, None at end of input; the "> " prompt only on a terminal, so piped stdout stays clean."""
+    if sys.stdin.isatty():
+        try:
+            return input("> ")
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return line or None
+
+
+def chat(
+    model: Transformer,
+    tokenizer: ChatTokenizer,
+    folder: Path,
+    system: str | None,
+    images: list[Path],
+    sampling: Sampling,
+    as_json: bool,
+) -> None:
+    """Multi-turn chat on stdin until /exit or end of input; the whole conversation is re-encoded each turn."""
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    pending = list(images)
+    click.echo(HELP, err=True)
+    while True:
+        line = read_line()
+        if line is None:
+            return
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            history, pending = history[:1] if system else [], []
+            continue
+        if text.startswith("/image"):
+            path = Path(text[len("/image") :].strip())
+            try:
+                pending += check_images([path], model.vision_tower is not None, folder)
+            except QuantkitError as e:
+                click.echo(f"error: {e}", err=True)
+            continue
+        if not text and not pending:
+            continue
+        messages = [*history, user_message(text, pending)]
+        try:
+            reply = answer(model, tokenizer, tokenizer.encode_chat(messages), sampling, as_json)
+        except QuantkitError as e:  # e.g. the conversation outgrew the context: say so, keep the session
+            click.echo(f"error: {e}", err=True)
+            continue
+        history = [*messages, {"role": "assistant", "content": reply}]
+        pending = []
+
+
+def run(
+    folder: Path,
+    prompt: str | None,
+    images: list[Path],
+    system: str | None,
+    sampling: Sampling,
+    device: str = "auto",
+    dtype: str = "auto",
+    as_json: bool = False,
+    progress: bool = True,
+) -> None:
+    """Load FOLDER (a converted model with its tokenizer) and answer --prompt, or chat without one."""
+    from quantkit.tokenizer.chat import ChatTokenizer
+
+    folder = Path(folder)
+    config = load_config(folder)
+    images = check_images(images, config.vision is not None, folder)
+    tokenizer = ChatTokenizer.from_folder(folder)
+    encoded = None
+    if prompt is not None:  # encoded and checked before loading: a 124B model takes minutes to load
+        messages = ([{"role": "system", "content": system}] if system else []) + [user_message(prompt, images)]
+        encoded = tokenizer.encode_chat(messages)
+        n, context = len(encoded.input_ids), config.text.max_seq_len
+        if n > context:
+            raise QuantkitError(f"the prompt is {n} tokens, longer than the model's context of {context} tokens")
+    model = load_model(folder, device=device, dtype=dtype, progress=progress)
+    if encoded is None:
+        chat(model, tokenizer, folder, system, images, sampling, as_json)
+    else:
+        answer(model, tokenizer, encoded, sampling, as_json)
