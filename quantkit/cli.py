@@ -163,10 +163,10 @@ def _group_size(value: str) -> int | None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["gptq"]),
+    type=click.Choice(["gptq", "quantkit"]),
     default="gptq",
     show_default=True,
-    help="gptq: the GPTQ checkpoint format (transformers, GPTQModel, vLLM, ExLlamaV2).",
+    help="gptq: the GPTQ checkpoint layout (transformers, GPTQModel, vLLM, ExLlamaV2); quantkit: our own.",
 )
 @click.option("-c", "--dataset", help="A datasets hub name or local .jsonl/.parquet/.txt (default: bundled mix).")
 @click.option("--split", default="train", show_default=True, help="Hub dataset split.")

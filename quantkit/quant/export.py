@@ -1,30 +1,48 @@
 """What a quantized model folder holds: packed tensors per linear, quantization_config, a model card.
 
-Formats: `gptq` is the GPTQ checkpoint layout (qweight / qzeros / scales / g_idx, docs/format.md) that
-transformers, GPTQModel, vLLM and ExLlamaV2 load, for uniform bits. The project's own mixed-bit format comes
-with the --bpw allocator.
+Formats (docs/format.md): `gptq` is the GPTQ checkpoint layout (qweight / qzeros / scales / g_idx) that
+transformers, GPTQModel, vLLM and ExLlamaV2 load, for uniform bits; `quantkit` is the project's own layout
+(bit planes, segments of mixed widths, act order as an input permutation), which the --bpw builds need.
 """
 
 from __future__ import annotations
 
+import torch
+
 from quantkit import __version__
+from quantkit.formats.gptq_import import pack_gptq_result
+from quantkit.formats.packed import FORMAT_VERSION, to_tensors
 from quantkit.quant.capture import QuantSettings
 from quantkit.quant.gptq import GPTQResult
 from quantkit.quant.pack import gptq_pack
 
-FORMATS = ("gptq",)
+FORMATS = ("gptq", "quantkit")
 
 
-def linear_tensors(fmt: str, res: GPTQResult) -> dict[str, object]:
-    """The stored tensors of one quantized linear, by suffix (`qweight`, ...), for the given format."""
+def linear_tensors(fmt: str, res: GPTQResult) -> dict[str, torch.Tensor]:
+    """The stored tensors of one quantized linear, by suffix (`qweight`, `qmeta`, ...), for the given format."""
     if fmt == "gptq":
         return gptq_pack(res.q, res.scales, res.zeros, res.g_idx, res.bits)
-    raise ValueError(fmt)
+    return to_tensors(pack_gptq_result(res))
 
 
 def quantization_config(fmt: str, s: QuantSettings, calibration: dict, head_bits: int | None) -> dict:
     """The `quantization_config` block of config.json."""
-    cfg = {
+    if fmt == "quantkit":
+        return {
+            "quant_method": "quantkit",
+            "format_version": FORMAT_VERSION,
+            "bits": s.bits,
+            "head_bits": head_bits,
+            "group_size": s.group_size or -1,
+            "act_order": s.act_order,
+            "sym": s.sym,
+            "damp_percent": s.damp,
+            "clip": s.clip,
+            "calibration": calibration,
+            "producer": f"quantkit {__version__}",
+        }
+    return {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
         "bits": s.bits,
@@ -38,7 +56,6 @@ def quantization_config(fmt: str, s: QuantSettings, calibration: dict, head_bits
         "meta": {"quantizer": [f"quantkit:{__version__}"]},
         "quantkit": {"calibration": calibration, "clip": s.clip},
     }
-    return cfg
 
 
 def model_card(name: str, fmt: str, s: QuantSettings, calibration: dict, size_bytes: int, head_bits: int | None):
