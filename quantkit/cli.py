@@ -122,6 +122,13 @@ def tokenize(model: Path, messages_file: Path, tools_file: Path | None, as_json:
     show_default=True,
     help="auto: the checkpoint's dtype on GPU, float32 on CPU.",
 )
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "triton", "torch"]),
+    default="auto",
+    show_default=True,
+    help="Quantized matmuls: auto = Triton on GPU, torch reference on CPU.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per answer (ids, text, tokens/s).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run_command(
@@ -135,14 +142,46 @@ def run_command(
     seed: int | None,
     device: str,
     dtype: str,
+    backend: str,
     as_json: bool,
     quiet: bool,
 ) -> None:
-    """Chat with a converted model folder MODEL (Mistral, Mixtral, or Pixtral with images)."""
+    """Chat with a converted or quantized model folder MODEL (Mistral, Mixtral, or Pixtral with images)."""
+    from functools import partial
+
     from quantkit.model.run import Sampling, run
+    from quantkit.runtime import load_any
 
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
-    run(model, prompt, list(images), system, sampling, device, dtype, as_json, progress=not quiet)
+    load = partial(load_any, backend=backend)
+    run(model, prompt, list(images), system, sampling, device, dtype, as_json, progress=not quiet, load=load)
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--reference", type=click.Path(path_type=Path), help="Model to compare with (e.g. the 16-bit one).")
+@click.option("-c", "--dataset", help="A datasets hub name or local .jsonl/.parquet/.txt (default: bundled mix).")
+@click.option("--split", default="train", show_default=True, help="Hub dataset split.")
+@click.option("--text-field", default="text", show_default=True, help="Column holding the text.")
+@click.option("--rows", type=click.IntRange(min=1), default=32, show_default=True, help="Rows of tokens.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=2048, show_default=True, help="Tokens per row.")
+@click.option("--seed", type=int, default=1234, show_default=True, help="Row seed (quantize calibrates with 0).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, a list, or auto.")
+@click.option(
+    "--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto", show_default=True
+)
+@click.option("--backend", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def eval_command(model: Path, reference: Path | None, dataset: str | None, split: str, text_field: str, rows: int,
+                 seq_len: int, seed: int, device: str, dtype: str, backend: str, as_json: bool,
+                 quiet: bool) -> None:  # fmt: skip
+    """Perplexity of MODEL (float or quantized); with --reference, mean KL divergence and top-1 agreement too."""
+    from quantkit.eval_command import EvalSettings, format_table, run_eval
+
+    settings = EvalSettings(dataset, split, text_field, rows, seq_len, seed, device, dtype, backend)
+    result = run_eval(model, reference, settings, progress=not quiet)
+    click.echo(json.dumps(result.as_dict()) if as_json else format_table(result, model, reference, settings))
 
 
 def _group_size(value: str) -> int | None:
@@ -152,6 +191,10 @@ def _group_size(value: str) -> int | None:
 @main.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--bpw", type=float, help="Mixed precision: average bits per decoder weight, every byte counted.")
+@click.option("--rotate", is_flag=True, help="Randomized Hadamard rotation of input features (quantkit format).")
+@click.option("--measurement", type=click.Path(path_type=Path), help="Reuse a measurement.json for --bpw.")
+@click.option("--measure-rows", type=int, default=16, show_default=True, help="Calibration rows measured for --bpw.")
 @click.option("-b", "--bits", type=int, default=4, show_default=True, help="Bits per weight (2-8).")
 @click.option("--group-size", default="128", show_default=True, help="32, 64, 128 or none (per channel).")
 @click.option("--act-order/--no-act-order", default=True, show_default=True, help="Quantize columns by salience.")
@@ -164,9 +207,9 @@ def _group_size(value: str) -> int | None:
     "--format",
     "fmt",
     type=click.Choice(["gptq", "quantkit"]),
-    default="gptq",
-    show_default=True,
-    help="gptq: the GPTQ checkpoint layout (transformers, GPTQModel, vLLM, ExLlamaV2); quantkit: our own.",
+    default=None,
+    help="gptq (default for --bits): the GPTQ layout transformers, GPTQModel, vLLM, ExLlamaV2 load; "
+    "quantkit (default for --bpw / --rotate): our own, mixed bits.",
 )
 @click.option("-c", "--dataset", help="A datasets hub name or local .jsonl/.parquet/.txt (default: bundled mix).")
 @click.option("--split", default="train", show_default=True, help="Hub dataset split.")
@@ -182,8 +225,9 @@ def _group_size(value: str) -> int | None:
 @click.option("--dry-run", is_flag=True, help="Print the plan, the output size and peak memory; write nothing.")
 @click.option("--force", is_flag=True, help="Replace a non-empty DST.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def quantize(src: Path, dst: Path, bits: int, group_size: str, act_order: bool, static_groups: bool, sym: bool,
-             damp: float, clip: bool, head_bits: int | None, fmt: str, dataset: str | None, split: str,
+def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement: Path | None, measure_rows: int,
+             bits: int, group_size: str, act_order: bool, static_groups: bool, sym: bool,
+             damp: float, clip: bool, head_bits: int | None, fmt: str | None, dataset: str | None, split: str,
              text_field: str, rows: int, seq_len: int, seed: int, work_dir: Path | None, restart: bool, device: str,
              dtype: str | None, max_shard_size: str, dry_run: bool, force: bool, quiet: bool) -> None:  # fmt: skip
     """Quantize a converted model SRC with GPTQ, layer by layer, into DST (resumable: rerun after a crash)."""
@@ -196,8 +240,10 @@ def quantize(src: Path, dst: Path, bits: int, group_size: str, act_order: bool, 
         raise QuantkitError(f"--group-size must be 32, 64, 128 or none, got {group_size}") from None
     settings = QuantSettings(bits=bits, group_size=gs, sym=sym, act_order=act_order, static_groups=static_groups,
                              damp=damp, clip=clip)  # fmt: skip
+    fmt = fmt or ("quantkit" if bpw is not None or rotate else "gptq")
     plan = run_quantize(
-        src, dst, settings=settings, fmt=fmt, head_bits=head_bits, dataset=dataset, split=split,
+        src, dst, settings=settings, fmt=fmt, head_bits=head_bits, bpw=bpw, rotate=rotate, measurement=measurement,
+        measure_rows=measure_rows, dataset=dataset, split=split,
         text_field=text_field, rows=rows, seq_len=seq_len, seed=seed, work_dir=work_dir, restart=restart,
         force=force, dry_run=dry_run, device=device, dtype=dtype, max_shard_size=max_shard_size,
         progress=not quiet, log=click.echo,

@@ -63,12 +63,20 @@ def from_gptq(
 
 
 def pack_gptq_result(
-    result: GPTQResult, bits: int | Sequence[tuple[int, int]] | None = None, bias: torch.Tensor | None = None
+    result: GPTQResult,
+    bits: int | Sequence[tuple[int, int]] | None = None,
+    bias: torch.Tensor | None = None,
+    had_in: torch.Tensor | None = None,
+    had_in_block: int = 0,
 ) -> PackedLinear:
     """Pack a quantkit.quant.gptq.GPTQResult; perm comes from g_idx, so static_groups results need none.
 
-    bits overrides result.bits with a segment layout when the solver used per-column widths (mixed bits).
+    bits overrides result.bits (which is already the segment layout when the solver used mixed bits); had_in are
+    the signs of the input rotation the result was quantized in.
     """
     perm, gs = _groups_from_g_idx(result.g_idx, result.scales.shape[0])
     zeros = None if result.sym else result.zeros
-    return pack_linear(result.q, result.scales, zeros, gs, result.bits if bits is None else bits, perm, bias)
+    return pack_linear(
+        result.q, result.scales, zeros, gs, result.bits if bits is None else bits, perm, bias,
+        had_in=had_in, had_in_block=had_in_block,
+    )  # fmt: skip

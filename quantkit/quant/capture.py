@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit.arch import CAPTURE_GROUPS
+from quantkit.formats.hadamard import block_size, random_signs, rotate
 from quantkit.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize
 
 STARVED_FRACTION = 0.1  # an expert with < 10% of the tokens uniform routing would give it is "starved"
@@ -35,6 +36,47 @@ class QuantSettings:
     static_groups: bool = False
     damp: float = 0.01
     clip: bool = False
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """How one linear is stored: uniform bits or a mixed layout [(bits, n_cols), ...] in quantization order, its
+    group size, and the seed of a randomized Hadamard rotation of its input features (None = not rotated)."""
+
+    bits: int | tuple[tuple[int, int], ...]
+    group_size: int | None
+    rotate_seed: int | None = None
+
+
+@dataclass
+class Solved:
+    """A solved linear: the GPTQ result (in the rotated basis when rotated) and the rotation to store with it."""
+
+    result: GPTQResult
+    had_in: torch.Tensor | None = None  # int8 [in] signs
+    had_in_block: int = 0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight in the layer's own basis: what the next capture groups must see."""
+        w = self.result.weight
+        return w if self.had_in is None else rotate(w, self.had_in, self.had_in_block, transpose=True)
+
+
+def solve_linear(W: torch.Tensor, H: torch.Tensor, spec: LinearSpec, s: QuantSettings) -> Solved:
+    """GPTQ for one linear; with a rotation, quantize W R against Rᵀ H R (R = diag(signs)·Hadamard, orthogonal),
+    which spreads outlier input channels over whole blocks so that no single column dominates a group."""
+    signs, block = None, 0
+    if spec.rotate_seed is not None:
+        block = block_size(W.shape[1])
+        signs = random_signs(W.shape[1], spec.rotate_seed)
+        W = rotate(W, signs, block)  # W R
+        H = rotate(rotate(H, signs, block).T, signs, block)  # Rᵀ H R
+    res = gptq_quantize(
+        W, H, list(spec.bits) if not isinstance(spec.bits, int) else spec.bits, spec.group_size, sym=s.sym,
+        act_order=s.act_order, static_groups=s.static_groups, damp=s.damp, clip=s.clip,
+    )  # fmt: skip
+    return Solved(res, signs, block)
 
 
 @dataclass
@@ -98,7 +140,7 @@ def _capture(
     return accs
 
 
-def _shared_expert_hessians(
+def shared_expert_hessians(
     layer: nn.Module, experts: list[int], down: bool, rows: int, read: RowFn, ctx
 ) -> dict[int, HessianAccumulator]:
     """Hessians from every token entering the MoE block, for starved experts (w1/w3 input, or w2's via w1/w3)."""
@@ -119,7 +161,7 @@ def _shared_expert_hessians(
     return accs
 
 
-def _expert_index(name: str) -> int | None:
+def expert_index(name: str) -> int | None:
     parts = name.split(".")
     return int(parts[parts.index("experts") + 1]) if "experts" in parts else None
 
@@ -132,9 +174,11 @@ def quantize_layer(
     write_out: WriteFn,
     ctx,
     settings: QuantSettings,
-    emit: Callable[[str, GPTQResult], None],
+    spec_for: Callable[[str], LinearSpec],
+    emit: Callable[[str, Solved], None],
 ) -> LayerReport:
-    """Quantize layer (in place) on rows read(r) -> [1, T, D]; each solved linear goes to emit(name, result).
+    """Quantize layer (in place) on rows read(r) -> [1, T, D]; each linear is solved with spec_for(name) (names
+    relative to the layer) and goes to emit(name, solved).
 
     The float layer's outputs are written to the output store during the first capture pass (the layer is still
     unquantized then), and replaced by the quantized layer's outputs at the end, which also gives the output error
@@ -144,18 +188,18 @@ def quantize_layer(
     total_tokens = 0
     for k, names in enumerate(capture_groups(layer)):
         accs = _capture(layer, names, rows, read, ctx, write_out if k == 0 else None)
-        experts = {e for n in names if (e := _expert_index(n)) is not None}
+        experts = {e for n in names if (e := expert_index(n)) is not None}
         if experts:
             moe = layer.block_sparse_moe
             total_tokens = total_tokens or rows * read(0).shape[1]
             fair = total_tokens * moe.top_k / len(moe.experts)
-            counts = {e: int(accs[_site(n)].total_weight) for n in names if (e := _expert_index(n)) is not None}
+            counts = {e: int(accs[_site(n)].total_weight) for n in names if (e := expert_index(n)) is not None}
             starved = sorted(e for e, c in counts.items() if c < STARVED_FRACTION * fair)
             if starved:
                 down = names[0].endswith(".w2")
-                shared = _shared_expert_hessians(layer, starved, down, rows, read, ctx)
+                shared = shared_expert_hessians(layer, starved, down, rows, read, ctx)
                 for n in names:
-                    e = _expert_index(n)
+                    e = expert_index(n)
                     if e in shared:
                         report.starved[n] = counts[e]
                         accs[_site(n)].merge(shared[e])
@@ -163,21 +207,11 @@ def quantize_layer(
             H = accs.pop(site).hessian()  # free the accumulator before solving: H is the biggest tensor here
             for name in (n for n in names if _site(n) == site):
                 linear = layer.get_submodule(name)
-                res = gptq_quantize(
-                    linear.weight.data,
-                    H,
-                    settings.bits,
-                    settings.group_size,
-                    sym=settings.sym,
-                    act_order=settings.act_order,
-                    static_groups=settings.static_groups,
-                    damp=settings.damp,
-                    clip=settings.clip,
-                )
-                linear.weight.data = res.weight.to(linear.weight.dtype)
-                report.rel_loss[name], report.damp[name] = res.rel_loss, res.damp
-                emit(name, res)
-                del res
+                solved = solve_linear(linear.weight.data, H, spec_for(name), settings)
+                linear.weight.data = solved.weight.to(linear.weight.dtype)
+                report.rel_loss[name], report.damp[name] = solved.result.rel_loss, solved.result.damp
+                emit(name, solved)
+                del solved
             del H
     err, ref = 0.0, 0.0
     with torch.no_grad():

@@ -12,18 +12,18 @@ import torch
 from quantkit import __version__
 from quantkit.formats.gptq_import import pack_gptq_result
 from quantkit.formats.packed import FORMAT_VERSION, to_tensors
-from quantkit.quant.capture import QuantSettings
-from quantkit.quant.gptq import GPTQResult
+from quantkit.quant.capture import QuantSettings, Solved
 from quantkit.quant.pack import gptq_pack
 
 FORMATS = ("gptq", "quantkit")
 
 
-def linear_tensors(fmt: str, res: GPTQResult) -> dict[str, torch.Tensor]:
+def linear_tensors(fmt: str, solved: Solved) -> dict[str, torch.Tensor]:
     """The stored tensors of one quantized linear, by suffix (`qweight`, `qmeta`, ...), for the given format."""
+    res = solved.result
     if fmt == "gptq":
         return gptq_pack(res.q, res.scales, res.zeros, res.g_idx, res.bits)
-    return to_tensors(pack_gptq_result(res))
+    return to_tensors(pack_gptq_result(res, had_in=solved.had_in, had_in_block=solved.had_in_block))
 
 
 def quantization_config(fmt: str, s: QuantSettings, calibration: dict, head_bits: int | None) -> dict:
@@ -58,11 +58,21 @@ def quantization_config(fmt: str, s: QuantSettings, calibration: dict, head_bits
     }
 
 
-def model_card(name: str, fmt: str, s: QuantSettings, calibration: dict, size_bytes: int, head_bits: int | None):
+def model_card(
+    name: str,
+    fmt: str,
+    s: QuantSettings,
+    calibration: dict,
+    size_bytes: int,
+    head_bits: int | None,
+    bpw: float | None = None,
+    rotate: bool = False,
+) -> str:
     """README.md for the output folder: the parameter table GPTQ users expect."""
     rows = [
         ("Format", fmt),
-        ("Bits", s.bits),
+        ("Bits", f"{bpw} bpw (mixed)" if bpw else s.bits),
+        ("Hadamard rotation", rotate),
         ("Head bits", head_bits or 16),
         ("Group size", s.group_size or "none (per channel)"),
         ("Act order", s.act_order),

@@ -9,11 +9,15 @@ The grid is the GPTQ checkpoint grid: per (group, output row) an fp32 scale that
 (the checkpoint stores fp16) and an integer zero point; code q ∈ [0, 2^bits − 1] dequantizes to scale · (q − zero).
 Symmetric grids use zero = 2^(bits−1). Because the solver quantizes with the fp16-rounded scale, dequantizing the
 exported tensors reproduces `GPTQResult.weight` bit for bit.
+
+Mixed bits (EXL2-style): `bits` may be a layout [(bits, n_cols), ...] in quantization order, so with act order the
+most salient input columns (largest diag H, quantized first) get the first, typically wider, segment.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +39,7 @@ class GPTQResult:
     rel_loss: float  # loss / tr(W H Wᵀ)
     damp: float  # damping used, as a fraction of mean(diag H) (raised from the requested one if Cholesky failed)
     dead: int  # input columns whose Hessian diagonal was zero (weight column zeroed)
-    bits: int
+    bits: int | list[tuple[int, int]]  # an int, or the mixed layout [(bits, n_cols), ...] in quantization order
     group_size: int | None  # None = one group per output row (per-channel)
     sym: bool
 
@@ -117,6 +121,21 @@ def _check_args(W: torch.Tensor, bits: int, group_size: int | None) -> None:
         raise QuantkitError(f"group size {group_size} does not divide in_features {W.shape[1]}")
 
 
+def column_bits(bits: int | Sequence[tuple[int, int]], n_in: int, group_size: int | None) -> list[int]:
+    """Bits of each column in quantization order, from an int or a layout [(bits, n_cols), ...]."""
+    if isinstance(bits, int):
+        return [bits] * n_in
+    layout = [(int(b), int(n)) for b, n in bits]
+    if sum(n for _, n in layout) != n_in:
+        raise QuantkitError(f"bit layout {layout} covers {sum(n for _, n in layout)} columns, not {n_in}")
+    if group_size is None or any(n % group_size for _, n in layout):
+        raise QuantkitError(f"mixed bits need segments that are whole groups (group size {group_size}): {layout}")
+    for b, _ in layout:
+        if not 2 <= b <= 8:
+            raise QuantkitError(f"bits must be an integer from 2 to 8, got {b}")
+    return [b for b, n in layout for _ in range(n)]
+
+
 def _grid(x: torch.Tensor, maxq: int, sym: bool, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero [out] covering the range of x [out, k] (times shrink); the scale is rounded to fp16."""
     xmin = x.min(dim=1).values.clamp(max=0) * shrink  # [out]
@@ -186,7 +205,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, damp_step: float, max_damp: 
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
-    bits: int,
+    bits: int | Sequence[tuple[int, int]],
     group_size: int | None = 128,
     sym: bool = True,
     act_order: bool = False,
@@ -207,11 +226,15 @@ def gptq_quantize(
     is not monotonic (the loader gathers scales per column); with static_groups the group grids are computed on the
     original W before any update and groups stay in original column order (g_idx = i // group_size).
     """
-    _check_args(W, bits, group_size)
+    mixed = not isinstance(bits, int)
+    _check_args(W, bits if not mixed else 2, group_size)
     n_out, n_in = W.shape
     if H.shape != (n_in, n_in):
         raise QuantkitError(f"Hessian shape {tuple(H.shape)} does not match in_features {n_in}")
-    maxq = 2**bits - 1
+    if mixed and static_groups:
+        raise QuantkitError("mixed bits need dynamic groups (no --static-groups)")
+    col_maxq = [2**b - 1 for b in column_bits(bits, n_in, group_size)]  # per column, quantization order
+    maxq = col_maxq[0]
     dev = W.device
     W0 = W.detach().to(torch.float32)
     H0 = H.detach().to(dev, torch.float32)
@@ -257,6 +280,7 @@ def gptq_quantize(
         for i in range(b2 - b1):
             col = b1 + i
             g = group_of[col]
+            maxq = col_maxq[col]
             if dynamic and col % gs == 0:
                 scales[g], zeros[g] = _find_params(W1[:, i : i + gs], maxq, sym, *clip_args)
             w = W1[:, i]
@@ -283,7 +307,7 @@ def gptq_quantize(
         rel_loss=rel,
         damp=damp_used,
         dead=int(dead.sum()),
-        bits=bits,
+        bits=[(int(b), int(n)) for b, n in bits] if mixed else bits,
         group_size=group_size,
         sym=sym,
     )

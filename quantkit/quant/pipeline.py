@@ -9,8 +9,11 @@ makes the run resumable: rerun the same command after a crash and it continues a
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shutil
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,10 +37,12 @@ from quantkit.io.writer import (
     write_shard,
 )
 from quantkit.model.load import Checkpoint, build_model, unload
-from quantkit.quant.capture import QuantSettings, capture_groups, quantize_layer
+from quantkit.quant.allocate import allocate
+from quantkit.quant.capture import LinearSpec, QuantSettings, capture_groups, quantize_layer, solve_linear
 from quantkit.quant.export import FORMATS, linear_tensors, model_card, quantization_config
-from quantkit.quant.gptq import HessianAccumulator, gptq_quantize
-from quantkit.quant.job import Job
+from quantkit.quant.gptq import HessianAccumulator
+from quantkit.quant.job import Job, RowStore
+from quantkit.quant.measure import CANDIDATES_VERSION, measure_layer, spec_bits
 from quantkit.tokenizer.chat import ChatTokenizer
 
 GROUP_SIZES = (32, 64, 128, None)
@@ -94,7 +99,9 @@ def _check_settings(model, s: QuantSettings, fmt: str, head_bits: int | None) ->
             raise QuantkitError(f"the GPTQ format needs features divisible by 32; {name} is [{out_f}, {in_f}]")
 
 
-def plan(ckpt: Checkpoint, model, s: QuantSettings, head_bits: int | None, rows: int, seq_len: int, device: str):
+def plan(
+    ckpt: Checkpoint, model, s: QuantSettings, head_bits: int | None, rows: int, seq_len: int, device: str, bpw=None
+):
     """Sizes and peak memory from the config alone."""
     t = ckpt.config.text
     shapes = _linear_shapes(model, 0)
@@ -104,7 +111,7 @@ def plan(ckpt: Checkpoint, model, s: QuantSettings, head_bits: int | None, rows:
     groups = lambda i: i // (s.group_size or i)  # noqa: E731
     packed = sum(o * i * s.bits / 8 + groups(i) * o * (2 + s.bits / 8) + 4 * i for o, i in shapes.values())
     head = (t.vocab_size * t.dim * head_bits / 8 + groups(t.dim) * t.vocab_size * 2.5) if head_bits else 0
-    output = int(packed * t.n_layers + head + kept * 2)
+    output = int((per_layer * bpw / 8 if bpw else packed) * t.n_layers + head + kept * 2)
     largest_in = max(i for _, i in shapes.values())
     layer_bytes = per_layer * 4  # fp32 working copy
     work = 2 * layer_bytes + 3 * largest_in**2 * 4 + 2 * seq_len * max(t.ffn_dim, t.dim) * 4 * 4
@@ -138,6 +145,86 @@ def _prefix(ckpt: Checkpoint, model_name: str) -> str:
     return ckpt.config.checkpoint_key(model_name + ".weight").removesuffix(".weight")
 
 
+def _rotate_seeds(rotate: bool) -> Callable[[int, str], int | None]:
+    """A fixed seed per linear (from its name) for the randomized Hadamard signs, or None without --rotate."""
+    return (lambda i, name: zlib.crc32(f"layers.{i}.{name}".encode())) if rotate else (lambda i, name: None)
+
+
+def _embed(ckpt: Checkpoint, model, job: Job, ids: torch.Tensor, row_shape, device, dtype) -> None:
+    """Job step 0: the calibration rows' embeddings into the job's first row store."""
+    if job.done >= 0:
+        return
+    _, nxt = job.stores(ids.shape[0], row_shape, dtype)
+    ckpt.load(model, "embed_tokens", device, dtype)
+    with torch.no_grad():
+        for r in range(ids.shape[0]):
+            nxt.write(r, model.embed(ids[r : r + 1]))
+    unload(model.embed_tokens)
+    job.finish(0)
+
+
+def _measurement_fingerprint(ckpt: Checkpoint, ids: torch.Tensor, s: QuantSettings, rotate: bool, dtype) -> dict:
+    """What a measurement depends on: the model, the rows, the candidate table and the GPTQ settings (not bits)."""
+    fingerprint = {
+        "source": _source_fingerprint(ckpt),
+        "rows": hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16],
+        "candidates": CANDIDATES_VERSION,
+        "rotate": rotate,
+        "dtype": str(dtype),
+        **asdict(s),
+    }
+    fingerprint.pop("bits")
+    return fingerprint
+
+
+def measure(
+    ckpt: Checkpoint, model, ids: torch.Tensor, work: Path, s: QuantSettings, rotate: bool, device, dtype, progress
+) -> dict:
+    """The measurement pass (see measure.py), resumable in work/measure, saved as work/measurement.json."""
+    fingerprint = _measurement_fingerprint(ckpt, ids, s, rotate, dtype)
+    path = work / "measurement.json"
+    if path.is_file():
+        saved = read_json(path)
+        if saved.get("fingerprint") == fingerprint:
+            return saved
+    job = Job(work / "measure", fingerprint)
+    rows, n_layers = ids.shape[0], ckpt.config.text.n_layers
+    row_shape = (1, ids.shape[1], ckpt.config.text.dim)
+    _embed(ckpt, model, job, ids, row_shape, device, dtype)
+    attn = RowStore(job.dir / "attn.bin", rows, row_shape, dtype)
+    seeds = _rotate_seeds(rotate)
+    with tqdm(total=n_layers, initial=job.done, desc="measure", unit="layer", disable=not progress) as bar:
+        for i in range(job.done, n_layers):
+            cur, nxt = job.stores(rows, row_shape, dtype)
+            layer = ckpt.load(model, f"layers.{i}", device, dtype)
+            ctx = model.context(0, torch.empty(row_shape, dtype=dtype, device=device))
+            result = measure_layer(
+                layer, rows, lambda r, cur=cur: cur.read(r).to(device), attn.read, attn.write, nxt.read, nxt.write,
+                ctx, s, lambda name, i=i: seeds(i, name),
+            )  # fmt: skip
+            job.finish(i + 1, None, result)
+            unload(layer)
+            bar.update(1)
+    data = {"version": 1, "fingerprint": fingerprint, "layers": [job.layer_info(i) for i in range(n_layers)]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+    return data
+
+
+def load_measurement(path: Path, expected: dict | None = None) -> dict:
+    """A saved measurement.json; refused when it was made for another model or other settings."""
+    data = read_json(path)
+    fp = data.get("fingerprint")
+    if expected is not None and fp != expected:
+        diff = sorted(k for k in set(expected) | set(fp or {}) if (fp or {}).get(k) != expected.get(k))
+        raise QuantkitError(
+            f"measurement {path} was made for another model or other settings (differs in: {', '.join(diff)}); "
+            "measure again without --measurement"
+        )
+    return data
+
+
 def quantize(
     src: Path,
     dst: Path,
@@ -145,6 +232,10 @@ def quantize(
     settings: QuantSettings,
     fmt: str = "gptq",
     head_bits: int | None = None,
+    bpw: float | None = None,
+    rotate: bool = False,
+    measurement: Path | None = None,
+    measure_rows: int = 16,
     dataset: str | None = None,
     split: str = "train",
     text_field: str = "text",
@@ -161,14 +252,20 @@ def quantize(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> QuantPlan:
-    """Quantize the HF-layout model in src with GPTQ into dst (see the module docstring)."""
+    """Quantize the HF-layout model in src with GPTQ into dst (see the module docstring).
+
+    With bpw, every block's quantization is chosen by measurement and allocation to hit that average over the
+    decoder linears exactly (quantkit format); otherwise every linear gets settings.bits.
+    """
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise QuantkitError(f"no config.json in {src}: quantize takes a converted (Hugging Face layout) folder")
+    if (bpw is not None or rotate) and fmt != "quantkit":
+        raise QuantkitError("--bpw and --rotate write the quantkit format (--format quantkit)")
     ckpt = Checkpoint(src)
     model = build_model(ckpt.config)
     _check_settings(model, settings, fmt, head_bits)
-    the_plan = plan(ckpt, model, settings, head_bits, rows, seq_len, device)
+    the_plan = plan(ckpt, model, settings, head_bits, rows, seq_len, device, bpw)
     if dry_run:
         return the_plan
     output = OutputFolder(dst, force=force, src=src)
@@ -177,28 +274,40 @@ def quantize(
     ]
     crows = _calibration(ckpt, dataset, split, text_field, rows, seq_len, seed)
     ids = crows.ids  # [rows, seq_len]
+    work = Path(work_dir or dst.parent / f".{dst.name}.quantkit-work")
+    if restart and work.exists():
+        shutil.rmtree(work)
+    n_layers, dim = ckpt.config.text.n_layers, ckpt.config.text.dim
+    seeds = _rotate_seeds(rotate)
+    shapes = [_linear_shapes(model, i) for i in range(n_layers)]
+    if bpw is not None:
+        m_ids = ids[: min(measure_rows, rows)]
+        if measurement is not None:
+            meas = load_measurement(measurement, _measurement_fingerprint(ckpt, m_ids, settings, rotate, torch_dtype))
+        else:
+            meas = measure(ckpt, model, m_ids, work, settings, rotate, device, torch_dtype, progress)
+        alloc = allocate(meas, shapes, bpw, settings, seeds)
+        log(f"allocation: {alloc.bpw:.4f} bits per decoder weight for --bpw {bpw} ({alloc.bits / 8e9:.3f} GB)")
+        specs = alloc.specs
+    else:
+        specs = [
+            {n: LinearSpec(settings.bits, settings.group_size, seeds(i, n)) for n in shapes[i]} for i in range(n_layers)
+        ]
+    strategy = hashlib.sha256(repr(specs).encode()).hexdigest()[:16]
     job_settings = {
         "source": _source_fingerprint(ckpt),
         "format": fmt,
         "head_bits": head_bits,
         "calibration": hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16],
         "dtype": str(torch_dtype),
+        "strategy": strategy,
         **asdict(settings),
     }
-    job = Job(work_dir or dst.parent / f".{dst.name}.quantkit-work", job_settings, restart=restart)
-    n_layers, dim = ckpt.config.text.n_layers, ckpt.config.text.dim
+    job = Job(work, job_settings)
     row_shape = (1, seq_len, dim)
     if job.done > 0:
         log(f"resuming at layer {job.done}/{n_layers} (work dir {job.dir}; --restart discards it)")
-
-    if job.done < 0:
-        _, nxt = job.stores(rows, row_shape, torch_dtype)
-        ckpt.load(model, "embed_tokens", device, torch_dtype)
-        with torch.no_grad():
-            for r in range(rows):
-                nxt.write(r, model.embed(ids[r : r + 1]))
-        unload(model.embed_tokens)
-        job.finish(0)
+    _embed(ckpt, model, job, ids, row_shape, device, torch_dtype)
 
     bar = tqdm(total=n_layers, initial=job.done, desc="quantize", unit="layer", disable=not progress)
     with bar:
@@ -209,18 +318,21 @@ def quantize(
             ctx = model.context(0, torch.empty(row_shape, dtype=torch_dtype, device=device))
             tensors: dict[str, torch.Tensor] = {}
 
-            def emit(name: str, res, i=i, tensors=tensors) -> None:
+            def emit(name: str, solved, i=i, tensors=tensors) -> None:
                 prefix = _prefix(ckpt, f"layers.{i}.{name}")
-                tensors.update({f"{prefix}.{k}": t for k, t in linear_tensors(fmt, res).items()})
+                tensors.update({f"{prefix}.{k}": t for k, t in linear_tensors(fmt, solved).items()})
 
             report = quantize_layer(
-                layer, rows, lambda r, cur=cur: cur.read(r).to(device), nxt.read, nxt.write, ctx, settings, emit
+                layer, rows, lambda r, cur=cur: cur.read(r).to(device), nxt.read, nxt.write, ctx, settings,
+                specs[i].__getitem__, emit,
             )  # fmt: skip
-            info = {"bits": settings.bits, "rel_error": report.rel_error, "starved_experts": report.starved}
+            layer_bits = sum(spec_bits(specs[i][n], o, k, settings) for n, (o, k) in shapes[i].items())
+            avg = layer_bits / sum(o * k for o, k in shapes[i].values())
+            info = {"bpw": avg, "rel_error": report.rel_error, "starved_experts": report.starved}
             job.finish(i + 1, tensors, info)
             unload(layer)
             bar.update(1)
-            msg = f"layer {i + 1}/{n_layers}: {settings.bits} bits, rel. output error {report.rel_error:.4f}"
+            msg = f"layer {i + 1}/{n_layers}: {avg:.2f} bits per weight, rel. output error {report.rel_error:.4f}"
             if report.starved:
                 msg += f", {len(report.starved)} expert linears with few tokens used the shared Hessian"
             tqdm.write(f"{msg} ({time.perf_counter() - t0:.1f} s)") if progress else log(msg)
@@ -233,18 +345,23 @@ def quantize(
         with torch.no_grad():
             for r in range(rows):
                 acc.add(model.norm(cur.read(r).to(device)))
-        res = gptq_quantize(
-            model.lm_head.weight.data, acc.hessian(), head_bits, settings.group_size, sym=settings.sym,
-            act_order=settings.act_order, static_groups=settings.static_groups, damp=settings.damp, clip=settings.clip,
-        )  # fmt: skip
-        tensors = {f"{_prefix(ckpt, 'lm_head')}.{k}": t for k, t in linear_tensors(fmt, res).items()}
-        job.finish(n_layers + 1, tensors, {"bits": head_bits, "rel_loss": res.rel_loss})
+        head_spec = LinearSpec(head_bits, settings.group_size, seeds(-1, "lm_head"))
+        solved = solve_linear(model.lm_head.weight.data, acc.hessian(), head_spec, settings)
+        tensors = {f"{_prefix(ckpt, 'lm_head')}.{k}": t for k, t in linear_tensors(fmt, solved).items()}
+        job.finish(n_layers + 1, tensors, {"bits": head_bits, "rel_loss": solved.result.rel_loss})
         unload(model.lm_head)
         unload(model.norm)
 
     qcfg = quantization_config(fmt, settings, crows.provenance, head_bits)
+    if fmt == "quantkit":
+        qcfg["bpw"], qcfg["rotate"] = bpw, rotate
+        qcfg["modules"] = {
+            _prefix(ckpt, f"layers.{i}.{n}"): {"bits": sp.bits, "group_size": sp.group_size}
+            for i in range(n_layers)
+            for n, sp in specs[i].items()
+        }
     size = _assemble(ckpt, job, output, qcfg, max_shard_size, progress)
-    card = model_card(dst.name, fmt, settings, crows.provenance, size, head_bits)
+    card = model_card(dst.name, fmt, settings, crows.provenance, size, head_bits, bpw, rotate)
     (dst / "README.md").write_text(card)
     log(f"wrote {dst} ({size / 1e9:.3f} GB)")
     return the_plan

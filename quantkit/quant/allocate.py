@@ -1,0 +1,141 @@
+"""Allocation for --bpw: one candidate per block minimizing the total measured error under an exact bit budget.
+
+The budget is target_bpw × (number of decoder linear weights), and costs are the exact stored bits of each
+candidate (codes, scales, zeros, permutations, segment tables, rotation signs). The choice is a knapsack solved
+by dynamic programming over the budget in 20,000 steps (costs rounded up, so the result never exceeds the
+budget); it is exact up to that resolution and deterministic. What the candidates' granularity leaves unspent
+is then filled one group of columns at a time: a linear's next-most-salient group moves one width up, in the
+blocks whose measured error falls fastest per bit, until no such step fits. The realized bpw therefore lands
+just under the target, within one group's worth of bits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from quantkit.errors import QuantkitError
+from quantkit.quant.capture import LinearSpec, QuantSettings
+from quantkit.quant.measure import block_candidates, block_of, spec_bits, spec_for_candidate
+
+RESOLUTION = 20_000
+
+
+@dataclass
+class Allocation:
+    """The outcome: per layer, per linear (layer-relative name) the spec; the bits it costs; the target."""
+
+    specs: list[dict[str, LinearSpec]]
+    bits: int
+    numel: int
+    target_bpw: float
+    choices: list[dict[str, str]]  # per layer: block -> candidate name
+
+    @property
+    def bpw(self) -> float:
+        return self.bits / self.numel
+
+
+def _knapsack(costs: list[list[int]], errors: list[list[float]], budget: int) -> list[int]:
+    """Minimize Σ errors[i][c_i] s.t. Σ costs[i][c_i] <= budget; costs and budget in resolution units."""
+    n = len(costs)
+    best = np.full(budget + 1, np.inf)
+    best[0] = 0.0
+    choice = np.zeros((n, budget + 1), dtype=np.int16)
+    for i in range(n):
+        new = np.full(budget + 1, np.inf)
+        for c, (cost, err) in enumerate(zip(costs[i], errors[i], strict=True)):
+            if cost > budget:
+                continue
+            cand = np.full(budget + 1, np.inf)
+            cand[cost:] = best[: budget + 1 - cost] + err
+            better = cand < new
+            new[better] = cand[better]
+            choice[i][better] = c
+        best = new
+    end = int(np.argmin(best))
+    if not np.isfinite(best[end]):
+        raise QuantkitError("internal: no allocation fits the budget")
+    picks = []
+    for i in reversed(range(n)):
+        c = int(choice[i][end])
+        picks.append(c)
+        end -= costs[i][c]
+    return picks[::-1]
+
+
+def _upgrade(spec: LinearSpec) -> LinearSpec | None:
+    """The same linear with one more group of its lowest-width columns one width up (None if impossible)."""
+    g = spec.group_size
+    if g is None:
+        return None
+    if isinstance(spec.bits, int):
+        return None  # the in_features are unknown here; uniform specs are upgraded via _split
+    (b_hi, n_hi), (b_lo, n_lo) = spec.bits
+    if b_hi != b_lo + 1 or n_lo <= g:
+        return None
+    return LinearSpec(((b_hi, n_hi + g), (b_lo, n_lo - g)), g, spec.rotate_seed)
+
+
+def _split(spec: LinearSpec, in_features: int) -> LinearSpec | None:
+    if not isinstance(spec.bits, int) or spec.bits >= 8 or spec.group_size is None or in_features <= spec.group_size:
+        return _upgrade(spec)
+    g = spec.group_size
+    return LinearSpec(((spec.bits + 1, g), (spec.bits, in_features - g)), g, spec.rotate_seed)
+
+
+def allocate(
+    measurement: dict,
+    shapes: list[dict[str, tuple[int, int]]],
+    target_bpw: float,
+    s: QuantSettings,
+    rotate_seed,
+) -> Allocation:
+    """Choose every layer's candidates for target_bpw; shapes[i][name] = (out, in) of layer i's linears."""
+    numel = sum(o * i for layer in shapes for o, i in layer.values())
+    cands = {b: block_candidates(b) for b in ("attn", "mlp")}
+    blocks = [(li, b) for li in range(len(shapes)) for b in ("attn", "mlp")]
+    errors, bits = [], []
+    for li, b in blocks:
+        entries = {e["candidate"]: e for e in measurement["layers"][li][b]}
+        errors.append([entries[c.name]["error"] for c in cands[b]])
+        bits.append([entries[c.name]["bits"] for c in cands[b]])
+    lo, hi = sum(min(x) for x in bits) / numel, sum(max(x) for x in bits) / numel
+    if not lo <= target_bpw <= hi:
+        raise QuantkitError(f"--bpw {target_bpw} is outside what this model can reach: {lo:.3f} to {hi:.3f}")
+    budget = int(target_bpw * numel)
+    unit = budget / RESOLUTION
+    costs = [[math.ceil(x / unit) for x in row] for row in bits]
+    picks = _knapsack(costs, errors, RESOLUTION)
+
+    specs: list[dict[str, LinearSpec]] = [{} for _ in shapes]
+    choices: list[dict[str, str]] = [{} for _ in shapes]
+    slopes = []
+    used = 0
+    for k, ((li, b), c) in enumerate(zip(blocks, picks, strict=True)):
+        cand = cands[b][c]
+        choices[li][b] = cand.name
+        for name, (o, i) in shapes[li].items():
+            if block_of(name) == b:
+                specs[li][name] = spec_for_candidate(cand, name, i, s, rotate_seed(li, name))
+                used += spec_bits(specs[li][name], o, i, s)
+        dearer = [(bits[k][j], errors[k][j]) for j in range(len(cands[b])) if bits[k][j] > bits[k][c]]
+        gain = max(((errors[k][c] - e) / (x - bits[k][c]) for x, e in dearer), default=0.0)
+        slopes.append((gain, li, b))
+
+    for _gain, li, b in sorted(slopes, key=lambda t: (-t[0], t[1], t[2])):  # fill, steepest blocks first
+        names = sorted(n for n in shapes[li] if block_of(n) == b)
+        progress = True
+        while progress:
+            progress = False
+            for name in names:
+                o, i = shapes[li][name]
+                new = _split(specs[li][name], i)
+                if new is None:
+                    continue
+                delta = spec_bits(new, o, i, s) - spec_bits(specs[li][name], o, i, s)
+                if used + delta <= budget:
+                    specs[li][name], used, progress = new, used + delta, True
+    return Allocation(specs, used, numel, target_bpw, choices)

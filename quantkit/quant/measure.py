@@ -1,0 +1,196 @@
+"""Measurement for --bpw: the output error of every candidate quantization of every block, on float inputs.
+
+A block is a layer's attention (q, k, v, o) or its MLP (gate, up, down; for MoE every expert's w1, w3, w2 take
+the same option). Each candidate sets per role a bit layout (uniform, or the most salient input columns in act
+order one width up) and a group size; the table below spans ~2.1 to ~8.3 bits per weight, and its low end
+favours the roles that are known to be sensitive (v, o, down), as in ExLlamaV2's tables. For each candidate the
+block's linears are solved with GPTQ on Hessians captured from the float layer, and the error is
+||y_q - y_f||_F / ||y_f||_F of the block output including the residual stream; the cost is the exact number of
+stored bits (codes, scales, zeros, permutation, segment table, rotation signs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantkit.formats.packed import stored_bits_for
+from quantkit.quant.capture import (
+    LinearSpec,
+    QuantSettings,
+    RowFn,
+    WriteFn,
+    capture_groups,
+    expert_index,
+    shared_expert_hessians,
+    solve_linear,
+)
+from quantkit.quant.gptq import HessianAccumulator
+
+ROLE = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
+        "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}  # fmt: skip
+BLOCK_ROLES = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
+SENSITIVE = {"attn": ("v", "o"), "mlp": ("down",)}
+BASE_BITS = (2, 3, 4, 5, 6, 7, 8)
+SALIENT_FRACTION = 0.1
+CANDIDATES_VERSION = 1
+
+Segments = tuple[tuple[int, float], ...]  # ((bits, fraction of columns), ...), most salient first
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to store a block: per role, the segments and the group size (None = the run's --group-size)."""
+
+    name: str
+    roles: tuple[tuple[str, Segments, int | None], ...]
+
+    def for_role(self, role: str) -> tuple[Segments, int | None]:
+        return next((segs, g) for r, segs, g in self.roles if r == role)
+
+
+def block_candidates(block: str) -> list[Candidate]:
+    """The candidate table of a block, cheapest first: uniform widths, 10% salient columns one width up, the
+    sensitive roles one width up, and small groups at 2 and 3 bits."""
+    roles = BLOCK_ROLES[block]
+    out = []
+    for b in BASE_BITS:
+        up = min(b + 1, 8)
+        out.append(Candidate(f"{b}", tuple((r, ((b, 1.0),), None) for r in roles)))
+        if b == 8:
+            continue
+        salient = ((up, SALIENT_FRACTION), (b, 1 - SALIENT_FRACTION))
+        out.append(Candidate(f"{b}+salient", tuple((r, salient, None) for r in roles)))
+        sens = tuple((r, ((up, 1.0),) if r in SENSITIVE[block] else ((b, 1.0),), None) for r in roles)
+        out.append(Candidate(f"{b}+{'/'.join(SENSITIVE[block])}", sens))
+        if b <= 3:
+            out.append(Candidate(f"{b} g32", tuple((r, ((b, 1.0),), 32) for r in roles)))
+    return out
+
+
+def role_of(name: str) -> str:
+    return ROLE[name.rpartition(".")[2]]
+
+
+def block_of(name: str) -> str:
+    return "attn" if role_of(name) in BLOCK_ROLES["attn"] else "mlp"
+
+
+def layout_for(segments: Segments, in_features: int, group: int | None) -> int | tuple[tuple[int, int], ...]:
+    """Fractions -> whole groups of columns: an int for one width, else ((bits, n_cols), ...)."""
+    if len(segments) == 1:
+        return segments[0][0]
+    gs = group or in_features
+    n_groups = in_features // gs
+    hi = min(max(1, round(segments[0][1] * n_groups)), n_groups - 1) if n_groups > 1 else 0
+    if hi == 0:
+        return segments[-1][0]
+    return ((segments[0][0], hi * gs), (segments[1][0], (n_groups - hi) * gs))
+
+
+def spec_for_candidate(cand: Candidate, name: str, in_features: int, s: QuantSettings, rotate_seed: int | None):
+    segs, g = cand.for_role(role_of(name))
+    group = g if g is not None and in_features % g == 0 else s.group_size
+    return LinearSpec(layout_for(segs, in_features, group), group, rotate_seed)
+
+
+def spec_bits(spec: LinearSpec, out_features: int, in_features: int, s: QuantSettings) -> int:
+    """Exact stored bits of a linear quantized with spec (what the allocator budgets)."""
+    return stored_bits_for(
+        out_features, in_features, spec.bits if isinstance(spec.bits, int) else list(spec.bits), spec.group_size,
+        asym=not s.sym, act_order=s.act_order, had_in=spec.rotate_seed is not None,
+    )  # fmt: skip
+
+
+def attn_block(layer: nn.Module, x: torch.Tensor, ctx) -> torch.Tensor:
+    """x + attention(norm(x)): the first half of a decoder layer."""
+    return x + layer.self_attn(layer.input_layernorm(x), ctx)
+
+
+def mlp_block(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """h + mlp(norm(h)): the second half (dense MLP or sparse MoE)."""
+    ffn = layer.block_sparse_moe if getattr(layer, "is_moe", False) else layer.mlp
+    return h + ffn(layer.post_attention_layernorm(h))
+
+
+def _hessians(layer: nn.Module, rows: int, read: RowFn, ctx, write_attn: WriteFn, write_out: WriteFn) -> dict:
+    """One float pass: every linear's input Hessian (shared per input site), block outputs written out."""
+    accs: dict[str, HessianAccumulator] = {}
+    site_of: dict[str, str] = {}
+    hooks = []
+    for k, group in enumerate(capture_groups(layer)):
+        for name in group:
+            site = f"{k}:{name.rpartition('.')[0]}"
+            site_of[name] = site
+            if site in accs:
+                continue
+            linear = layer.get_submodule(name)
+            accs[site] = acc = HessianAccumulator(linear.in_features, device=linear.weight.device)
+            hooks.append(linear.register_forward_pre_hook(lambda m, a, acc=acc: acc.add(a[0])))
+    try:
+        with torch.no_grad():
+            for r in range(rows):
+                h = attn_block(layer, read(r), ctx)
+                write_attn(r, h)
+                write_out(r, mlp_block(layer, h))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    starved = sorted(
+        {e for n, site in site_of.items() if (e := expert_index(n)) is not None and accs[site].total_weight == 0}
+    )
+    if starved:  # experts no measurement token reached: use every MoE token instead
+        for down in (False, True):
+            shared = shared_expert_hessians(layer, starved, down, rows, read, ctx)
+            for n, site in site_of.items():
+                if expert_index(n) in shared and n.endswith(".w2") == down and accs[site].total_weight == 0:
+                    accs[site].merge(shared[expert_index(n)])
+    return {n: accs[site] for n, site in site_of.items()}
+
+
+def measure_layer(
+    layer: nn.Module,
+    rows: int,
+    read: RowFn,
+    read_attn: RowFn,
+    write_attn: WriteFn,
+    read_out: RowFn,
+    write_out: WriteFn,
+    ctx,
+    s: QuantSettings,
+    rotate_seed: Callable[[str], int | None],
+) -> dict[str, list[dict]]:
+    """{"attn": [...], "mlp": [...]}, one {"candidate", "bits", "error"} per candidate, for this layer."""
+    accs = _hessians(layer, rows, read, ctx, write_attn, write_out)
+    hessians = {}
+    result: dict[str, list[dict]] = {}
+    for block in ("attn", "mlp"):
+        names = [n for n in accs if block_of(n) == block]
+        floats = {n: layer.get_submodule(n).weight.data.clone() for n in names}
+        result[block] = []
+        for cand in block_candidates(block):
+            bits = 0
+            for n in names:
+                linear = layer.get_submodule(n)
+                spec = spec_for_candidate(cand, n, linear.in_features, s, rotate_seed(n))
+                if n not in hessians:
+                    hessians[n] = accs[n].hessian()
+                linear.weight.data = solve_linear(floats[n], hessians[n], spec, s).weight.to(floats[n].dtype)
+                bits += spec_bits(spec, linear.out_features, linear.in_features, s)
+            err = ref = 0.0
+            with torch.no_grad():
+                for r in range(rows):
+                    if block == "attn":
+                        y, y_f = attn_block(layer, read(r), ctx), read_attn(r)
+                    else:
+                        y, y_f = mlp_block(layer, read_attn(r)), read_out(r)
+                    err += float((y.float() - y_f.float().to(y.device)).pow(2).sum())
+                    ref += float(y_f.float().pow(2).sum())
+            result[block].append({"candidate": cand.name, "bits": bits, "error": (err / ref) ** 0.5})
+        for n in names:
+            layer.get_submodule(n).weight.data = floats[n]
+            hessians.pop(n, None)
+    return result
