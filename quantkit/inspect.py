@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -39,7 +40,14 @@ def describe(path: Path) -> dict:
         index = TensorIndex(hf_weight_files(path))
     parts: Counter[str] = Counter()
     dtypes: Counter[str] = Counter()
+    quantized = quantized_summary(index) if fmt == "quantized" else None
+    packed = quantized["linears"] if quantized else {}
     for name, info in index.infos.items():
+        prefix = name.rpartition(".")[0]
+        if prefix in packed:  # a packed linear counts its weights once, as parameters, not its int32 words
+            if name.endswith((".qmeta", ".qweight")):
+                parts[tensor_part(name)] += packed[prefix]["numel"]
+            continue
         parts[tensor_part(name)] += info.numel
         dtypes[info.dtype] += info.numel
     report = {
@@ -54,9 +62,55 @@ def describe(path: Path) -> dict:
         "dtypes": dict(dtypes),
         "size_bytes": folder_size(path),
     }
-    if fmt == "quantized":
+    if quantized:
         report["quantization_config"] = read_json(path / "config.json")["quantization_config"]
+        quantized.pop("linears")
+        quantized["all_bpw"] = index.total_bytes * 8 / report["total_parameters"]
+        report["quantized"] = quantized
     return report
+
+
+def _linear_numel(prefix: str, index: TensorIndex) -> int:
+    """K·N of a quantized linear from its own tensors: GPTQ's g_idx [K] and scales [groups, N], or quantkit's
+    qmeta header [version, K, N, ...]."""
+    if f"{prefix}.g_idx" in index.infos:
+        return index.infos[f"{prefix}.g_idx"].shape[0] * index.infos[f"{prefix}.scales"].shape[1]
+    meta = index.get(f"{prefix}.qmeta").tolist()
+    return meta[1] * meta[2]
+
+
+def quantized_summary(index: TensorIndex) -> dict:
+    """Realized bits per weight: of the decoder linears alone, of lm_head, and per decoder layer."""
+    linears: dict[str, dict] = {}
+    for name in index.infos:
+        prefix, _, suffix = name.rpartition(".")
+        if suffix in ("qmeta", "qweight"):
+            linears[prefix] = {"bits": 0, "numel": 0}
+    for name, info in index.infos.items():
+        prefix = name.rpartition(".")[0]
+        if prefix in linears:
+            linears[prefix]["bits"] += info.nbytes * 8
+    for prefix, d in linears.items():
+        d["numel"] = _linear_numel(prefix, index)
+    layers: dict[int, list[int]] = {}
+    head = [0, 0]
+    for prefix, d in linears.items():
+        m = re.search(r"(?:^|\.)layers\.(\d+)\.", prefix)
+        if m and not prefix.startswith(("vision_tower", "model.vision_tower")):
+            acc = layers.setdefault(int(m.group(1)), [0, 0])
+        else:
+            acc = head
+        acc[0] += d["bits"]
+        acc[1] += d["numel"]
+    dec_bits, dec_numel = sum(v[0] for v in layers.values()), sum(v[1] for v in layers.values())
+    return {
+        "decoder_bpw": dec_bits / dec_numel if dec_numel else None,
+        "decoder_quantized_params": dec_numel,
+        "head_bpw": head[0] / head[1] if head[1] else None,
+        "layer_bpw": {i: v[0] / v[1] for i, v in sorted(layers.items())},
+        "quantized_linears": len(linears),
+        "linears": linears,
+    }
 
 
 def format_report(r: dict) -> str:
@@ -67,4 +121,12 @@ def format_report(r: dict) -> str:
         f"projector {p['projector']:,}) in {r['tensors']} tensors",
         f"dtype: {r['dtype']}; size on disk: {r['size_bytes'] / 1e9:.3f} GB",
     ]
+    if q := r.get("quantized"):
+        qc = r["quantization_config"]
+        head = f"{q['head_bpw']:.3f}" if q["head_bpw"] else "16-bit"
+        lines.append(
+            f"quantized ({qc['quant_method']}): {q['decoder_bpw']:.4f} bits per decoder weight, lm_head {head}, "
+            f"{q['all_bpw']:.3f} bits per parameter overall"
+        )
+        lines.append("layer bpw: " + " ".join(f"{i}:{b:.2f}" for i, b in q["layer_bpw"].items()))
     return "\n".join(lines)

@@ -33,6 +33,11 @@ PRESETS = {
         "dim": 256, "n_layers": 4, "head_dim": 64, "hidden_dim": 768, "n_heads": 4, "n_kv_heads": 2,
         "rope_theta": 1e6, "norm_eps": 1e-5, "vocab_size": 32768,
     },
+    # About 2 GB in bf16: the quantizer's streaming benchmark.
+    "bench-2gb": {
+        "dim": 2048, "n_layers": 16, "head_dim": 128, "hidden_dim": 5632, "n_heads": 16, "n_kv_heads": 4,
+        "rope_theta": 1e6, "norm_eps": 1e-5, "vocab_size": 32768,
+    },
     # About 5.8 GB in bf16: wide enough that single tensors are 100+ MB, like the real models' layers.
     "bench-4gb": {
         "dim": 4096, "n_layers": 12, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8,

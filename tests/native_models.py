@@ -45,6 +45,13 @@ MODELS = {
         tokenizer="mistral_instruct_tokenizer_240323.model.v3",
         native_tokenizer_name="tokenizer.model.v3",
     ),
+    # Wide enough that one group of columns is a small step of the bit budget (for --bpw).
+    "mistral_bpw": dict(
+        text=dict(dim=128, hidden_dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=32768,
+                  rope_theta=1e6),
+        tokenizer="mistral_instruct_tokenizer_240323.model.v3",
+        native_tokenizer_name="tokenizer.model.v3",
+    ),
     "mixtral": dict(
         text=dict(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=32000,
                   rope_theta=1e6, moe=dict(num_experts=4, num_experts_per_tok=2)),

@@ -15,6 +15,7 @@ ARCH_CLASS = {
     "pixtral_large": "LlavaForConditionalGeneration",
     "pixtral_12b": "LlavaForConditionalGeneration",
     "mistral_large": "MistralForCausalLM",
+    "mistral_bpw": "MistralForCausalLM",
     "mixtral": "MixtralForCausalLM",
 }
 

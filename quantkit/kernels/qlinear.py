@@ -1,4 +1,8 @@
-"""QuantLinear: an nn.Module holding one PackedLinear as buffers, so state_dict() is the quantkit format itself."""
+"""QuantLinear: an nn.Module holding one PackedLinear as buffers, so state_dict() is the quantkit format itself.
+
+GPTQLinear loads a GPTQ-format linear (qweight, qzeros, scales, g_idx) and repacks itself into a QuantLinear as soon
+as its tensors arrive, so GPTQ checkpoints run through the same kernels.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from quantkit.formats.packed import PackedLinear, from_tensors, to_tensors
+from quantkit.errors import QuantkitError
+from quantkit.formats.gptq_import import from_gptq
+from quantkit.formats.packed import PackedLinear, Segment, from_tensors, to_tensors
 from quantkit.kernels import BACKENDS, quant_matmul
+
+CONVERT_ELEMENTS = 1 << 24  # weights repacked per slice of a GPTQ linear: bounds the conversion's scratch memory
 
 
 class QuantLinear(nn.Module):
@@ -61,3 +69,97 @@ class QuantLinear(nn.Module):
         layout = "+".join(f"{b}b×{n}" for b, n in self.packed.layout)
         g = self.packed.group_size
         return f"in_features={self.in_features}, out_features={self.out_features}, segments={layout}, group_size={g}"
+
+
+def concat_outputs(parts: list[PackedLinear]) -> PackedLinear:
+    """One PackedLinear from slices of output features with the same layout, group size and perm (no rotation)."""
+    first = parts[0]
+    segments = []
+    for i, seg in enumerate(first.segments):
+        planes = [torch.cat([p.segments[i].planes[j] for p in parts], dim=1) for j in range(len(seg.planes))]
+        segments.append(Segment(seg.bits, seg.n_cols, planes))
+    zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts], dim=1)
+    bias = None if first.bias is None else torch.cat([p.bias for p in parts])
+    scales = torch.cat([p.scales for p in parts], dim=1)
+    n = sum(p.out_features for p in parts)
+    return PackedLinear(first.in_features, n, first.group_size, segments, scales, zeros, first.perm, bias)
+
+
+def gptq_to_packed(
+    t: dict[str, torch.Tensor], bits: int, sym: bool, checkpoint_format: str = "gptq", chunk: int | None = None
+) -> PackedLinear:
+    """from_gptq over slices of output features (multiples of 32), so unpacking never holds a whole layer's codes.
+
+    t holds qweight [K·b/32, N], qzeros [groups, N·b/32], scales [groups, N], g_idx [K] and optionally bias [N].
+    """
+    qweight, qzeros, scales = t["qweight"], t["qzeros"], t["scales"]
+    k, n = t["g_idx"].shape[0], qweight.shape[1]
+    if chunk is None:
+        chunk = max(32, CONVERT_ELEMENTS // max(k, 1) // 32 * 32)
+    parts = []
+    for n0 in range(0, n, chunk):
+        n1 = min(n, n0 + chunk)
+        if n1 < n and n1 % 32:
+            raise QuantkitError(f"GPTQ slices must end at multiples of 32 output features, got {n1}")
+        bias = t["bias"][n0:n1] if "bias" in t else None
+        zeros = qzeros[:, n0 * bits // 32 : -(-n1 * bits // 32)]
+        parts.append(
+            from_gptq(qweight[:, n0:n1], zeros, scales[:, n0:n1], t["g_idx"], bits, sym, checkpoint_format, bias)
+        )
+    return parts[0] if len(parts) == 1 else concat_outputs(parts)
+
+
+class GPTQLinear(QuantLinear):
+    """A GPTQ-format linear that becomes a QuantLinear the moment its checkpoint tensors are loaded into it.
+
+    Built (e.g. on the meta device) with buffers shaped like the GPTQ tensors, so a checkpoint part loads into it as
+    into any module; loading then repacks it (gptq_to_packed, slice by slice) into the quantkit format's buffers and
+    frees the GPTQ ones. Converting per linear as it loads keeps memory bounded by one linear, never a whole model.
+    """
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        bits: int,
+        sym: bool,
+        checkpoint_format: str = "gptq",
+        backend: str = "auto",
+        prefix: str = "",
+    ) -> None:
+        nn.Module.__init__(self)
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+        missing = {"qweight", "qzeros", "scales", "g_idx"} - set(tensors)
+        if missing:
+            raise QuantkitError(f"{prefix}: GPTQ tensors {', '.join(sorted(missing))} are missing")
+        self.backend, self.prefix = backend, prefix
+        self.bits, self.sym, self.checkpoint_format = bits, sym, checkpoint_format
+        self.in_features, self.out_features = tensors["g_idx"].shape[0], tensors["qweight"].shape[1]
+        if tensors["qweight"].shape[0] * 32 != self.in_features * bits:
+            raise QuantkitError(
+                f"{prefix}: qweight {list(tensors['qweight'].shape)} does not hold {self.in_features} {bits}-bit rows"
+            )
+        for key, t in tensors.items():
+            self.register_buffer(key, t)
+        self._packed = None
+        self.pending = True
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        buffers = dict(self.named_buffers(recurse=False))
+        if not self.pending or any(b.is_meta for b in buffers.values()):
+            return
+        try:
+            packed = gptq_to_packed(buffers, self.bits, self.sym, self.checkpoint_format)
+        except QuantkitError as e:
+            raise QuantkitError(f"{self.prefix}: {e}") from None
+        for key in buffers:
+            delattr(self, key)
+        for key, t in to_tensors(packed).items():
+            self.register_buffer(key, t.to(packed.device))
+        self.pending = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pending:
+            raise QuantkitError(f"{self.prefix}: GPTQ linear used before its tensors were loaded")
+        return super().forward(x)

@@ -2,12 +2,14 @@
 
 Prefill runs the prompt (and the vision tower, once) in chunks so a long prompt never needs a T x T attention
 matrix at once; decode then feeds one token at a time. Timings are taken around each phase (with a CUDA
-synchronize) so tokens/s figures mean what they say.
+synchronize) so tokens/s figures mean what they say. On GPUs the KV cache is capped by free memory, so a long
+context stops generation with a message instead of an out-of-memory crash.
 """
 
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -15,6 +17,8 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.model.text import Transformer
+
+KV_FRACTION = 0.9  # share of a GPU's free memory (after the weights) the KV cache may take; the rest: activations
 
 
 @dataclass
@@ -25,6 +29,7 @@ class Generation:
     output_ids: list[int]
     prefill_seconds: float
     decode_seconds: float
+    cache_len: int = 0  # positions the KV cache held: generation stops there (context or free memory)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -52,6 +57,31 @@ def sample(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def cache_capacity(model: Transformer, batch: int = 1) -> int | None:
+    """Most positions whose KV cache fits in free GPU memory, each layer's cache on its device; None on CPU."""
+    t = model.config.text
+    per_position: dict[torch.device, int] = defaultdict(int)
+    for layer in model.layers:
+        w = layer.input_layernorm.weight
+        if w.device.type == "cuda":
+            per_position[w.device] += 2 * batch * t.n_kv_heads * t.head_dim * w.element_size()
+    if not per_position:
+        return None
+    room = {}
+    for d in per_position:  # memory the caching allocator holds but does not use (e.g. the last answer's cache) is free
+        room[d] = torch.cuda.mem_get_info(d)[0] + torch.cuda.memory_reserved(d) - torch.cuda.memory_allocated(d)
+    return min(int(room[d] * KV_FRACTION) // size for d, size in per_position.items())
+
+
+@torch.inference_mode()
+def warm_up(model: Transformer, token_id: int, lengths: Sequence[int] = (1, 64)) -> None:
+    """Forward passes of the decode shape and a prefill shape, so one-off costs (Triton compilation, cuBLAS setup)
+    stay out of the first answer's tokens/s."""
+    for n in lengths:
+        model(torch.full((1, n), token_id))
+    _sync(model)
+
+
 def _sync(model: Transformer) -> None:
     """Wait for queued GPU work, so a timer measures the work and not just its launch."""
     if model.norm.weight.is_cuda:
@@ -74,8 +104,9 @@ def generate(
 ) -> Generation:
     """Generate up to max_new_tokens after input_ids (batch 1), stopping after a token in stop_ids.
 
-    The KV cache is sized to the prompt plus max_new_tokens, capped at the model's context; a prompt that does
-    not fit the context is a one-line error. on_token(id) is called as each token is produced (streaming).
+    The KV cache is sized to the prompt plus max_new_tokens, capped at the model's context and, on GPUs, at what
+    fits in free memory; a prompt that does not fit is a one-line error. on_token(id) is called as each token is
+    produced (streaming).
     """
     n = len(input_ids)
     context = model.config.text.max_seq_len
@@ -87,6 +118,10 @@ def generate(
         raise QuantkitError("max_new_tokens must be at least 1")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     total = min(n + max_new_tokens, context)
+    room = cache_capacity(model)
+    if room is not None and room < n:
+        raise QuantkitError(f"the KV cache of a {n}-token prompt does not fit in free GPU memory (room for {room})")
+    total = min(total, room) if room is not None else total
     stop = set(stop_ids)
     model.setup_caches(1, total)
     try:
@@ -113,4 +148,4 @@ def generate(
         t2 = time.perf_counter()
     finally:
         model.clear_caches()
-    return Generation(list(input_ids), output, t1 - t0, t2 - t1)
+    return Generation(list(input_ids), output, t1 - t0, t2 - t1, total)

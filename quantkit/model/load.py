@@ -35,7 +35,8 @@ class Checkpoint:
     def load(self, model: nn.Module, name: str = "", device: torch.device | str = "cpu", dtype=None) -> nn.Module:
         """Materialize submodule `name` of model (e.g. "layers.3", "" for all) from disk on device; returns it.
 
-        Floating tensors are cast to dtype when given; shapes must match what config.json implies.
+        Parameters are cast to dtype when given; buffers keep their stored dtype (a quantized linear's fp16 scales
+        and integer codes are data, not weights to convert). Shapes must match what config.json implies.
         """
         module = model.get_submodule(name)
         prefix = f"{name}." if name else ""
@@ -50,7 +51,8 @@ class Checkpoint:
                     f"{self.folder.name}: {key} has shape {list(info.shape)}, config.json implies {list(current.shape)}"
                 )
             t = self.index.get(key)
-            state[pname] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+            cast = dtype is not None and isinstance(current, nn.Parameter) and t.is_floating_point()
+            state[pname] = t.to(device=device, dtype=dtype if cast else None)
         module.load_state_dict(state, strict=True, assign=True)
         return module
 
@@ -116,9 +118,13 @@ def resolve_dtype(name: str | None, config: ModelConfig, device: torch.device) -
 
 
 def part_bytes(module: nn.Module, dtype: torch.dtype) -> int:
-    """Bytes a (meta) part will take once loaded with floating tensors in dtype."""
+    """Bytes a (meta) part will take once loaded: parameters in dtype, buffers in their own dtype (as load casts)."""
     size = torch.empty((), dtype=dtype).element_size()
-    return sum(t.numel() * (size if t.is_floating_point() else t.element_size()) for t in module.state_dict().values())
+    tensors = module.state_dict(keep_vars=True).values()
+    return sum(
+        t.numel() * (size if isinstance(t, nn.Parameter) and t.is_floating_point() else t.element_size())
+        for t in tensors
+    )
 
 
 def split_by_memory(sizes: list[int], free: list[int]) -> list[int]:

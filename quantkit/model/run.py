@@ -2,13 +2,16 @@
 
 Inputs are checked before the model is loaded (config.json, image files, vision support), so mistakes cost no
 loading time. Prompts go through the tokenizer's chat template and image preprocessing (quantkit.tokenizer);
-answers stream to stdout as they are produced, and speed figures go to stderr so stdout stays the answer.
+answers stream to stdout as they are produced, and speed figures go to stderr so stdout stays the answer. On a GPU
+the decode speed is also given as a fraction of the roofline (quantkit.model.roofline). The loader is a parameter
+so that quantized folders load through quantkit.runtime without this package importing quantization code.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,13 +20,15 @@ import click
 
 from quantkit.errors import QuantkitError
 from quantkit.model.config import load_config
-from quantkit.model.generate import Generation, generate
+from quantkit.model.generate import Generation, generate, warm_up
 from quantkit.model.load import load_model
+from quantkit.model.roofline import BANDWIDTH_ENV, decode_bytes, roofline_seconds
 from quantkit.model.text import Transformer
 
 if TYPE_CHECKING:
     from quantkit.tokenizer.chat import ChatTokenizer, Encoded
 
+Loader = Callable[..., Transformer]  # load(folder, device=..., dtype=..., progress=...) -> model
 HELP = "commands: /image PATH (attach to your next message), /reset (new conversation), /exit"
 
 
@@ -78,6 +83,29 @@ def check_images(paths: list[Path], has_vision: bool, folder: Path) -> list[Path
     return [Path(p) for p in paths]
 
 
+def roofline_report(model: Transformer, result: Generation) -> dict:
+    """Decode speed against the roofline (GPU with a known bandwidth only): {} when it cannot be said."""
+    seconds = roofline_seconds(model)
+    if seconds is None or seconds <= 0 or result.decode_tokens_per_s <= 0:
+        return {}
+    return {
+        "weight_bytes_per_token": int(sum(decode_bytes(model).values())),
+        "roofline_tokens_per_s": round(1 / seconds, 2),
+        "roofline_fraction": round(result.decode_tokens_per_s * seconds, 4),
+    }
+
+
+def stop_note(model: Transformer, result: Generation, sampling: Sampling, eos_id: int) -> str:
+    """Why an answer ended before max_new_tokens without an end token: the context, or the KV cache memory allows."""
+    n_out = len(result.output_ids)
+    if n_out >= sampling.max_new_tokens or result.output_ids[-1] == eos_id:
+        return ""
+    context = model.config.text.max_seq_len
+    if result.cache_len >= context:
+        return f", stopped at the context of {context} tokens"
+    return f", stopped at {result.cache_len} tokens: the KV cache that fits in free GPU memory"
+
+
 def answer(model: Transformer, tokenizer: ChatTokenizer, encoded: Encoded, sampling: Sampling, as_json: bool) -> str:
     """Stream one answer to an encoded conversation, print speeds (or one JSON object); returns the answer text."""
     stream = TextStream(tokenizer, {tokenizer.eos_id}, echo=not as_json)
@@ -92,6 +120,7 @@ def answer(model: Transformer, tokenizer: ChatTokenizer, encoded: Encoded, sampl
         stop_ids=[tokenizer.eos_id],
         on_token=stream,
     )
+    roofline = roofline_report(model, result)
     if as_json:
         report = {
             "input_ids": result.input_ids,
@@ -99,18 +128,24 @@ def answer(model: Transformer, tokenizer: ChatTokenizer, encoded: Encoded, sampl
             "text": stream.text,
             "prefill_tokens_per_s": round(result.prefill_tokens_per_s, 2),
             "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
+            **roofline,
         }
         click.echo(json.dumps(report, ensure_ascii=False))
     else:
         click.echo(stream.text[len(stream.printed) :])
         n_in, n_out = len(result.input_ids), len(result.output_ids)
-        cut = n_out < sampling.max_new_tokens and result.output_ids[-1] != tokenizer.eos_id
-        note = f", stopped at the context of {model.config.text.max_seq_len} tokens" if cut else ""
-        click.echo(
-            f"[prefill {n_in} tokens at {result.prefill_tokens_per_s:.1f} tok/s, "
-            f"decode {n_out} tokens at {result.decode_tokens_per_s:.1f} tok/s{note}]",
-            err=True,
-        )
+        note = stop_note(model, result, sampling, tokenizer.eos_id)
+        speed = f"{result.decode_tokens_per_s:.1f} tok/s"
+        if roofline:
+            gb = roofline["weight_bytes_per_token"] / 1e9
+            speed += (
+                f" = {roofline['roofline_fraction']:.0%} of the roofline "
+                f"({roofline['roofline_tokens_per_s']:.1f} tok/s for {gb:.2f} GB of weights per token)"
+            )
+        elif model.norm.weight.is_cuda:
+            speed += f" (roofline unknown: set {BANDWIDTH_ENV} to the GPU's bytes/s)"
+        prefill = f"prefill {n_in} tokens at {result.prefill_tokens_per_s:.1f} tok/s"
+        click.echo(f"[{prefill}, decode {n_out} tokens at {speed}{note}]", err=True)
     return stream.text
 
 
@@ -177,8 +212,9 @@ def run(
     dtype: str = "auto",
     as_json: bool = False,
     progress: bool = True,
+    load: Loader = load_model,
 ) -> None:
-    """Load FOLDER (a converted model with its tokenizer) and answer --prompt, or chat without one."""
+    """Load FOLDER (a converted model with its tokenizer) with `load` and answer --prompt, or chat without one."""
     from quantkit.tokenizer.chat import ChatTokenizer
 
     folder = Path(folder)
@@ -192,7 +228,10 @@ def run(
         n, context = len(encoded.input_ids), config.text.max_seq_len
         if n > context:
             raise QuantkitError(f"the prompt is {n} tokens, longer than the model's context of {context} tokens")
-    model = load_model(folder, device=device, dtype=dtype, progress=progress)
+    model = load(folder, device=device, dtype=dtype, progress=progress)
+    if model.norm.weight.is_cuda:
+        lengths = (1, min(len(encoded.input_ids) if encoded else 64, 512, config.text.max_seq_len))
+        warm_up(model, tokenizer.bos_id, lengths)
     if encoded is None:
         chat(model, tokenizer, folder, system, images, sampling, as_json)
     else:

@@ -6,7 +6,7 @@ by dynamic programming over the budget in 20,000 steps (costs rounded up, so the
 budget); it is exact up to that resolution and deterministic. What the candidates' granularity leaves unspent
 is then filled one group of columns at a time: a linear's next-most-salient group moves one width up, in the
 blocks whose measured error falls fastest per bit, until no such step fits. The realized bpw therefore lands
-just under the target, within one group's worth of bits.
+just under the target, within the smallest such step (one group of columns of one linear).
 """
 
 from __future__ import annotations
@@ -66,24 +66,23 @@ def _knapsack(costs: list[list[int]], errors: list[list[float]], budget: int) ->
     return picks[::-1]
 
 
-def _upgrade(spec: LinearSpec) -> LinearSpec | None:
-    """The same linear with one more group of its lowest-width columns one width up (None if impossible)."""
-    g = spec.group_size
-    if g is None:
-        return None
-    if isinstance(spec.bits, int):
-        return None  # the in_features are unknown here; uniform specs are upgraded via _split
-    (b_hi, n_hi), (b_lo, n_lo) = spec.bits
-    if b_hi != b_lo + 1 or n_lo <= g:
-        return None
+def _upgrade(spec: LinearSpec, in_features: int) -> LinearSpec | None:
+    """The same linear with its next group of lowest-width columns one width up; None at 8 bits everywhere.
+
+    Uniform b becomes [(b+1, G), (b, K-G)] (the most salient group first), a two-width layout grows its upper
+    segment by one group, and a layout whose lower segment is down to its last group becomes uniform b+1.
+    """
+    g, bits = spec.group_size, spec.bits
+    if isinstance(bits, int):
+        if bits >= 8:
+            return None
+        if g is None or in_features <= g:
+            return LinearSpec(bits + 1, g, spec.rotate_seed)
+        return LinearSpec(((bits + 1, g), (bits, in_features - g)), g, spec.rotate_seed)
+    (b_hi, n_hi), (b_lo, n_lo) = bits
+    if n_lo <= g:
+        return LinearSpec(b_hi, g, spec.rotate_seed)
     return LinearSpec(((b_hi, n_hi + g), (b_lo, n_lo - g)), g, spec.rotate_seed)
-
-
-def _split(spec: LinearSpec, in_features: int) -> LinearSpec | None:
-    if not isinstance(spec.bits, int) or spec.bits >= 8 or spec.group_size is None or in_features <= spec.group_size:
-        return _upgrade(spec)
-    g = spec.group_size
-    return LinearSpec(((spec.bits + 1, g), (spec.bits, in_features - g)), g, spec.rotate_seed)
 
 
 def allocate(
@@ -132,7 +131,7 @@ def allocate(
             progress = False
             for name in names:
                 o, i = shapes[li][name]
-                new = _split(specs[li][name], i)
+                new = _upgrade(specs[li][name], i)
                 if new is None:
                     continue
                 delta = spec_bits(new, o, i, s) - spec_bits(specs[li][name], o, i, s)

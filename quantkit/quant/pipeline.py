@@ -262,6 +262,8 @@ def quantize(
         raise QuantkitError(f"no config.json in {src}: quantize takes a converted (Hugging Face layout) folder")
     if (bpw is not None or rotate) and fmt != "quantkit":
         raise QuantkitError("--bpw and --rotate write the quantkit format (--format quantkit)")
+    if bpw is not None and settings.group_size is None:
+        raise QuantkitError("--bpw mixes bit widths by groups of columns: give a --group-size (32, 64 or 128)")
     ckpt = Checkpoint(src)
     model = build_model(ckpt.config)
     _check_settings(model, settings, fmt, head_bits)
