@@ -76,8 +76,6 @@ def test_quantized_against_float_has_positive_kl(float_model, tmp_path):
     assert 0 < report["kl_divergence"] < 5
     assert 0 < report["top1_agreement"] < 1
     assert report["perplexity"] != report["reference_perplexity"]
-    alone = eval_json(float_model["hf"])
-    assert alone["perplexity"] == pytest.approx(report["reference_perplexity"], rel=1e-9)
     table = cli("eval", quantized, "--reference", float_model["hf"], *SIZE)
     assert table.exit_code == 0, table.output
     assert f"{report['kl_divergence']:.6f}" in table.stdout and "top-1 agreement" in table.stdout
