@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e . "mistral-common>=1.5"   # mistral-common only supplies the real tokenizer file
 W=work/demo
-IMG=calib_data/images/bar_chart.png
+IMG="$(pwd)/calib_data/images/bar_chart.png"
 TOK=$(python -c "import mistral_common, pathlib; print(pathlib.Path(mistral_common.__file__).parent / 'data' / 'mistral_instruct_tokenizer_241114.model.v7m1')")
 rm -rf "$W" "work/.demo"* && mkdir -p "$W"
 python -m quantkit.synthetic tiny-pixtral-large "$W/native" --tokenizer "$TOK"

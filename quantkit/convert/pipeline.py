@@ -22,16 +22,7 @@ from quantkit.convert.transforms import permute_rope
 from quantkit.errors import QuantkitError
 from quantkit.io.checkpoint import NATIVE_INDEX, native_weight_files, read_json
 from quantkit.io.reader import DTYPE_NAMES, DTYPES, TensorIndex, TensorInfo, load_tensor
-from quantkit.io.writer import (
-    OutputFolder,
-    TensorSpec,
-    parse_size,
-    plan_shards,
-    shard_names,
-    write_index,
-    write_json,
-    write_shard,
-)
+from quantkit.io.writer import OutputFolder, TensorSpec, parse_size, plan_shards, write_json, write_sharded
 from quantkit.tokenizer.hf import write_tokenizer_files
 from quantkit.tokenizer.source import TokenizerInfo, check_against_params, find_tokenizer_file, read_tokenizer_info
 
@@ -223,14 +214,9 @@ def convert(
     if tokenizer is None:
         print(f"warning: no tokenizer file in {src}; the output will have none", file=sys.stderr)
     produce = _producer(plan)
-    names = shard_names(len(plan.shards))
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress)
     with output as tmp, bar:
-        weight_map = {}
-        for name, shard in zip(names, plan.shards, strict=True):
-            write_shard(tmp / name, shard, produce, on_bytes=bar.update)
-            weight_map.update({s.name: name for s in shard})
-        write_index(tmp, weight_map, plan.total_bytes)
+        write_sharded(tmp, plan.shards, produce, on_bytes=bar.update)
         write_json(tmp / "config.json", plan.config)
         text = plan.config.get("text_config", plan.config)
         write_json(tmp / "generation_config.json", generation_config(text["bos_token_id"], text["eos_token_id"]))

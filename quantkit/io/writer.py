@@ -105,6 +105,20 @@ def write_shard(
     os.replace(partial, path)
 
 
+def write_sharded(
+    folder: Path,
+    shards: list[list[TensorSpec]],
+    produce: Callable[[TensorSpec], torch.Tensor],
+    on_bytes: Callable[[int], None] | None = None,
+) -> None:
+    """Write planned shards as model-0000i-of-0000N.safetensors plus model.safetensors.index.json."""
+    weight_map = {}
+    for name, shard in zip(shard_names(len(shards)), shards, strict=True):
+        write_shard(folder / name, shard, produce, on_bytes=on_bytes)
+        weight_map.update({s.name: name for s in shard})
+    write_index(folder, weight_map, sum(s.nbytes for shard in shards for s in shard))
+
+
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
     data = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     write_json(folder / INDEX_NAME, data)

@@ -26,16 +26,7 @@ from quantkit.calib.sources import load_calibration
 from quantkit.errors import QuantkitError
 from quantkit.io.checkpoint import HF_INDEX, read_json
 from quantkit.io.reader import TensorInfo, load_tensor, read_header
-from quantkit.io.writer import (
-    OutputFolder,
-    TensorSpec,
-    parse_size,
-    plan_shards,
-    shard_names,
-    write_index,
-    write_json,
-    write_shard,
-)
+from quantkit.io.writer import OutputFolder, TensorSpec, parse_size, plan_shards, write_json, write_sharded
 from quantkit.model.load import Checkpoint, build_model, unload
 from quantkit.quant.allocate import allocate
 from quantkit.quant.capture import LinearSpec, QuantSettings, capture_groups, quantize_layer, solve_linear
@@ -387,14 +378,9 @@ def _assemble(ckpt: Checkpoint, job: Job, output: OutputFolder, qcfg: dict, max_
     by_name = {i.name: i for i in infos}
     specs = [TensorSpec(i.name, i.dtype, i.shape) for i in infos]
     shards = plan_shards(specs, parse_size(max_shard_size))
-    names = shard_names(len(shards))
     total = sum(s.nbytes for s in specs)
     with output as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="write", disable=not progress) as bar:
-        weight_map = {}
-        for fname, shard in zip(names, shards, strict=True):
-            write_shard(tmp / fname, shard, lambda s: load_tensor(by_name[s.name]), on_bytes=bar.update)
-            weight_map.update({s.name: fname for s in shard})
-        write_index(tmp, weight_map, total)
+        write_sharded(tmp, shards, lambda s: load_tensor(by_name[s.name]), on_bytes=bar.update)
         config = read_json(ckpt.folder / "config.json")
         config["quantization_config"] = qcfg
         write_json(tmp / "config.json", config)
