@@ -218,6 +218,7 @@ def _group_size(value: str) -> int | None:
 @click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per calibration row.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--work-dir", type=click.Path(path_type=Path), help="Job folder (default: .DST.quantkit-work).")
+@click.option("--offload-dir", type=click.Path(path_type=Path), help="Where hidden states live (default: work dir).")
 @click.option("--restart", is_flag=True, help="Discard an unfinished job in the work dir.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute dtype.")
@@ -228,7 +229,8 @@ def _group_size(value: str) -> int | None:
 def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement: Path | None, measure_rows: int,
              bits: int, group_size: str, act_order: bool, static_groups: bool, sym: bool,
              damp: float, clip: bool, head_bits: int | None, fmt: str | None, dataset: str | None, split: str,
-             text_field: str, rows: int, seq_len: int, seed: int, work_dir: Path | None, restart: bool, device: str,
+             text_field: str, rows: int, seq_len: int, seed: int, work_dir: Path | None, offload_dir: Path | None,
+             restart: bool, device: str,
              dtype: str | None, max_shard_size: str, dry_run: bool, force: bool, quiet: bool) -> None:  # fmt: skip
     """Quantize a converted model SRC with GPTQ, layer by layer, into DST (resumable: rerun after a crash)."""
     from quantkit.quant.capture import QuantSettings
@@ -244,7 +246,8 @@ def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement:
     plan = run_quantize(
         src, dst, settings=settings, fmt=fmt, head_bits=head_bits, bpw=bpw, rotate=rotate, measurement=measurement,
         measure_rows=measure_rows, dataset=dataset, split=split,
-        text_field=text_field, rows=rows, seq_len=seq_len, seed=seed, work_dir=work_dir, restart=restart,
+        text_field=text_field, rows=rows, seq_len=seq_len, seed=seed, work_dir=work_dir, offload_dir=offload_dir,
+        restart=restart,
         force=force, dry_run=dry_run, device=device, dtype=dtype, max_shard_size=max_shard_size,
         progress=not quiet, log=click.echo,
     )  # fmt: skip

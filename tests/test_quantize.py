@@ -110,6 +110,7 @@ def test_more_bits_track_the_float_model_closer(quantized):
 
 def test_only_one_layer_resident(tiny_models, tmp_path, monkeypatch):
     from quantkit.model import load as load_mod
+    from quantkit.quant import job as job_mod
 
     resident, peak = set(), [0]
     orig_load, orig_unload = load_mod.Checkpoint.load, load_mod.unload
@@ -129,10 +130,25 @@ def test_only_one_layer_resident(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setattr(load_mod.Checkpoint, "load", load)
     monkeypatch.setattr("quantkit.quant.pipeline.unload", unload)
     src = tiny_models.get("mixtral")["hf"]
-    result = run("quantize", src, tmp_path / "out", "--bits", "4", "--group-size", "32", *FAST)
+    offload = tmp_path / "offload"
+    seen = []
+    orig_store = job_mod.Job.store
+
+    def store(self, name, *a):
+        st = orig_store(self, name, *a)
+        seen.append(st.path)
+        return st
+
+    monkeypatch.setattr(job_mod.Job, "store", store)
+    result = run(
+        "quantize", src, tmp_path / "out", "--bits", "4", "--group-size", "32", "--offload-dir", offload, *FAST
+    )
     assert result.exit_code == 0, result.output + str(result.exception)
     assert peak[0] == 1
     assert not resident
+    assert seen and all(p.parent == offload for p in seen)  # hidden states lived in the offload dir
+    assert not list(offload.iterdir())  # and were removed after the finished run
+    assert not list((tmp_path / ".out.quantkit-work").iterdir())
 
 
 CRASH = """
@@ -168,8 +184,17 @@ def test_resume_after_kill_is_byte_identical(tiny_models, tmp_path):
     assert "resuming at layer 1/2" in second.stdout + second.stderr
     for f in sorted(whole.iterdir()):
         assert f.read_bytes() == (crashed / f.name).read_bytes(), f.name
-    other = run("quantize", src, crashed, "--bits", "4", "--group-size", "32", "--force", *FAST)
+    assert not list(work.iterdir())  # the finished job cleaned up after itself
+
+    # An unfinished job refuses other settings, and --restart discards it.
+    third = tmp_path / "c" / "out"
+    third.parent.mkdir()
+    assert (
+        subprocess.run([sys.executable, "-c", CRASH, "1", *[a or str(third) for a in args]], env=env).returncode == -9
+    )
+    other = run("quantize", src, third, "--bits", "4", "--group-size", "32", *FAST)
     assert other.exit_code == 1 and "other settings" in other.stderr and "--restart" in other.stderr
+    assert run("quantize", src, third, "--bits", "4", "--group-size", "32", "--restart", *FAST).exit_code == 0
 
 
 def test_bad_input(tiny_models, tmp_path):

@@ -3,7 +3,11 @@
 Layout of the work dir:
   job.json             settings, fingerprint, `done` (layers finished) and which hidden-state file is current
   layers/NNNN.safetensors  the quantized tensors of each finished layer
-  hidden-a.bin / hidden-b.bin  ping-pong row stores: layer i reads one and writes the other
+  hidden-a.bin / hidden-b.bin  ping-pong row stores: layer i reads one and writes the other (in --offload-dir
+                       when given, named after the job's fingerprint)
+
+Hidden states are read and written one row at a time with plain file I/O, so they never count against the
+process's memory: the OS page cache keeps them in RAM while it has room and spills to the disk beyond that.
 
 Every file is written under a temporary name and renamed, and job.json is replaced last, so a crash or Ctrl-C at
 any point leaves the job at its last finished layer; rerunning the same command resumes there and, because each
@@ -61,8 +65,9 @@ class RowStore:
 class Job:
     """The work dir of one quantization run; `done` layers are final, `current` holds their output."""
 
-    def __init__(self, work_dir: Path, settings: dict, restart: bool = False):
+    def __init__(self, work_dir: Path, settings: dict, restart: bool = False, offload_dir: Path | None = None):
         self.dir = Path(work_dir)
+        self.offload_dir = Path(offload_dir) if offload_dir else None
         self.settings = settings
         self.fp = fingerprint(settings)
         state_path = self.dir / "job.json"
@@ -101,10 +106,14 @@ class Job:
         """(current, next): the store holding the finished layers' output, and the one to write."""
         cur = self.state.get("current", "a")
         nxt = "b" if cur == "a" else "a"
-        return (
-            RowStore(self.dir / f"hidden-{cur}.bin", rows, row_shape, dtype),
-            RowStore(self.dir / f"hidden-{nxt}.bin", rows, row_shape, dtype),
-        )
+        return self.store(f"hidden-{cur}", rows, row_shape, dtype), self.store(f"hidden-{nxt}", rows, row_shape, dtype)
+
+    def store(self, name: str, rows: int, row_shape: tuple[int, ...], dtype: torch.dtype) -> RowStore:
+        """A row store of this job: in the work dir, or in the offload dir under a name unique to the job."""
+        if self.offload_dir is None:
+            return RowStore(self.dir / f"{name}.bin", rows, row_shape, dtype)
+        self.offload_dir.mkdir(parents=True, exist_ok=True)
+        return RowStore(self.offload_dir / f"quantkit-{self.fp}-{name}.bin", rows, row_shape, dtype)
 
     def layer_path(self, i: int) -> Path:
         return self.dir / "layers" / f"{i:04d}.safetensors"
@@ -121,6 +130,15 @@ class Job:
         if info is not None:
             self.state.setdefault("layers", {})[str(done - 1)] = info
         self._save_state()
+
+    def cleanup(self, keep: tuple[str, ...] = ("measurement.json",)) -> None:
+        """After a finished run: delete the hidden states and layer files (the output holds the result)."""
+        if self.offload_dir is not None:
+            for f in self.offload_dir.glob(f"quantkit-{self.fp}-*.bin"):
+                f.unlink()
+        for p in self.dir.iterdir():
+            if p.name not in keep:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.layer_path(i)))

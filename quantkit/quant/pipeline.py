@@ -32,7 +32,7 @@ from quantkit.quant.allocate import allocate
 from quantkit.quant.capture import LinearSpec, QuantSettings, capture_groups, quantize_layer, solve_linear
 from quantkit.quant.export import FORMATS, linear_tensors, model_card, quantization_config
 from quantkit.quant.gptq import HessianAccumulator
-from quantkit.quant.job import Job, RowStore
+from quantkit.quant.job import Job
 from quantkit.quant.measure import CANDIDATES_VERSION, measure_layer, spec_bits
 from quantkit.tokenizer.chat import ChatTokenizer
 
@@ -169,7 +169,16 @@ def _measurement_fingerprint(ckpt: Checkpoint, ids: torch.Tensor, s: QuantSettin
 
 
 def measure(
-    ckpt: Checkpoint, model, ids: torch.Tensor, work: Path, s: QuantSettings, rotate: bool, device, dtype, progress
+    ckpt: Checkpoint,
+    model,
+    ids: torch.Tensor,
+    work: Path,
+    s: QuantSettings,
+    rotate: bool,
+    device,
+    dtype,
+    progress,
+    offload_dir: Path | None = None,
 ) -> dict:
     """The measurement pass (see measure.py), resumable in work/measure, saved as work/measurement.json."""
     fingerprint = _measurement_fingerprint(ckpt, ids, s, rotate, dtype)
@@ -178,11 +187,11 @@ def measure(
         saved = read_json(path)
         if saved.get("fingerprint") == fingerprint:
             return saved
-    job = Job(work / "measure", fingerprint)
+    job = Job(work / "measure", fingerprint, offload_dir=offload_dir)
     rows, n_layers = ids.shape[0], ckpt.config.text.n_layers
     row_shape = (1, ids.shape[1], ckpt.config.text.dim)
     _embed(ckpt, model, job, ids, row_shape, device, dtype)
-    attn = RowStore(job.dir / "attn.bin", rows, row_shape, dtype)
+    attn = job.store("attn", rows, row_shape, dtype)
     seeds = _rotate_seeds(rotate)
     with tqdm(total=n_layers, initial=job.done, desc="measure", unit="layer", disable=not progress) as bar:
         for i in range(job.done, n_layers):
@@ -234,6 +243,7 @@ def quantize(
     seq_len: int = 2048,
     seed: int = 0,
     work_dir: Path | None = None,
+    offload_dir: Path | None = None,
     restart: bool = False,
     force: bool = False,
     dry_run: bool = False,
@@ -278,7 +288,7 @@ def quantize(
         if measurement is not None:
             meas = load_measurement(measurement, _measurement_fingerprint(ckpt, m_ids, settings, rotate, torch_dtype))
         else:
-            meas = measure(ckpt, model, m_ids, work, settings, rotate, device, torch_dtype, progress)
+            meas = measure(ckpt, model, m_ids, work, settings, rotate, device, torch_dtype, progress, offload_dir)
         alloc = allocate(meas, shapes, bpw, settings, seeds)
         log(f"allocation: {alloc.bpw:.4f} bits per decoder weight for --bpw {bpw} ({alloc.bits / 8e9:.3f} GB)")
         specs = alloc.specs
@@ -296,7 +306,7 @@ def quantize(
         "strategy": strategy,
         **asdict(settings),
     }
-    job = Job(work, job_settings)
+    job = Job(work, job_settings, offload_dir=offload_dir)
     row_shape = (1, seq_len, dim)
     if job.done > 0:
         log(f"resuming at layer {job.done}/{n_layers} (work dir {job.dir}; --restart discards it)")
@@ -356,6 +366,7 @@ def quantize(
     size = _assemble(ckpt, job, output, qcfg, max_shard_size, progress)
     card = model_card(dst.name, fmt, settings, crows.provenance, size, head_bits, bpw, rotate)
     (dst / "README.md").write_text(card)
+    job.cleanup()
     log(f"wrote {dst} ({size / 1e9:.3f} GB)")
     return the_plan
 
