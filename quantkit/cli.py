@@ -202,6 +202,13 @@ def _group_size(value: str) -> int | None:
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grids.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Damping, fraction of mean diag(H).")
 @click.option("--clip", is_flag=True, help="Search a clipping factor for each group's scale.")
+@click.option(
+    "--vision",
+    type=click.Choice(["keep", "quantize"]),
+    default="keep",
+    show_default=True,
+    help="keep the vision tower 16-bit, or quantize it with --bits on the bundled calibration images.",
+)
 @click.option("-hb", "--head-bits", type=int, help="Quantize lm_head with these bits (default: keep 16-bit).")
 @click.option(
     "--format",
@@ -228,7 +235,8 @@ def _group_size(value: str) -> int | None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement: Path | None, measure_rows: int,
              bits: int, group_size: str, act_order: bool, static_groups: bool, sym: bool,
-             damp: float, clip: bool, head_bits: int | None, fmt: str | None, dataset: str | None, split: str,
+             damp: float, clip: bool, vision: str, head_bits: int | None, fmt: str | None, dataset: str | None,
+             split: str,
              text_field: str, rows: int, seq_len: int, seed: int, work_dir: Path | None, offload_dir: Path | None,
              restart: bool, device: str,
              dtype: str | None, max_shard_size: str, dry_run: bool, force: bool, quiet: bool) -> None:  # fmt: skip
@@ -245,7 +253,7 @@ def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement:
     fmt = fmt or ("quantkit" if bpw is not None or rotate else "gptq")
     plan = run_quantize(
         src, dst, settings=settings, fmt=fmt, head_bits=head_bits, bpw=bpw, rotate=rotate, measurement=measurement,
-        measure_rows=measure_rows, dataset=dataset, split=split,
+        measure_rows=measure_rows, vision=vision, dataset=dataset, split=split,
         text_field=text_field, rows=rows, seq_len=seq_len, seed=seed, work_dir=work_dir, offload_dir=offload_dir,
         restart=restart,
         force=force, dry_run=dry_run, device=device, dtype=dtype, max_shard_size=max_shard_size,

@@ -93,10 +93,12 @@ def quantized_summary(index: TensorIndex) -> dict:
     for prefix, d in linears.items():
         d["numel"] = _linear_numel(prefix, index)
     layers: dict[int, list[int]] = {}
-    head = [0, 0]
+    head, vision = [0, 0], [0, 0]
     for prefix, d in linears.items():
         m = re.search(r"(?:^|\.)layers\.(\d+)\.", prefix)
-        if m and not prefix.startswith(("vision_tower", "model.vision_tower")):
+        if tensor_part(prefix) == "vision":
+            acc = vision
+        elif m:
             acc = layers.setdefault(int(m.group(1)), [0, 0])
         else:
             acc = head
@@ -107,6 +109,7 @@ def quantized_summary(index: TensorIndex) -> dict:
         "decoder_bpw": dec_bits / dec_numel if dec_numel else None,
         "decoder_quantized_params": dec_numel,
         "head_bpw": head[0] / head[1] if head[1] else None,
+        "vision_bpw": vision[0] / vision[1] if vision[1] else None,
         "layer_bpw": {i: v[0] / v[1] for i, v in sorted(layers.items())},
         "quantized_linears": len(linears),
         "linears": linears,

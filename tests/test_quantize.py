@@ -223,3 +223,34 @@ def test_bad_input(tiny_models, tmp_path):
     error(run("quantize", src, dst, "--group-size", "32", "--dataset", wrong_field, *FAST), "text")
     result = run("quantize", src, "/proc/quantkit-out", "--group-size", "32", *FAST)  # not writable, even by root
     assert result.exit_code == 1 and result.stderr.startswith("error: cannot write to /proc")
+
+
+def test_vision_quantize(tiny_models, tmp_path):
+    """--vision quantize packs every vision linear (calibrated on the bundled images); the runtime loads them."""
+    from quantkit.kernels.qlinear import QuantLinear
+    from quantkit.runtime import load_any
+
+    src = tiny_models.get("pixtral_12b")["hf"]
+    keep, quant = tmp_path / "keep", tmp_path / "quant"
+    args = ["--format", "quantkit", "--bits", "4", "--group-size", "32", *FAST]
+    assert run("quantize", src, keep, *args).exit_code == 0
+    result = run("quantize", src, quant, "--vision", "quantize", *args)
+    assert result.exit_code == 0, result.output + str(result.exception)
+    t = tensors(quant)
+    assert "vision_tower.transformer.layers.1.feed_forward.down_proj.qmeta" in t
+    assert "vision_tower.transformer.layers.1.feed_forward.down_proj.weight" not in t
+    assert "vision_tower.patch_conv.weight" in t and "multi_modal_projector.linear_1.weight" in t
+    assert not any(k.startswith("vision_tower.") and k.endswith(".qmeta") for k in tensors(keep))
+    model = load_any(quant, "cpu", "float32", "torch", progress=False)
+    vision_q = [n for n, m in model.vision_tower.named_modules() if isinstance(m, QuantLinear)]
+    assert len(vision_q) == 2 * 7
+    reference = load_any(keep, "cpu", "float32", "torch", progress=False)
+    image = torch.randn(3, 32, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model.image_features([image]), reference.image_features([image])
+    rel = float((a - b).norm() / b.norm())
+    assert 0 < rel < 0.5, rel
+    lines = result.stderr.strip().splitlines() + result.output.strip().splitlines()
+    assert any(line.startswith("vision layer 2/2: 4 bits") for line in lines)
+    assert "no vision tower" in run("quantize", tiny_models.get("mistral_large")["hf"], tmp_path / "x", "--vision",
+                                    "quantize", *args).stderr  # fmt: skip

@@ -175,4 +175,10 @@ CAPTURE_GROUPS = {
         ("block_sparse_moe.experts.{E}.w1", "block_sparse_moe.experts.{E}.w3"),
         ("block_sparse_moe.experts.{E}.w2",),
     ),
+    "vision": (
+        ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+        ("attention.o_proj",),
+        ("feed_forward.gate_proj", "feed_forward.up_proj"),
+        ("feed_forward.down_proj",),
+    ),
 }

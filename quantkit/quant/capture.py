@@ -91,7 +91,7 @@ class LayerReport:
 
 def capture_groups(layer: nn.Module) -> list[list[str]]:
     """The layer's linears to quantize, in capture order, with experts expanded."""
-    kind = "moe" if getattr(layer, "is_moe", False) else "dense"
+    kind = "moe" if getattr(layer, "is_moe", False) else "vision" if hasattr(layer, "feed_forward") else "dense"
     n_experts = len(layer.block_sparse_moe.experts) if kind == "moe" else 0
     groups = []
     for group in CAPTURE_GROUPS[kind]:

@@ -69,7 +69,7 @@ def _linear_shapes(model, layer_idx: int) -> dict[str, tuple[int, int]]:
     return {n: tuple(layer.get_submodule(n).weight.shape) for g in capture_groups(layer) for n in g}
 
 
-def _check_settings(model, s: QuantSettings, fmt: str, head_bits: int | None) -> None:
+def _check_settings(model, s: QuantSettings, fmt: str, head_bits: int | None, vision: bool = False) -> None:
     if fmt not in FORMATS:
         raise QuantkitError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     if not (isinstance(s.bits, int) and 2 <= s.bits <= 8):
@@ -83,6 +83,11 @@ def _check_settings(model, s: QuantSettings, fmt: str, head_bits: int | None) ->
     shapes = _linear_shapes(model, 0)
     if head_bits is not None:
         shapes["lm_head"] = tuple(model.lm_head.weight.shape)
+    if vision:
+        if model.vision_tower is None:
+            raise QuantkitError("--vision quantize: this model has no vision tower")
+        vl = model.vision_tower.transformer.layers[0]
+        shapes.update({f"vision {n}": tuple(vl.get_submodule(n).weight.shape) for g in capture_groups(vl) for n in g})
     for name, (out_f, in_f) in shapes.items():
         if s.group_size and in_f % s.group_size:
             raise QuantkitError(f"--group-size {s.group_size} does not divide {name}'s {in_f} input features")
@@ -236,6 +241,7 @@ def quantize(
     rotate: bool = False,
     measurement: Path | None = None,
     measure_rows: int = 16,
+    vision: str = "keep",
     dataset: str | None = None,
     split: str = "train",
     text_field: str = "text",
@@ -263,11 +269,13 @@ def quantize(
         raise QuantkitError(f"no config.json in {src}: quantize takes a converted (Hugging Face layout) folder")
     if (bpw is not None or rotate) and fmt != "quantkit":
         raise QuantkitError("--bpw and --rotate write the quantkit format (--format quantkit)")
+    if vision not in ("keep", "quantize"):
+        raise QuantkitError(f"--vision must be keep or quantize, got {vision!r}")
     if bpw is not None and settings.group_size is None:
         raise QuantkitError("--bpw mixes bit widths by groups of columns: give a --group-size (32, 64 or 128)")
     ckpt = Checkpoint(src)
     model = build_model(ckpt.config)
-    _check_settings(model, settings, fmt, head_bits)
+    _check_settings(model, settings, fmt, head_bits, vision == "quantize")
     the_plan = plan(ckpt, model, settings, head_bits, rows, seq_len, device, bpw)
     if dry_run:
         return the_plan
@@ -355,6 +363,10 @@ def quantize(
         unload(model.lm_head)
         unload(model.norm)
 
+    if vision == "quantize" and job.done == n_layers + (head_bits is not None):
+        tensors = _quantize_vision(ckpt, model, settings, fmt, seeds, device, torch_dtype, progress, log)
+        job.finish(job.done + 1, tensors, {"vision_bits": settings.bits})
+
     qcfg = quantization_config(fmt, settings, crows.provenance, head_bits)
     if fmt == "quantkit":
         qcfg["bpw"], qcfg["rotate"] = bpw, rotate
@@ -369,6 +381,45 @@ def quantize(
     job.cleanup()
     log(f"wrote {dst} ({size / 1e9:.3f} GB)")
     return the_plan
+
+
+def _quantize_vision(ckpt: Checkpoint, model, s: QuantSettings, fmt: str, seeds, device, dtype, progress, log):
+    """GPTQ for the vision tower's linears (--vision quantize), calibrated on the bundled images, one layer at a time;
+    patch conv, norms and the projector stay 16-bit. Returns the packed tensors."""
+    from PIL import Image
+
+    from quantkit.calib.sources import default_images
+    from quantkit.tokenizer.image import preprocess_image
+
+    vt = model.vision_tower
+    images = [preprocess_image(Image.open(p)) for p in default_images()]
+    if not images:
+        raise QuantkitError("--vision quantize needs calibration images: calib_data/images/ is empty")
+    ckpt.load(model, "vision_tower.patch_conv", device, dtype)
+    ckpt.load(model, "vision_tower.ln_pre", device, dtype)
+    with torch.no_grad():
+        h, vctx = vt.embed(images)  # [1, patches of all images, D]
+    unload(vt.patch_conv)
+    unload(vt.ln_pre)
+    tensors: dict[str, torch.Tensor] = {}
+    for j in tqdm(range(len(vt.transformer.layers)), desc="vision", unit="layer", disable=not progress):
+        name = f"vision_tower.transformer.layers.{j}"
+        layer = ckpt.load(model, name, device, dtype)
+        out: dict[str, torch.Tensor] = {"y": h}  # one row: all images' patches; the float output lands here first
+
+        def emit(linear: str, solved, name=name) -> None:
+            prefix = _prefix(ckpt, f"{name}.{linear}")
+            tensors.update({f"{prefix}.{k}": t for k, t in linear_tensors(fmt, solved).items()})
+
+        report = quantize_layer(
+            layer, 1, lambda r, h=h: h, lambda r, out=out: out["y"], lambda r, y, out=out: out.__setitem__("y", y),
+            vctx, s,
+            lambda n, j=j: LinearSpec(s.bits, s.group_size, seeds(-2 - j, n)), emit,
+        )  # fmt: skip
+        h = out["y"]
+        unload(layer)
+        log(f"vision layer {j + 1}/{len(vt.transformer.layers)}: {s.bits} bits, rel. error {report.rel_error:.4f}")
+    return tensors
 
 
 def _assemble(ckpt: Checkpoint, job: Job, output: OutputFolder, qcfg: dict, max_shard_size: str, progress) -> int:
