@@ -80,12 +80,16 @@ def convert(
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(path: Path, as_json: bool) -> None:
+@click.option("--card", is_flag=True, help="A model-card table (markdown) for a quantized folder.")
+def inspect(path: Path, as_json: bool, card: bool) -> None:
     """Describe a native, HF or quantized model folder: format, architecture, parameters, dtype, size."""
-    from quantkit.inspect import describe, format_report
+    from quantkit.inspect import describe, format_card, format_report
 
     report = describe(path)
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if card:
+        click.echo(format_card(report, path))
+    else:
+        click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
 @main.command()
@@ -172,9 +176,10 @@ def run_command(
 )
 @click.option("--backend", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+@click.option("--save", is_flag=True, help="Also write the figures to MODEL/eval.json (inspect --card shows them).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_command(model: Path, reference: Path | None, dataset: str | None, split: str, text_field: str, rows: int,
-                 seq_len: int, seed: int, device: str, dtype: str, backend: str, as_json: bool,
+                 seq_len: int, seed: int, device: str, dtype: str, backend: str, as_json: bool, save: bool,
                  quiet: bool) -> None:  # fmt: skip
     """Perplexity of MODEL (float or quantized); with --reference, mean KL divergence and top-1 agreement too."""
     from quantkit.eval_command import EvalSettings, format_table, run_eval
@@ -182,6 +187,10 @@ def eval_command(model: Path, reference: Path | None, dataset: str | None, split
     settings = EvalSettings(dataset, split, text_field, rows, seq_len, seed, device, dtype, backend)
     result = run_eval(model, reference, settings, progress=not quiet)
     click.echo(json.dumps(result.as_dict()) if as_json else format_table(result, model, reference, settings))
+    if save:
+        figures = {**result.as_dict(), "dataset": dataset or "bundled mix", "rows": rows, "seq_len": seq_len,
+                   "reference": str(reference) if reference else None}  # fmt: skip
+        (Path(model) / "eval.json").write_text(json.dumps(figures, indent=2) + "\n")
 
 
 def _group_size(value: str) -> int | None:

@@ -133,3 +133,39 @@ def format_report(r: dict) -> str:
         )
         lines.append("layer bpw: " + " ".join(f"{i}:{b:.2f}" for i, b in q["layer_bpw"].items()))
     return "\n".join(lines)
+
+
+def format_card(r: dict, path: Path) -> str:
+    """The table TheBloke-style cards carry: bits, head bits, group size, act order, damp, dataset, rows x seq len,
+    size, and the eval figures when `quantkit eval --save` left an eval.json in the folder."""
+    from quantkit.errors import QuantkitError
+
+    q = r.get("quantized")
+    if not q:
+        raise QuantkitError(f"{path} is not a quantized folder: --card describes quantized models")
+    qc = r["quantization_config"]
+    calib = qc.get("calibration") or qc.get("quantkit", {}).get("calibration", {})
+    bits = f"{qc['bpw']} bpw target" if qc.get("bpw") else f"{qc.get('bits')} bits"
+    rows = [
+        ("Format", qc["quant_method"]),
+        ("Bits", f"{bits}, {q['decoder_bpw']:.3f} bits per decoder weight realized"),
+        ("Head bits", f"{q['head_bpw']:.2f}" if q["head_bpw"] else "16"),
+        ("Vision tower", f"{q['vision_bpw']:.2f} bits" if q.get("vision_bpw") else "16-bit"),
+        ("Group size", qc.get("group_size")),
+        ("Act order", qc.get("act_order", qc.get("desc_act"))),
+        ("Hadamard rotation", bool(qc.get("rotate"))),
+        ("Damp %", qc.get("damp_percent")),
+        ("Dataset", calib.get("dataset")),
+        ("Rows x seq len", f"{calib.get('rows')} x {calib.get('seq_len')}"),
+        ("Size", f"{r['size_bytes'] / 1e9:.2f} GB"),
+    ]
+    eval_path = Path(path) / "eval.json"
+    if eval_path.is_file():
+        ev = read_json(eval_path)
+        rows.append(
+            ("Perplexity", f"{ev['perplexity']:.4f} ({ev.get('dataset')}, {ev.get('rows')} x {ev.get('seq_len')})")
+        )
+        if ev.get("kl_divergence") is not None:
+            rows.append(("KL vs 16-bit", f"{ev['kl_divergence']:.5f}"))
+            rows.append(("Top-1 agreement", f"{ev['top1_agreement']:.4f}"))
+    return "| parameter | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)

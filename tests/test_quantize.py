@@ -254,3 +254,16 @@ def test_vision_quantize(tiny_models, tmp_path):
     assert any(line.startswith("vision layer 2/2: 4 bits") for line in lines)
     assert "no vision tower" in run("quantize", tiny_models.get("mistral_large")["hf"], tmp_path / "x", "--vision",
                                     "quantize", *args).stderr  # fmt: skip
+
+
+def test_model_card_with_saved_eval(quantized):
+    src, outs = quantized
+    result = run("eval", outs[4], "--reference", src, "--rows", "2", "--seq-len", "32", "--save", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    figures = json.loads((outs[4] / "eval.json").read_text())
+    assert figures["perplexity"] == json.loads(result.output.strip().splitlines()[-1])["perplexity"]
+    card = run("inspect", outs[4], "--card").output
+    assert "| Format | gptq |" in card and "| Group size | 32 |" in card and "| Act order | True |" in card
+    assert "| Rows x seq len | 4 x 64 |" in card
+    assert f"| Perplexity | {figures['perplexity']:.4f} " in card and f"{figures['kl_divergence']:.5f}" in card
+    assert run("inspect", src, "--card").exit_code == 1  # a float folder has no card
