@@ -42,7 +42,7 @@ GROUP = 128
 def quantkit_cli(*args) -> float:
     """Run `quantkit quantize ...` in-process; returns wall seconds."""
     t = time.perf_counter()
-    result = CliRunner().invoke(cli, ["quantize", *map(str, args), "--quiet", "--force"])
+    result = CliRunner().invoke(cli, ["quantize", *map(str, args), "--quiet", "--force", "--restart"])
     if result.exit_code:
         raise SystemExit(f"quantize {args} failed: {result.output}{result.exception}")
     return time.perf_counter() - t
@@ -70,7 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=CACHE / "bench-model", help="train_bench_model.py's output")
     ap.add_argument("--work", type=Path, default=CACHE / "quality")
-    ap.add_argument("--calib-rows", type=int, default=32)
+    ap.add_argument("--calib-rows", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--eval-rows", type=int, default=16)
     ap.add_argument("--eval-seq-len", type=int, default=512)
@@ -99,6 +99,7 @@ def main() -> None:
             model = load_any(model_or_dir, "cpu", "float32", "torch", progress=False)
         r = evaluate(logits_fn(model), rows, None if label == "16-bit" else reference, progress=False)
         results.append((label, bpw, size, r, seconds))
+        write_results(args, results)
         kl = "" if r.kl_divergence is None else f" KL {r.kl_divergence:.4f} top-1 {r.top1_agreement:.3f}"
         print(f"{label}: bpw {bpw} ppl {r.perplexity:.3f}{kl}", flush=True)
 
@@ -116,19 +117,6 @@ def main() -> None:
         seconds = quantkit_cli(hf, out, "--bits", bits, *q)
         gptq_bpw[bits] = realized(out)
         record(f"quantkit GPTQ {bits}-bit g{GROUP} act-order", out, gptq_bpw[bits], folder_size(out), seconds)
-    for rotate in (False, True):
-        tag = " --rotate" if rotate else ""
-        extra = ["--rotate"] if rotate else []
-        measurement = args.work / f"measurement{'-rot' if rotate else ''}.json"
-        targets = sorted({2.5, 3.0, 3.5, 4.0} | {round(b, 3) for b in gptq_bpw.values()})
-        for target in targets:
-            out = args.work / f"mixed{target}{'-rot' if rotate else ''}"
-            reuse = ["--measurement", measurement] if measurement.is_file() else []
-            seconds = quantkit_cli(hf, out, "--bpw", target, *extra, *reuse, *q)
-            if not reuse:
-                shutil.copy(args.work / f".{out.name}.quantkit-work" / "measurement.json", measurement)
-            note = "" if reuse else " (incl. measurement)"
-            record(f"quantkit mixed --bpw {target}{tag}{note}", out, realized(out), folder_size(out), seconds)
     if not args.no_peer:
         ids = _calibration(Checkpoint(hf), None, "train", "text", args.calib_rows, args.calib_seq_len, 0).ids
         for bits in (3, 4):
@@ -137,21 +125,39 @@ def main() -> None:
             info = run_gptqmodel(hf, ids, out, bits, GROUP, True, True, 0.01)
             if info is not None:
                 record(f"GPTQModel {bits}-bit g{GROUP} desc_act", out, realized(out), folder_size(out), info["seconds"])
+    equal_bytes = sorted(round(b, 3) for b in gptq_bpw.values())  # mixed at the uniform builds' exact size
+    for rotate, targets in ((False, sorted({2.5, 3.0, 3.5, 4.0, *equal_bytes})), (True, equal_bytes)):
+        tag = " --rotate" if rotate else ""
+        extra = ["--rotate"] if rotate else []
+        measurement = args.work / f"measurement{'-rot' if rotate else ''}.json"
+        for target in targets:
+            out = args.work / f"mixed{target}{'-rot' if rotate else ''}"
+            reuse = ["--measurement", measurement] if measurement.is_file() else []
+            seconds = quantkit_cli(hf, out, "--bpw", target, *extra, *reuse, *q)
+            if not reuse:
+                shutil.copy(args.work / f".{out.name}.quantkit-work" / "measurement.json", measurement)
+            note = "" if reuse else " (incl. measurement)"
+            record(f"quantkit mixed --bpw {target}{tag}{note}", out, realized(out), folder_size(out), seconds)
 
+    write_results(args, results)
+    print((args.out).read_text())
+
+
+def write_results(args, results) -> None:
+    """Write RESULTS.md with the rows measured so far (called after every row, so a cut run leaves its figures)."""
     lines = [
         "| model | bits per decoder weight | size (MB) | held-out ppl | KL vs 16-bit | top-1 agreement "
         "| quant. time (s) |",
         "|---|---|---|---|---|---|---|",
     ]
     for label, bpw, size, r, seconds in results:
-        kl = "" if r.kl_divergence is None else f"{r.kl_divergence:.4f}"
+        kl = "" if r.kl_divergence is None else f"{r.kl_divergence:.5f}"
         top1 = "" if r.top1_agreement is None else f"{r.top1_agreement:.3f}"
         lines.append(
             f"| {label} | {bpw:.3f} | {'' if size is None else f'{size / 1e6:.2f}'} | {r.perplexity:.3f} | {kl} | "
             f"{top1} | {'' if seconds is None else f'{seconds:.0f}'} |"
         )
     table = "\n".join(lines)
-    print(table)
     command = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
     args.out.write_text(
         f"# Quality per byte on the benchmark model\n\nProduced by `{command.strip()}` on {date.today()} "
@@ -161,7 +167,6 @@ def main() -> None:
         f"{args.eval_rows} rows x {args.eval_seq_len} tokens of held-out files. RTN rows are fake-quantized with "
         f"the GPTQ layout's size; RTN's time is the rounding alone.\n\n{table}\n"
     )
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

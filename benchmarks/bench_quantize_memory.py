@@ -7,6 +7,7 @@ tokenizer, converts it, then quantizes it in a fresh process that reports its ow
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "quantkit-bench" / "quantize-memory")
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the quantize process")
     args = ap.parse_args()
 
     params = PRESETS["bench-2gb"]
@@ -49,7 +51,8 @@ def main() -> None:
     cmd = ["quantize", str(hf), str(out), "--bits", "4", "--group-size", "128", "--rows", str(args.rows),
            "--seq-len", str(args.seq_len), "--quiet"]  # fmt: skip
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", QUANTIZE, *cmd], check=True, capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run([sys.executable, "-c", QUANTIZE, *cmd], check=True, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t
     rss = int(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("maxrss")))
 
