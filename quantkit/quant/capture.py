@@ -119,19 +119,28 @@ def _run_rows(layer: nn.Module, rows: int, read: RowFn, ctx, write: WriteFn | No
                 write(r, y)
 
 
+def attach_hessians(
+    layer: nn.Module, names: list[str], site: Callable[[str], str] = _site
+) -> tuple[dict[str, HessianAccumulator], list]:
+    """One HessianAccumulator per input site of the named linears, fed by forward pre-hooks; returns
+    (accumulators by site, hook handles to remove)."""
+    accs: dict[str, HessianAccumulator] = {}
+    hooks = []
+    for name in names:
+        key = site(name)
+        if key in accs:
+            continue
+        linear = layer.get_submodule(name)
+        accs[key] = acc = HessianAccumulator(linear.in_features, device=linear.weight.device)
+        hooks.append(linear.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])))
+    return accs, hooks
+
+
 def _capture(
     layer: nn.Module, names: list[str], rows: int, read: RowFn, ctx, write: WriteFn | None = None
 ) -> dict[str, HessianAccumulator]:
     """Run all rows through layer (writing its outputs if asked), accumulating one Hessian per input site."""
-    accs: dict[str, HessianAccumulator] = {}
-    hooks = []
-    for name in names:
-        site = _site(name)
-        if site in accs:
-            continue
-        linear = layer.get_submodule(name)
-        accs[site] = acc = HessianAccumulator(linear.in_features, device=linear.weight.device)
-        hooks.append(linear.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])))
+    accs, hooks = attach_hessians(layer, names)
     try:
         _run_rows(layer, rows, read, ctx, write)
     finally:

@@ -23,6 +23,7 @@ from quantkit.quant.capture import (
     QuantSettings,
     RowFn,
     WriteFn,
+    attach_hessians,
     capture_groups,
     expert_index,
     shared_expert_hessians,
@@ -122,14 +123,11 @@ def _hessians(layer: nn.Module, rows: int, read: RowFn, ctx, write_attn: WriteFn
     site_of: dict[str, str] = {}
     hooks = []
     for k, group in enumerate(capture_groups(layer)):
-        for name in group:
-            site = f"{k}:{name.rpartition('.')[0]}"
-            site_of[name] = site
-            if site in accs:
-                continue
-            linear = layer.get_submodule(name)
-            accs[site] = acc = HessianAccumulator(linear.in_features, device=linear.weight.device)
-            hooks.append(linear.register_forward_pre_hook(lambda m, a, acc=acc: acc.add(a[0])))
+        site = lambda name, k=k: f"{k}:{name.rpartition('.')[0]}"  # noqa: E731  (o_proj's input is not q's)
+        site_of.update({name: site(name) for name in group})
+        group_accs, group_hooks = attach_hessians(layer, group, site)
+        accs.update(group_accs)
+        hooks += group_hooks
     try:
         with torch.no_grad():
             for r in range(rows):
