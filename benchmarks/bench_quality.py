@@ -69,7 +69,7 @@ def rtn_model(hf: Path, bits: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=CACHE / "bench-model", help="train_bench_model.py's output")
-    ap.add_argument("--work", type=Path, default=CACHE / "quality")
+    ap.add_argument("--work", type=Path, help="work folder (default: ~/.cache/quantkit-bench/quality-<model name>)")
     ap.add_argument("--calib-rows", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--eval-rows", type=int, default=16)
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
     args = ap.parse_args()
 
+    args.work = args.work or CACHE / f"quality-{args.model.name}"  # one per model: its converted copy lives there
     native, heldout = args.model / "native", args.model / "heldout.jsonl"
     if not (native / "params.json").is_file():
         raise SystemExit(f"no benchmark model at {native}: run benchmarks/train_bench_model.py first")
@@ -111,36 +112,41 @@ def main() -> None:
         t = time.perf_counter()
         model, bpw = rtn_model(hf, bits)
         record(f"RTN {bits}-bit g{GROUP}", model, bpw, None, time.perf_counter() - t)
-    gptq_bpw = {}
-    for bits in (2, 3, 4):
-        out = args.work / f"gptq{bits}"
-        seconds = quantkit_cli(hf, out, "--bits", bits, *q)
-        gptq_bpw[bits] = realized(out)
-        record(f"quantkit GPTQ {bits}-bit g{GROUP} act-order", out, gptq_bpw[bits], folder_size(out), seconds)
-    if not args.no_peer:
-        ids = _calibration(Checkpoint(hf), None, "train", "text", args.calib_rows, args.calib_seq_len, 0).ids
-        for bits in (3, 4):
-            out = args.work / f"gptqmodel{bits}"
-            shutil.rmtree(out, ignore_errors=True)
-            info = run_gptqmodel(hf, ids, out, bits, GROUP, True, True, 0.01)
-            if info is not None:
-                record(f"GPTQModel {bits}-bit g{GROUP} desc_act", out, realized(out), folder_size(out), info["seconds"])
-    equal_bytes = sorted(round(b, 3) for b in gptq_bpw.values())  # mixed at the uniform builds' exact size
-    # Rotation signs cost 8 bits per input feature, so its lowest reachable bpw is a little higher: at 2 bits it is
-    # compared at 2.5 instead of at the uniform build's size.
-    rotated = sorted({2.5, *(b for b in equal_bytes if b > 3)})
-    for rotate, targets in ((False, sorted({2.5, 3.0, 3.5, 4.0, *equal_bytes})), (True, rotated)):
-        tag = " --rotate" if rotate else ""
-        extra = ["--rotate"] if rotate else []
-        measurement = args.work / f"measurement{'-rot' if rotate else ''}.json"
-        for target in targets:
-            out = args.work / f"mixed{target}{'-rot' if rotate else ''}"
+    uniform: dict[bool, dict[int, float]] = {}  # rotate -> bits -> realized bpw of the uniform builds
+    for rotate in (False, True):
+        tag, extra = (" --rotate", ["--rotate"]) if rotate else ("", [])
+        uniform[rotate] = {}
+        for bits in (2, 3, 4):
+            out = args.work / f"gptq{bits}{'-rot' if rotate else ''}"
+            seconds = quantkit_cli(hf, out, "--bits", bits, *extra, *q)
+            uniform[rotate][bits] = realized(out)
+            label = f"quantkit GPTQ {bits}-bit g{GROUP} act-order{tag}"
+            record(label, out, uniform[rotate][bits], folder_size(out), seconds)
+        if not rotate and not args.no_peer:
+            ids = _calibration(Checkpoint(hf), None, "train", "text", args.calib_rows, args.calib_seq_len, 0).ids
+            for bits in (3, 4):
+                out = args.work / f"gptqmodel{bits}"
+                shutil.rmtree(out, ignore_errors=True)
+                info = run_gptqmodel(hf, ids, out, bits, GROUP, True, True, 0.01)
+                if info is not None:
+                    label = f"GPTQModel {bits}-bit g{GROUP} desc_act"
+                    record(label, out, realized(out), folder_size(out), info["seconds"])
+    # Mixed at the round targets and at each uniform build's exact size (equal bytes on disk). Rotation signs cost
+    # 8 bits per input feature, so rotated builds are compared with the rotated uniform builds.
+    for rotate in (False, True):
+        tag, extra, suffix = (" --rotate", ["--rotate"], "-rot") if rotate else ("", [], "")
+        measurement = args.work / f"measurement{suffix}.json"
+        measurement.unlink(missing_ok=True)  # measured afresh in every run (and timed in its first row)
+        same_size = {b + 1e-9: bits for bits, b in uniform[rotate].items()}  # exact bpw, float slack
+        for target in sorted({2.5, 3.0, 3.5, 4.0, *same_size}):
+            out = args.work / f"mixed{target:.3f}{suffix}"
             reuse = ["--measurement", measurement] if measurement.is_file() else []
             seconds = quantkit_cli(hf, out, "--bpw", target, *extra, *reuse, *q)
             if not reuse:
                 shutil.copy(args.work / f".{out.name}.quantkit-work" / "measurement.json", measurement)
-            note = "" if reuse else " (incl. measurement)"
-            record(f"quantkit mixed --bpw {target}{tag}{note}", out, realized(out), folder_size(out), seconds)
+            note = f" (size of GPTQ {same_size[target]}-bit{tag})" if target in same_size else ""
+            note += "" if reuse else " (incl. measurement)"
+            record(f"quantkit mixed --bpw {target:.3f}{tag}{note}", out, realized(out), folder_size(out), seconds)
 
     write_results(args, results)
     print((args.out).read_text())
@@ -154,7 +160,7 @@ def write_results(args, results) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for label, bpw, size, r, seconds in results:
-        kl = "" if r.kl_divergence is None else f"{r.kl_divergence:.5f}"
+        kl = "" if r.kl_divergence is None else f"{r.kl_divergence:.6f}"
         top1 = "" if r.top1_agreement is None else f"{r.top1_agreement:.3f}"
         lines.append(
             f"| {label} | {bpw:.3f} | {'' if size is None else f'{size / 1e6:.2f}'} | {r.perplexity:.3f} | {kl} | "

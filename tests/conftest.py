@@ -37,6 +37,26 @@ class TinyModels:
         return self._cache[name]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors: thread hand-offs cost more than they save on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def scene_image(tmp_path_factory) -> Path:
+    """A 70x40 random-pixel PNG for `quantkit run --image` tests."""
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("images") / "scene.png"
+    pixels = torch.randint(0, 256, (40, 70, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> TinyModels:
     """tiny_models.get(name) -> {reference, native, hf, native_tensors, hf_tensors}; names in native_models.MODELS."""

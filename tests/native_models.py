@@ -176,14 +176,19 @@ def build_reference(name: str, seed: int = 0):
     return model.float().eval()
 
 
-def hf_tensors(model, folder: Path) -> dict[str, torch.Tensor]:
-    """What transformers itself writes to disk for this model (the legacy on-disk names)."""
-    model.save_pretrained(folder)
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every .safetensors file in folder, read with the safetensors library (not quantkit's reader)."""
     out = {}
     for f in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(f, "pt") as st:
             out.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118
     return out
+
+
+def hf_tensors(model, folder: Path) -> dict[str, torch.Tensor]:
+    """What transformers itself writes to disk for this model (the legacy on-disk names)."""
+    model.save_pretrained(folder)
+    return read_safetensors(folder)
 
 
 def write_native(

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from native_models import MODELS, image_prompt, params_for
+from native_models import MODELS, image_prompt, params_for, read_safetensors
 from safetensors import safe_open
 
 from quantkit.convert.pipeline import convert
@@ -21,12 +21,10 @@ ARCH_CLASS = {
 
 
 def read_all(folder) -> dict[str, torch.Tensor]:
-    out = {}
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(f, "pt") as st:
             assert st.metadata() == {"format": "pt"}
-            out.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118
-    return out
+    return read_safetensors(folder)
 
 
 def load_hf(folder, name):

@@ -24,13 +24,7 @@ def _out_err(W, Q, X):
     return float(((W - Q) @ X.T).norm() / (W @ X.T).norm())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: thread hand-offs cost more than they save on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,7 @@ from quantkit.errors import QuantkitError
 from quantkit.quant.gptq import HessianAccumulator, dequantize, gptq_quantize, rtn_quantize
 from quantkit.quant.pack import gptq_pack, gptq_unpack, pack_bits, unpack_bits
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _codes(shape, bits, seed=0):

@@ -29,14 +29,7 @@ from quantkit.quant.gptq import dequantize as gptq_dequantize
 from quantkit.quant.gptq import gptq_quantize
 from quantkit.quant.pack import gptq_pack
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than they save on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_packed(n, k, bits, group_size, act_order=False, sym=True, seed=0, bias=False, rot_in=0, rot_out=0):

@@ -11,23 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors import safe_open
+from native_models import read_safetensors
 
 from quantkit.cli import main
+from quantkit.quant.capture import QuantSettings
+from quantkit.quant.pipeline import quantize
 
 FAST = ["--rows", "4", "--seq-len", "64", "--quiet"]
 
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118
-    return out
 
 
 def unpack_gptq_4bit(t: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
@@ -56,7 +50,7 @@ def quantized(tiny_models, tmp_path_factory):
 
 def test_gptq_export_matches_spec(quantized):
     src, outs = quantized
-    out, float_t = tensors(outs[4]), tensors(src)
+    out, float_t = read_safetensors(outs[4]), read_safetensors(src)
     cfg = json.loads((outs[4] / "config.json").read_text())
     q = cfg["quantization_config"]
     assert (q["quant_method"], q["bits"], q["group_size"], q["desc_act"], q["sym"]) == ("gptq", 4, 32, True, True)
@@ -78,12 +72,26 @@ def test_gptq_export_matches_spec(quantized):
     assert (outs[4] / "tokenizer.model.v3").is_file() and (outs[4] / "README.md").read_text().count("| Bits | 4 |")
 
 
+def test_dry_run_prints_plan_writes_nothing_and_sizes_the_output(quantized, tmp_path):
+    src, outs = quantized
+    dst = tmp_path / "dry"
+    result = run("quantize", src, dst, "--bits", 4, "--group-size", 32, "--dry-run", *FAST)
+    assert result.exit_code == 0, result.output
+    assert not dst.exists() and not (tmp_path / ".dry.quantkit-work").exists()
+    lines = dict(line.split(": ", 1) for line in result.output.strip().splitlines())
+    assert lines["decoder layers"] == "2" and lines["peak memory"].endswith(" GB RAM")
+    plan = quantize(src, dst, settings=QuantSettings(4, 32), dry_run=True, rows=4, seq_len=64, progress=False)
+    actual = sum(f.stat().st_size for f in outs[4].glob("*.safetensors"))
+    assert abs(plan.output_bytes - actual) < 0.05 * actual, (plan.output_bytes, actual)
+    assert plan.peak_ram_bytes > 500_000_000 and not dst.exists()
+
+
 def _dequantized_logits(src: Path, out: Path, ids: torch.Tensor) -> torch.Tensor:
     from quantkit.model.load import load_model
     from quantkit.quant.pack import gptq_unpack
 
     model = load_model(src, device="cpu", dtype="float32")
-    t = tensors(out)
+    t = read_safetensors(out)
     for name, mod in model.named_modules():
         key = f"model.{name}" if not name.startswith("lm_head") else name
         if f"{key}.qweight" in t:
@@ -236,11 +244,11 @@ def test_vision_quantize(tiny_models, tmp_path):
     assert run("quantize", src, keep, *args).exit_code == 0
     result = run("quantize", src, quant, "--vision", "quantize", *args)
     assert result.exit_code == 0, result.output + str(result.exception)
-    t = tensors(quant)
+    t = read_safetensors(quant)
     assert "vision_tower.transformer.layers.1.feed_forward.down_proj.qmeta" in t
     assert "vision_tower.transformer.layers.1.feed_forward.down_proj.weight" not in t
     assert "vision_tower.patch_conv.weight" in t and "multi_modal_projector.linear_1.weight" in t
-    assert not any(k.startswith("vision_tower.") and k.endswith(".qmeta") for k in tensors(keep))
+    assert not any(k.startswith("vision_tower.") and k.endswith(".qmeta") for k in read_safetensors(keep))
     model = load_any(quant, "cpu", "float32", "torch", progress=False)
     vision_q = [n for n, m in model.vision_tower.named_modules() if isinstance(m, QuantLinear)]
     assert len(vision_q) == 2 * 7

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 from quantkit.cli import main
 from quantkit.tokenizer.chat import ChatTokenizer
@@ -16,26 +14,18 @@ from quantkit.tokenizer.chat import ChatTokenizer
 PROMPT = "What is in this image?"
 
 
-@pytest.fixture(scope="module")
-def image_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("images") / "scene.png"
-    pixels = torch.randint(0, 256, (40, 70, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    Image.fromarray(pixels.numpy()).save(path)
-    return path
-
-
 def invoke(*args: str, stdin: str | None = None):
     return CliRunner().invoke(main, ["run", *map(str, args), "--device", "cpu", "--quiet"], input=stdin)
 
 
-def test_run_pixtral_with_image_matches_transformers(tiny_models, image_file):
+def test_run_pixtral_with_image_matches_transformers(tiny_models, scene_image):
     m = tiny_models.get("pixtral_12b")
-    result = invoke(m["hf"], "--prompt", PROMPT, "--image", image_file, "--max-new-tokens", "12", "--json")
+    result = invoke(m["hf"], "--prompt", PROMPT, "--image", scene_image, "--max-new-tokens", "12", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
 
     tokenizer = ChatTokenizer.from_folder(m["hf"])
-    content = [{"type": "text", "text": PROMPT}, {"type": "image_url", "image_url": str(image_file)}]
+    content = [{"type": "text", "text": PROMPT}, {"type": "image_url", "image_url": str(scene_image)}]
     encoded = tokenizer.encode_chat([{"role": "user", "content": content}])
     assert report["input_ids"] == encoded.input_ids
     (pixels,) = encoded.images
@@ -54,11 +44,11 @@ def test_run_pixtral_with_image_matches_transformers(tiny_models, image_file):
     assert report["prefill_tokens_per_s"] > 0
 
 
-def test_run_prints_streamed_answer_and_speeds(tiny_models, image_file):
+def test_run_prints_streamed_answer_and_speeds(tiny_models, scene_image):
     m = tiny_models.get("pixtral_12b")
-    result = invoke(m["hf"], "--prompt", PROMPT, "--image", image_file, "--max-new-tokens", "6")
+    result = invoke(m["hf"], "--prompt", PROMPT, "--image", scene_image, "--max-new-tokens", "6")
     assert result.exit_code == 0, result.output
-    as_json = invoke(m["hf"], "--prompt", PROMPT, "--image", image_file, "--max-new-tokens", "6", "--json")
+    as_json = invoke(m["hf"], "--prompt", PROMPT, "--image", scene_image, "--max-new-tokens", "6", "--json")
     assert result.stdout.strip() == json.loads(as_json.stdout)["text"].strip() != ""
     assert "prefill" in result.stderr and "tok/s" in result.stderr
 
@@ -87,8 +77,8 @@ def test_folder_without_config_is_one_line_error(tmp_path):
     one_line_error(invoke(tmp_path, "--prompt", "hi"), "has no config.json")
 
 
-def test_image_for_text_only_model_is_one_line_error(tiny_models, image_file):
-    result = invoke(tiny_models.get("mistral_large")["hf"], "--prompt", "hi", "--image", image_file)
+def test_image_for_text_only_model_is_one_line_error(tiny_models, scene_image):
+    result = invoke(tiny_models.get("mistral_large")["hf"], "--prompt", "hi", "--image", scene_image)
     one_line_error(result, "text-only model")
 
 

@@ -11,8 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
-from safetensors import safe_open
+from native_models import read_safetensors
 from torch import nn
 
 from quantkit.cli import main
@@ -52,22 +51,6 @@ def builds(tiny_models, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def image_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("images") / "scene.png"
-    pixels = torch.randint(0, 256, (40, 70, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    Image.fromarray(pixels.numpy()).save(path)
-    return path
-
-
-def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118
-    return out
-
-
 def gptq4_weight(t: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
     """The GPTQ v1 4-bit rule with plain bit arithmetic: W[o, i] = s[g_idx[i], o] · (q[o, i] − (stored zero + 1))."""
     qweight, qzeros = t[f"{prefix}.qweight"].long() & 0xFFFFFFFF, t[f"{prefix}.qzeros"].long() & 0xFFFFFFFF
@@ -81,7 +64,7 @@ def gptq4_weight(t: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
 def dequantized_float_model(src: Path, folder: Path) -> nn.Module:
     """The float model with every quantized linear's weight replaced by its dequantized checkpoint weight."""
     model = load_model(src, device="cpu", dtype="float32", progress=False)
-    t = checkpoint_tensors(folder)
+    t = read_safetensors(folder)
     replaced = 0
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
@@ -106,13 +89,13 @@ def image_prompt(folder: Path, image: Path):
 
 
 @pytest.mark.parametrize("name", list(BUILDS))
-def test_quantized_logits_equal_dequantized_float_model(builds, image_file, name):
+def test_quantized_logits_equal_dequantized_float_model(builds, scene_image, name):
     model = load_quantized(builds[name], device="cpu", dtype="float32", backend="torch", progress=False)
     quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     assert len(quantized) == 2 * 7 + (name == "gptq4")  # every decoder linear, and the head when --head-bits
     assert not any(isinstance(m, QuantLinear) for m in model.vision_tower.modules())
     assert model.layers[0].mlp.up_proj.scales.dtype == torch.float16  # buffers are not cast to the compute dtype
-    ids, images = image_prompt(builds[name], image_file)
+    ids, images = image_prompt(builds[name], scene_image)
     with torch.no_grad():
         got = model(ids, images)
         expected = dequantized_float_model(builds["float"], builds[name])(ids, images)
@@ -123,11 +106,11 @@ def test_quantized_logits_equal_dequantized_float_model(builds, image_file, name
 
 
 @pytest.mark.parametrize("name", ["quantkit4", "quantkit3"])
-def test_triton_and_torch_backends_generate_the_same_tokens(builds, image_file, name):
+def test_triton_and_torch_backends_generate_the_same_tokens(builds, scene_image, name):
     """Issue 7, must-show 2: greedy generation with an image, the Triton kernels (interpreter on CPU) vs torch."""
     outputs = {}
     for backend in ("torch", "triton"):
-        args = ["run", builds[name], "--prompt", PROMPT, "--image", image_file, "--max-new-tokens", 5]
+        args = ["run", builds[name], "--prompt", PROMPT, "--image", scene_image, "--max-new-tokens", 5]
         result = cli(*args, "--backend", backend, "--device", "cpu", "--json", "--quiet")
         assert result.exit_code == 0, result.output + str(result.exception)
         outputs[backend] = json.loads(result.stdout)["output_ids"]
@@ -201,7 +184,7 @@ def test_gptq_linear_repacks_in_slices_to_the_gptq_weight(bits):
 def test_decode_bytes_count_every_stored_decoder_tensor(builds):
     folder = builds["quantkit4"]
     model = load_quantized(folder, dtype="float32", progress=False)
-    t = checkpoint_tensors(folder)
+    t = read_safetensors(folder)
     decode = ("language_model.model.layers.", "language_model.model.norm.", "language_model.lm_head.")
     cast = ("norm.weight", "lm_head.weight")  # float parameters, loaded as float32; quantized tensors as stored
     expected = sum(

@@ -187,7 +187,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         t = config.text
-        self.embed_tokens = nn.Embedding(t.vocab_size, t.dim)
+        # from_pretrained skips the random init, whose meta-device path imports torch._dynamo (~200 MB of RSS)
+        self.embed_tokens = nn.Embedding.from_pretrained(torch.empty(t.vocab_size, t.dim))
         self.layers = nn.ModuleList(DecoderLayer(t) for _ in range(t.n_layers))
         self.norm = RMSNorm(t.dim, t.norm_eps)
         self.lm_head = nn.Linear(t.dim, t.vocab_size, bias=False)

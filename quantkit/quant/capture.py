@@ -20,6 +20,7 @@ from torch import nn
 
 from quantkit.arch import CAPTURE_GROUPS
 from quantkit.formats.hadamard import block_size, random_signs, rotate
+from quantkit.memory import release
 from quantkit.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize
 
 STARVED_FRACTION = 0.1  # an expert with < 10% of the tokens uniform routing would give it is "starved"
@@ -222,6 +223,7 @@ def quantize_layer(
                 emit(name, solved)
                 del solved
             del H
+            release()
     err, ref = 0.0, 0.0
     with torch.no_grad():
         for r in range(rows):

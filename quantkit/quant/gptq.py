@@ -187,15 +187,39 @@ def _find_params(
     return scale, zero
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float, damp_step: float, max_damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor U of (H + damp·mean(diag H)·I)⁻¹, raising damp by damp_step until it factorizes."""
-    mean_diag = float(torch.diag(H).mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+def _working_hessian(H: torch.Tensor, perm: torch.Tensor | None, dead: torch.Tensor) -> torch.Tensor:
+    """A copy of H in quantization order with dead columns' diagonal set to 1, built a block of rows at a time so
+    it costs one H-sized allocation (H[perm][:, perm] would cost two)."""
+    n = H.shape[0]
+    Hk = torch.empty_like(H)
+    for r in range(0, n, 1024):
+        rows = slice(r, min(r + 1024, n))
+        Hk[rows] = H[rows] if perm is None else H[perm[rows]][:, perm]
+    Hk.diagonal()[dead if perm is None else dead[perm]] = 1
+    return Hk
+
+
+def _inverse_cholesky(
+    H: torch.Tensor, perm: torch.Tensor | None, dead: torch.Tensor, damp: float, damp_step: float, max_damp: float
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (Hk + damp·mean(diag Hk)·I)⁻¹ for Hk = _working_hessian(H, perm, dead), raising
+    damp by damp_step until it factorizes.
+
+    Memory matters here (Pixtral-Large's down_proj H is 3.3 GB): besides H at most two H-sized tensors are alive
+    at a time (Hk and L, then L and L⁻ᵀL⁻¹, then that and U); a retry rebuilds Hk from H.
+    """
     d = damp
     while d <= max_damp + 1e-12:
-        L, info = torch.linalg.cholesky_ex(H + (d * mean_diag) * eye)
+        Hk = _working_hessian(H, perm, dead)
+        diag = Hk.diagonal()
+        diag += d * float(diag.mean())
+        L, info = torch.linalg.cholesky_ex(Hk)
+        del Hk, diag
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            Hinv = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info) == 0 and bool(torch.isfinite(U).all()):
                 return U, d
         d += damp_step
@@ -239,9 +263,7 @@ def gptq_quantize(
     W0 = W.detach().to(torch.float32)
     H0 = H.detach().to(dev, torch.float32)
     Wk = W0.clone()  # [out, in], updated in place
-    Hk = H0.clone()
-    dead = torch.diag(Hk) == 0
-    Hk[dead, dead] = 1
+    dead = torch.diag(H0) == 0
     Wk[:, dead] = 0
     clip_args = (clip, clip_grid, clip_max_shrink, clip_norm)
 
@@ -255,19 +277,18 @@ def gptq_quantize(
         for g in range(n_groups):
             scales[g], zeros[g] = _find_params(Wk[:, g * gs : (g + 1) * gs], maxq, sym, *clip_args)
 
-    perm = torch.argsort(torch.diag(Hk), descending=True, stable=True) if act_order else None
+    diag = torch.where(dead, 1.0, torch.diag(H0))
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
     if perm is not None:
         Wk = Wk[:, perm]
-        Hk = Hk[perm][:, perm]
-    U, damp_used = _inverse_cholesky(Hk, damp, damp_step, max_damp)
-    del Hk
+    U, damp_used = _inverse_cholesky(H0, perm, dead, damp, damp_step, max_damp)
 
     # Column k of the permuted matrix belongs to group gpos[k]: consecutive in quantization order unless the groups
     # were fixed up front (static or per-channel), where it is the group of the original column.
     orig = perm if perm is not None else torch.arange(n_in, device=dev)
     dynamic = group_size is not None and not static_groups
     gpos = torch.arange(n_in, device=dev) // gs if dynamic else orig // gs  # [in]
-    codes = torch.zeros(n_out, n_in, dtype=torch.float32, device=dev)  # permuted order
+    codes = torch.zeros(n_out, n_in, dtype=torch.uint8, device=dev)  # permuted order
     deq = torch.zeros(n_out, n_in, dtype=torch.float32, device=dev)
     bs = gs * max(1, block_size // gs) if dynamic else block_size  # dynamic groups never straddle blocks
     group_of = gpos.tolist()
@@ -291,13 +312,14 @@ def gptq_quantize(
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             E1[:, i] = err
         Wk[:, b2:] -= E1 @ U[b1:b2, b2:]
+    del U, Wk, W1, E1, U1  # before the loss and the un-permuting, which need room of their own
 
     if perm is not None:
         inv = torch.argsort(perm)
         codes, deq, gpos = codes[:, inv], deq[:, inv], gpos[inv]
     loss, rel = proxy_loss(W0, deq, H0)
     return GPTQResult(
-        q=codes.to(torch.uint8),
+        q=codes,
         scales=scales,
         zeros=zeros.to(torch.uint8),
         g_idx=gpos.to(torch.int32),

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from quantkit.formats.packed import stored_bits_for
+from quantkit.memory import release
 from quantkit.quant.capture import (
     LinearSpec,
     QuantSettings,
@@ -163,10 +164,17 @@ def measure_layer(
 ) -> dict[str, list[dict]]:
     """{"attn": [...], "mlp": [...]}, one {"candidate", "bits", "error"} per candidate, for this layer."""
     accs = _hessians(layer, rows, read, ctx, write_attn, write_out)
-    hessians = {}
     result: dict[str, list[dict]] = {}
     for block in ("attn", "mlp"):
         names = [n for n in accs if block_of(n) == block]
+        hessians: dict[str, torch.Tensor] = {}
+        by_site: dict[int, torch.Tensor] = {}  # linears reading one input share one H (and its memory)
+        for n in names:
+            acc = accs.pop(n)  # the accumulators of this block are all alive until popped, so ids are unique
+            if id(acc) not in by_site:
+                by_site[id(acc)] = acc.hessian()
+            hessians[n] = by_site[id(acc)]
+        del by_site, acc
         floats = {n: layer.get_submodule(n).weight.data.clone() for n in names}
         result[block] = []
         for cand in block_candidates(block):
@@ -174,8 +182,6 @@ def measure_layer(
             for n in names:
                 linear = layer.get_submodule(n)
                 spec = spec_for_candidate(cand, n, linear.in_features, s, rotate_seed(n))
-                if n not in hessians:
-                    hessians[n] = accs[n].hessian()
                 linear.weight.data = solve_linear(floats[n], hessians[n], spec, s).weight.to(floats[n].dtype)
                 bits += spec_bits(spec, linear.out_features, linear.in_features, s)
             err = ref = 0.0
@@ -190,5 +196,6 @@ def measure_layer(
             result[block].append({"candidate": cand.name, "bits": bits, "error": (err / ref) ** 0.5})
         for n in names:
             layer.get_submodule(n).weight.data = floats[n]
-            hessians.pop(n, None)
+        del hessians, floats
+        release()
     return result

@@ -33,14 +33,14 @@ def pack_bits(codes: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     per, words = _chunk(bits)
     if n % per:
         raise QuantkitError(f"{bits}-bit packing needs a multiple of {per} codes along dim {dim}, got {n}")
-    x = codes.movedim(dim, -1).to(torch.int64)  # [..., n]
+    x = codes.movedim(dim, -1)  # [..., n], in its own dtype: widened one code slot at a time below
     if x.numel() and (int(x.min()) < 0 or int(x.max()) >= 2**bits):
         raise QuantkitError(f"codes out of range for {bits} bits")
     x = x.reshape(*x.shape[:-1], n // per, per)  # [..., chunks, per]
     out = torch.zeros(*x.shape[:-1], words, dtype=torch.int64, device=codes.device)  # [..., chunks, words]
     for k in range(per):
         word, shift = divmod(k * bits, 32)
-        v = x[..., k]
+        v = x[..., k].to(torch.int64)
         out[..., word] |= (v << shift) & 0xFFFFFFFF
         if shift + bits > 32:  # the code continues in the next word
             out[..., word + 1] |= v >> (32 - shift)
@@ -103,7 +103,7 @@ def gptq_pack(
     if checkpoint_format == "gptq":
         z = (z - 1) & (2**bits - 1)
     return {
-        "qweight": pack_bits(q.T.to(torch.int64), bits, dim=0),
+        "qweight": pack_bits(q.T, bits, dim=0),
         "qzeros": pack_bits(z, bits, dim=1),
         "scales": scales.to(torch.float16).contiguous(),
         "g_idx": g_idx.to(torch.int32).contiguous(),

@@ -27,6 +27,7 @@ from quantkit.errors import QuantkitError
 from quantkit.io.checkpoint import HF_INDEX, read_json
 from quantkit.io.reader import TensorInfo, load_tensor, read_header
 from quantkit.io.writer import OutputFolder, TensorSpec, parse_size, plan_shards, write_json, write_sharded
+from quantkit.memory import map_large_blocks, release
 from quantkit.model.load import Checkpoint, build_model, unload
 from quantkit.quant.allocate import allocate
 from quantkit.quant.capture import LinearSpec, QuantSettings, capture_groups, quantize_layer, solve_linear
@@ -104,14 +105,19 @@ def plan(
     per_layer = sum(o * i for o, i in shapes.values())
     quantized = per_layer * t.n_layers + (t.vocab_size * t.dim if head_bits else 0)
     kept = sum(info.numel for info in ckpt.index.infos.values()) - quantized
+    # kept tensors are copied in their stored dtype: count them at the checkpoint's average bytes per parameter
+    kept_bytes = kept * sum(i.nbytes for i in ckpt.index.infos.values()) / (kept + quantized)
     groups = lambda i: i // (s.group_size or i)  # noqa: E731
     packed = sum(o * i * s.bits / 8 + groups(i) * o * (2 + s.bits / 8) + 4 * i for o, i in shapes.values())
     head = (t.vocab_size * t.dim * head_bits / 8 + groups(t.dim) * t.vocab_size * 2.5) if head_bits else 0
-    output = int((per_layer * bpw / 8 if bpw else packed) * t.n_layers + head + kept * 2)
+    output = int((per_layer * bpw / 8 if bpw else packed) * t.n_layers + head + kept_bytes)
     largest_in = max(i for _, i in shapes.values())
+    largest = max(o * i for o, i in shapes.values())
     layer_bytes = per_layer * 4  # fp32 working copy
-    work = 2 * layer_bytes + 3 * largest_in**2 * 4 + 2 * seq_len * max(t.ffn_dim, t.dim) * 4 * 4
-    ram_base = 1_000_000_000
+    # The solver holds H and two more H-sized tensors at its peak (gptq._inverse_cholesky), and three copies of
+    # the weight being solved; one row of activations flows through the layer.
+    work = layer_bytes + 3 * largest_in**2 * 4 + 3 * largest * 4 + 4 * seq_len * max(t.ffn_dim, t.dim) * 4
+    ram_base = 500_000_000  # Python, torch and the row being read
     if device == "cpu":
         return QuantPlan(t.n_layers, quantized, kept, output, ram_base + work, 0, device)
     return QuantPlan(t.n_layers, quantized, kept, output, ram_base + layer_bytes, work, device)
@@ -209,6 +215,7 @@ def measure(
             )  # fmt: skip
             job.finish(i + 1, None, result)
             unload(layer)
+            release()
             bar.update(1)
     data = {"version": 1, "fingerprint": fingerprint, "layers": [job.layer_info(i) for i in range(n_layers)]}
     tmp = path.with_suffix(".tmp")
@@ -280,6 +287,7 @@ def quantize(
     if dry_run:
         return the_plan
     output = OutputFolder(dst, force=force, src=src)
+    map_large_blocks()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         dtype or ("float32" if device == "cpu" else "bfloat16")
     ]
@@ -342,6 +350,7 @@ def quantize(
             info = {"bpw": avg, "rel_error": report.rel_error, "starved_experts": report.starved}
             job.finish(i + 1, tensors, info)
             unload(layer)
+            release()
             bar.update(1)
             msg = f"layer {i + 1}/{n_layers}: {avg:.2f} bits per weight, rel. output error {report.rel_error:.4f}"
             if report.starved:
