@@ -81,6 +81,29 @@ def test_allocation_is_deterministic(measured):
     assert a.bits <= 3.3 * a.numel and a.bpw > 3.28
 
 
+def test_the_range_ends_are_reachable(measured):
+    """At the lowest reachable target every linear gets 2 bits, at the highest 8 (the knapsack once failed at
+    the lowest one: its rounded-up costs did not fit)."""
+    from quantkit.model.load import Checkpoint, build_model
+    from quantkit.quant.allocate import allocate
+    from quantkit.quant.capture import QuantSettings
+    from quantkit.quant.pipeline import _linear_shapes
+
+    src, _, measurement = measured
+    model = build_model(Checkpoint(src).config)
+    shapes = [_linear_shapes(model, i) for i in range(len(model.layers))]
+    meas = json.loads(measurement.read_text())
+    s = QuantSettings(bits=4, group_size=64, act_order=False)
+    blocks = [layer[b] for layer in meas["layers"] for b in ("attn", "mlp")]
+    numel = sum(o * i for layer in shapes for o, i in layer.values())
+    lo = sum(min(c["bits"] for c in block) for block in blocks)
+    hi = sum(max(c["bits"] for c in block) for block in blocks)
+    low = allocate(meas, shapes, lo / numel + 1e-12, s, lambda i, n: None)
+    assert low.bits == lo and {sp.bits for layer in low.specs for sp in layer.values()} == {2}
+    high = allocate(meas, shapes, hi / numel, s, lambda i, n: None)
+    assert high.bits == hi and {sp.bits for layer in high.specs for sp in layer.values()} == {8}
+
+
 def test_target_outside_the_range_is_refused(measured, tmp_path):
     src, _, measurement = measured
     meas = json.loads(measurement.read_text())

@@ -1,12 +1,12 @@
 """Allocation for --bpw: one candidate per block minimizing the total measured error under an exact bit budget.
 
-The budget is target_bpw × (number of decoder linear weights), and costs are the exact stored bits of each
-candidate (codes, scales, zeros, permutations, segment tables, rotation signs). The choice is a knapsack solved
-by dynamic programming over the budget in 20,000 steps (costs rounded up, so the result never exceeds the
-budget); it is exact up to that resolution and deterministic. What the candidates' granularity leaves unspent
-is then filled one group of columns at a time: a linear's next-most-salient group moves one width up, in the
-blocks whose measured error falls fastest per bit, until no such step fits. The realized bpw therefore lands
-just under the target, within the smallest such step (one group of columns of one linear).
+The budget is target_bpw × (number of decoder linear weights), and costs are the exact stored bits of each candidate
+(codes, scales, zeros, permutations, segment tables, rotation signs). The choice is a knapsack solved by dynamic
+programming over the budget left after every block's cheapest candidate, in 20,000 steps (costs rounded up, so the
+result never exceeds the budget); it is exact up to that resolution and deterministic. What the candidates'
+granularity leaves unspent is then filled one group of columns at a time: a linear's next-most-salient group moves
+one width up, in the blocks whose measured error falls fastest per bit, until no such step fits. The realized bpw
+therefore lands just under the target, within the smallest such step (one group of columns of one linear).
 """
 
 from __future__ import annotations
@@ -105,9 +105,19 @@ def allocate(
     if not lo <= target_bpw <= hi:
         raise QuantkitError(f"--bpw {target_bpw} is outside what this model can reach: {lo:.3f} to {hi:.3f}")
     budget = int(target_bpw * numel)
-    unit = budget / RESOLUTION
-    costs = [[math.ceil(x / unit) for x in row] for row in bits]
-    picks = _knapsack(costs, errors, RESOLUTION)
+    # The knapsack spends only what the cheapest choice of every block leaves over, so that choice always fits
+    # (also at the lowest reachable target) and the resolution covers just the range that is being decided.
+    floor = [min(row) for row in bits]
+    spare = budget - sum(floor)
+    if spare > 0:
+        unit = spare / RESOLUTION
+        costs = [[math.ceil((x - f) / unit) for x in row] for row, f in zip(bits, floor, strict=True)]
+        picks = _knapsack(costs, errors, RESOLUTION)
+    else:
+        picks = [  # nothing to spend: the cheapest candidate of each block (the most accurate among equals)
+            min(range(len(row)), key=lambda c, row=row, e=e: (row[c], e[c]))
+            for row, e in zip(bits, errors, strict=True)
+        ]
 
     specs: list[dict[str, LinearSpec]] = [{} for _ in shapes]
     choices: list[dict[str, str]] = [{} for _ in shapes]
