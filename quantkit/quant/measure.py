@@ -150,6 +150,12 @@ def _hessians(layer: nn.Module, rows: int, read: RowFn, ctx, write_attn: WriteFn
     return {n: accs[site] for n, site in site_of.items()}
 
 
+def _shared_hessians(accs: dict[str, HessianAccumulator]) -> dict[str, torch.Tensor]:
+    """H per linear; linears that read one input share an accumulator, and so share one H tensor (and its memory)."""
+    by_acc: dict[int, torch.Tensor] = {}  # keyed by id: every accumulator stays alive in accs meanwhile
+    return {n: by_acc[id(a)] if id(a) in by_acc else by_acc.setdefault(id(a), a.hessian()) for n, a in accs.items()}
+
+
 def measure_layer(
     layer: nn.Module,
     rows: int,
@@ -167,14 +173,7 @@ def measure_layer(
     result: dict[str, list[dict]] = {}
     for block in ("attn", "mlp"):
         names = [n for n in accs if block_of(n) == block]
-        hessians: dict[str, torch.Tensor] = {}
-        by_site: dict[int, torch.Tensor] = {}  # linears reading one input share one H (and its memory)
-        for n in names:
-            acc = accs.pop(n)  # the accumulators of this block are all alive until popped, so ids are unique
-            if id(acc) not in by_site:
-                by_site[id(acc)] = acc.hessian()
-            hessians[n] = by_site[id(acc)]
-        del by_site, acc
+        hessians = _shared_hessians({n: accs.pop(n) for n in names})
         floats = {n: layer.get_submodule(n).weight.data.clone() for n in names}
         result[block] = []
         for cand in block_candidates(block):
