@@ -1,20 +1,27 @@
 """Quality per byte on the benchmark model: 16-bit vs RTN vs GPTQ vs mixed --bpw (with and without --rotate) vs
-GPTQModel, on held-out text. Prints a markdown table and writes benchmarks/RESULTS.md.
+GPTQModel, on held-out text. Prints markdown tables and writes benchmarks/RESULTS.md.
 
 The benchmark model is the small Mistral-architecture LM that benchmarks/train_bench_model.py trains on the
 Python standard library (real language statistics, built offline); held-out perplexity is measured on its
 held-out files. Every quantizer sees the same calibration rows (the bundled mix, tokenized by quantkit).
 Columns: realized bits per decoder weight (every stored byte counted), folder size, held-out perplexity, mean KL
 divergence and top-1 agreement against the 16-bit model, quantization wall time on this machine.
+
+Uniform GPTQ is built at the widths and group sizes that land near 2.5, 3.0 and 4.0 bits per weight (2-bit g32,
+3- and 4-bit per channel) and at g128; each mixed build is made at exactly a uniform build's size (equal bytes).
+All builds are evaluated in one pass over the same held-out rows, so their per-row NLLs pair up: the equal-bytes
+table gives the perplexity difference with its standard error over rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -23,7 +30,7 @@ from click.testing import CliRunner
 
 from quantkit.cli import main as cli
 from quantkit.convert.pipeline import convert
-from quantkit.eval import evaluate
+from quantkit.eval import EvalResult, evaluate_many
 from quantkit.eval_command import EvalSettings, eval_rows, logits_fn
 from quantkit.inspect import describe
 from quantkit.io.reader import folder_size
@@ -37,6 +44,20 @@ from peer import run_gptqmodel  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "quantkit-bench"
 GROUP = 128
+UNIFORM = ((2, "128"), (2, "32"), (3, "none"), (3, "128"), (4, "none"), (4, "128"))  # (bits, --group-size)
+ROUND_TARGETS = (2.5, 3.0, 3.5, 4.0)
+
+
+@dataclass
+class Build:
+    """One row of the table; model is a folder (loaded at evaluation) or a model in memory."""
+
+    label: str
+    model: object
+    bpw: float
+    size: int | None
+    seconds: float | None
+    same_size_as: str | None = None  # the uniform build this mixed build matches byte for byte
 
 
 def quantkit_cli(*args) -> float:
@@ -66,13 +87,21 @@ def rtn_model(hf: Path, bits: int):
     return model, stored / numel
 
 
+def realized(folder: Path) -> float:
+    return describe(folder)["quantized"]["decoder_bpw"]
+
+
+def folder_build(label: str, folder: Path, seconds: float | None, same_size_as: str | None = None) -> Build:
+    return Build(label, folder, realized(folder), folder_size(folder), seconds, same_size_as)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=CACHE / "bench-model", help="train_bench_model.py's output")
     ap.add_argument("--work", type=Path, help="work folder (default: ~/.cache/quantkit-bench/quality-<model name>)")
     ap.add_argument("--calib-rows", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=512)
-    ap.add_argument("--eval-rows", type=int, default=16)
+    ap.add_argument("--eval-rows", type=int, default=128)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--no-peer", action="store_true", help="skip GPTQModel")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
@@ -86,95 +115,114 @@ def main() -> None:
     hf = args.work / "hf"
     if not (hf / "config.json").is_file():
         convert(native, hf, progress=False)
-    es = EvalSettings(str(heldout), rows=args.eval_rows, seq_len=args.eval_seq_len, device="cpu", dtype="float32",
-                      backend="torch")  # fmt: skip
-    rows = eval_rows(hf, es).ids
+    q = ["--rows", args.calib_rows, "--seq-len", args.calib_seq_len]
     float_model = load_any(hf, "cpu", "float32", "torch", progress=False)
-    reference = logits_fn(float_model)
-    q = ["--rows", args.calib_rows, "--seq-len", args.calib_seq_len, "--group-size", GROUP]
-    results = []
-
-    def record(label: str, model_or_dir, bpw: float | None, size: int | None, seconds: float | None) -> None:
-        model = model_or_dir
-        if isinstance(model_or_dir, Path):
-            model = load_any(model_or_dir, "cpu", "float32", "torch", progress=False)
-        r = evaluate(logits_fn(model), rows, None if label == "16-bit" else reference, progress=False)
-        results.append((label, bpw, size, r, seconds))
-        write_results(args, results)
-        kl = "" if r.kl_divergence is None else f" KL {r.kl_divergence:.4f} top-1 {r.top1_agreement:.3f}"
-        print(f"{label}: bpw {bpw} ppl {r.perplexity:.3f}{kl}", flush=True)
-
-    def realized(folder: Path) -> float:
-        return describe(folder)["quantized"]["decoder_bpw"]
-
-    record("16-bit", float_model, 16.0, folder_size(hf), None)
+    builds = [Build("16-bit", float_model, 16.0, folder_size(hf), None)]
     for bits in (2, 3, 4):
         t = time.perf_counter()
         model, bpw = rtn_model(hf, bits)
-        record(f"RTN {bits}-bit g{GROUP}", model, bpw, None, time.perf_counter() - t)
-    uniform: dict[bool, dict[int, float]] = {}  # rotate -> bits -> realized bpw of the uniform builds
+        builds.append(Build(f"RTN {bits}-bit g{GROUP}", model, bpw, None, time.perf_counter() - t))
+    uniform: dict[bool, list[Build]] = {False: [], True: []}
     for rotate in (False, True):
         tag, extra = (" --rotate", ["--rotate"]) if rotate else ("", [])
-        uniform[rotate] = {}
-        for bits in (2, 3, 4):
-            out = args.work / f"gptq{bits}{'-rot' if rotate else ''}"
-            seconds = quantkit_cli(hf, out, "--bits", bits, *extra, *q)
-            uniform[rotate][bits] = realized(out)
-            label = f"quantkit GPTQ {bits}-bit g{GROUP} act-order{tag}"
-            record(label, out, uniform[rotate][bits], folder_size(out), seconds)
-        if not rotate and not args.no_peer:
-            ids = _calibration(Checkpoint(hf), None, "train", "text", args.calib_rows, args.calib_seq_len, 0).ids
-            for bits in (3, 4):
-                out = args.work / f"gptqmodel{bits}"
-                shutil.rmtree(out, ignore_errors=True)
-                info = run_gptqmodel(hf, ids, out, bits, GROUP, True, True, 0.01)
-                if info is not None:
-                    label = f"GPTQModel {bits}-bit g{GROUP} desc_act"
-                    record(label, out, realized(out), folder_size(out), info["seconds"])
-    # Mixed at the round targets and at each uniform build's exact size (equal bytes on disk). Rotation signs cost
-    # 8 bits per input feature, so rotated builds are compared with the rotated uniform builds.
+        for bits, group in UNIFORM:
+            out = args.work / f"gptq{bits}g{group}{'-rot' if rotate else ''}"
+            seconds = quantkit_cli(hf, out, "--bits", bits, "--group-size", group, *extra, *q)
+            grouping = "per-channel" if group == "none" else f"g{group}"
+            uniform[rotate].append(folder_build(f"quantkit GPTQ {bits}-bit {grouping} act-order{tag}", out, seconds))
+            print(f"{uniform[rotate][-1].label}: {uniform[rotate][-1].bpw:.3f} bpw", flush=True)
+        builds += uniform[rotate]
+    if not args.no_peer:
+        ids = _calibration(Checkpoint(hf), None, "train", "text", args.calib_rows, args.calib_seq_len, 0).ids
+        for bits in (3, 4):
+            out = args.work / f"gptqmodel{bits}"
+            shutil.rmtree(out, ignore_errors=True)
+            info = run_gptqmodel(hf, ids, out, bits, GROUP, True, True, 0.01)
+            if info is not None:
+                builds.append(folder_build(f"GPTQModel {bits}-bit g{GROUP} desc_act", out, info["seconds"]))
+    # Mixed at each uniform build's exact size (equal bytes on disk), and without rotation at round targets.
+    # Rotation signs cost 8 bits per input feature, so rotated builds are matched with the rotated uniform builds.
     for rotate in (False, True):
         tag, extra, suffix = (" --rotate", ["--rotate"], "-rot") if rotate else ("", [], "")
         measurement = args.work / f"measurement{suffix}.json"
-        measurement.unlink(missing_ok=True)  # measured afresh in every run (and timed in its first row)
-        same_size = {b + 1e-9: bits for bits, b in uniform[rotate].items()}  # exact bpw, float slack
-        for target in sorted({2.5, 3.0, 3.5, 4.0, *same_size}):
+        measurement.unlink(missing_ok=True)  # measured afresh in every run (and timed in its first build)
+        targets = [(u.bpw + 1e-9, u.label) for u in uniform[rotate]]  # exact bpw, float slack
+        targets += [] if rotate else [(t, None) for t in ROUND_TARGETS]
+        for target, same in targets:
             out = args.work / f"mixed{target:.3f}{suffix}"
             reuse = ["--measurement", measurement] if measurement.is_file() else []
-            seconds = quantkit_cli(hf, out, "--bpw", target, *extra, *reuse, *q)
+            seconds = quantkit_cli(hf, out, "--bpw", target, "--group-size", GROUP, *extra, *reuse, *q)
             if not reuse:
                 shutil.copy(args.work / f".{out.name}.quantkit-work" / "measurement.json", measurement)
-            note = f" (size of GPTQ {same_size[target]}-bit{tag})" if target in same_size else ""
-            note += "" if reuse else " (incl. measurement)"
-            record(f"quantkit mixed --bpw {target:.3f}{tag}{note}", out, realized(out), folder_size(out), seconds)
+            note = "" if reuse else " (incl. measurement)"
+            builds.append(folder_build(f"quantkit mixed --bpw {target:.3f}{tag}{note}", out, seconds, same))
 
-    write_results(args, results)
-    print((args.out).read_text())
+    es = EvalSettings(str(heldout), rows=args.eval_rows, seq_len=args.eval_seq_len, device="cpu", dtype="float32",
+                      backend="torch")  # fmt: skip
+    rows = eval_rows(hf, es).ids
+    models = {
+        b.label: logits_fn(load_any(b.model, "cpu", "float32", "torch", progress=False))
+        if isinstance(b.model, Path) else logits_fn(b.model)
+        for b in builds
+    }  # fmt: skip
+    print(f"evaluating {len(models)} builds on {rows.shape[0]} x {rows.shape[1]} held-out tokens", flush=True)
+    results = evaluate_many(models, rows, logits_fn(float_model))
+    write_results(args, builds, results)
+    print(args.out.read_text())
 
 
-def write_results(args, results) -> None:
-    """Write RESULTS.md with the rows measured so far (called after every row, so a cut run leaves its figures)."""
+def paired(a: EvalResult, b: EvalResult) -> tuple[float, float]:
+    """Perplexity of a relative to b in percent, and the standard error of that figure over rows (paired)."""
+    d = [x - y for x, y in zip(a.row_nll, b.row_nll, strict=True)]
+    mean = sum(d) / len(d)
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+    return 100 * math.expm1(mean), 100 * se
+
+
+def write_results(args, builds: list[Build], results: dict[str, EvalResult]) -> None:
+    """RESULTS.md: every build, then each mixed build against the uniform build of the same size."""
     lines = [
         "| model | bits per decoder weight | size (MB) | held-out ppl | KL vs 16-bit | top-1 agreement "
         "| quant. time (s) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for label, bpw, size, r, seconds in results:
-        kl = "" if r.kl_divergence is None else f"{r.kl_divergence:.6f}"
-        top1 = "" if r.top1_agreement is None else f"{r.top1_agreement:.3f}"
+    for b in builds:
+        r = results[b.label]
+        kl = "" if b.label == "16-bit" else f"{r.kl_divergence:.6f}"
+        top1 = "" if b.label == "16-bit" else f"{r.top1_agreement:.3f}"
         lines.append(
-            f"| {label} | {bpw:.3f} | {'' if size is None else f'{size / 1e6:.2f}'} | {r.perplexity:.3f} | {kl} | "
-            f"{top1} | {'' if seconds is None else f'{seconds:.0f}'} |"
+            f"| {b.label} | {b.bpw:.3f} | {'' if b.size is None else f'{b.size / 1e6:.2f}'} | {r.perplexity:.3f} | "
+            f"{kl} | {top1} | {'' if b.seconds is None else f'{b.seconds:.0f}'} |"
         )
-    table = "\n".join(lines)
+    pairs = [
+        "| uniform GPTQ build | bpw uniform / mixed | held-out ppl uniform / mixed | mixed vs uniform ppl (%) "
+        "| KL uniform / mixed | top-1 uniform / mixed |",
+        "|---|---|---|---|---|---|",
+    ]
+    by_label = {b.label: b for b in builds}
+    for b in builds:
+        if b.same_size_as is None:
+            continue
+        u, ru, rm = by_label[b.same_size_as], results[b.same_size_as], results[b.label]
+        diff, se = paired(rm, ru)
+        pairs.append(
+            f"| {u.label} | {u.bpw:.3f} / {b.bpw:.3f} | {ru.perplexity:.3f} / {rm.perplexity:.3f} | "
+            f"{diff:+.2f} ± {se:.2f} | {ru.kl_divergence:.6f} / {rm.kl_divergence:.6f} | "
+            f"{ru.top1_agreement:.3f} / {rm.top1_agreement:.3f} |"
+        )
     command = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
     args.out.write_text(
         f"# Quality per byte on the benchmark model\n\nProduced by `{command.strip()}` on {date.today()} "
         f"({platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}).\n\n"
         f"Model: {args.model} (see benchmarks/train_bench_model.py). Calibration: the bundled mix, "
         f"{args.calib_rows} rows x {args.calib_seq_len} tokens, the same rows for every quantizer. Held-out: "
-        f"{args.eval_rows} rows x {args.eval_seq_len} tokens of held-out files. RTN rows are fake-quantized with "
-        f"the GPTQ layout's size; RTN's time is the rounding alone.\n\n{table}\n"
+        f"{args.eval_rows} rows x {args.eval_seq_len} tokens of held-out files, the same rows for every build. RTN "
+        f"rows are fake-quantized with the GPTQ layout's size; RTN's time is the rounding alone.\n\n"
+        + "\n".join(lines)
+        + "\n\n## Equal bytes: mixed --bpw against uniform GPTQ\n\nEach mixed build is made at exactly the uniform "
+        "build's bits per decoder weight (realized size at most equal). The ppl difference is exp(mean over rows of "
+        "the per-row NLL difference) - 1, with one standard error of that mean over rows (rows from one file "
+        "are not independent, so this understates the spread somewhat).\n\n" + "\n".join(pairs) + "\n"
     )
 
 

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from quantkit.calib.rows import build_rows
 from quantkit.calib.sources import load_calibration
 from quantkit.cli import main
+from quantkit.eval import evaluate, evaluate_many
 from quantkit.eval_command import EVAL_SEED, EvalSettings, eval_rows
 from quantkit.tokenizer.chat import ChatTokenizer
 
@@ -85,3 +86,28 @@ def test_seq_len_beyond_context_is_one_line_error(float_model):
     result = cli("eval", float_model["hf"], "--rows", 1, "--seq-len", 10**7, "--device", "cpu", "--quiet")
     assert result.exit_code == 1 and "longer than the model's context" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_many_equals_one_at_a_time_and_runs_the_reference_once_per_row():
+    torch.manual_seed(0)
+    vocab, rows = 11, torch.randint(0, 11, (4, 9))
+    tables = {k: torch.randn(vocab, vocab) for k in ("ref", "a", "b")}
+    calls = {k: 0 for k in tables}
+
+    def model(k):
+        def fn(ids):
+            calls[k] += 1
+            return tables[k][ids]
+
+        return fn
+
+    together = evaluate_many({"a": model("a"), "b": model("b")}, rows, model("ref"), progress=False)
+    assert calls["ref"] == rows.shape[0]
+    for k in ("a", "b"):
+        alone = evaluate(model(k), rows, model("ref"), progress=False)
+        assert together[k].as_dict() == pytest.approx(alone.as_dict(), rel=1e-12)
+        per_token = -F.log_softmax(tables[k][rows[:, :-1]], -1).gather(2, rows[:, 1:, None])[..., 0]
+        assert together[k].row_nll == pytest.approx(per_token.mean(1).tolist(), rel=1e-6)
+        assert together[k].nll == pytest.approx(float(per_token.mean()), rel=1e-6)
+        assert "row_nll" not in together[k].as_dict()
+    assert together["a"].kl_divergence != together["b"].kl_divergence

@@ -2,7 +2,7 @@
 
 A block is a layer's attention (q, k, v, o) or its MLP (gate, up, down; for MoE every expert's w1, w3, w2 take
 the same option). Each candidate sets per role a bit layout (uniform, or the most salient input columns in act
-order one width up) and a group size; the table below spans ~2.1 to ~8.3 bits per weight, and its low end
+order one width up) and a group size; the table below spans ~2.0 to ~8.3 bits per weight, and its low end
 favours the roles that are known to be sensitive (v, o, down), as in ExLlamaV2's tables. For each candidate the
 block's linears are solved with GPTQ on Hessians captured from the float layer, and the error is
 ||y_q - y_f||_F / ||y_f||_F of the block output including the residual stream; the cost is the exact number of
@@ -38,14 +38,16 @@ BLOCK_ROLES = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
 SENSITIVE = {"attn": ("v", "o"), "mlp": ("down",)}
 BASE_BITS = (2, 3, 4, 5, 6, 7, 8)
 SALIENT_FRACTION = 0.1
-CANDIDATES_VERSION = 1
+PER_CHANNEL = 0  # a candidate's group size meaning one scale per output row (no groups)
+CANDIDATES_VERSION = 2
 
 Segments = tuple[tuple[int, float], ...]  # ((bits, fraction of columns), ...), most salient first
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One way to store a block: per role, the segments and the group size (None = the run's --group-size)."""
+    """One way to store a block: per role, the segments and the group size (None = the run's --group-size,
+    PER_CHANNEL = no groups)."""
 
     name: str
     roles: tuple[tuple[str, Segments, int | None], ...]
@@ -55,8 +57,9 @@ class Candidate:
 
 
 def block_candidates(block: str) -> list[Candidate]:
-    """The candidate table of a block, cheapest first: uniform widths, 10% salient columns one width up, the
-    sensitive roles one width up, and small groups at 2 and 3 bits."""
+    """The candidate table of a block: uniform widths, 10% salient columns one width up, the sensitive roles one
+    width up, and at 2 and 3 bits small groups and per-channel grids (so that even the lowest targets leave the
+    allocator a choice: per-channel blocks pay for finer groups elsewhere)."""
     roles = BLOCK_ROLES[block]
     out = []
     for b in BASE_BITS:
@@ -70,6 +73,7 @@ def block_candidates(block: str) -> list[Candidate]:
         out.append(Candidate(f"{b}+{'/'.join(SENSITIVE[block])}", sens))
         if b <= 3:
             out.append(Candidate(f"{b} g32", tuple((r, ((b, 1.0),), 32) for r in roles)))
+            out.append(Candidate(f"{b} per-channel", tuple((r, ((b, 1.0),), PER_CHANNEL) for r in roles)))
     return out
 
 
@@ -95,7 +99,10 @@ def layout_for(segments: Segments, in_features: int, group: int | None) -> int |
 
 def spec_for_candidate(cand: Candidate, name: str, in_features: int, s: QuantSettings, rotate_seed: int | None):
     segs, g = cand.for_role(role_of(name))
-    group = g if g is not None and in_features % g == 0 else s.group_size
+    if g == PER_CHANNEL:
+        group = None
+    else:
+        group = g if g is not None and in_features % g == 0 else s.group_size
     return LinearSpec(layout_for(segs, in_features, group), group, rotate_seed)
 
 
