@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from quantkit.cli import main
 
+NUMEL = 2 * (128 * 128 * 2 + 64 * 128 * 2 + 3 * 128 * 256)  # the decoder linears of the tiny model's two layers
 ARGS = ["--group-size", "64", "--no-act-order", "--rows", "4", "--seq-len", "64", "--measure-rows", "2", "--quiet"]
 
 
@@ -82,8 +83,8 @@ def test_allocation_is_deterministic(measured):
 
 
 def test_the_range_ends_are_reachable(measured):
-    """At the lowest reachable target every linear gets 2 bits, at the highest 8 (the knapsack once failed at
-    the lowest one: its rounded-up costs did not fit)."""
+    """At the lowest reachable target every linear gets 2 bits per channel, at the highest 8 (the knapsack once
+    failed at the lowest one: its rounded-up costs did not fit)."""
     from quantkit.model.load import Checkpoint, build_model
     from quantkit.quant.allocate import allocate
     from quantkit.quant.capture import QuantSettings
@@ -100,6 +101,7 @@ def test_the_range_ends_are_reachable(measured):
     hi = sum(max(c["bits"] for c in block) for block in blocks)
     low = allocate(meas, shapes, lo / numel + 1e-12, s, lambda i, n: None)
     assert low.bits == lo and {sp.bits for layer in low.specs for sp in layer.values()} == {2}
+    assert {sp.group_size for layer in low.specs for sp in layer.values()} == {None}  # per-channel is cheapest
     high = allocate(meas, shapes, hi / numel, s, lambda i, n: None)
     assert high.bits == hi and {sp.bits for layer in high.specs for sp in layer.values()} == {8}
 
@@ -107,9 +109,8 @@ def test_the_range_ends_are_reachable(measured):
 def test_target_outside_the_range_is_refused(measured, tmp_path):
     src, _, measurement = measured
     meas = json.loads(measurement.read_text())
-    numel = 2 * (128 * 128 * 2 + 64 * 128 * 2 + 3 * 128 * 256)  # the decoder linears of the two layers
-    lo = sum(min(c["bits"] for c in layer[b]) for layer in meas["layers"] for b in ("attn", "mlp")) / numel
-    hi = sum(max(c["bits"] for c in layer[b]) for layer in meas["layers"] for b in ("attn", "mlp")) / numel
+    lo = sum(min(c["bits"] for c in layer[b]) for layer in meas["layers"] for b in ("attn", "mlp")) / NUMEL
+    hi = sum(max(c["bits"] for c in layer[b]) for layer in meas["layers"] for b in ("attn", "mlp")) / NUMEL
     assert 2.0 < lo < 2.3 and 8 < hi < 8.5
     for target in (1.5, 9.0):
         result = run("quantize", src, tmp_path / "out", "--bpw", target, "--measurement", measurement, *ARGS)
@@ -128,3 +129,19 @@ def test_foreign_measurement_is_refused(measured, tiny_models, tmp_path):
     result = run("quantize", other_model, tmp_path / "b", "--bpw", "3.0", "--measurement", measurement, *ARGS)
     assert result.exit_code == 1 and "source" in result.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_lowest_target_builds_and_runs(measured, tmp_path):
+    """Per-channel candidates at the bottom of the range export and load like the grouped ones."""
+    src, _, measurement = measured
+    meas = json.loads(measurement.read_text())
+    lo = sum(min(c["bits"] for c in layer[b]) for layer in meas["layers"] for b in ("attn", "mlp")) / NUMEL
+    out = tmp_path / "lowest"
+    result = run("quantize", src, out, "--bpw", lo + 1e-9, "--measurement", measurement, *ARGS)
+    assert result.exit_code == 0, result.output + str(result.exception)
+    assert lo - 0.02 <= decoder_bpw(out) <= lo + 1e-9
+    modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
+    assert {m["group_size"] for m in modules.values()} == {None}
+    result = run("eval", out, "--reference", src, "--rows", "2", "--seq-len", "32", "--json", "--quiet")
+    assert result.exit_code == 0, result.output + str(result.exception)
+    assert 0 < json.loads(result.stdout)["kl_divergence"] < 5

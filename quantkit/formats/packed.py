@@ -340,8 +340,9 @@ def stored_bits_for(
 ) -> int:
     """Bits on disk of a linear with this shape and layout, before packing: what the bpw allocator budgets.
 
-    Counts every stored tensor: codes (padding included), fp16 scales, uint8 zeros, int32 perm, the int32 segment
-    table and header, the bias (bias_bits per output, 0 = no bias) and int8 rotation signs. Equals stored_bits of
+    Counts every stored tensor: codes (padding included), fp16 scales, uint8 zeros, int32 perm (act order with
+    groups; a per-channel grid does not depend on column order, so none is stored), the int32 segment table and
+    header, the bias (bias_bits per output, 0 = no bias) and int8 rotation signs. Equals stored_bits of
     the packed result (safetensors' per-tensor JSON header, ~100 bytes, is not counted).
     """
     g, layout = padded_layout(in_features, bits, group_size)
@@ -349,7 +350,7 @@ def stored_bits_for(
     total = out_features * sum(b * c for b, c in layout)  # codes
     total += 16 * n_groups * out_features  # scales
     total += 8 * n_groups * out_features if asym else 0  # zeros
-    total += 32 * in_features if act_order else 0  # perm
+    total += 32 * in_features if act_order and group_size is not None else 0  # perm (one group: order is moot)
     total += 32 * (META_LEN + 2 * len(layout))  # qmeta + segment table
     total += bias_bits * out_features
     total += 8 * in_features if had_in else 0
