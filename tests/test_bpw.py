@@ -22,6 +22,12 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def reachable(meas: dict) -> tuple[float, float]:
+    """(lowest, highest) bpw a measurement allows: every block's cheapest or dearest candidate."""
+    blocks = [layer[b] for layer in meas["layers"] for b in ("attn", "mlp")]
+    return tuple(sum(pick(c["bits"] for c in block) for block in blocks) / NUMEL for pick in (min, max))
+
+
 def decoder_bpw(folder) -> float:
     result = run("inspect", folder, "--json")
     assert result.exit_code == 0, result.output
@@ -108,9 +114,7 @@ def test_the_range_ends_are_reachable(measured):
 
 def test_target_outside_the_range_is_refused(measured, tmp_path):
     src, _, measurement = measured
-    meas = json.loads(measurement.read_text())
-    lo = sum(min(c["bits"] for c in layer[b]) for layer in meas["layers"] for b in ("attn", "mlp")) / NUMEL
-    hi = sum(max(c["bits"] for c in layer[b]) for layer in meas["layers"] for b in ("attn", "mlp")) / NUMEL
+    lo, hi = reachable(json.loads(measurement.read_text()))
     assert 2.0 < lo < 2.3 and 8 < hi < 8.5
     for target in (1.5, 9.0):
         result = run("quantize", src, tmp_path / "out", "--bpw", target, "--measurement", measurement, *ARGS)
@@ -134,8 +138,7 @@ def test_foreign_measurement_is_refused(measured, tiny_models, tmp_path):
 def test_the_lowest_target_builds_and_runs(measured, tmp_path):
     """Per-channel candidates at the bottom of the range export and load like the grouped ones."""
     src, _, measurement = measured
-    meas = json.loads(measurement.read_text())
-    lo = sum(min(c["bits"] for c in layer[b]) for layer in meas["layers"] for b in ("attn", "mlp")) / NUMEL
+    lo, _ = reachable(json.loads(measurement.read_text()))
     out = tmp_path / "lowest"
     result = run("quantize", src, out, "--bpw", lo + 1e-9, "--measurement", measurement, *ARGS)
     assert result.exit_code == 0, result.output + str(result.exception)
