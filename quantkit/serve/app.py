@@ -1,0 +1,235 @@
+"""The OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/chat/completions, /v1/completions and /health.
+
+Request bodies are read as plain JSON and checked by quantkit.serve.protocol, so every refusal, from malformed
+JSON to an unreadable image, is a 4xx with OpenAI's error body; an unexpected failure is a 500 of the same shape
+and the server keeps serving. Tokenizing (image decoding included) runs in a thread pool, generation on the
+engine's worker; streams are server-sent events ending in `data: [DONE]`, and a stream whose client goes away
+cancels its job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from quantkit.serve.engine import Busy, Engine, Job, Usage
+from quantkit.serve.protocol import APIError, Prompt, parse_chat, parse_completion, tool_calls
+
+log = logging.getLogger("quantkit.serve")
+POLL_S = 0.5  # how often a non-streaming request checks whether its client is still there
+
+
+class _Stream(StreamingResponse):
+    """A stream that cancels its job however it ends (a client disconnect included)."""
+
+    def __init__(self, content: AsyncIterator[str], job: Job):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
+            await self.body_iterator.aclose()
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _usage(u: Usage) -> dict:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens}  # fmt: skip
+
+
+def create_app(engine: Engine, model_name: str, context: int, api_key: str | None = None) -> FastAPI:
+    """The app for one loaded model; `context` is its length in tokens."""
+    app = FastAPI(title="quantkit", docs_url=None, redoc_url=None, openapi_url=None)
+    tokenizer = engine.tokenizer
+    created = int(time.time())
+    tool_calls_id = tokenizer.info.specials.get("[TOOL_CALLS]")
+    has_vision = engine.model.vision_tower is not None
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return JSONResponse(APIError(message, e.status_code, code).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        body = APIError(f"internal server error: {type(e).__name__}", 500, kind="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError("invalid or missing API key (send 'Authorization: Bearer KEY')", 401, "invalid_api_key")
+
+    async def read_body(request: Request) -> dict:
+        authorize(request)
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(f"the request body is not valid JSON ({e})", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError("the request body must be a JSON object", code="invalid_json")
+        return body
+
+    async def prepare(request: Request, parse: Callable) -> Prompt:
+        body = await read_body(request)
+        if body.get("model") not in (None, model_name):
+            raise APIError(f"the model {body['model']!r} does not exist; this server serves {model_name!r}", 404,
+                           "model_not_found", "model")  # fmt: skip
+        prompt = await run_in_threadpool(parse, body, tokenizer, context)
+        if prompt.encoded.images and not has_vision:
+            raise APIError(f"{model_name} is a text-only model: it takes no images", param="messages")
+        return prompt
+
+    def start(prompt: Prompt) -> tuple[Job, asyncio.Queue]:
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(event: tuple) -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody is listening
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        e = prompt.encoded
+        job = Job(e.input_ids, e.images, prompt.params.sampling, emit, prompt.params.stop)
+        try:
+            engine.submit(job)
+        except Busy as b:
+            raise APIError(f"the server is busy: {b}; retry later", 429, "server_busy", kind="rate_limit_error") \
+                from None
+        return job, events
+
+    async def collect(request: Request, job: Job, events: asyncio.Queue) -> Usage:
+        """Wait for a non-streamed answer; a client that leaves meanwhile cancels it."""
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()
+                    raise APIError("the client disconnected", 499, "client_closed") from None
+                continue
+            if event[0] == "done":
+                return event[1]
+            if event[0] == "error":
+                raise APIError(event[1], event[2], kind="server_error" if event[2] >= 500 else "invalid_request_error")
+
+    def extras(prompt: Prompt, usage: Usage | None) -> tuple[dict, dict]:
+        """vLLM's return_token_ids: prompt ids on the response, generated ids on the choice."""
+        if not prompt.params.return_token_ids:
+            return {}, {}
+        return {"prompt_token_ids": prompt.encoded.input_ids}, ({"token_ids": usage.output_ids} if usage else {})
+
+    async def stream(prompt: Prompt, job: Job, events: asyncio.Queue, chunk: Callable[[str | None, str | None], dict],
+                     first: dict | None) -> AsyncIterator[str]:  # fmt: skip
+        if first is not None:
+            yield _sse(first)
+        while True:
+            event = await events.get()
+            if event[0] == "text":
+                yield _sse(chunk(event[1], None))
+            elif event[0] == "error":
+                kind = "server_error" if event[2] >= 500 else "invalid_request_error"
+                yield _sse({"error": {"message": event[1], "type": kind, "param": None, "code": None}})
+                break
+            else:
+                usage: Usage = event[1]
+                top, choice = extras(prompt, usage)
+                last = chunk(None, usage.finish_reason)
+                last["choices"][0].update(choice)
+                yield _sse({**last, **top})
+                if prompt.params.include_usage:
+                    yield _sse({**chunk(None, None), "choices": [], "usage": _usage(usage)})
+                break
+        yield "data: [DONE]\n\n"
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_name, **engine.status()}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        authorize(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request) -> dict:
+        authorize(request)
+        if name != model_name:
+            raise APIError(f"the model {name!r} does not exist; this server serves {model_name!r}", 404,
+                           "model_not_found", "model")  # fmt: skip
+        return model_card()
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "quantkit",
+                "max_model_len": context}  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        prompt = await prepare(request, parse_chat)
+        job, events = start(prompt)
+        rid, now = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+        head = {"id": rid, "created": now, "model": model_name}
+
+        if prompt.params.stream:
+            def chunk(text: str | None, finish: str | None) -> dict:
+                delta = {"content": text} if text is not None else {}
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                return {**head, "object": "chat.completion.chunk", "choices": [choice]}
+
+            first = chunk(None, None)
+            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            return _Stream(stream(prompt, job, events, chunk, first), job)
+
+        usage = await collect(request, job, events)
+        message, finish = {"role": "assistant", "content": usage.text}, None
+        calls = tool_calls(usage.text) if tool_calls_id is not None and usage.first_special == tool_calls_id else None
+        if calls:
+            message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+        top, choice = extras(prompt, usage)
+        choice = {"index": 0, "message": message, "logprobs": None,
+                  "finish_reason": finish or usage.finish_reason, **choice}  # fmt: skip
+        return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(usage), **top}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        prompt = await prepare(request, parse_completion)
+        job, events = start(prompt)
+        rid, now = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": now, "model": model_name}
+
+        if prompt.params.stream:
+            def chunk(text: str | None, finish: str | None) -> dict:
+                return {**head, "choices": [{"index": 0, "text": text or "", "logprobs": None,
+                                             "finish_reason": finish}]}  # fmt: skip
+
+            return _Stream(stream(prompt, job, events, chunk, None), job)
+
+        usage = await collect(request, job, events)
+        top, choice = extras(prompt, usage)
+        choice = {"index": 0, "text": usage.text, "logprobs": None,
+                  "finish_reason": usage.finish_reason, **choice}  # fmt: skip
+        return {**head, "choices": [choice], "usage": _usage(usage), **top}
+
+    return app

@@ -1,0 +1,219 @@
+"""One generation worker thread fed by a queue: requests are answered one at a time with quantkit's generate().
+
+Each job streams events back to its request (text deltas, then a finish event) through a thread-safe sink.
+Stop strings and cancellation act from generate()'s on_token callback: raising there ends the generation, and
+generate()'s own `finally` frees the KV cache, which the worker checks and counts, so /health can show that a
+client that went away really stopped its generation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.model.generate import generate
+from quantkit.model.run import Sampling
+from quantkit.model.text import Transformer
+from quantkit.tokenizer.chat import ChatTokenizer
+
+log = logging.getLogger("quantkit.serve")
+Event = tuple  # ("text", delta) | ("done", Usage) | ("error", message, status)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    output_ids: list[int]  # every generated id, the end token included when hit (as `quantkit run --json`)
+    text: str
+    finish_reason: str  # "stop" (end token or stop string) or "length"
+    first_special: int | None = None  # the first generated id when it is a special token (e.g. [TOOL_CALLS])
+
+
+@dataclass
+class Job:
+    input_ids: list[int]
+    images: list[torch.Tensor]
+    sampling: Sampling
+    emit: Callable[[Event], None]  # called from the worker thread; must be thread-safe
+    stop: list[str] = field(default_factory=list)
+    id: str = ""
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Busy(Exception):
+    """The queue is full."""
+
+
+class _Stop(Exception):
+    """Raised from on_token to end a generation early (a stop string, or a cancelled job)."""
+
+
+class TextState:
+    """The answer's text as ids arrive: finds stop strings and holds back text that may be the start of one, so a
+    stream never shows a stop string; decodes all ids each time so multi-byte characters appear whole."""
+
+    def __init__(self, tokenizer: ChatTokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.generated: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of text already emitted
+        self.hit_stop = False
+
+    def add(self, token: int, is_end: bool) -> str:
+        """Take one generated id; returns the text that can be emitted now."""
+        self.generated.append(token)
+        if is_end:
+            return ""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        hits = [i for i in (text.find(s, max(self.sent - len(s), 0)) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.hit_stop = text[: min(hits)], True
+            return self._emit(len(self.text))
+        self.text = text
+        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._emit(len(text) - hold)
+
+    def finish(self) -> str:
+        """The rest of the text at the end (held-back characters, an incomplete character)."""
+        if not self.hit_stop:
+            self.text = self.tokenizer.decode(self.ids)
+        return self._emit(len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        delta = self.text[self.sent : upto] if upto > self.sent else ""
+        self.sent = max(self.sent, upto)
+        return delta
+
+
+class Engine:
+    """Answers jobs one at a time on a worker thread; counts what happened for /health."""
+
+    def __init__(self, model: Transformer, tokenizer: ChatTokenizer, max_queue: int = 64):
+        self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
+        self.end_ids = {tokenizer.eos_id}
+        self.specials = len(tokenizer.info.specials)
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.stats = dict(completed=0, cancelled=0, failed=0, generated_tokens=0, kv_caches_freed=0)
+        self.running: str | None = None
+        self._thread = threading.Thread(target=self._work, name="quantkit-generate", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> Job:
+        if self._queue.qsize() >= self.max_queue:
+            raise Busy(f"{self.max_queue} requests are already waiting")
+        job.id = job.id or f"job-{next(self._ids)}"
+        self._queue.put(job)
+        return job
+
+    def status(self) -> dict:
+        with self._lock:
+            return {**self.stats, "queued": self._queue.qsize(), "running": self.running,
+                    "kv_cache_allocated": self.kv_cache_allocated()}  # fmt: skip
+
+    def kv_cache_allocated(self) -> bool:
+        return any(layer.self_attn.kv_cache is not None for layer in self.model.layers)
+
+    def close(self, timeout: float = 30) -> None:
+        """Stop after the current job; waiting jobs are cancelled."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancel()
+                job.emit(("error", "the server is shutting down", 503))
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _count(self, **counts: int) -> None:
+        with self._lock:
+            for k, v in counts.items():
+                self.stats[k] += v
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if job.cancelled.is_set():
+                self._count(cancelled=1)
+                log.info("%s cancelled before it started", job.id)
+                continue
+            self.running = job.id
+            try:
+                self._run(job)
+            finally:
+                self.running = None
+
+    def _run(self, job: Job) -> None:
+        state = TextState(self.tokenizer, job.stop)
+        cancelled = False
+
+        def on_token(token: int) -> None:
+            nonlocal cancelled
+            if job.cancelled.is_set():
+                cancelled = True
+                raise _Stop
+            delta = state.add(token, token in self.end_ids)
+            if delta:
+                job.emit(("text", delta))
+            if state.hit_stop:
+                raise _Stop
+
+        t0 = time.perf_counter()
+        s = job.sampling
+        try:
+            generate(self.model, job.input_ids, job.images or None, max_new_tokens=s.max_new_tokens,
+                     temperature=s.temperature, top_p=s.top_p, seed=s.seed, stop_ids=sorted(self.end_ids),
+                     on_token=on_token)  # fmt: skip
+        except _Stop:
+            pass
+        except QuantkitError as e:
+            self._after(failed=1)
+            job.emit(("error", str(e), 400))
+            return
+        except Exception as e:  # a bug or an out-of-memory: this request fails, the server keeps serving
+            log.exception("%s failed", job.id)
+            self._after(failed=1)
+            job.emit(("error", f"generation failed: {type(e).__name__}: {e}", 500))
+            return
+        n = len(state.generated)
+        if cancelled:
+            freed = self._after(cancelled=1, generated_tokens=n)
+            log.info("%s cancelled after %d tokens (client gone); KV cache %s", job.id, n,
+                     "freed" if freed else "NOT freed")  # fmt: skip
+            return
+        delta = state.finish()
+        if delta:
+            job.emit(("text", delta))
+        self._after(completed=1, generated_tokens=n)
+        ended = state.hit_stop or (n > 0 and state.generated[-1] in self.end_ids)
+        first = state.generated[0] if state.generated and state.generated[0] < self.specials else None
+        usage = Usage(len(job.input_ids), n, state.generated, state.text, "stop" if ended else "length", first)
+        log.info("%s: %d prompt + %d tokens in %.2f s", job.id, len(job.input_ids), n, time.perf_counter() - t0)
+        job.emit(("done", usage))
+
+    def _after(self, **counts: int) -> bool:
+        """Count the outcome, and whether generate() left the KV cache freed."""
+        freed = not self.kv_cache_allocated()
+        self._count(**counts, kv_caches_freed=int(freed))
+        return freed

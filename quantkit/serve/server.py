@@ -1,0 +1,103 @@
+"""`quantkit serve`: load a converted or quantized folder once, then answer OpenAI-style requests over HTTP.
+
+Everything that can be checked before the (possibly minutes-long) load is: the folder, its tokenizer, that the
+web extra is installed and that the port is free. Startup prints the model, where its parts went, the memory they
+take and the URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from quantkit.errors import QuantkitError
+from quantkit.model.config import load_config
+from quantkit.model.generate import warm_up
+from quantkit.model.load import model_parts
+from quantkit.model.text import Transformer
+from quantkit.runtime import load_any, quantization_config
+from quantkit.tokenizer.chat import ChatTokenizer
+
+
+def _check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise QuantkitError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def describe(model: Transformer, folder: Path, name: str) -> list[str]:
+    """Startup lines: the model, the device of each group of parts, the bytes of weights on each device."""
+    qcfg = quantization_config(folder)
+    kind = f"{qcfg.get('quant_method')} quantized" if qcfg else f"{model.norm.weight.dtype}".replace("torch.", "")
+    if qcfg and qcfg.get("bits"):
+        kind += f", {qcfg['bits']}-bit"
+    t = model.config.text
+    lines = [f"model: {name} ({folder}, {kind}, {t.n_layers} layers, context {t.max_seq_len}"
+             + (", vision" if model.vision_tower is not None else "") + ")"]  # fmt: skip
+    split: dict[str, list[str]] = {}
+    for part in model_parts(model):
+        tensor = next(iter(model.get_submodule(part).state_dict().values()))
+        split.setdefault(str(tensor.device), []).append(part)
+    for device, parts in split.items():
+        layers = [p for p in parts if p.startswith("layers.")]
+        others = [p for p in parts if not p.startswith("layers.")]
+        span = f"layers {layers[0][7:]}-{layers[-1][7:]}" if layers else ""
+        lines.append(f"device {device}: {', '.join([span] * bool(span) + others)}")
+    used: Counter[str] = Counter()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        used[str(tensor.device)] += tensor.numel() * tensor.element_size()
+    lines.append("memory: " + ", ".join(f"{b / 1e9:.2f} GB on {d}" for d, b in used.items()))
+    return lines
+
+
+def serve(
+    folder: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    dtype: str = "auto",
+    backend: str = "auto",
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    max_queue: int = 64,
+    progress: bool = True,
+) -> None:
+    """Load FOLDER and serve it until interrupted."""
+    try:
+        import uvicorn
+
+        from quantkit.serve.app import create_app
+        from quantkit.serve.engine import Engine
+    except ImportError as e:
+        raise QuantkitError(f"quantkit serve needs the serve extra ({e.name} is missing): "
+                            "pip install 'quantkit[serve]'") from None  # fmt: skip
+    folder = Path(folder)
+    config = load_config(folder)
+    tokenizer = ChatTokenizer.from_folder(folder)
+    _check_port(host, port)
+    name = served_model_name or folder.resolve().name
+    model = load_any(folder, device=device, dtype=dtype, backend=backend, progress=progress)
+    if model.norm.weight.is_cuda:
+        warm_up(model, tokenizer.bos_id)
+    for line in describe(model, folder, name):
+        click.echo(line, err=True)
+    engine = Engine(model, tokenizer, max_queue)
+    app = create_app(engine, name, config.text.max_seq_len, api_key)
+    log = logging.getLogger("quantkit.serve")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     quantkit: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    click.echo(f"serving at http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
