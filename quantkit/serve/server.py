@@ -99,5 +99,7 @@ def serve(
     click.echo(f"serving at http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: for a server that is the normal stop
+        click.echo("stopped", err=True)
     finally:
         engine.close()

@@ -1,0 +1,66 @@
+"""The real `quantkit serve` app on uvicorn in a background thread, on a free port of 127.0.0.1, for tests."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from quantkit.model.config import load_config
+from quantkit.runtime import load_any
+from quantkit.serve.app import create_app
+from quantkit.serve.engine import Engine
+from quantkit.tokenizer.chat import ChatTokenizer
+
+START_TIMEOUT_S = 30
+STOP_TIMEOUT_S = 30
+
+
+@contextmanager
+def running_server(folder: Path, name: str = "tiny", api_key: str | None = None, max_queue: int = 64):
+    """Yields (base_url, engine); the server and its worker are stopped on exit."""
+    tokenizer = ChatTokenizer.from_folder(folder)
+    model = load_any(folder, device="cpu", backend="torch", progress=False)
+    engine = Engine(model, tokenizer, max_queue)
+    app = create_app(engine, name, load_config(folder).text.max_seq_len, api_key)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # the port is ours from here on: no race with other tests
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    try:
+        yield url, engine
+    finally:
+        server.should_exit = True
+        thread.join(STOP_TIMEOUT_S)
+        engine.close()
+        sock.close()
+        assert not thread.is_alive(), "the test server did not stop"
+
+
+def health(url: str) -> dict:
+    response = httpx.get(f"{url}/health", timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def wait_for(url: str, predicate, timeout_s: float = 30) -> dict:
+    """Poll /health until predicate(status) holds (bounded in time); returns the last status."""
+    deadline = time.monotonic() + timeout_s
+    status = health(url)
+    while not predicate(status) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        status = health(url)
+    return status

@@ -1,0 +1,267 @@
+"""`quantkit serve` end to end: the real server on a free local port, spoken to with the official `openai` client.
+
+Greedy answers (text, text + image, streamed or not) must be exactly what `quantkit run --json` gives for the same
+messages, on a tiny converted Pixtral and on a tiny quantized one; prompts with tools must be the ids `quantkit
+tokenize` gives; eight concurrent streams must each get their lone answer; a client that leaves mid-stream must stop
+its generation and free its KV cache.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+from click.testing import CliRunner  # noqa: E402
+from serve_server import health, running_server, wait_for  # noqa: E402
+
+from quantkit.cli import main  # noqa: E402
+
+PROMPT = "What is in this image?"
+TIMEOUT_S = 60  # per request: tiny models answer in well under a second
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "City weather", "parameters": CITY}}]
+
+
+def cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    return result
+
+
+def run_json(folder: Path, prompt: str, images=(), max_new_tokens: int = 8, system: str | None = None) -> dict:
+    """`quantkit run --json`, the reference the server must equal."""
+    args = ["run", folder, "--prompt", prompt, "--max-new-tokens", max_new_tokens, "--json", "--device", "cpu",
+            "--backend", "torch", "--quiet"]  # fmt: skip
+    for image in images:
+        args += ["--image", image]
+    if system:
+        args += ["--system", system]
+    return json.loads(cli(*args).stdout)
+
+
+def data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def extra(obj, key: str):
+    return (obj.model_extra or {})[key]
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    src = tiny_models.get("pixtral_12b")["hf"]
+    quantized = tmp_path_factory.mktemp("serve") / "pixtral-q4"
+    cli("quantize", src, quantized, "--format", "quantkit", "--bits", "4", "--group-size", "32", "--rows", "4",
+        "--seq-len", "64", "--quiet")  # fmt: skip
+    return {"float": src, "quantized": quantized}
+
+
+@pytest.fixture(scope="module", params=["float", "quantized"])
+def served(request, folders, one_thread):
+    folder = folders[request.param]
+    with running_server(folder, name="tiny-pixtral") as (url, engine):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+        yield folder, url, client, engine
+
+
+def chat(client, messages, **kw):
+    kw.setdefault("max_tokens", 8)
+    return client.chat.completions.create(model="tiny-pixtral", messages=messages, temperature=0,
+                                          extra_body={"return_token_ids": True}, **kw)  # fmt: skip
+
+
+def collect_stream(stream) -> tuple[str, list, object]:
+    """(joined text, finish reasons, last chunk with usage) of a streamed chat completion."""
+    text, finishes, usage, last = [], [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text.append(choice.delta.content or "")
+            if choice.finish_reason:
+                finishes.append(choice.finish_reason)
+                last = choice
+    return "".join(text), finishes, (usage, last)
+
+
+def test_text_chat_equals_quantkit_run(served):
+    folder, _, client, _ = served
+    ref = run_json(folder, "Hello, who are you?", system="Be brief.")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, who are you?"}]
+    response = chat(client, messages)
+    choice = response.choices[0]
+    assert extra(response, "prompt_token_ids") == ref["input_ids"]
+    assert extra(choice, "token_ids") == ref["output_ids"]
+    assert choice.message.content == ref["text"]
+    assert choice.finish_reason == "length"
+    usage = response.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(ref["input_ids"]), len(ref["output_ids"]))
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_image_chat_streamed_and_not_equals_quantkit_run(served, scene_image):
+    folder, _, client, _ = served
+    ref = run_json(folder, PROMPT, [scene_image], max_new_tokens=6)
+    for image_url in (data_uri(scene_image), {"url": str(scene_image)}):
+        url = image_url if isinstance(image_url, dict) else {"url": image_url}
+        content = [{"type": "text", "text": PROMPT}, {"type": "image_url", "image_url": url}]
+        messages = [{"role": "user", "content": content}]
+        response = chat(client, messages, max_tokens=6)
+        assert extra(response, "prompt_token_ids") == ref["input_ids"]
+        assert extra(response.choices[0], "token_ids") == ref["output_ids"]
+        assert response.choices[0].message.content == ref["text"]
+        stream = chat(client, messages, max_tokens=6, stream=True, stream_options={"include_usage": True})
+        text, finishes, (usage, last) = collect_stream(stream)
+        assert text == ref["text"] and finishes == ["length"]
+        assert extra(last, "token_ids") == ref["output_ids"]
+        assert (usage.prompt_tokens, usage.completion_tokens) == (len(ref["input_ids"]), 6)
+
+
+def test_stop_strings_cut_the_answer_streamed_and_not(served):
+    _, _, client, _ = served
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    full = chat(client, messages, max_tokens=12).choices[0].message.content
+    assert len(full) >= 6, full
+    stop = full[3:5]  # ends the answer inside its text, several tokens before max_tokens
+    expected = full[: full.find(stop)]
+    response = chat(client, messages, max_tokens=12, stop=[stop, "never-said"])
+    assert response.choices[0].message.content == expected
+    assert response.choices[0].finish_reason == "stop"
+    assert response.usage.completion_tokens < 12
+    text, finishes, _ = collect_stream(chat(client, messages, max_tokens=12, stop=stop, stream=True))
+    assert text == expected and finishes == ["stop"]
+
+
+def test_tools_render_as_quantkit_tokenize(served, tmp_path):
+    folder, _, client, _ = served
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"messages": messages, "tools": TOOLS}))
+    expected = json.loads(cli("tokenize", folder, "--messages", request, "--json").stdout)["input_ids"]
+    response = chat(client, messages, tools=TOOLS, max_tokens=1)
+    assert extra(response, "prompt_token_ids") == expected
+    request.write_text(json.dumps({"messages": messages}))
+    without = json.loads(cli("tokenize", folder, "--messages", request, "--json").stdout)["input_ids"]
+    assert without != expected
+    response = chat(client, messages, tools=TOOLS, tool_choice="none", max_tokens=1)
+    assert extra(response, "prompt_token_ids") == without
+
+
+def test_completions_on_the_chat_prompt_ids_give_the_chat_answer(served):
+    folder, _, client, _ = served
+    ref = run_json(folder, "Hello there")
+    response = client.completions.create(model="tiny-pixtral", prompt=ref["input_ids"], max_tokens=8, temperature=0,
+                                         extra_body={"return_token_ids": True})  # fmt: skip
+    assert extra(response.choices[0], "token_ids") == ref["output_ids"]
+    assert response.choices[0].text == ref["text"]
+    assert response.usage.completion_tokens == len(ref["output_ids"])
+    text = client.completions.create(model="tiny-pixtral", prompt="Once upon a time", max_tokens=3, temperature=0)
+    assert text.usage.completion_tokens == 3 and text.choices[0].finish_reason == "length"
+
+
+def test_models_and_health(served):
+    _, url, client, _ = served
+    assert [m.id for m in client.models.list().data] == ["tiny-pixtral"]
+    assert health(url)["status"] == "ok"
+
+
+PROMPTS = [f"Question number {i}: what is {i} plus {i}?" for i in range(8)]
+
+
+def test_eight_concurrent_streams_each_get_their_lone_answer(served):
+    _, url, client, engine = served
+    alone = [chat(client, [{"role": "user", "content": p}], max_tokens=6).choices[0].message.content for p in PROMPTS]
+    assert len(set(alone)) > 1  # different prompts, different answers: a mix-up would show
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            stream = chat(client, [{"role": "user", "content": PROMPTS[i]}], max_tokens=6, stream=True)
+            results[i] = collect_stream(stream)[0]
+        except BaseException as e:  # reported below: an exception in a thread would otherwise pass silently
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT_S * 2)
+    assert not errors, errors
+    assert [results.get(i) for i in range(len(PROMPTS))] == alone
+
+
+def test_client_closing_mid_stream_stops_its_generation(served):
+    _, url, client, _ = served
+    before = health(url)
+    max_tokens = 20000  # minutes of decoding: only a cancel ends it within the test's wait
+    stream = chat(client, [{"role": "user", "content": "Count forever."}], max_tokens=max_tokens, stream=True)
+    for chunks, _ in enumerate(stream, 1):
+        if chunks == 4:
+            break
+    stream.close()
+    status = wait_for(url, lambda s: s["cancelled"] > before["cancelled"])
+    assert status["cancelled"] == before["cancelled"] + 1
+    assert status["kv_caches_freed"] > before["kv_caches_freed"] and not status["kv_cache_allocated"]
+    assert status["running"] is None
+    assert status["generated_tokens"] - before["generated_tokens"] < max_tokens
+    messages = [{"role": "user", "content": "Still there?"}]  # the server keeps answering
+    assert chat(client, messages, max_tokens=3).usage.completion_tokens == 3
+
+
+def test_serve_command_starts_reports_and_stops(folders, tmp_path):
+    """The CLI itself in a subprocess: startup lines, /health, and a clean stop on SIGINT."""
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "quantkit", "serve", str(folders["quantized"]), "--port",
+                                 str(port), "--device", "cpu", "--backend", "torch", "--quiet"],
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        status = None
+        while status is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                status = health(url)
+            except Exception:
+                time.sleep(0.2)
+        assert status is not None and status["model"] == "pixtral-q4", log.read_text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert "model: pixtral-q4" in text and "quantkit quantized, 4-bit" in text
+    assert "device cpu: layers 0-1" in text and "GB on cpu" in text
+    assert f"serving at http://127.0.0.1:{port}/v1" in text
+
+
+def test_serve_refuses_a_busy_port_before_loading(folders):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", str(folders["float"]), "--port", str(port), "--device", "cpu"])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"error: cannot listen on 127.0.0.1:{port}")
