@@ -119,7 +119,7 @@ def _model(body: dict) -> str | None:
 def select_tools(tools: object, tool_choice: object) -> list | None:
     """The tools the chat template renders: all of them for "auto"/"required"/"any", none for "none", the named
     one for {"type": "function", "function": {"name": ...}} (mistral-common has no tool_choice in the prompt)."""
-    if tools is None or tool_choice in (None, "auto", "required", "any"):
+    if tool_choice in (None, "auto", "required", "any"):
         return tools
     if tool_choice == "none":
         return None
@@ -127,7 +127,7 @@ def select_tools(tools: object, tool_choice: object) -> list | None:
     if not isinstance(name, str):
         raise APIError("'tool_choice' must be none, auto, required or {'type': 'function', 'function': {'name'}}",
                        param="tool_choice")  # fmt: skip
-    chosen = [t for t in tools if isinstance(t, dict) and (t.get("function") or {}).get("name") == name]
+    chosen = [t for t in tools or [] if isinstance(t, dict) and (t.get("function") or {}).get("name") == name]
     if not chosen:
         raise APIError(f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
     return chosen
