@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 from quantkit.model.config import load_config
 from quantkit.runtime import load_any
 from quantkit.serve.app import create_app
 from quantkit.serve.engine import Engine
+from quantkit.serve.server import serve_in_thread
 from quantkit.tokenizer.chat import ChatTokenizer
-
-START_TIMEOUT_S = 30
-STOP_TIMEOUT_S = 30
 
 
 @contextmanager
@@ -28,26 +23,11 @@ def running_server(folder: Path, name: str = "tiny", api_key: str | None = None,
     model = load_any(folder, device="cpu", backend="torch", progress=False)
     engine = Engine(model, tokenizer, max_queue)
     app = create_app(engine, name, load_config(folder).text.max_seq_len, api_key)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))  # the port is ours from here on: no race with other tests
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
     try:
-        yield url, engine
+        with serve_in_thread(app) as url:
+            yield url, engine
     finally:
-        server.should_exit = True
-        thread.join(STOP_TIMEOUT_S)
         engine.close()
-        sock.close()
-        assert not thread.is_alive(), "the test server did not stop"
 
 
 def health(url: str) -> dict:

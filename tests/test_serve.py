@@ -156,6 +156,37 @@ def test_tools_render_as_quantkit_tokenize(served, tmp_path):
     assert extra(response, "prompt_token_ids") == without
 
 
+def test_an_answer_opening_with_tool_calls_is_returned_as_tool_calls(served, monkeypatch):
+    """The model's [TOOL_CALLS] + JSON (as Mistral models write it) is scripted in place of generate()'s tokens."""
+    import quantkit.serve.engine as engine_module
+
+    folder, _, client, engine = served
+    tokenizer = engine.tokenizer
+    call = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    script = [tokenizer.info.specials["[TOOL_CALLS]"], *tokenizer.encode_text(json.dumps(call)), tokenizer.eos_id]
+
+    def scripted(model, input_ids, images=None, *, on_token, **kw):
+        for token in script:
+            on_token(token)
+
+    monkeypatch.setattr(engine_module, "generate", scripted)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    choice = chat(client, messages, tools=TOOLS, max_tokens=len(script)).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (tool_call,) = choice.message.tool_calls
+    assert tool_call.function.name == "get_weather" and json.loads(tool_call.function.arguments) == {"city": "Paris"}
+    assert len(tool_call.id) == 9 and tool_call.id.isalnum()  # what mistral tokenizers accept back
+    deltas, finishes = [], []
+    for chunk in chat(client, messages, tools=TOOLS, max_tokens=len(script), stream=True):
+        for c in chunk.choices:
+            deltas += c.delta.tool_calls or []
+            assert not c.delta.content
+            finishes += [c.finish_reason] if c.finish_reason else []
+    assert finishes == ["tool_calls"] and [d.function.name for d in deltas] == ["get_weather"]
+    without_tools = chat(client, messages, max_tokens=len(script)).choices[0]  # no tools offered: plain text
+    assert without_tools.message.content == json.dumps(call) and not without_tools.message.tool_calls
+
+
 def test_completions_on_the_chat_prompt_ids_give_the_chat_answer(served):
     folder, _, client, _ = served
     ref = run_json(folder, "Hello there")

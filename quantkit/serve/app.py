@@ -141,22 +141,45 @@ def create_app(engine: Engine, model_name: str, context: int, api_key: str | Non
             return {}, {}
         return {"prompt_token_ids": prompt.encoded.input_ids}, ({"token_ids": usage.output_ids} if usage else {})
 
+    def answer_calls(prompt: Prompt, output_ids: list[int], text: str) -> list[dict] | None:
+        """OpenAI tool_calls when a request with tools got an answer that opens with [TOOL_CALLS]."""
+        if not prompt.tools or tool_calls_id is None or not output_ids or output_ids[0] != tool_calls_id:
+            return None
+        return tool_calls(text)
+
     async def stream(prompt: Prompt, job: Job, events: asyncio.Queue, chunk: Callable[[str | None, str | None], dict],
                      first: dict | None) -> AsyncIterator[str]:  # fmt: skip
+        """Server-sent events; an answer that may be tool calls is held back and sent as one tool_calls delta."""
         if first is not None:
             yield _sse(first)
+        held: list[str] | None = None
         while True:
             event = await events.get()
-            if event[0] == "text":
-                yield _sse(chunk(event[1], None))
+            if event[0] == "first":
+                held = [] if answer_calls(prompt, [event[1]], "[]") is not None else None
+            elif event[0] == "text":
+                if held is None:
+                    yield _sse(chunk(event[1], None))
+                else:
+                    held.append(event[1])
             elif event[0] == "error":
                 kind = "server_error" if event[2] >= 500 else "invalid_request_error"
                 yield _sse({"error": {"message": event[1], "type": kind, "param": None, "code": None}})
                 break
             else:
                 usage: Usage = event[1]
+                finish = usage.finish_reason
+                if held is not None:
+                    calls = tool_calls("".join(held))
+                    if calls:
+                        delta = chunk(None, None)
+                        delta["choices"][0]["delta"] = {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
+                        yield _sse(delta)
+                        finish = "tool_calls"
+                    else:
+                        yield _sse(chunk("".join(held), None))
                 top, choice = extras(prompt, usage)
-                last = chunk(None, usage.finish_reason)
+                last = chunk(None, finish)
                 last["choices"][0].update(choice)
                 yield _sse({**last, **top})
                 if prompt.params.include_usage:
@@ -204,7 +227,7 @@ def create_app(engine: Engine, model_name: str, context: int, api_key: str | Non
 
         usage = await collect(request, job, events)
         message, finish = {"role": "assistant", "content": usage.text}, None
-        calls = tool_calls(usage.text) if tool_calls_id is not None and usage.first_special == tool_calls_id else None
+        calls = answer_calls(prompt, usage.output_ids, usage.text)
         if calls:
             message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
         top, choice = extras(prompt, usage)

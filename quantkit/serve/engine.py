@@ -25,7 +25,7 @@ from quantkit.model.text import Transformer
 from quantkit.tokenizer.chat import ChatTokenizer
 
 log = logging.getLogger("quantkit.serve")
-Event = tuple  # ("text", delta) | ("done", Usage) | ("error", message, status)
+Event = tuple  # ("first", id) | ("text", delta) | ("done", Usage) | ("error", message, status)
 
 
 @dataclass
@@ -35,7 +35,6 @@ class Usage:
     output_ids: list[int]  # every generated id, the end token included when hit (as `quantkit run --json`)
     text: str
     finish_reason: str  # "stop" (end token or stop string) or "length"
-    first_special: int | None = None  # the first generated id when it is a special token (e.g. [TOOL_CALLS])
 
 
 @dataclass
@@ -107,7 +106,6 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: ChatTokenizer, max_queue: int = 64):
         self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
         self.end_ids = {tokenizer.eos_id}
-        self.specials = len(tokenizer.info.specials)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -174,6 +172,8 @@ class Engine:
                 cancelled = True
                 raise _Stop
             delta = state.add(token, token in self.end_ids)
+            if len(state.generated) == 1:
+                job.emit(("first", token))
             if delta:
                 job.emit(("text", delta))
             if state.hit_stop:
@@ -207,8 +207,7 @@ class Engine:
             job.emit(("text", delta))
         self._after(completed=1, generated_tokens=n)
         ended = state.hit_stop or (n > 0 and state.generated[-1] in self.end_ids)
-        first = state.generated[0] if state.generated and state.generated[0] < self.specials else None
-        usage = Usage(len(job.input_ids), n, state.generated, state.text, "stop" if ended else "length", first)
+        usage = Usage(len(job.input_ids), n, state.generated, state.text, "stop" if ended else "length")
         log.info("%s: %d prompt + %d tokens in %.2f s", job.id, len(job.input_ids), n, time.perf_counter() - t0)
         job.emit(("done", usage))
 

@@ -50,6 +50,7 @@ class Prompt:
     encoded: Encoded
     params: Params
     model: str | None
+    tools: bool = False  # the prompt offers tools: an answer opening with [TOOL_CALLS] is parsed as tool calls
 
 
 def _number(body: dict, key: str, default, lo: float, hi: float, integer: bool = False):
@@ -143,7 +144,7 @@ def parse_chat(body: dict, tokenizer: ChatTokenizer, context: int) -> Prompt:
         encoded = tokenizer.encode_chat(body["messages"], tools)
     except QuantkitError as e:
         raise APIError(str(e), param="messages") from None
-    return Prompt(encoded, parse_params(body, len(encoded.input_ids), context), model)
+    return Prompt(encoded, parse_params(body, len(encoded.input_ids), context), model, bool(tools))
 
 
 def parse_completion(body: dict, tokenizer: ChatTokenizer, context: int) -> Prompt:

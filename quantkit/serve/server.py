@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
+import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -31,6 +35,32 @@ def _check_port(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as e:
             raise QuantkitError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+@contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", timeout_s: float = 30) -> Iterator[str]:
+    """Run app on uvicorn in a background thread on a free port of host; yields its URL, stops it on exit
+    (for tests and benchmarks)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, 0))  # the port is ours from here on: no race with other users of free ports
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise QuantkitError("the server did not start")
+            time.sleep(0.05)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
+        sock.close()
+        if thread.is_alive():
+            raise QuantkitError("the server did not stop")
 
 
 def describe(model: Transformer, folder: Path, name: str) -> list[str]:
