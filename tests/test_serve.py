@@ -249,6 +249,19 @@ def test_client_closing_mid_stream_stops_its_generation(served):
     assert chat(client, messages, max_tokens=3).usage.completion_tokens == 3
 
 
+def test_client_leaving_a_non_streamed_request_stops_its_generation(served):
+    import httpx
+
+    _, url, _, _ = served
+    before = health(url)
+    body = {"messages": [{"role": "user", "content": "Count forever."}], "max_tokens": 20000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/chat/completions", json=body, timeout=1.0)  # gives up after 1 s and hangs up
+    status = wait_for(url, lambda s: s["cancelled"] > before["cancelled"])
+    assert status["cancelled"] == before["cancelled"] + 1 and not status["kv_cache_allocated"]
+    assert status["generated_tokens"] - before["generated_tokens"] < 20000
+
+
 def test_serve_command_starts_reports_and_stops(folders, tmp_path):
     """The CLI itself in a subprocess: startup lines, /health, and a clean stop on SIGINT."""
     import signal

@@ -111,6 +111,7 @@ class Engine:
         self._lock = threading.Lock()
         self.stats = dict(completed=0, cancelled=0, failed=0, generated_tokens=0, kv_caches_freed=0)
         self.running: str | None = None
+        self._current: Job | None = None
         self._thread = threading.Thread(target=self._work, name="quantkit-generate", daemon=True)
         self._thread.start()
 
@@ -130,7 +131,10 @@ class Engine:
         return any(layer.self_attn.kv_cache is not None for layer in self.model.layers)
 
     def close(self, timeout: float = 30) -> None:
-        """Stop after the current job; waiting jobs are cancelled."""
+        """Cancel the running job and the waiting ones, then stop the worker."""
+        current = self._current
+        if current is not None:
+            current.cancel()
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -156,11 +160,11 @@ class Engine:
                 self._count(cancelled=1)
                 log.info("%s cancelled before it started", job.id)
                 continue
-            self.running = job.id
+            self.running, self._current = job.id, job
             try:
                 self._run(job)
             finally:
-                self.running = None
+                self.running, self._current = None, None
 
     def _run(self, job: Job) -> None:
         state = TextState(self.tokenizer, job.stop)
