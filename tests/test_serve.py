@@ -295,7 +295,7 @@ def test_serve_command_starts_reports_and_stops(folders, tmp_path):
     text = log.read_text()
     assert proc.returncode == 0, text
     assert "model: pixtral-q4" in text and "quantkit quantized, 4-bit" in text
-    assert "device cpu: layers 0-1" in text and "GB on cpu" in text
+    assert "device cpu: layers 0-1" in text and "GB of weights on cpu" in text
     assert f"serving at http://127.0.0.1:{port}/v1" in text
 
 
@@ -309,3 +309,37 @@ def test_serve_refuses_a_busy_port_before_loading(folders):
         result = CliRunner().invoke(main, ["serve", str(folders["float"]), "--port", str(port), "--device", "cpu"])
     assert result.exit_code == 1
     assert result.output.startswith(f"error: cannot listen on 127.0.0.1:{port}")
+
+
+class PieceTokenizer:
+    """Ids are indexes into a list of text pieces: enough to drive TextState exactly."""
+
+    def __init__(self, pieces: list[str]):
+        self.pieces = pieces
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.pieces[i] for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stop", "deltas", "text", "hit"),
+    [
+        (["Hel", "lo ", "wor", "ld"], [], ["Hel", "lo ", "wor", "ld"], "Hello world", False),
+        (["Hel", "lo ", "EN", "D", "more"], ["END"], ["Hel", "lo ", "", ""], "Hello ", True),  # stop across tokens
+        (["a", "E", "x", "END"], ["END"], ["a", "", "Ex", ""], "aEx", True),  # a held "E" is released when it diverges
+        (["ab", "cd", "ef"], ["zz", "cde"], ["ab", "", ""], "ab", True),  # the earliest of several stops
+        (["ab", "c"], ["cd"], ["ab", ""], "abc", False),  # held at the end, given back by finish()
+    ],
+)
+def test_text_state_never_shows_a_stop_string(pieces, stop, deltas, text, hit):
+    from quantkit.serve.engine import TextState
+
+    state = TextState(PieceTokenizer(pieces), stop)
+    got = []
+    for i in range(len(pieces)):
+        got.append(state.add(i, is_end=False))
+        if state.hit_stop:
+            break
+    assert got == deltas[: len(got)] and state.hit_stop == hit
+    rest = state.finish()
+    assert "".join(got) + rest == text == state.text

@@ -49,7 +49,6 @@ class Prompt:
 
     encoded: Encoded
     params: Params
-    model: str | None
     tools: bool = False  # the prompt offers tools: an answer opening with [TOOL_CALLS] is parsed as tool calls
 
 
@@ -110,13 +109,6 @@ def parse_params(body: dict, prompt_len: int, context: int) -> Params:
                   bool(body.get("return_token_ids")))  # fmt: skip
 
 
-def _model(body: dict) -> str | None:
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise APIError("'model' must be a string", param="model")
-    return model
-
-
 def select_tools(tools: object, tool_choice: object) -> list | None:
     """The tools the chat template renders: all of them for "auto"/"required"/"any", none for "none", the named
     one for {"type": "function", "function": {"name": ...}} (mistral-common has no tool_choice in the prompt)."""
@@ -138,18 +130,16 @@ def parse_chat(body: dict, tokenizer: ChatTokenizer, context: int) -> Prompt:
     """A /v1/chat/completions body -> prompt ids through the chat template (images and tools included)."""
     if "messages" not in body:
         raise APIError("'messages' is required", param="messages", code="missing_required_parameter")
-    model = _model(body)
     tools = select_tools(body.get("tools"), body.get("tool_choice"))
     try:
         encoded = tokenizer.encode_chat(body["messages"], tools)
     except QuantkitError as e:
         raise APIError(str(e), param="messages") from None
-    return Prompt(encoded, parse_params(body, len(encoded.input_ids), context), model, bool(tools))
+    return Prompt(encoded, parse_params(body, len(encoded.input_ids), context), bool(tools))
 
 
 def parse_completion(body: dict, tokenizer: ChatTokenizer, context: int) -> Prompt:
     """A /v1/completions body: a raw prompt (BOS + the text, no chat template) or a list of token ids."""
-    model = _model(body)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -163,7 +153,7 @@ def parse_completion(body: dict, tokenizer: ChatTokenizer, context: int) -> Prom
         raise APIError("'prompt' must be a string, a list of one string, or a list of token ids", param="prompt")
     if body.get("echo"):
         raise APIError("'echo' is not supported by this server", param="echo")
-    return Prompt(Encoded(ids, [], ""), parse_params(body, len(ids), context), model)
+    return Prompt(Encoded(ids, [], ""), parse_params(body, len(ids), context))
 
 
 def tool_calls(text: str) -> list[dict] | None:

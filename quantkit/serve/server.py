@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.model.config import load_config
@@ -84,7 +85,11 @@ def describe(model: Transformer, folder: Path, name: str) -> list[str]:
     used: Counter[str] = Counter()
     for tensor in [*model.parameters(), *model.buffers()]:
         used[str(tensor.device)] += tensor.numel() * tensor.element_size()
-    lines.append("memory: " + ", ".join(f"{b / 1e9:.2f} GB on {d}" for d, b in used.items()))
+    memory = []
+    for d, b in used.items():
+        allocated = f", {torch.cuda.memory_allocated(d) / 1e9:.2f} GB allocated" if d.startswith("cuda") else ""
+        memory.append(f"{b / 1e9:.2f} GB of weights on {d}{allocated}")
+    lines.append("memory: " + "; ".join(memory))
     return lines
 
 
