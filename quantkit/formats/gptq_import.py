@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.packed import PackedLinear, pack_linear
+from quantkit.formats.packed import PackedLinear, pack_linear, stores_perm
 from quantkit.quant.pack import gptq_unpack
 
 if TYPE_CHECKING:
@@ -75,6 +75,9 @@ def pack_gptq_result(
     the signs of the input rotation the result was quantized in.
     """
     perm, gs = _groups_from_g_idx(result.g_idx, result.scales.shape[0])
+    k = result.q.shape[1]
+    if perm is None and stores_perm(k, result.group_size, result.perm is not None, result.static_groups):
+        perm = torch.arange(k)  # act order that kept every group together: stored all the same (stored_bits_for)
     zeros = None if result.sym else result.zeros
     return pack_linear(
         result.q, result.scales, zeros, gs, result.bits if bits is None else bits, perm, bias,

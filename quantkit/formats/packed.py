@@ -134,12 +134,20 @@ def padded_layout(
 
 
 def _as_perm(perm: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """A given perm is stored as given, identity included: whether a linear stores one is a property of its
+    settings (see stores_perm), so that its size is known before the solver runs."""
     if perm is None:
         return None
     p = perm.to(torch.int64).reshape(-1)
     if p.shape != (k,) or not torch.equal(torch.sort(p).values, torch.arange(k, device=p.device)):
         raise QuantkitError(f"perm must be a permutation of range({k})")
-    return None if torch.equal(p, torch.arange(k, device=p.device)) else p.to(torch.int32)
+    return p.to(torch.int32)
+
+
+def stores_perm(in_features: int, group_size: int | None, act_order: bool, static_groups: bool = False) -> bool:
+    """Whether a GPTQ result packs with an input permutation: act order with dynamic groups and more than one group
+    (one group, a per-channel grid or static groups do not depend on column order)."""
+    return act_order and not static_groups and group_size is not None and -(-in_features // group_size) > 1
 
 
 def _signs(s: torch.Tensor | None, n: int, block: int, what: str) -> tuple[torch.Tensor | None, int]:
@@ -334,23 +342,23 @@ def stored_bits_for(
     *,
     asym: bool,
     act_order: bool,
+    static_groups: bool = False,
     bias_bits: int = 0,
     had_in: bool = False,
     had_out: bool = False,
 ) -> int:
     """Bits on disk of a linear with this shape and layout, before packing: what the bpw allocator budgets.
 
-    Counts every stored tensor: codes (padding included), fp16 scales, uint8 zeros, int32 perm (act order with
-    groups; a per-channel grid does not depend on column order, so none is stored), the int32 segment table and
-    header, the bias (bias_bits per output, 0 = no bias) and int8 rotation signs. Equals stored_bits of
-    the packed result (safetensors' per-tensor JSON header, ~100 bytes, is not counted).
+    Counts every stored tensor: codes (padding included), fp16 scales, uint8 zeros, int32 perm (see stores_perm),
+    the int32 segment table and header, the bias (bias_bits per output, 0 = no bias) and int8 rotation signs.
+    Equals stored_bits of the packed result (safetensors' per-tensor JSON header, ~100 bytes, is not counted).
     """
     g, layout = padded_layout(in_features, bits, group_size)
     n_groups = sum(c for _, c in layout) // g
     total = out_features * sum(b * c for b, c in layout)  # codes
     total += 16 * n_groups * out_features  # scales
     total += 8 * n_groups * out_features if asym else 0  # zeros
-    total += 32 * in_features if act_order and group_size is not None else 0  # perm (one group: order is moot)
+    total += 32 * in_features if stores_perm(in_features, group_size, act_order, static_groups) else 0
     total += 32 * (META_LEN + 2 * len(layout))  # qmeta + segment table
     total += bias_bits * out_features
     total += 8 * in_features if had_in else 0

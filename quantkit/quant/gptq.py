@@ -42,6 +42,7 @@ class GPTQResult:
     bits: int | list[tuple[int, int]]  # an int, or the mixed layout [(bits, n_cols), ...] in quantization order
     group_size: int | None  # None = one group per output row (per-channel)
     sym: bool
+    static_groups: bool = False  # groups fixed in original column order before the solve (no permutation stored)
 
 
 class HessianAccumulator:
@@ -332,6 +333,7 @@ def gptq_quantize(
         bits=[(int(b), int(n)) for b, n in bits] if mixed else bits,
         group_size=group_size,
         sym=sym,
+        static_groups=static_groups,
     )
 
 

@@ -110,7 +110,7 @@ def spec_bits(spec: LinearSpec, out_features: int, in_features: int, s: QuantSet
     """Exact stored bits of a linear quantized with spec (what the allocator budgets)."""
     return stored_bits_for(
         out_features, in_features, spec.bits if isinstance(spec.bits, int) else list(spec.bits), spec.group_size,
-        asym=not s.sym, act_order=s.act_order, had_in=spec.rotate_seed is not None,
+        asym=not s.sym, act_order=s.act_order, static_groups=s.static_groups, had_in=spec.rotate_seed is not None,
     )  # fmt: skip
 
 

@@ -34,7 +34,7 @@ from quantkit.quant.capture import LinearSpec, QuantSettings, capture_groups, qu
 from quantkit.quant.export import FORMATS, linear_tensors, model_card, quantization_config
 from quantkit.quant.gptq import HessianAccumulator
 from quantkit.quant.job import Job
-from quantkit.quant.measure import CANDIDATES_VERSION, measure_layer, spec_bits
+from quantkit.quant.measure import CANDIDATES_VERSION, measure_layer
 from quantkit.tokenizer.chat import ChatTokenizer
 
 GROUP_SIZES = (32, 64, 128, None)
@@ -278,8 +278,6 @@ def quantize(
         raise QuantkitError("--bpw and --rotate write the quantkit format (--format quantkit)")
     if vision not in ("keep", "quantize"):
         raise QuantkitError(f"--vision must be keep or quantize, got {vision!r}")
-    if bpw is not None and settings.group_size is None:
-        raise QuantkitError("--bpw mixes bit widths by groups of columns: give a --group-size (32, 64 or 128)")
     ckpt = Checkpoint(src)
     model = build_model(ckpt.config)
     _check_settings(model, settings, fmt, head_bits, vision == "quantize")
@@ -306,7 +304,10 @@ def quantize(
         else:
             meas = measure(ckpt, model, m_ids, work, settings, rotate, device, torch_dtype, progress, offload_dir)
         alloc = allocate(meas, shapes, bpw, settings, seeds)
-        log(f"allocation: {alloc.bpw:.4f} bits per decoder weight for --bpw {bpw} ({alloc.bits / 8e9:.3f} GB)")
+        log(
+            f"allocation: {alloc.bpw:.4f} bits per decoder weight for --bpw {bpw} "
+            f"({alloc.bits:,} bits, {alloc.bits / 8e9:.3f} GB)"
+        )
         specs = alloc.specs
     else:
         specs = [
@@ -345,7 +346,7 @@ def quantize(
                 layer, rows, lambda r, cur=cur: cur.read(r).to(device), nxt.read, nxt.write, ctx, settings,
                 specs[i].__getitem__, emit,
             )  # fmt: skip
-            layer_bits = sum(spec_bits(specs[i][n], o, k, settings) for n, (o, k) in shapes[i].items())
+            layer_bits = sum(t.numel() * t.element_size() * 8 for t in tensors.values())  # what inspect counts
             avg = layer_bits / sum(o * k for o, k in shapes[i].values())
             info = {"bpw": avg, "rel_error": report.rel_error, "starved_experts": report.starved}
             job.finish(i + 1, tensors, info)
