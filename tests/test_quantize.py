@@ -87,8 +87,8 @@ def test_dry_run_prints_plan_writes_nothing_and_sizes_the_output(quantized, tmp_
 
 
 def _dequantized_logits(src: Path, out: Path, ids: torch.Tensor) -> torch.Tensor:
+    from quantkit.formats.gptq import gptq_unpack
     from quantkit.model.load import load_model
-    from quantkit.quant.pack import gptq_unpack
 
     model = load_model(src, device="cpu", dtype="float32")
     t = read_safetensors(out)

@@ -7,7 +7,7 @@ first (most salient) columns. Group g covers kernel columns [g·G, (g+1)·G); a 
 
 Codes of b bits are split into power-of-two planes, widest first and lowest bits first (3 -> 2+1, 5 -> 4+1,
 6 -> 4+2, 7 -> 4+2+1; 2/4/8 are one plane). A plane of width w is int32 [n_cols·w/32, N] packed along K with
-32/w codes per word, LSB first (quantkit.quant.pack.pack_bits, dim=0), so every word holds whole codes and a kernel
+32/w codes per word, LSB first (quantkit.formats.bits.pack_bits, dim=0), so every word holds whole codes and a kernel
 tile of 32·j rows maps to whole words of every plane: no code straddles a word, whatever b is.
 
 Dequantization: W[:, perm[k]] = scales[k // G] · (code[k] − zero[k // G]), zero = zeros[...] or 2^(b−1) when zeros is
@@ -25,7 +25,7 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.formats import hadamard
-from quantkit.quant.pack import pack_bits, unpack_bits
+from quantkit.formats.bits import pack_bits, unpack_bits
 
 FORMAT_VERSION = 1
 BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -178,7 +178,7 @@ def pack_linear(
 
     scales/zeros [n_groups, N] index groups of kernel-order columns (k // G), n_groups ≥ ceil(K/G); zeros None =
     symmetric. bits: see padded_layout. perm must put each group's columns together (k // G); a GPTQResult with
-    static_groups keeps groups in original order, so pack solver results with gptq_import.pack_gptq_result, which
+    static_groups keeps groups in original order, so pack solver results with formats.gptq.pack_gptq_result, which
     derives perm from g_idx. Padding columns get code 0; the kernels never read their inputs.
     """
     n, k = q.shape

@@ -41,7 +41,7 @@ ARCHITECTURES = {
     "MixtralForCausalLM": "mixtral",
     "LlavaForConditionalGeneration": "pixtral",
 }
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def parse_config(cfg: dict) -> ModelConfig:
     if arch is None:
         found = ", ".join(archs) or cfg.get("model_type") or "none given"
         raise QuantkitError(f"config.json: architecture {found} is not supported ({', '.join(ARCHITECTURES)})")
-    dtype = DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype")))
+    dtype = CONFIG_DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype")))
     if arch != "pixtral":
         return ModelConfig(arch=arch, text=text_config(cfg, arch), dtype=dtype)
     text = cfg.get("text_config") or {}
@@ -202,7 +202,7 @@ def parse_config(cfg: dict) -> ModelConfig:
     )
 
 
-def load_config(folder: Path) -> ModelConfig:
+def load_model_config(folder: Path) -> ModelConfig:
     """Read FOLDER/config.json; a one-line error when it is missing (e.g. a Mistral-native folder)."""
     folder = Path(folder)
     if not folder.is_dir():

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import click
 
 from quantkit.errors import QuantkitError
-from quantkit.model.config import load_config
+from quantkit.model.config import load_model_config
 from quantkit.model.generate import Generation, generate, warm_up
 from quantkit.model.load import load_model
 from quantkit.model.roofline import BANDWIDTH_ENV, decode_bytes, roofline_seconds
@@ -218,7 +218,7 @@ def run(
     from quantkit.tokenizer.chat import ChatTokenizer
 
     folder = Path(folder)
-    config = load_config(folder)
+    config = load_model_config(folder)
     images = check_images(images, config.vision is not None, folder)
     tokenizer = ChatTokenizer.from_folder(folder)
     encoded = None

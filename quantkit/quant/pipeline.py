@@ -31,7 +31,7 @@ from quantkit.memory import map_large_blocks, release
 from quantkit.model.load import Checkpoint, build_model, unload
 from quantkit.quant.allocate import allocate
 from quantkit.quant.capture import LinearSpec, QuantSettings, capture_groups, quantize_layer, solve_linear
-from quantkit.quant.export import FORMATS, linear_tensors, model_card, quantization_config
+from quantkit.quant.export import FORMATS, build_quantization_config, linear_tensors, model_card
 from quantkit.quant.gptq import HessianAccumulator
 from quantkit.quant.job import Job
 from quantkit.quant.measure import CANDIDATES_VERSION, measure_layer
@@ -377,7 +377,7 @@ def quantize(
         tensors = _quantize_vision(ckpt, model, settings, fmt, seeds, device, torch_dtype, progress, log)
         job.finish(job.done + 1, tensors, {"vision_bits": settings.bits})
 
-    qcfg = quantization_config(fmt, settings, crows.provenance, head_bits)
+    qcfg = build_quantization_config(fmt, settings, crows.provenance, head_bits)
     if fmt == "quantkit":
         qcfg["bpw"], qcfg["rotate"] = bpw, rotate
         qcfg["modules"] = {
