@@ -236,7 +236,7 @@ def _group_size(value: str) -> int | None:
 @click.option("--work-dir", type=click.Path(path_type=Path), help="Job folder (default: .DST.quantkit-work).")
 @click.option("--offload-dir", type=click.Path(path_type=Path), help="Where hidden states live (default: work dir).")
 @click.option("--restart", is_flag=True, help="Discard an unfinished job in the work dir.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto: the GPU if any.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute dtype.")
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the plan, the output size and peak memory; write nothing.")
@@ -250,8 +250,8 @@ def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement:
              restart: bool, device: str,
              dtype: str | None, max_shard_size: str, dry_run: bool, force: bool, quiet: bool) -> None:  # fmt: skip
     """Quantize a converted model SRC with GPTQ, layer by layer, into DST (resumable: rerun after a crash)."""
-    from quantkit.quant.capture import QuantSettings
     from quantkit.quant.pipeline import quantize as run_quantize
+    from quantkit.quant.settings import QuantSettings
 
     try:
         gs = _group_size(group_size)

@@ -7,21 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 from quantkit.arch import detect_arch
+from quantkit.arch.blocks import tensor_part
 from quantkit.io.checkpoint import folder_format, hf_weight_files, native_weight_files, read_json
 from quantkit.io.reader import TensorIndex, folder_size
-
-# Which part of the model a tensor belongs to, by name prefix (native and HF names).
-PART_PREFIXES = (
-    ("vision", ("vision_encoder.", "vision_tower.", "model.vision_tower.")),
-    ("projector", ("vision_language_adapter.", "multi_modal_projector.", "model.multi_modal_projector.")),
-)
-
-
-def tensor_part(name: str) -> str:
-    for part, prefixes in PART_PREFIXES:
-        if name.startswith(prefixes):
-            return part
-    return "text"
 
 
 def describe(path: Path) -> dict:

@@ -157,3 +157,9 @@ def pack_gptq_result(
         result.q, result.scales, zeros, gs, result.bits if bits is None else bits, perm, bias,
         had_in=had_in, had_in_block=had_in_block,
     )  # fmt: skip
+
+
+def gptq_stored_bits(out_features: int, in_features: int, bits: int, group_size: int | None) -> int:
+    """Bits of the tensors gptq_pack writes for one linear: qweight, qzeros, fp16 scales and int32 g_idx."""
+    n_groups = in_features // (group_size or in_features)
+    return out_features * in_features * bits + n_groups * out_features * (bits + 16) + 32 * in_features
