@@ -319,9 +319,9 @@ def quantize(
         if measurement is not None:
             load_measurement(measurement, n_layers=n_layers)
     the_plan = plan(ckpt, model, o, bpw_range)
+    output = OutputFolder(dst, force=force, src=src)  # validates dst before any work, dry run included
     if dry_run:
         return the_plan
-    output = OutputFolder(dst, force=force, src=src)
     map_large_blocks()
     crows = _calibration(ckpt, dataset, split, text_field, rows, seq_len, seed)
     ids = crows.ids  # [rows, seq_len]
