@@ -70,3 +70,16 @@ def test_gptq_quantize_prints_the_per_layer_bpw_inspect_reports(tiny_models, tmp
     printed = [line.split(": ")[1].split(" bits")[0] for line in result.output.splitlines() if line.startswith("layer")]
     report = json.loads(run("inspect", out, "--json").output)["quantized"]
     assert printed == [f"{b:.2f}" for b in report["layer_bpw"].values()]
+
+
+def test_quantize_says_when_calibration_repeats_the_data(tiny_models, tmp_path):
+    src = tiny_models.get("mistral_large")["hf"]
+    data = tmp_path / "small.txt"
+    data.write_text("A short calibration text.\n\nAnother one.\n")
+    args = ["quantize", src, tmp_path / "q", "--bits", "4", "--group-size", "32", "--rows", "4", "--seq-len", "32",
+            "--dataset", data, "--quiet", "--dry-run"]  # fmt: skip
+    assert "repeat" not in run(*args).output  # the dry run reads no data
+    result = run(*args[:-1])
+    assert result.exit_code == 0, result.output
+    note = [line for line in result.output.splitlines() if line.startswith("calibration:")]
+    assert len(note) == 1 and "tokens repeat" in note[0] and "passes" in note[0]

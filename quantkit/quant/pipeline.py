@@ -155,6 +155,19 @@ def _calibration(ckpt: Checkpoint, dataset, split, text_field, rows, seq_len, se
     )
 
 
+def _repeat_note(provenance: dict) -> str | None:
+    """A line when the rows·seq_len token budget reuses the calibration data (the bundled mix is small)."""
+    passes = {name: st["passes"] for name, st in provenance.get("sources", {}).items() if st.get("passes", 1) > 1}
+    if not passes:
+        return None
+    most = max(passes.values())
+    return (
+        f"calibration: {provenance['rows']} x {provenance['seq_len']} tokens repeat {provenance['dataset']} "
+        f"(up to {most} passes over {len(passes)} of its sources); fewer --rows/--seq-len or a larger --dataset "
+        "avoid that"
+    )
+
+
 def _prefix(ckpt: Checkpoint, model_name: str) -> str:
     return ckpt.config.checkpoint_key(model_name + ".weight").removesuffix(".weight")
 
@@ -325,6 +338,8 @@ def quantize(
     map_large_blocks()
     crows = _calibration(ckpt, dataset, split, text_field, rows, seq_len, seed)
     ids = crows.ids  # [rows, seq_len]
+    if note := _repeat_note(crows.provenance):
+        log(note)
     work = Path(work_dir or dst.parent / f".{dst.name}.quantkit-work")
     if restart and work.exists():
         shutil.rmtree(work)
