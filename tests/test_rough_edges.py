@@ -83,3 +83,28 @@ def test_quantize_says_when_calibration_repeats_the_data(tiny_models, tmp_path):
     assert result.exit_code == 0, result.output
     note = [line for line in result.output.splitlines() if line.startswith("calibration:")]
     assert len(note) == 1 and "tokens repeat" in note[0] and "passes" in note[0]
+
+
+def test_chat_commands_confirm_refuse_and_survive_ctrl_c(tiny_models, tmp_path, scene_image, monkeypatch):
+    """/help, /reset and /image confirm; an unknown /command is refused, not sent; Ctrl-C stops one answer only."""
+    import quantkit.model.run as chat_mod
+
+    asked: list[list[dict]] = []
+
+    def fake_answer(model, tokenizer, encoded, sampling, as_json):
+        asked.append(encoded)
+        if len(asked) == 1:
+            raise KeyboardInterrupt  # the user presses Ctrl-C during the first answer
+        return "ok"
+
+    monkeypatch.setattr(chat_mod, "answer", fake_answer)
+    folder = tiny_models.get("pixtral_12b")["hf"]
+    stdin = f"/help\n/bogus stuff\nfirst\n/image {scene_image}\n/reset\nsecond\n/exit\n"
+    result = run("run", folder, "--device", "cpu", "--quiet", input=stdin)
+    assert result.exit_code == 0, result.output + str(result.exception)
+    err = result.stderr
+    assert err.count("/image PATH") == 2  # the banner and /help
+    assert "unknown command /bogus" in err
+    assert "[answer stopped" in err
+    assert f"attached {scene_image}" in err and "conversation cleared" in err
+    assert len(asked) == 2  # "first" (stopped) and "second": /bogus never reached the model
