@@ -108,3 +108,20 @@ def test_chat_commands_confirm_refuse_and_survive_ctrl_c(tiny_models, tmp_path, 
     assert "[answer stopped" in err
     assert f"attached {scene_image}" in err and "conversation cleared" in err
     assert len(asked) == 2  # "first" (stopped) and "second": /bogus never reached the model
+
+
+def test_demo_script_says_its_weights_are_random_and_what_to_try_next():
+    from pathlib import Path
+
+    demo = (Path(__file__).parent.parent / "scripts" / "demo.sh").read_text()
+    assert "RANDOM weights" in demo and "outputs are in" in demo and "Try next:" in demo
+    assert "--progress-bar on" in demo and " -q " not in demo  # installs show progress
+
+
+def test_readme_measurement_example_is_where_the_measurement_lands():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "--measurement .pixtral-large-3.0bpw.quantkit-work/measurement.json" in readme
+    for item in ("--card --json", "--save", "--json", "--vision quantize", "/reset", "/help", "--dry-run"):
+        assert item in readme, item
