@@ -81,7 +81,7 @@ def test_the_walker_sees_imports():
     """The checks above would pass on an empty graph: make sure edges are found, lazy ones included."""
     graph = import_graph()
     assert "quantkit.formats.packed" in graph["quantkit.formats.gptq"]
-    assert "quantkit.quant.pipeline" in graph["quantkit.cli"]  # imported inside the command function
+    assert "quantkit.quant.pipeline" in graph["quantkit.commands.quantize"]  # imported inside the command function
     assert sum(len(d) for d in graph.values()) > 100
 
 
@@ -102,3 +102,9 @@ def test_public_names_are_not_defined_twice():
                     seen.setdefault(n, []).append(_module_name(path))
     for name in ("dequantize", "quantization_config", "load_config", "DTYPES"):
         assert len(seen.get(name, [])) <= 1, (name, seen[name])
+
+
+def test_only_the_command_line_imports_the_commands():
+    graph = import_graph()
+    users = {m for m, deps in graph.items() if any(_in(d, "quantkit.commands") for d in deps)}
+    assert users and all(_in(m, "quantkit.cli", "quantkit.commands") for m in users), users

@@ -98,7 +98,7 @@ def test_dry_run_size_is_the_written_size(src, tmp_path):
 
 
 def test_quantize_device_defaults_to_auto():
-    from quantkit.cli import quantize
+    from quantkit.commands.quantize import quantize
     from quantkit.quant.settings import resolve_device
 
     device = next(p for p in quantize.params if p.name == "device")

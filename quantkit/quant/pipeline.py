@@ -358,20 +358,26 @@ def quantize(
         tensors = _quantize_vision(ckpt, model, o, seeds, progress, log)
         job.finish(job.done + 1, tensors, {"vision_bits": settings.bits})
 
-    qcfg = build_quantization_config(fmt, settings, crows.provenance, head_bits)
-    if fmt == "quantkit":
-        qcfg["bpw"], qcfg["rotate"] = bpw, rotate
-        qcfg["modules"] = {
-            _prefix(ckpt, f"layers.{i}.{n}"): {"bits": sp.bits, "group_size": sp.group_size}
-            for i in range(n_layers)
-            for n, sp in specs[i].items()
-        }
+    qcfg = _output_config(ckpt, o, specs, crows.provenance)
     size = _assemble(ckpt, job, output, qcfg, max_shard_size, progress)
     card = model_card(dst.name, fmt, settings, crows.provenance, size, head_bits, bpw, rotate)
     (dst / "README.md").write_text(card)
     job.cleanup()
     log(f"wrote {dst} ({size / 1e9:.3f} GB)")
     return the_plan
+
+
+def _output_config(ckpt: Checkpoint, o: QuantizeOptions, specs, provenance: dict) -> dict:
+    """config.json's quantization_config; the quantkit format also lists every linear's bits and group size."""
+    qcfg = build_quantization_config(o.fmt, o.settings, provenance, o.head_bits)
+    if o.fmt == "quantkit":
+        qcfg["bpw"], qcfg["rotate"] = o.bpw, o.rotate
+        qcfg["modules"] = {
+            _prefix(ckpt, f"layers.{i}.{n}"): {"bits": sp.bits, "group_size": sp.group_size}
+            for i, layer in enumerate(specs)
+            for n, sp in layer.items()
+        }
+    return qcfg
 
 
 def _allocate(ckpt, model, ids, work: Path, o: QuantizeOptions, shapes, seeds, progress, log) -> list[dict]:
