@@ -18,11 +18,11 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.formats.gptq import GPTQ_BITS
 from quantkit.io.writer import parse_size
+from quantkit.model.config import CONFIG_DTYPES
 
 FORMATS = ("gptq", "quantkit")
 GROUP_SIZES = (32, 64, 128, None)
 VISION_MODES = ("keep", "quantize")
-DTYPES_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -97,14 +97,14 @@ class QuantizeOptions:
                 raise QuantkitError(f"{name} must be at least 1, got {value}")
         if parse_size(self.max_shard_size) < 1:
             raise QuantkitError(f"--max-shard-size must be positive, got {self.max_shard_size!r}")
-        if self.dtype is not None and self.dtype not in DTYPES_BY_NAME:
-            raise QuantkitError(f"--dtype must be one of {', '.join(DTYPES_BY_NAME)}, got {self.dtype!r}")
+        if self.dtype is not None and self.dtype not in CONFIG_DTYPES:
+            raise QuantkitError(f"--dtype must be one of {', '.join(CONFIG_DTYPES)}, got {self.dtype!r}")
         return replace(self, device=resolve_device(self.device))
 
     @property
     def torch_dtype(self) -> torch.dtype:
         """float32 on CPU, bfloat16 on a GPU, unless --dtype says otherwise."""
-        return DTYPES_BY_NAME[self.dtype or ("float32" if self.device == "cpu" else "bfloat16")]
+        return CONFIG_DTYPES[self.dtype or ("float32" if self.device == "cpu" else "bfloat16")]
 
 
 def resolve_device(spec: str) -> str:
