@@ -17,7 +17,7 @@ from quantkit.calib.rows import CalibRows, build_rows
 from quantkit.calib.sources import load_calibration
 from quantkit.errors import QuantkitError
 from quantkit.eval import EvalResult, evaluate
-from quantkit.model.config import load_config
+from quantkit.model.config import load_model_config
 from quantkit.model.text import Transformer
 from quantkit.runtime import load_any
 
@@ -41,7 +41,7 @@ def eval_rows(folder: Path, s: EvalSettings) -> CalibRows:
     """[rows, seq_len] token ids from the dataset, tokenized as the quantizer does (BOS at each document start)."""
     from quantkit.tokenizer.chat import ChatTokenizer
 
-    context = load_config(folder).text.max_seq_len
+    context = load_model_config(folder).text.max_seq_len
     if s.seq_len > context:
         raise QuantkitError(f"--seq-len {s.seq_len} is longer than the model's context of {context} tokens")
     tok = ChatTokenizer.from_folder(folder)
@@ -69,8 +69,8 @@ def logits_fn(model: Transformer):
 def run_eval(model_dir: Path, reference_dir: Path | None, s: EvalSettings, progress: bool = True) -> EvalResult:
     """Evaluate model_dir (and compare with reference_dir) on the rows eval_rows builds."""
     model_dir = Path(model_dir)
-    vocab = load_config(model_dir).text.vocab_size
-    if reference_dir is not None and load_config(reference_dir).text.vocab_size != vocab:
+    vocab = load_model_config(model_dir).text.vocab_size
+    if reference_dir is not None and load_model_config(reference_dir).text.vocab_size != vocab:
         raise QuantkitError(f"{Path(reference_dir).name} has another vocabulary than {model_dir.name}: cannot compare")
     rows = eval_rows(model_dir, s).ids
     if int(rows.max()) >= vocab:

@@ -7,21 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 from quantkit.arch import detect_arch
+from quantkit.arch.blocks import tensor_part
 from quantkit.io.checkpoint import folder_format, hf_weight_files, native_weight_files, read_json
 from quantkit.io.reader import TensorIndex, folder_size
-
-# Which part of the model a tensor belongs to, by name prefix (native and HF names).
-PART_PREFIXES = (
-    ("vision", ("vision_encoder.", "vision_tower.", "model.vision_tower.")),
-    ("projector", ("vision_language_adapter.", "multi_modal_projector.", "model.multi_modal_projector.")),
-)
-
-
-def tensor_part(name: str) -> str:
-    for part, prefixes in PART_PREFIXES:
-        if name.startswith(prefixes):
-            return part
-    return "text"
 
 
 def describe(path: Path) -> dict:
@@ -136,7 +124,13 @@ def format_report(r: dict) -> str:
 
 
 def format_card(r: dict, path: Path) -> str:
-    """The table TheBloke-style cards carry: bits, head bits, group size, act order, damp, dataset, rows x seq len,
+    """The card_rows as a markdown table."""
+    rows = card_rows(r, path)
+    return "| parameter | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def card_rows(r: dict, path: Path) -> list[tuple[str, object]]:
+    """The rows TheBloke-style cards carry: bits, head bits, group size, act order, damp, dataset, rows x seq len,
     size, and the eval figures when `quantkit eval --save` left an eval.json in the folder."""
     from quantkit.errors import QuantkitError
 
@@ -167,5 +161,5 @@ def format_card(r: dict, path: Path) -> str:
         )
         if ev.get("kl_divergence") is not None:
             rows.append(("KL vs 16-bit", f"{ev['kl_divergence']:.5f}"))
-            rows.append(("Top-1 agreement", f"{ev['top1_agreement']:.4f}"))
-    return "| parameter | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+            rows.append(("Top-1 agreement", f"{ev['top1_agreement']:.2%}"))  # as `quantkit eval` prints it
+    return rows

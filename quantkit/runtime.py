@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.gptq import GPTQ_BITS, GPTQ_FORMATS
 from quantkit.formats.packed import FORMAT_VERSION
 from quantkit.io.checkpoint import read_json
 from quantkit.io.reader import DTYPES, TensorInfo
@@ -24,7 +25,6 @@ from quantkit.kernels.qlinear import GPTQLinear, QuantLinear
 from quantkit.model.load import Checkpoint, load_model, parse_devices
 from quantkit.model.modules import swap_linears
 from quantkit.model.text import Transformer
-from quantkit.quant.pack import GPTQ_BITS, GPTQ_FORMATS
 
 QUANT_METHODS = ("gptq", "quantkit")
 HEADER_SUFFIXES = ("qmeta", "segments")  # tiny tensors read at prepare time: they say how to shape the rest

@@ -52,6 +52,14 @@ MODELS = {
         tokenizer="mistral_instruct_tokenizer_240323.model.v3",
         native_tokenizer_name="tokenizer.model.v3",
     ),
+    # One layer whose in-features are multiples of 128 (the largest group) but not powers of two, and whose
+    # out-features are not multiples of 128 (k/v 32 rows, gate/up 384): for bpw accounting under every setting.
+    "mistral_odd": dict(
+        text=dict(dim=128, hidden_dim=384, n_layers=1, n_heads=4, n_kv_heads=1, head_dim=32, vocab_size=32768,
+                  rope_theta=1e6),
+        tokenizer="mistral_instruct_tokenizer_240323.model.v3",
+        native_tokenizer_name="tokenizer.model.v3",
+    ),
     "mixtral": dict(
         text=dict(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=32000,
                   rope_theta=1e6, moe=dict(num_experts=4, num_experts_per_tok=2)),

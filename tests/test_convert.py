@@ -16,6 +16,7 @@ ARCH_CLASS = {
     "pixtral_12b": "LlavaForConditionalGeneration",
     "mistral_large": "MistralForCausalLM",
     "mistral_bpw": "MistralForCausalLM",
+    "mistral_odd": "MistralForCausalLM",
     "mixtral": "MixtralForCausalLM",
 }
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.quant.gptq import HessianAccumulator, dequantize, gptq_quantize, proxy_loss, rtn_quantize
+from quantkit.formats.gptq import dequantize_gptq as dequantize
+from quantkit.quant.gptq import HessianAccumulator, gptq_quantize, proxy_loss, rtn_quantize
 
 
 def _layer(n_out=64, n_in=256, n_tok=2048, seed=0):

@@ -26,13 +26,13 @@ import triton.language as tl  # noqa: E402  (after TRITON_INTERPRET)
 from test_packed import random_packed  # noqa: E402
 
 from quantkit.formats import dequantize, from_gptq, hadamard  # noqa: E402
+from quantkit.formats.gptq import gptq_pack  # noqa: E402
 from quantkit.kernels import quant_matmul  # noqa: E402
 from quantkit.kernels.autotune import tune  # noqa: E402
 from quantkit.kernels.config import device_slug, load_config, pick  # noqa: E402
 from quantkit.kernels.qlinear import QuantLinear  # noqa: E402
 from quantkit.kernels.reference import reference_matmul  # noqa: E402
 from quantkit.kernels.triton_dequant import triton_matmul  # noqa: E402
-from quantkit.quant.pack import gptq_pack  # noqa: E402
 
 RUNNABLE = ON_GPU or type(tl.zeros).__name__ == "InterpretedFunction"
 needs_kernels = pytest.mark.skipif(not RUNNABLE, reason="Triton imported before TRITON_INTERPRET: see test_rerun")

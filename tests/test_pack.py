@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.quant.gptq import HessianAccumulator, dequantize, gptq_quantize, rtn_quantize
-from quantkit.quant.pack import gptq_pack, gptq_unpack, pack_bits, unpack_bits
+from quantkit.formats.bits import pack_bits, unpack_bits
+from quantkit.formats.gptq import dequantize_gptq as dequantize
+from quantkit.formats.gptq import gptq_pack, gptq_unpack
+from quantkit.quant.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

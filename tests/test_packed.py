@@ -22,12 +22,12 @@ from quantkit.formats import (
     to_tensors,
     unpack_codes,
 )
+from quantkit.formats.gptq import dequantize_gptq as gptq_dequantize
+from quantkit.formats.gptq import gptq_pack
 from quantkit.kernels import quant_matmul, resolve_backend
 from quantkit.kernels.qlinear import QuantLinear
 from quantkit.kernels.reference import reference_matmul
-from quantkit.quant.gptq import dequantize as gptq_dequantize
 from quantkit.quant.gptq import gptq_quantize
-from quantkit.quant.pack import gptq_pack
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -265,7 +265,7 @@ def _gptq_inputs(n, k, gs, bits, desc_act, sym, seed):
 @pytest.mark.parametrize("desc_act", [True, False])
 @pytest.mark.parametrize("bits,k,gs", [(2, 256, 64), (3, 224, 64), (4, 256, None), (8, 224, 128)])
 def test_from_gptq_roundtrip(bits, k, gs, desc_act, sym, fmt):
-    """GPTQ tensors written by quant.pack.gptq_pack -> from_gptq -> dequantize == the GPTQ rule, exactly."""
+    """GPTQ tensors written by formats.gptq.gptq_pack -> from_gptq -> dequantize == the GPTQ rule, exactly."""
     q, scales, zeros, g_idx = _gptq_inputs(32, k, gs, bits, desc_act, sym, seed=bits + k)
     t = gptq_pack(q, scales, zeros, g_idx, bits, checkpoint_format=fmt)
     pl = from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, sym, checkpoint_format=fmt)

@@ -87,8 +87,8 @@ def test_dry_run_prints_plan_writes_nothing_and_sizes_the_output(quantized, tmp_
 
 
 def _dequantized_logits(src: Path, out: Path, ids: torch.Tensor) -> torch.Tensor:
+    from quantkit.formats.gptq import gptq_unpack
     from quantkit.model.load import load_model
-    from quantkit.quant.pack import gptq_unpack
 
     model = load_model(src, device="cpu", dtype="float32")
     t = read_safetensors(out)
@@ -274,4 +274,7 @@ def test_model_card_with_saved_eval(quantized):
     assert "| Format | gptq |" in card and "| Group size | 32 |" in card and "| Act order | True |" in card
     assert "| Rows x seq len | 4 x 64 |" in card
     assert f"| Perplexity | {figures['perplexity']:.4f} " in card and f"{figures['kl_divergence']:.5f}" in card
+    assert f"| Top-1 agreement | {figures['top1_agreement']:.2%} |" in card  # the unit `quantkit eval` prints
+    rows = json.loads(run("inspect", outs[4], "--card", "--json").output)  # --json applies to the card too
+    assert rows["Format"] == "gptq" and rows["Top-1 agreement"] == f"{figures['top1_agreement']:.2%}"
     assert run("inspect", src, "--card").exit_code == 1  # a float folder has no card

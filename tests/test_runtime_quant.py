@@ -16,13 +16,13 @@ from torch import nn
 
 from quantkit.cli import main
 from quantkit.errors import QuantkitError
+from quantkit.formats.gptq import gptq_pack
 from quantkit.formats.packed import dequantize, from_tensors
 from quantkit.kernels.qlinear import GPTQLinear, QuantLinear, gptq_to_packed
 from quantkit.model import roofline
 from quantkit.model.generate import KV_FRACTION, Generation, cache_capacity
 from quantkit.model.load import load_model
 from quantkit.model.run import Sampling, stop_note
-from quantkit.quant.pack import gptq_pack
 from quantkit.runtime import load_any, load_quantized, set_backend
 from quantkit.tokenizer.chat import ChatTokenizer
 

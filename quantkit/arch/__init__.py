@@ -1,5 +1,15 @@
-"""Architectures as data: tensor-name tables, shapes and config fields, used by one generic engine."""
+"""Architectures as data: tensor-name tables, shapes and config fields (mistral.py), and what the quantizer
+knows of a layer (blocks.py), used by one generic engine."""
 
-from quantkit.arch.mistral import ARCHS, CAPTURE_GROUPS, Arch, Entry, detect_arch, model_dims
+from quantkit.arch.mistral import (
+    ARCHS,
+    TEXT_DEFAULTS,
+    Arch,
+    Entry,
+    detect_arch,
+    model_dims,
+    register,
+    runtime_arch,
+)
 
-__all__ = ["ARCHS", "CAPTURE_GROUPS", "Arch", "Entry", "detect_arch", "model_dims"]
+__all__ = ["ARCHS", "TEXT_DEFAULTS", "Arch", "Entry", "detect_arch", "model_dims", "register", "runtime_arch"]

@@ -8,7 +8,8 @@ conversion engine branches on the architecture.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from quantkit.errors import QuantkitError
 
@@ -86,39 +87,88 @@ ADAPTER = [
 
 @dataclass(frozen=True)
 class Arch:
-    """One architecture: its HF class, model_type, tables, and the prefix HF puts before text tensors."""
+    """One architecture: its HF class and model_type, its text decoder's model_type, tables, the prefix HF puts
+    before text tensors, the default context length, and which params.json it reads (`matches`)."""
 
     name: str
     hf_class: str
     model_type: str
     text_prefix: str
     tables: tuple[tuple[str, list[Entry]], ...]  # (part name, table)
+    text_model_type: str = "mistral"
+    max_positions: int = 131072  # when params.json gives no max_seq_len
+    matches: Callable[[dict], bool] = field(default=lambda params: True, compare=False)
 
     @property
     def has_vision(self) -> bool:
         return any(part == "vision" for part, _ in self.tables)
 
 
-ARCHS = {
-    "mistral": Arch("mistral", "MistralForCausalLM", "mistral", "", (("text", TEXT), ("text", DENSE_MLP))),
-    "mixtral": Arch("mixtral", "MixtralForCausalLM", "mixtral", "", (("text", TEXT), ("text", MOE_MLP))),
-    "pixtral": Arch(
+ARCHS: dict[str, Arch] = {}
+
+
+def register(arch: Arch) -> Arch:
+    """Add an architecture; detect_arch tries the most recently registered first, so a variant registered after
+    the base architecture it refines takes the params.json it matches."""
+    ARCHS[arch.name] = arch
+    return arch
+
+
+register(Arch("mistral", "MistralForCausalLM", "mistral", "", (("text", TEXT), ("text", DENSE_MLP))))
+register(
+    Arch(
+        "mixtral",
+        "MixtralForCausalLM",
+        "mixtral",
+        "",
+        (("text", TEXT), ("text", MOE_MLP)),
+        text_model_type="mixtral",
+        max_positions=32768,
+        matches=lambda params: bool(params.get("moe")),
+    )  # fmt: skip
+)
+register(
+    Arch(
         "pixtral",
         "LlavaForConditionalGeneration",
         "llava",
         "language_model.",
         (("text", TEXT), ("text", DENSE_MLP), ("vision", VISION), ("projector", ADAPTER)),
-    ),
-}
+        matches=lambda params: bool(params.get("vision_encoder")),
+    )  # fmt: skip
+)
 
 
 def detect_arch(params: dict) -> Arch:
-    """vision_encoder -> Pixtral (Llava), moe -> Mixtral, otherwise Mistral."""
-    if params.get("vision_encoder"):
-        return ARCHS["pixtral"]
-    if params.get("moe"):
-        return ARCHS["mixtral"]
-    return ARCHS["mistral"]
+    """The architecture of a params.json: the most recently registered one that matches it."""
+    return next(a for a in reversed(ARCHS.values()) if a.matches(params))
+
+
+def runtime_arch(hf_class: str) -> str | None:
+    """The runtime model for an HF architecture class: the first architecture registered with it."""
+    return next((a.name for a in ARCHS.values() if a.hf_class == hf_class), None)
+
+
+# transformers' defaults for fields a config.json may leave out (MistralConfig / MixtralConfig), per text
+# model_type: our model and transformers must agree on any config.json.
+TEXT_DEFAULTS = {
+    "mistral": {
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "sliding_window": 4096,
+        "max_position_embeddings": 131072,
+    },
+    "mixtral": {
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "sliding_window": None,
+        "max_position_embeddings": 131072,
+        "num_experts_per_tok": 2,
+        "num_local_experts": 8,
+    },
+}
 
 
 def _need(d: dict, key: str, where: str = "params.json"):
@@ -157,28 +207,3 @@ def model_dims(params: dict) -> dict[str, int]:
             V=int(_need(v, "num_hidden_layers", where)),
         )
     return d
-
-
-# Quantization order inside a decoder layer (runtime module names, relative to `layers.{i}`). Linears in one
-# group share their input and are solved together; each group is captured after the previous groups were
-# quantized, so it sees their quantized outputs. `{E}` expands to every expert. The router gate stays 16-bit.
-CAPTURE_GROUPS = {
-    "dense": (
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
-    "moe": (
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("block_sparse_moe.experts.{E}.w1", "block_sparse_moe.experts.{E}.w3"),
-        ("block_sparse_moe.experts.{E}.w2",),
-    ),
-    "vision": (
-        ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
-        ("attention.o_proj",),
-        ("feed_forward.gate_proj", "feed_forward.up_proj"),
-        ("feed_forward.down_proj",),
-    ),
-}

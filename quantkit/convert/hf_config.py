@@ -13,7 +13,6 @@ from quantkit.errors import QuantkitError
 
 MISTRAL_ROPE_THETA = 1e6  # mistral-inference's default when params.json has none
 VISION_ROPE_THETA = 1e4
-DEFAULT_MAX_POSITIONS = {"mistral": 131072, "mixtral": 32768, "pixtral": 131072}
 
 # params.json vision_encoder key -> HF vision_config key (copied as they are).
 VISION_FIELDS = (
@@ -36,7 +35,7 @@ def text_config(arch: Arch, params: dict, dims: dict[str, int], bos_id: int, eos
     """The decoder's HF config (top level for Mistral/Mixtral, `text_config` for Llava)."""
     cfg = {
         "architectures": [arch.hf_class] if arch.model_type != "llava" else ["MistralForCausalLM"],
-        "model_type": "mixtral" if arch.name == "mixtral" else "mistral",
+        "model_type": arch.text_model_type,
         "hidden_size": dims["dim"],
         "intermediate_size": dims["ffn"],
         "num_hidden_layers": dims["L"],
@@ -47,7 +46,7 @@ def text_config(arch: Arch, params: dict, dims: dict[str, int], bos_id: int, eos
         "rms_norm_eps": float(params.get("norm_eps", 1e-5)),
         "rope_theta": float(params.get("rope_theta") or MISTRAL_ROPE_THETA),
         "max_position_embeddings": int(
-            params.get("max_seq_len") or params.get("max_position_embeddings") or DEFAULT_MAX_POSITIONS[arch.name]
+            params.get("max_seq_len") or params.get("max_position_embeddings") or arch.max_positions
         ),
         "sliding_window": _sliding_window(params),
         "vocab_size": dims["vocab"],
@@ -58,7 +57,7 @@ def text_config(arch: Arch, params: dict, dims: dict[str, int], bos_id: int, eos
         "torch_dtype": dtype,
         "dtype": dtype,
     }
-    if arch.name == "mixtral":
+    if arch.text_model_type == "mixtral":
         cfg.update(
             num_local_experts=dims["experts"],
             num_experts_per_tok=int(params["moe"].get("num_experts_per_tok", 2)),

@@ -7,6 +7,7 @@ The output folder is assembled as a hidden sibling and renamed at the end; the s
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -135,14 +136,15 @@ def plan_conversion(
     maps = sorted(maps, key=lambda m: (str(sources[m.native].file), sources[m.native].start))
     for m in maps:
         info = sources[m.native]
-        part_params[m.part] += info.numel
         if m.bias and not bias:
             continue
+        part_params[m.part] += info.numel  # parameters of the output: dropped biases do not count
         out_dtype = cast if cast and info.dtype in FLOAT_DTYPES else info.dtype
         specs.append(TensorSpec(m.hf, out_dtype, m.shape))
     if bias and not present_bias:
         zero_dtype = cast or sources[next(m.native for m in maps if m.part == "projector")].dtype
         specs += [TensorSpec(m.hf, zero_dtype, m.shape) for m in expected_bias]
+        part_params["projector"] += sum(math.prod(m.shape) for m in expected_bias)  # the zero biases written
     floats = [sources[m.native].dtype for m in maps if sources[m.native].dtype in FLOAT_DTYPES]
     main_dtype = cast or (Counter(floats).most_common(1)[0][0] if floats else "BF16")
     dtype_name = str(DTYPES[main_dtype]).removeprefix("torch.")
@@ -208,9 +210,9 @@ def convert(
         dtype=dtype,
         projector_bias=projector_bias,
     )
+    output = OutputFolder(dst, force=force, src=src)  # validates dst before any work, dry run included
     if dry_run:
         return plan
-    output = OutputFolder(dst, force=force, src=src)  # validates dst before any work
     if tokenizer is None:
         print(f"warning: no tokenizer file in {src}; the output will have none", file=sys.stderr)
     produce = _producer(plan)

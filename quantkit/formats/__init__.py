@@ -1,7 +1,7 @@
 """Storage formats of quantized weights: the quantkit packed format (packed.py), its Hadamard rotation
-(hadamard.py) and the GPTQ -> quantkit repacking (gptq_import.py)."""
+(hadamard.py), the int32 bit packing both use (bits.py) and the GPTQ checkpoint layout in both directions (gptq.py)."""
 
-from quantkit.formats.gptq_import import from_gptq, pack_gptq_result
+from quantkit.formats.gptq import dequantize_gptq, from_gptq, pack_gptq_result
 from quantkit.formats.packed import (
     FORMAT_VERSION,
     PackedLinear,
@@ -22,6 +22,7 @@ __all__ = [
     "PackedLinear",
     "Segment",
     "dequantize",
+    "dequantize_gptq",
     "from_gptq",
     "from_tensors",
     "pack_gptq_result",

@@ -7,7 +7,7 @@ first (most salient) columns. Group g covers kernel columns [g·G, (g+1)·G); a 
 
 Codes of b bits are split into power-of-two planes, widest first and lowest bits first (3 -> 2+1, 5 -> 4+1,
 6 -> 4+2, 7 -> 4+2+1; 2/4/8 are one plane). A plane of width w is int32 [n_cols·w/32, N] packed along K with
-32/w codes per word, LSB first (quantkit.quant.pack.pack_bits, dim=0), so every word holds whole codes and a kernel
+32/w codes per word, LSB first (quantkit.formats.bits.pack_bits, dim=0), so every word holds whole codes and a kernel
 tile of 32·j rows maps to whole words of every plane: no code straddles a word, whatever b is.
 
 Dequantization: W[:, perm[k]] = scales[k // G] · (code[k] − zero[k // G]), zero = zeros[...] or 2^(b−1) when zeros is
@@ -25,7 +25,7 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.formats import hadamard
-from quantkit.quant.pack import pack_bits, unpack_bits
+from quantkit.formats.bits import pack_bits, unpack_bits
 
 FORMAT_VERSION = 1
 BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -134,12 +134,20 @@ def padded_layout(
 
 
 def _as_perm(perm: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """A given perm is stored as given, identity included: whether a linear stores one is a property of its
+    settings (see stores_perm), so that its size is known before the solver runs."""
     if perm is None:
         return None
     p = perm.to(torch.int64).reshape(-1)
     if p.shape != (k,) or not torch.equal(torch.sort(p).values, torch.arange(k, device=p.device)):
         raise QuantkitError(f"perm must be a permutation of range({k})")
-    return None if torch.equal(p, torch.arange(k, device=p.device)) else p.to(torch.int32)
+    return p.to(torch.int32)
+
+
+def stores_perm(in_features: int, group_size: int | None, act_order: bool, static_groups: bool = False) -> bool:
+    """Whether a GPTQ result packs with an input permutation: act order with dynamic groups and more than one group
+    (one group, a per-channel grid or static groups do not depend on column order)."""
+    return act_order and not static_groups and group_size is not None and -(-in_features // group_size) > 1
 
 
 def _signs(s: torch.Tensor | None, n: int, block: int, what: str) -> tuple[torch.Tensor | None, int]:
@@ -170,7 +178,7 @@ def pack_linear(
 
     scales/zeros [n_groups, N] index groups of kernel-order columns (k // G), n_groups ≥ ceil(K/G); zeros None =
     symmetric. bits: see padded_layout. perm must put each group's columns together (k // G); a GPTQResult with
-    static_groups keeps groups in original order, so pack solver results with gptq_import.pack_gptq_result, which
+    static_groups keeps groups in original order, so pack solver results with formats.gptq.pack_gptq_result, which
     derives perm from g_idx. Padding columns get code 0; the kernels never read their inputs.
     """
     n, k = q.shape
@@ -334,23 +342,23 @@ def stored_bits_for(
     *,
     asym: bool,
     act_order: bool,
+    static_groups: bool = False,
     bias_bits: int = 0,
     had_in: bool = False,
     had_out: bool = False,
 ) -> int:
     """Bits on disk of a linear with this shape and layout, before packing: what the bpw allocator budgets.
 
-    Counts every stored tensor: codes (padding included), fp16 scales, uint8 zeros, int32 perm (act order with
-    groups; a per-channel grid does not depend on column order, so none is stored), the int32 segment table and
-    header, the bias (bias_bits per output, 0 = no bias) and int8 rotation signs. Equals stored_bits of
-    the packed result (safetensors' per-tensor JSON header, ~100 bytes, is not counted).
+    Counts every stored tensor: codes (padding included), fp16 scales, uint8 zeros, int32 perm (see stores_perm),
+    the int32 segment table and header, the bias (bias_bits per output, 0 = no bias) and int8 rotation signs.
+    Equals stored_bits of the packed result (safetensors' per-tensor JSON header, ~100 bytes, is not counted).
     """
     g, layout = padded_layout(in_features, bits, group_size)
     n_groups = sum(c for _, c in layout) // g
     total = out_features * sum(b * c for b, c in layout)  # codes
     total += 16 * n_groups * out_features  # scales
     total += 8 * n_groups * out_features if asym else 0  # zeros
-    total += 32 * in_features if act_order and group_size is not None else 0  # perm (one group: order is moot)
+    total += 32 * in_features if stores_perm(in_features, group_size, act_order, static_groups) else 0
     total += 32 * (META_LEN + 2 * len(layout))  # qmeta + segment table
     total += bias_bits * out_features
     total += 8 * in_features if had_in else 0

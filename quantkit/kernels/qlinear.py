@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.gptq_import import from_gptq
+from quantkit.formats.gptq import from_gptq
 from quantkit.formats.packed import PackedLinear, Segment, from_tensors, to_tensors
 from quantkit.kernels import BACKENDS, quant_matmul
 

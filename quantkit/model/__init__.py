@@ -1,6 +1,6 @@
 """The runtime model: one plain-PyTorch definition of Mistral, Mixtral and Pixtral, loading the HF layout."""
 
-from quantkit.model.config import ModelConfig, TextConfig, VisionConfig, load_config
+from quantkit.model.config import ModelConfig, TextConfig, VisionConfig, load_model_config
 from quantkit.model.generate import Generation, generate, sample
 from quantkit.model.load import Checkpoint, build_model, load_model, unload
 from quantkit.model.modules import swap_linears
@@ -16,7 +16,7 @@ __all__ = [
     "VisionConfig",
     "build_model",
     "generate",
-    "load_config",
+    "load_model_config",
     "load_model",
     "sample",
     "swap_linears",

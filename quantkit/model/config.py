@@ -13,35 +13,12 @@ from pathlib import Path
 
 import torch
 
+from quantkit.arch import ARCHS, TEXT_DEFAULTS, runtime_arch
 from quantkit.errors import QuantkitError
 from quantkit.io.checkpoint import read_json
 from quantkit.model.modules import ACTIVATIONS
 
-# transformers' defaults for fields a config.json may leave out (MistralConfig / MixtralConfig / PixtralVisionConfig)
-TEXT_DEFAULTS = {
-    "mistral": {
-        "num_key_value_heads": 8,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
-        "sliding_window": 4096,
-        "max_position_embeddings": 131072,
-    },
-    "mixtral": {
-        "num_key_value_heads": 8,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 1e6,
-        "sliding_window": None,
-        "max_position_embeddings": 131072,
-        "num_experts_per_tok": 2,
-        "num_local_experts": 8,
-    },
-}
-ARCHITECTURES = {
-    "MistralForCausalLM": "mistral",
-    "MixtralForCausalLM": "mixtral",
-    "LlavaForConditionalGeneration": "pixtral",
-}
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -98,7 +75,7 @@ class ModelConfig:
     @property
     def text_prefix(self) -> str:
         """Pixtral's on-disk legacy Llava layout puts the text model under `language_model.`."""
-        return "language_model." if self.arch == "pixtral" else ""
+        return ARCHS[self.arch].text_prefix
 
     def checkpoint_key(self, name: str) -> str:
         """Our parameter name -> the HF tensor name (`layers.3.mlp.up_proj.weight` -> `model.layers.3...`)."""
@@ -178,15 +155,16 @@ def vision_config(cfg: dict, where: str = "config.json vision_config") -> Vision
 def parse_config(cfg: dict) -> ModelConfig:
     """config.json contents -> ModelConfig; a one-line error for architectures the runtime does not run."""
     archs = cfg.get("architectures") or []
-    arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+    arch = next((runtime_arch(a) for a in archs if runtime_arch(a)), None)
     if arch is None:
-        arch = {"mistral": "mistral", "mixtral": "mixtral", "llava": "pixtral"}.get(cfg.get("model_type", ""))
+        arch = next((a.name for a in ARCHS.values() if a.model_type == cfg.get("model_type")), None)
     if arch is None:
         found = ", ".join(archs) or cfg.get("model_type") or "none given"
-        raise QuantkitError(f"config.json: architecture {found} is not supported ({', '.join(ARCHITECTURES)})")
-    dtype = DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype")))
-    if arch != "pixtral":
-        return ModelConfig(arch=arch, text=text_config(cfg, arch), dtype=dtype)
+        known = ", ".join(dict.fromkeys(a.hf_class for a in ARCHS.values()))
+        raise QuantkitError(f"config.json: architecture {found} is not supported ({known})")
+    dtype = CONFIG_DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype")))
+    if not ARCHS[arch].has_vision:
+        return ModelConfig(arch=arch, text=text_config(cfg, ARCHS[arch].text_model_type), dtype=dtype)
     text = cfg.get("text_config") or {}
     if cfg.get("vision_feature_layer", -1) != -1 or cfg.get("vision_feature_select_strategy", "full") != "full":
         raise QuantkitError("config.json: only vision_feature_layer -1 with strategy 'full' (Pixtral) is supported")
@@ -202,7 +180,7 @@ def parse_config(cfg: dict) -> ModelConfig:
     )
 
 
-def load_config(folder: Path) -> ModelConfig:
+def load_model_config(folder: Path) -> ModelConfig:
     """Read FOLDER/config.json; a one-line error when it is missing (e.g. a Mistral-native folder)."""
     folder = Path(folder)
     if not folder.is_dir():

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from quantkit.errors import QuantkitError
 from quantkit.io.checkpoint import hf_weight_files
 from quantkit.io.reader import TensorIndex
-from quantkit.model.config import DTYPES, ModelConfig, load_config
+from quantkit.model.config import CONFIG_DTYPES, ModelConfig, load_model_config
 from quantkit.model.text import Transformer
 
 GPU_HEADROOM = 0.9  # fraction of free GPU memory given to weights; the rest is for the KV cache and activations
@@ -29,7 +29,7 @@ class Checkpoint:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.config: ModelConfig = load_config(self.folder)
+        self.config: ModelConfig = load_model_config(self.folder)
         self.index = TensorIndex(hf_weight_files(self.folder))
 
     def load(self, model: nn.Module, name: str = "", device: torch.device | str = "cpu", dtype=None) -> nn.Module:
@@ -112,9 +112,9 @@ def resolve_dtype(name: str | None, config: ModelConfig, device: torch.device) -
     """`auto`: the checkpoint's dtype on GPU; float32 on CPU, where bf16/fp16 matmuls are slow on most machines."""
     if name in (None, "auto"):
         return (config.dtype or torch.bfloat16) if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise QuantkitError(f"unknown dtype {name!r} ({', '.join(DTYPES)} or auto)")
-    return DTYPES[name]
+    if name not in CONFIG_DTYPES:
+        raise QuantkitError(f"unknown dtype {name!r} ({', '.join(CONFIG_DTYPES)} or auto)")
+    return CONFIG_DTYPES[name]
 
 
 def part_bytes(module: nn.Module, dtype: torch.dtype) -> int:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import click
 
 from quantkit.errors import QuantkitError
-from quantkit.model.config import load_config
+from quantkit.model.config import load_model_config
 from quantkit.model.generate import Generation, generate, warm_up
 from quantkit.model.load import load_model
 from quantkit.model.roofline import BANDWIDTH_ENV, decode_bytes, roofline_seconds
@@ -29,7 +29,11 @@ if TYPE_CHECKING:
     from quantkit.tokenizer.chat import ChatTokenizer, Encoded
 
 Loader = Callable[..., Transformer]  # load(folder, device=..., dtype=..., progress=...) -> model
-HELP = "commands: /image PATH (attach to your next message), /reset (new conversation), /exit"
+HELP = (
+    "commands: /image PATH (attach to your next message), /reset (new conversation), /help, /exit; "
+    "Ctrl-C stops an answer"
+)
+COMMANDS = ("/image", "/reset", "/help", "/exit", "/quit")
 
 
 @dataclass
@@ -180,13 +184,22 @@ def chat(
         text = line.strip()
         if text in ("/exit", "/quit"):
             return
-        if text == "/reset":
-            history, pending = history[:1] if system else [], []
+        command = text.split(maxsplit=1)[0] if text.startswith("/") else None
+        if command is not None and command not in COMMANDS:
+            click.echo(f"error: unknown command {command} (/help lists them; the model was not asked)", err=True)
             continue
-        if text.startswith("/image"):
+        if command == "/help":
+            click.echo(HELP, err=True)
+            continue
+        if command == "/reset":
+            history, pending = history[:1] if system else [], []
+            click.echo("conversation cleared" + (" (the system prompt stays)" if system else ""), err=True)
+            continue
+        if command == "/image":
             path = Path(text[len("/image") :].strip())
             try:
                 pending += check_images([path], model.vision_tower is not None, folder)
+                click.echo(f"attached {path} to your next message ({len(pending)} image(s) waiting)", err=True)
             except QuantkitError as e:
                 click.echo(f"error: {e}", err=True)
             continue
@@ -197,6 +210,9 @@ def chat(
             reply = answer(model, tokenizer, tokenizer.encode_chat(messages), sampling, as_json)
         except QuantkitError as e:  # e.g. the conversation outgrew the context: say so, keep the session
             click.echo(f"error: {e}", err=True)
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer; the turn is dropped and the chat goes on
+            click.echo("\n[answer stopped; the turn is not kept. /exit or Ctrl-D ends the chat]", err=True)
             continue
         history = [*messages, {"role": "assistant", "content": reply}]
         pending = []
@@ -218,7 +234,7 @@ def run(
     from quantkit.tokenizer.chat import ChatTokenizer
 
     folder = Path(folder)
-    config = load_config(folder)
+    config = load_model_config(folder)
     images = check_images(images, config.vision is not None, folder)
     tokenizer = ChatTokenizer.from_folder(folder)
     encoded = None

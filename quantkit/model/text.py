@@ -164,15 +164,23 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = cfg.n_experts > 0
+        self.kind = "moe" if self.is_moe else "dense"  # quantkit.arch.blocks.BLOCK_KINDS
         if self.is_moe:
             self.block_sparse_moe = SparseMoE(cfg)
         else:
             self.mlp = MLP(cfg.dim, cfg.ffn_dim, cfg.hidden_act)
 
-    def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), ctx)  # [B, T, D]
+    def attn_block(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """x + attention(norm(x)): the first half (measurement runs the halves one at a time)."""
+        return x + self.self_attn(self.input_layernorm(x), ctx)  # [B, T, D]
+
+    def mlp_block(self, h: torch.Tensor) -> torch.Tensor:
+        """h + mlp(norm(h)): the second half (dense MLP or sparse MoE)."""
         ffn = self.block_sparse_moe if self.is_moe else self.mlp
         return h + ffn(self.post_attention_layernorm(h))
+
+    def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        return self.mlp_block(self.attn_block(x, ctx))
 
 
 class Transformer(nn.Module):

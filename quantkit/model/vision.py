@@ -75,10 +75,16 @@ class VisionLayer(nn.Module):
         self.attention = VisionAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, VISION_NORM_EPS)
         self.feed_forward = MLP(cfg.dim, cfg.ffn_dim, cfg.hidden_act)
+        self.kind = "vision"  # quantkit.arch.blocks.BLOCK_KINDS
+
+    def attn_block(self, x: torch.Tensor, ctx: VisionContext) -> torch.Tensor:
+        return x + self.attention(self.attention_norm(x), ctx)  # [1, N, D]
+
+    def mlp_block(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.feed_forward(self.ffn_norm(h))
 
     def forward(self, x: torch.Tensor, ctx: VisionContext) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), ctx)  # [1, N, D]
-        return h + self.feed_forward(self.ffn_norm(h))
+        return self.mlp_block(self.attn_block(x, ctx))
 
 
 class VisionTransformer(nn.Module):

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from quantkit.arch.blocks import block_of
 from quantkit.errors import QuantkitError
 from quantkit.quant.capture import LinearSpec, QuantSettings
-from quantkit.quant.measure import block_candidates, block_of, spec_bits, spec_for_candidate
+from quantkit.quant.measure import block_candidates, spec_bits, spec_for_candidate
 
 RESOLUTION = 20_000
 
@@ -83,6 +84,21 @@ def _upgrade(spec: LinearSpec, in_features: int) -> LinearSpec | None:
     if n_lo <= g:
         return LinearSpec(b_hi, g, spec.rotate_seed)
     return LinearSpec(((b_hi, n_hi + g), (b_lo, n_lo - g)), g, spec.rotate_seed)
+
+
+def reachable_bpw(shapes: list[dict[str, tuple[int, int]]], s: QuantSettings, rotate_seed) -> tuple[float, float]:
+    """(lowest, highest) bpw the candidate table reaches on these shapes: every block's cheapest or dearest
+    candidate, costed with the same stored_bits_for the measurement records (so no measurement is needed)."""
+    numel = sum(o * i for layer in shapes for o, i in layer.values())
+    lo = hi = 0
+    for li, layer in enumerate(shapes):
+        for b in ("attn", "mlp"):
+            names = [n for n in layer if block_of(n) == b]
+            specs = {c.name: {n: spec_for_candidate(c, n, layer[n][1], s, rotate_seed(li, n)) for n in names}
+                     for c in block_candidates(b)}  # fmt: skip
+            costs = [sum(spec_bits(sp[n], *layer[n], s) for n in names) for sp in specs.values()]
+            lo, hi = lo + min(costs), hi + max(costs)
+    return lo / numel, hi / numel
 
 
 def allocate(

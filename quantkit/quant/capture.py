@@ -1,6 +1,6 @@
 """Quantize one decoder layer in place from its calibration inputs, group by group (true sequential).
 
-For each capture group (q/k/v, then o, then gate/up, then down; arch.CAPTURE_GROUPS) the layer is run over all
+For each capture group (q/k/v, then o, then gate/up, then down; arch.blocks.BLOCK_KINDS) the layer is run over all
 calibration rows with hooks that accumulate each input site's Hessian H = XᵀX, then every linear of the group
 is solved with GPTQ and its weight replaced by the dequantized one, so the next group is captured on the
 outputs of the already-quantized parts. Only this layer's weights and one row of activations are resident.
@@ -18,25 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.arch import CAPTURE_GROUPS
+from quantkit.arch.blocks import block_kind, expert_index
 from quantkit.formats.hadamard import block_size, random_signs, rotate
 from quantkit.memory import release
 from quantkit.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize
+from quantkit.quant.settings import QuantSettings
 
 STARVED_FRACTION = 0.1  # an expert with < 10% of the tokens uniform routing would give it is "starved"
-
-
-@dataclass(frozen=True)
-class QuantSettings:
-    """The GPTQ knobs users know from published GPTQ releases."""
-
-    bits: int = 4
-    group_size: int | None = 128
-    sym: bool = True
-    act_order: bool = True
-    static_groups: bool = False
-    damp: float = 0.01
-    clip: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,10 +80,10 @@ class LayerReport:
 
 def capture_groups(layer: nn.Module) -> list[list[str]]:
     """The layer's linears to quantize, in capture order, with experts expanded."""
-    kind = "moe" if getattr(layer, "is_moe", False) else "vision" if hasattr(layer, "feed_forward") else "dense"
-    n_experts = len(layer.block_sparse_moe.experts) if kind == "moe" else 0
+    kind = block_kind(layer)
+    n_experts = len(layer.get_submodule(kind.moe).experts) if kind.moe else 0
     groups = []
-    for group in CAPTURE_GROUPS[kind]:
+    for group in kind.capture_groups:
         names = []
         for e in range(max(n_experts, 1)) if any("{E}" in n for n in group) else [None]:
             names += [n.format(E=e) if e is not None else n for n in group]
@@ -109,10 +97,43 @@ def _site(name: str) -> str:
 
 
 RowFn = Callable[[int], torch.Tensor]
-WriteFn = Callable[[int, torch.Tensor], None]
 
 
-def _run_rows(layer: nn.Module, rows: int, read: RowFn, ctx, write: WriteFn | None = None) -> None:
+class MemoryRows:
+    """Rows held in memory, with the read/write of the job's on-disk row stores (the vision tower's one row)."""
+
+    def __init__(self, rows: list[torch.Tensor]):
+        self.rows = rows
+
+    def read(self, r: int) -> torch.Tensor:
+        return self.rows[r]
+
+    def write(self, r: int, t: torch.Tensor) -> None:
+        self.rows[r] = t
+
+
+@dataclass
+class LayerIO:
+    """Where one layer's calibration rows come from and where its outputs go: `inputs` and `outputs` are row
+    stores (read(r) / write(r, t)); `middle` holds the attention half's outputs during measurement."""
+
+    rows: int
+    inputs: object
+    outputs: object
+    device: torch.device | str = "cpu"
+    middle: object | None = None
+
+    def read(self, r: int) -> torch.Tensor:
+        return self.inputs.read(r).to(self.device)
+
+    def read_out(self, r: int) -> torch.Tensor:
+        return self.outputs.read(r)
+
+    def write_out(self, r: int, t: torch.Tensor) -> None:
+        self.outputs.write(r, t)
+
+
+def _run_rows(layer: nn.Module, rows: int, read: RowFn, ctx, write: Callable | None = None) -> None:
     with torch.no_grad():
         for r in range(rows):
             y = layer(read(r), ctx)
@@ -138,7 +159,7 @@ def attach_hessians(
 
 
 def _capture(
-    layer: nn.Module, names: list[str], rows: int, read: RowFn, ctx, write: WriteFn | None = None
+    layer: nn.Module, names: list[str], rows: int, read: RowFn, ctx, write: Callable | None = None
 ) -> dict[str, HessianAccumulator]:
     """Run all rows through layer (writing its outputs if asked), accumulating one Hessian per input site."""
     accs, hooks = attach_hessians(layer, names)
@@ -154,7 +175,7 @@ def shared_expert_hessians(
     layer: nn.Module, experts: list[int], down: bool, rows: int, read: RowFn, ctx
 ) -> dict[int, HessianAccumulator]:
     """Hessians from every token entering the MoE block, for starved experts (w1/w3 input, or w2's via w1/w3)."""
-    moe = layer.block_sparse_moe
+    moe = layer.get_submodule(block_kind(layer).moe)
     accs = {e: HessianAccumulator(moe.experts[e].w2.in_features if down else moe.gate.in_features) for e in experts}
 
     def hook(module, args):
@@ -171,36 +192,29 @@ def shared_expert_hessians(
     return accs
 
 
-def expert_index(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[parts.index("experts") + 1]) if "experts" in parts else None
-
-
 def quantize_layer(
     layer: nn.Module,
-    rows: int,
-    read: RowFn,
-    read_out: RowFn,
-    write_out: WriteFn,
+    io: LayerIO,
     ctx,
     settings: QuantSettings,
     spec_for: Callable[[str], LinearSpec],
     emit: Callable[[str, Solved], None],
 ) -> LayerReport:
-    """Quantize layer (in place) on rows read(r) -> [1, T, D]; each linear is solved with spec_for(name) (names
+    """Quantize layer (in place) on rows io.read(r) -> [1, T, D]; each linear is solved with spec_for(name) (names
     relative to the layer) and goes to emit(name, solved).
 
     The float layer's outputs are written to the output store during the first capture pass (the layer is still
     unquantized then), and replaced by the quantized layer's outputs at the end, which also gives the output error
     without a second copy of the layer's weights.
     """
+    rows, read = io.rows, io.read
     report = LayerReport()
     total_tokens = 0
     for k, names in enumerate(capture_groups(layer)):
-        accs = _capture(layer, names, rows, read, ctx, write_out if k == 0 else None)
+        accs = _capture(layer, names, rows, read, ctx, io.write_out if k == 0 else None)
         experts = {e for n in names if (e := expert_index(n)) is not None}
         if experts:
-            moe = layer.block_sparse_moe
+            moe = layer.get_submodule(block_kind(layer).moe)
             total_tokens = total_tokens or rows * read(0).shape[1]
             fair = total_tokens * moe.top_k / len(moe.experts)
             counts = {e: int(accs[_site(n)].total_weight) for n in names if (e := expert_index(n)) is not None}
@@ -228,9 +242,9 @@ def quantize_layer(
     with torch.no_grad():
         for r in range(rows):
             y = layer(read(r), ctx)
-            y_f = read_out(r).to(y.device)
+            y_f = io.read_out(r).to(y.device)
             err += float((y.float() - y_f.float()).pow(2).sum())
             ref += float(y_f.float().pow(2).sum())
-            write_out(r, y)
+            io.write_out(r, y)
     report.rel_error = (err / ref) ** 0.5 if ref > 0 else 0.0
     return report

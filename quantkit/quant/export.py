@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 
 from quantkit import __version__
-from quantkit.formats.gptq_import import pack_gptq_result
+from quantkit.formats.gptq import gptq_pack, pack_gptq_result
 from quantkit.formats.packed import FORMAT_VERSION, to_tensors
 from quantkit.quant.capture import QuantSettings, Solved
-from quantkit.quant.pack import gptq_pack
 
 FORMATS = ("gptq", "quantkit")
 
@@ -26,7 +25,7 @@ def linear_tensors(fmt: str, solved: Solved) -> dict[str, torch.Tensor]:
     return to_tensors(pack_gptq_result(res, had_in=solved.had_in, had_in_block=solved.had_in_block))
 
 
-def quantization_config(fmt: str, s: QuantSettings, calibration: dict, head_bits: int | None) -> dict:
+def build_quantization_config(fmt: str, s: QuantSettings, calibration: dict, head_bits: int | None) -> dict:
     """The `quantization_config` block of config.json."""
     if fmt == "quantkit":
         return {

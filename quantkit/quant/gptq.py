@@ -34,7 +34,7 @@ class GPTQResult:
     zeros: torch.Tensor  # [n_groups, out] uint8 integer zero points
     g_idx: torch.Tensor  # [in] int32 group of each input column (original order), as GPTQ stores it
     perm: torch.Tensor | None  # [in] int64 act-order permutation: column perm[k] was quantized k-th; None = identity
-    weight: torch.Tensor  # [out, in] fp32 dequantized weight, == dequantize(q, scales, zeros, g_idx)
+    weight: torch.Tensor  # [out, in] fp32 dequantized weight, == formats.gptq.dequantize_gptq(q, scales, zeros, g_idx)
     loss: float  # tr((W - Q) H (W - Q)ᵀ) with the undamped H; nan when no H was given
     rel_loss: float  # loss / tr(W H Wᵀ)
     damp: float  # damping used, as a fraction of mean(diag H) (raised from the requested one if Cholesky failed)
@@ -42,6 +42,7 @@ class GPTQResult:
     bits: int | list[tuple[int, int]]  # an int, or the mixed layout [(bits, n_cols), ...] in quantization order
     group_size: int | None  # None = one group per output row (per-channel)
     sym: bool
+    static_groups: bool = False  # groups fixed in original column order before the solve (no permutation stored)
 
 
 class HessianAccumulator:
@@ -92,14 +93,6 @@ class HessianAccumulator:
         if self.total_weight <= 0:
             raise QuantkitError("no calibration tokens reached this layer: its Hessian is empty")
         return self.sum / self.total_weight
-
-
-def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
-    """W [out, in] fp32 = scales[g_idx]ᵀ · (q − zeros[g_idx]ᵀ), the GPTQ dequantization rule."""
-    g = g_idx.long()
-    s = scales.float()[g].T  # [out, in]
-    z = zeros.float()[g].T  # [out, in]
-    return s * (q.float() - z)
 
 
 def proxy_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
@@ -332,6 +325,7 @@ def gptq_quantize(
         bits=[(int(b), int(n)) for b, n in bits] if mixed else bits,
         group_size=group_size,
         sym=sym,
+        static_groups=static_groups,
     )
 
 

@@ -17,25 +17,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantkit.arch.blocks import BLOCK_ROLES, SENSITIVE, block_of, expert_index, role_of
 from quantkit.formats.packed import stored_bits_for
 from quantkit.memory import release
 from quantkit.quant.capture import (
+    LayerIO,
     LinearSpec,
     QuantSettings,
-    RowFn,
-    WriteFn,
     attach_hessians,
     capture_groups,
-    expert_index,
     shared_expert_hessians,
     solve_linear,
 )
 from quantkit.quant.gptq import HessianAccumulator
 
-ROLE = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
-        "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}  # fmt: skip
-BLOCK_ROLES = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
-SENSITIVE = {"attn": ("v", "o"), "mlp": ("down",)}
 BASE_BITS = (2, 3, 4, 5, 6, 7, 8)
 SALIENT_FRACTION = 0.1
 PER_CHANNEL = 0  # a candidate's group size meaning one scale per output row (no groups)
@@ -77,14 +72,6 @@ def block_candidates(block: str) -> list[Candidate]:
     return out
 
 
-def role_of(name: str) -> str:
-    return ROLE[name.rpartition(".")[2]]
-
-
-def block_of(name: str) -> str:
-    return "attn" if role_of(name) in BLOCK_ROLES["attn"] else "mlp"
-
-
 def layout_for(segments: Segments, in_features: int, group: int | None) -> int | tuple[tuple[int, int], ...]:
     """Fractions -> whole groups of columns: an int for one width, else ((bits, n_cols), ...)."""
     if len(segments) == 1:
@@ -110,23 +97,13 @@ def spec_bits(spec: LinearSpec, out_features: int, in_features: int, s: QuantSet
     """Exact stored bits of a linear quantized with spec (what the allocator budgets)."""
     return stored_bits_for(
         out_features, in_features, spec.bits if isinstance(spec.bits, int) else list(spec.bits), spec.group_size,
-        asym=not s.sym, act_order=s.act_order, had_in=spec.rotate_seed is not None,
+        asym=not s.sym, act_order=s.act_order, static_groups=s.static_groups, had_in=spec.rotate_seed is not None,
     )  # fmt: skip
 
 
-def attn_block(layer: nn.Module, x: torch.Tensor, ctx) -> torch.Tensor:
-    """x + attention(norm(x)): the first half of a decoder layer."""
-    return x + layer.self_attn(layer.input_layernorm(x), ctx)
-
-
-def mlp_block(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """h + mlp(norm(h)): the second half (dense MLP or sparse MoE)."""
-    ffn = layer.block_sparse_moe if getattr(layer, "is_moe", False) else layer.mlp
-    return h + ffn(layer.post_attention_layernorm(h))
-
-
-def _hessians(layer: nn.Module, rows: int, read: RowFn, ctx, write_attn: WriteFn, write_out: WriteFn) -> dict:
-    """One float pass: every linear's input Hessian (shared per input site), block outputs written out."""
+def _hessians(layer: nn.Module, io: LayerIO, ctx) -> dict:
+    """One float pass: every linear's input Hessian (shared per input site), both halves' outputs written out."""
+    rows, read = io.rows, io.read
     accs: dict[str, HessianAccumulator] = {}
     site_of: dict[str, str] = {}
     hooks = []
@@ -139,9 +116,9 @@ def _hessians(layer: nn.Module, rows: int, read: RowFn, ctx, write_attn: WriteFn
     try:
         with torch.no_grad():
             for r in range(rows):
-                h = attn_block(layer, read(r), ctx)
-                write_attn(r, h)
-                write_out(r, mlp_block(layer, h))
+                h = layer.attn_block(read(r), ctx)
+                io.middle.write(r, h)
+                io.write_out(r, layer.mlp_block(h))
     finally:
         for hook in hooks:
             hook.remove()
@@ -164,19 +141,11 @@ def _shared_hessians(accs: dict[str, HessianAccumulator]) -> dict[str, torch.Ten
 
 
 def measure_layer(
-    layer: nn.Module,
-    rows: int,
-    read: RowFn,
-    read_attn: RowFn,
-    write_attn: WriteFn,
-    read_out: RowFn,
-    write_out: WriteFn,
-    ctx,
-    s: QuantSettings,
-    rotate_seed: Callable[[str], int | None],
+    layer: nn.Module, io: LayerIO, ctx, s: QuantSettings, rotate_seed: Callable[[str], int | None]
 ) -> dict[str, list[dict]]:
-    """{"attn": [...], "mlp": [...]}, one {"candidate", "bits", "error"} per candidate, for this layer."""
-    accs = _hessians(layer, rows, read, ctx, write_attn, write_out)
+    """{"attn": [...], "mlp": [...]}, one {"candidate", "bits", "error"} per candidate, for this layer; io.middle
+    keeps the float attention half's outputs (the MLP half's inputs)."""
+    accs = _hessians(layer, io, ctx)
     result: dict[str, list[dict]] = {}
     for block in ("attn", "mlp"):
         names = [n for n in accs if block_of(n) == block]
@@ -192,11 +161,11 @@ def measure_layer(
                 bits += spec_bits(spec, linear.out_features, linear.in_features, s)
             err = ref = 0.0
             with torch.no_grad():
-                for r in range(rows):
+                for r in range(io.rows):
                     if block == "attn":
-                        y, y_f = attn_block(layer, read(r), ctx), read_attn(r)
+                        y, y_f = layer.attn_block(io.read(r), ctx), io.middle.read(r)
                     else:
-                        y, y_f = mlp_block(layer, read_attn(r)), read_out(r)
+                        y, y_f = layer.mlp_block(io.middle.read(r)), io.read_out(r)
                     err += float((y.float() - y_f.float().to(y.device)).pow(2).sum())
                     ref += float(y_f.float().pow(2).sum())
             result[block].append({"candidate": cand.name, "bits": bits, "error": (err / ref) ** 0.5})

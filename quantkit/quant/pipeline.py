@@ -21,29 +21,30 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from quantkit.arch.blocks import VISION_EMBED, VISION_LAYERS
 from quantkit.calib.rows import build_rows
 from quantkit.calib.sources import load_calibration
 from quantkit.errors import QuantkitError
+from quantkit.formats.gptq import gptq_stored_bits
+from quantkit.formats.packed import stored_bits_for
 from quantkit.io.checkpoint import HF_INDEX, read_json
 from quantkit.io.reader import TensorInfo, load_tensor, read_header
 from quantkit.io.writer import OutputFolder, TensorSpec, parse_size, plan_shards, write_json, write_sharded
 from quantkit.memory import map_large_blocks, release
 from quantkit.model.load import Checkpoint, build_model, unload
-from quantkit.quant.allocate import allocate
-from quantkit.quant.capture import LinearSpec, QuantSettings, capture_groups, quantize_layer, solve_linear
-from quantkit.quant.export import FORMATS, linear_tensors, model_card, quantization_config
+from quantkit.quant.allocate import allocate, reachable_bpw
+from quantkit.quant.capture import LayerIO, LinearSpec, MemoryRows, capture_groups, quantize_layer, solve_linear
+from quantkit.quant.export import build_quantization_config, linear_tensors, model_card
 from quantkit.quant.gptq import HessianAccumulator
 from quantkit.quant.job import Job
-from quantkit.quant.measure import CANDIDATES_VERSION, measure_layer, spec_bits
+from quantkit.quant.measure import CANDIDATES_VERSION, block_candidates, measure_layer
+from quantkit.quant.settings import QuantizeOptions, QuantSettings, check_against_model, check_bpw_reachable
 from quantkit.tokenizer.chat import ChatTokenizer
-
-GROUP_SIZES = (32, 64, 128, None)
-GPTQ_FORMAT_BITS = (2, 3, 4, 8)
 
 
 @dataclass
 class QuantPlan:
-    """The --dry-run answer: what will be quantized, the output size, and the memory the run needs."""
+    """The --dry-run answer: what will be quantized and how, the output size, and the memory the run needs."""
 
     layers: int
     quantized_params: int
@@ -52,10 +53,15 @@ class QuantPlan:
     peak_ram_bytes: int
     peak_device_bytes: int
     device: str
+    fmt: str = "gptq"
+    bits: str = ""  # how the decoder is stored, in words
+    calibration: str = ""
 
     def summary(self) -> str:
         return "\n".join(
             [
+                f"format: {self.fmt}; {self.bits}",
+                f"calibration: {self.calibration}",
                 f"decoder layers: {self.layers}",
                 f"quantized parameters: {self.quantized_params:,}; kept 16-bit: {self.kept_params:,}",
                 f"output size: {self.output_bytes / 1e9:.2f} GB",
@@ -70,57 +76,63 @@ def _linear_shapes(model, layer_idx: int) -> dict[str, tuple[int, int]]:
     return {n: tuple(layer.get_submodule(n).weight.shape) for g in capture_groups(layer) for n in g}
 
 
-def _check_settings(model, s: QuantSettings, fmt: str, head_bits: int | None, vision: bool = False) -> None:
-    if fmt not in FORMATS:
-        raise QuantkitError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
-    if not (isinstance(s.bits, int) and 2 <= s.bits <= 8):
-        raise QuantkitError(f"--bits must be between 2 and 8, got {s.bits}")
-    if fmt == "gptq" and s.bits not in GPTQ_FORMAT_BITS:
-        raise QuantkitError(f"the GPTQ format stores 2, 3, 4 or 8 bits, not {s.bits}")
-    if head_bits is not None and not 2 <= head_bits <= 8:
-        raise QuantkitError(f"--head-bits must be between 2 and 8, got {head_bits}")
-    if s.group_size not in GROUP_SIZES:
-        raise QuantkitError(f"--group-size must be 32, 64, 128 or none, got {s.group_size}")
+def _checked_shapes(model, o: QuantizeOptions) -> dict[str, tuple[int, int]]:
+    """Every kind of linear the run quantizes, named for error messages: (out, in)."""
     shapes = _linear_shapes(model, 0)
-    if head_bits is not None:
+    if o.head_bits is not None:
         shapes["lm_head"] = tuple(model.lm_head.weight.shape)
-    if vision:
+    if o.vision == "quantize":
         if model.vision_tower is None:
             raise QuantkitError("--vision quantize: this model has no vision tower")
-        vl = model.vision_tower.transformer.layers[0]
+        vl = model.get_submodule(VISION_LAYERS)[0]
         shapes.update({f"vision {n}": tuple(vl.get_submodule(n).weight.shape) for g in capture_groups(vl) for n in g})
-    for name, (out_f, in_f) in shapes.items():
-        if s.group_size and in_f % s.group_size:
-            raise QuantkitError(f"--group-size {s.group_size} does not divide {name}'s {in_f} input features")
-        if fmt == "gptq" and (in_f % 32 or out_f % 32):
-            raise QuantkitError(f"the GPTQ format needs features divisible by 32; {name} is [{out_f}, {in_f}]")
+    return shapes
 
 
-def plan(
-    ckpt: Checkpoint, model, s: QuantSettings, head_bits: int | None, rows: int, seq_len: int, device: str, bpw=None
-):
-    """Sizes and peak memory from the config alone."""
-    t = ckpt.config.text
+def _stored_bits(o: QuantizeOptions, out_f: int, in_f: int, bits: int) -> int:
+    """Bits on disk of one linear stored uniformly with `bits` under o's settings and format."""
+    s = o.settings
+    if o.fmt == "gptq":
+        return gptq_stored_bits(out_f, in_f, bits, s.group_size)
+    return stored_bits_for(out_f, in_f, bits, s.group_size, asym=not s.sym, act_order=s.act_order,
+                           static_groups=s.static_groups, had_in=o.rotate)  # fmt: skip
+
+
+def _calibration_words(o: QuantizeOptions) -> str:
+    where = o.dataset or "the bundled mix"
+    return f"{o.rows} rows x {o.seq_len} tokens from {where}" + (
+        f"; --bpw measures on the first {min(o.measure_rows, o.rows)}" if o.bpw is not None else ""
+    )
+
+
+def plan(ckpt: Checkpoint, model, o: QuantizeOptions, bpw_range: tuple[float, float] | None = None) -> QuantPlan:
+    """What the run will write and the memory it needs, from the config and the cost model alone."""
+    t, s = ckpt.config.text, o.settings
     shapes = _linear_shapes(model, 0)
-    per_layer = sum(o * i for o, i in shapes.values())
-    quantized = per_layer * t.n_layers + (t.vocab_size * t.dim if head_bits else 0)
+    per_layer = sum(out * i for out, i in shapes.values())
+    quantized = per_layer * t.n_layers + (t.vocab_size * t.dim if o.head_bits else 0)
     kept = sum(info.numel for info in ckpt.index.infos.values()) - quantized
     # kept tensors are copied in their stored dtype: count them at the checkpoint's average bytes per parameter
     kept_bytes = kept * sum(i.nbytes for i in ckpt.index.infos.values()) / (kept + quantized)
-    groups = lambda i: i // (s.group_size or i)  # noqa: E731
-    packed = sum(o * i * s.bits / 8 + groups(i) * o * (2 + s.bits / 8) + 4 * i for o, i in shapes.values())
-    head = (t.vocab_size * t.dim * head_bits / 8 + groups(t.dim) * t.vocab_size * 2.5) if head_bits else 0
-    output = int((per_layer * bpw / 8 if bpw else packed) * t.n_layers + head + kept_bytes)
+    if o.bpw is not None:
+        layer_bits = per_layer * o.bpw
+        lo, hi = bpw_range or (float("nan"), float("nan"))
+        words = f"--bpw {o.bpw} (this model reaches {lo:.3f} to {hi:.3f}), group {s.group_size or 'none'}"
+    else:
+        layer_bits = sum(_stored_bits(o, out, i, s.bits) for out, i in shapes.values())
+        words = f"{s.bits} bits ({layer_bits / per_layer:.3f} bits per weight stored), group {s.group_size or 'none'}"
+    words += f", act order {'on' if s.act_order else 'off'}, {'sym' if s.sym else 'asym'}"
+    head = _stored_bits(o, t.vocab_size, t.dim, o.head_bits) if o.head_bits else 0
+    output = int((layer_bits * t.n_layers + head) / 8 + kept_bytes)
     largest_in = max(i for _, i in shapes.values())
-    largest = max(o * i for o, i in shapes.values())
+    largest = max(out * i for out, i in shapes.values())
     layer_bytes = per_layer * 4  # fp32 working copy
     # The solver holds H and two more H-sized tensors at its peak (gptq._inverse_cholesky), and three copies of
     # the weight being solved; one row of activations flows through the layer.
-    work = layer_bytes + 3 * largest_in**2 * 4 + 3 * largest * 4 + 4 * seq_len * max(t.ffn_dim, t.dim) * 4
+    work = layer_bytes + 3 * largest_in**2 * 4 + 3 * largest * 4 + 4 * o.seq_len * max(t.ffn_dim, t.dim) * 4
     ram_base = 500_000_000  # Python, torch and the row being read
-    if device == "cpu":
-        return QuantPlan(t.n_layers, quantized, kept, output, ram_base + work, 0, device)
-    return QuantPlan(t.n_layers, quantized, kept, output, ram_base + layer_bytes, work, device)
+    ram, dev = (ram_base + work, 0) if o.device == "cpu" else (ram_base + layer_bytes, work)
+    return QuantPlan(t.n_layers, quantized, kept, output, ram, dev, o.device, o.fmt, words, _calibration_words(o))
 
 
 def _source_fingerprint(ckpt: Checkpoint) -> str:
@@ -140,6 +152,19 @@ def _calibration(ckpt: Checkpoint, dataset, split, text_field, rows, seq_len, se
         seq_len=seq_len,
         seed=seed,
         encode_chat=lambda messages, tools: tok.encode_chat(messages, tools).input_ids,
+    )
+
+
+def _repeat_note(provenance: dict) -> str | None:
+    """A line when the rows·seq_len token budget reuses the calibration data (the bundled mix is small)."""
+    passes = {name: st["passes"] for name, st in provenance.get("sources", {}).items() if st.get("passes", 1) > 1}
+    if not passes:
+        return None
+    most = max(passes.values())
+    return (
+        f"calibration: {provenance['rows']} x {provenance['seq_len']} tokens repeat {provenance['dataset']} "
+        f"(up to {most} passes over {len(passes)} of its sources); fewer --rows/--seq-len or a larger --dataset "
+        "avoid that"
     )
 
 
@@ -179,44 +204,41 @@ def _measurement_fingerprint(ckpt: Checkpoint, ids: torch.Tensor, s: QuantSettin
     return fingerprint
 
 
+def _layers(ckpt: Checkpoint, model, job: Job, names: list[str], device, dtype, desc: str, progress: bool):
+    """The one layer loop: for every layer job has not finished, load it, yield (index, layer) for the caller's
+    step (which ends with job.finish), then unload it and free its memory."""
+    with tqdm(total=len(names), initial=job.done, desc=desc, unit="layer", disable=not progress) as bar:
+        for i in range(job.done, len(names)):
+            layer = ckpt.load(model, names[i], device, dtype)
+            yield i, layer
+            unload(layer)
+            release()
+            bar.update(1)
+
+
 def measure(
-    ckpt: Checkpoint,
-    model,
-    ids: torch.Tensor,
-    work: Path,
-    s: QuantSettings,
-    rotate: bool,
-    device,
-    dtype,
-    progress,
-    offload_dir: Path | None = None,
+    ckpt: Checkpoint, model, ids: torch.Tensor, work: Path, o: QuantizeOptions, progress: bool = True
 ) -> dict:
     """The measurement pass (see measure.py), resumable in work/measure, saved as work/measurement.json."""
-    fingerprint = _measurement_fingerprint(ckpt, ids, s, rotate, dtype)
+    s, device, dtype = o.settings, o.device, o.torch_dtype
+    fingerprint = _measurement_fingerprint(ckpt, ids, s, o.rotate, dtype)
     path = work / "measurement.json"
     if path.is_file():
         saved = read_json(path)
         if saved.get("fingerprint") == fingerprint:
             return saved
-    job = Job(work / "measure", fingerprint, offload_dir=offload_dir)
+    job = Job(work / "measure", fingerprint, offload_dir=o.offload_dir)
     rows, n_layers = ids.shape[0], ckpt.config.text.n_layers
     row_shape = (1, ids.shape[1], ckpt.config.text.dim)
     _embed(ckpt, model, job, ids, row_shape, device, dtype)
     attn = job.store("attn", rows, row_shape, dtype)
-    seeds = _rotate_seeds(rotate)
-    with tqdm(total=n_layers, initial=job.done, desc="measure", unit="layer", disable=not progress) as bar:
-        for i in range(job.done, n_layers):
-            cur, nxt = job.stores(rows, row_shape, dtype)
-            layer = ckpt.load(model, f"layers.{i}", device, dtype)
-            ctx = model.context(0, torch.empty(row_shape, dtype=dtype, device=device))
-            result = measure_layer(
-                layer, rows, lambda r, cur=cur: cur.read(r).to(device), attn.read, attn.write, nxt.read, nxt.write,
-                ctx, s, lambda name, i=i: seeds(i, name),
-            )  # fmt: skip
-            job.finish(i + 1, None, result)
-            unload(layer)
-            release()
-            bar.update(1)
+    seeds = _rotate_seeds(o.rotate)
+    names = [f"layers.{i}" for i in range(n_layers)]
+    for i, layer in _layers(ckpt, model, job, names, device, dtype, "measure", progress):
+        cur, nxt = job.stores(rows, row_shape, dtype)
+        io = LayerIO(rows, cur, nxt, device, middle=attn)
+        ctx = model.context(0, torch.empty(row_shape, dtype=dtype, device=device))
+        job.finish(i + 1, None, measure_layer(layer, io, ctx, s, lambda name, i=i: seeds(i, name)))
     data = {"version": 1, "fingerprint": fingerprint, "layers": [job.layer_info(i) for i in range(n_layers)]}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -224,9 +246,18 @@ def measure(
     return data
 
 
-def load_measurement(path: Path, expected: dict | None = None) -> dict:
-    """A saved measurement.json; refused when it was made for another model or other settings."""
+def load_measurement(path: Path, expected: dict | None = None, n_layers: int | None = None) -> dict:
+    """A saved measurement.json; refused when it was made for another model, other settings or is incomplete."""
     data = read_json(path)
+    layers = data.get("layers")
+    if n_layers is not None and (not isinstance(layers, list) or len(layers) != n_layers):
+        found = len(layers) if isinstance(layers, list) else 0
+        raise QuantkitError(f"measurement {path} covers {found} layers, the model has {n_layers}: measure again")
+    for i, layer in enumerate(layers or []):
+        for block in ("attn", "mlp"):
+            names = {c.get("candidate") for c in (layer or {}).get(block) or [] if isinstance(c, dict)}
+            if not {c.name for c in block_candidates(block)} <= names:
+                raise QuantkitError(f"measurement {path}: layer {i} lacks {block} candidates: measure again")
     fp = data.get("fingerprint")
     if expected is not None and fp != expected:
         diff = sorted(k for k in set(expected) | set(fp or {}) if (fp or {}).get(k) != expected.get(k))
@@ -235,6 +266,16 @@ def load_measurement(path: Path, expected: dict | None = None) -> dict:
             "measure again without --measurement"
         )
     return data
+
+
+def _emitter(ckpt: Checkpoint, fmt: str, prefix: str, tensors: dict[str, torch.Tensor]):
+    """emit(name, solved) for quantize_layer: the packed tensors of prefix.name into tensors."""
+
+    def emit(name: str, solved) -> None:
+        key = _prefix(ckpt, f"{prefix}.{name}")
+        tensors.update({f"{key}.{k}": t for k, t in linear_tensors(fmt, solved).items()})
+
+    return emit
 
 
 def quantize(
@@ -260,7 +301,7 @@ def quantize(
     restart: bool = False,
     force: bool = False,
     dry_run: bool = False,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str | None = None,
     max_shard_size: str = "5GB",
     progress: bool = True,
@@ -272,118 +313,52 @@ def quantize(
     decoder linears exactly (quantkit format); otherwise every linear gets settings.bits.
     """
     src, dst = Path(src), Path(dst)
+    o = QuantizeOptions(
+        settings, fmt, head_bits, bpw, rotate, measurement, measure_rows, vision, dataset, split, text_field, rows,
+        seq_len, seed, work_dir, offload_dir, restart, force, dry_run, device, dtype, max_shard_size,
+    ).check()  # fmt: skip
     if not (src / "config.json").is_file():
         raise QuantkitError(f"no config.json in {src}: quantize takes a converted (Hugging Face layout) folder")
-    if (bpw is not None or rotate) and fmt != "quantkit":
-        raise QuantkitError("--bpw and --rotate write the quantkit format (--format quantkit)")
-    if vision not in ("keep", "quantize"):
-        raise QuantkitError(f"--vision must be keep or quantize, got {vision!r}")
-    if bpw is not None and settings.group_size is None:
-        raise QuantkitError("--bpw mixes bit widths by groups of columns: give a --group-size (32, 64 or 128)")
     ckpt = Checkpoint(src)
     model = build_model(ckpt.config)
-    _check_settings(model, settings, fmt, head_bits, vision == "quantize")
-    the_plan = plan(ckpt, model, settings, head_bits, rows, seq_len, device, bpw)
+    check_against_model(o, read_json(src / "config.json"), _checked_shapes(model, o))
+    n_layers = ckpt.config.text.n_layers
+    shapes = [_linear_shapes(model, i) for i in range(n_layers)]
+    seeds = _rotate_seeds(rotate)
+    bpw_range = None
+    if bpw is not None:
+        bpw_range = reachable_bpw(shapes, settings, seeds)
+        check_bpw_reachable(bpw, *bpw_range)
+        if measurement is not None:
+            load_measurement(measurement, n_layers=n_layers)
+    the_plan = plan(ckpt, model, o, bpw_range)
+    output = OutputFolder(dst, force=force, src=src)  # validates dst before any work, dry run included
     if dry_run:
         return the_plan
-    output = OutputFolder(dst, force=force, src=src)
     map_large_blocks()
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        dtype or ("float32" if device == "cpu" else "bfloat16")
-    ]
     crows = _calibration(ckpt, dataset, split, text_field, rows, seq_len, seed)
     ids = crows.ids  # [rows, seq_len]
+    if note := _repeat_note(crows.provenance):
+        log(note)
     work = Path(work_dir or dst.parent / f".{dst.name}.quantkit-work")
     if restart and work.exists():
         shutil.rmtree(work)
-    n_layers, dim = ckpt.config.text.n_layers, ckpt.config.text.dim
-    seeds = _rotate_seeds(rotate)
-    shapes = [_linear_shapes(model, i) for i in range(n_layers)]
     if bpw is not None:
-        m_ids = ids[: min(measure_rows, rows)]
-        if measurement is not None:
-            meas = load_measurement(measurement, _measurement_fingerprint(ckpt, m_ids, settings, rotate, torch_dtype))
-        else:
-            meas = measure(ckpt, model, m_ids, work, settings, rotate, device, torch_dtype, progress, offload_dir)
-        alloc = allocate(meas, shapes, bpw, settings, seeds)
-        log(f"allocation: {alloc.bpw:.4f} bits per decoder weight for --bpw {bpw} ({alloc.bits / 8e9:.3f} GB)")
-        specs = alloc.specs
+        specs = _allocate(ckpt, model, ids, work, o, shapes, seeds, progress, log)
     else:
-        specs = [
-            {n: LinearSpec(settings.bits, settings.group_size, seeds(i, n)) for n in shapes[i]} for i in range(n_layers)
-        ]
-    strategy = hashlib.sha256(repr(specs).encode()).hexdigest()[:16]
-    job_settings = {
-        "source": _source_fingerprint(ckpt),
-        "format": fmt,
-        "head_bits": head_bits,
-        "calibration": hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16],
-        "dtype": str(torch_dtype),
-        "strategy": strategy,
-        **asdict(settings),
-    }
-    job = Job(work, job_settings, offload_dir=offload_dir)
-    row_shape = (1, seq_len, dim)
+        specs = [{n: LinearSpec(settings.bits, settings.group_size, seeds(i, n)) for n in layer}
+                 for i, layer in enumerate(shapes)]  # fmt: skip
+    job = Job(work, _job_settings(ckpt, o, ids, specs), offload_dir=offload_dir)
     if job.done > 0:
         log(f"resuming at layer {job.done}/{n_layers} (work dir {job.dir}; --restart discards it)")
-    _embed(ckpt, model, job, ids, row_shape, device, torch_dtype)
-
-    bar = tqdm(total=n_layers, initial=job.done, desc="quantize", unit="layer", disable=not progress)
-    with bar:
-        for i in range(job.done, n_layers):
-            t0 = time.perf_counter()
-            cur, nxt = job.stores(rows, row_shape, torch_dtype)
-            layer = ckpt.load(model, f"layers.{i}", device, torch_dtype)
-            ctx = model.context(0, torch.empty(row_shape, dtype=torch_dtype, device=device))
-            tensors: dict[str, torch.Tensor] = {}
-
-            def emit(name: str, solved, i=i, tensors=tensors) -> None:
-                prefix = _prefix(ckpt, f"layers.{i}.{name}")
-                tensors.update({f"{prefix}.{k}": t for k, t in linear_tensors(fmt, solved).items()})
-
-            report = quantize_layer(
-                layer, rows, lambda r, cur=cur: cur.read(r).to(device), nxt.read, nxt.write, ctx, settings,
-                specs[i].__getitem__, emit,
-            )  # fmt: skip
-            layer_bits = sum(spec_bits(specs[i][n], o, k, settings) for n, (o, k) in shapes[i].items())
-            avg = layer_bits / sum(o * k for o, k in shapes[i].values())
-            info = {"bpw": avg, "rel_error": report.rel_error, "starved_experts": report.starved}
-            job.finish(i + 1, tensors, info)
-            unload(layer)
-            release()
-            bar.update(1)
-            msg = f"layer {i + 1}/{n_layers}: {avg:.2f} bits per weight, rel. output error {report.rel_error:.4f}"
-            if report.starved:
-                msg += f", {len(report.starved)} expert linears with few tokens used the shared Hessian"
-            tqdm.write(f"{msg} ({time.perf_counter() - t0:.1f} s)") if progress else log(msg)
-
+    _quantize_decoder(ckpt, model, job, ids, o, specs, shapes, progress, log)
     if head_bits is not None and job.done == n_layers:
-        cur, _ = job.stores(rows, row_shape, torch_dtype)
-        ckpt.load(model, "norm", device, torch_dtype)
-        ckpt.load(model, "lm_head", device, torch_dtype)
-        acc = HessianAccumulator(dim, device=device)
-        with torch.no_grad():
-            for r in range(rows):
-                acc.add(model.norm(cur.read(r).to(device)))
-        head_spec = LinearSpec(head_bits, settings.group_size, seeds(-1, "lm_head"))
-        solved = solve_linear(model.lm_head.weight.data, acc.hessian(), head_spec, settings)
-        tensors = {f"{_prefix(ckpt, 'lm_head')}.{k}": t for k, t in linear_tensors(fmt, solved).items()}
-        job.finish(n_layers + 1, tensors, {"bits": head_bits, "rel_loss": solved.result.rel_loss})
-        unload(model.lm_head)
-        unload(model.norm)
-
+        _quantize_head(ckpt, model, job, o, seeds)
     if vision == "quantize" and job.done == n_layers + (head_bits is not None):
-        tensors = _quantize_vision(ckpt, model, settings, fmt, seeds, device, torch_dtype, progress, log)
+        tensors = _quantize_vision(ckpt, model, o, seeds, progress, log)
         job.finish(job.done + 1, tensors, {"vision_bits": settings.bits})
 
-    qcfg = quantization_config(fmt, settings, crows.provenance, head_bits)
-    if fmt == "quantkit":
-        qcfg["bpw"], qcfg["rotate"] = bpw, rotate
-        qcfg["modules"] = {
-            _prefix(ckpt, f"layers.{i}.{n}"): {"bits": sp.bits, "group_size": sp.group_size}
-            for i in range(n_layers)
-            for n, sp in specs[i].items()
-        }
+    qcfg = _output_config(ckpt, o, specs, crows.provenance)
     size = _assemble(ckpt, job, output, qcfg, max_shard_size, progress)
     card = model_card(dst.name, fmt, settings, crows.provenance, size, head_bits, bpw, rotate)
     (dst / "README.md").write_text(card)
@@ -392,7 +367,90 @@ def quantize(
     return the_plan
 
 
-def _quantize_vision(ckpt: Checkpoint, model, s: QuantSettings, fmt: str, seeds, device, dtype, progress, log):
+def _output_config(ckpt: Checkpoint, o: QuantizeOptions, specs, provenance: dict) -> dict:
+    """config.json's quantization_config; the quantkit format also lists every linear's bits and group size."""
+    qcfg = build_quantization_config(o.fmt, o.settings, provenance, o.head_bits)
+    if o.fmt == "quantkit":
+        qcfg["bpw"], qcfg["rotate"] = o.bpw, o.rotate
+        qcfg["modules"] = {
+            _prefix(ckpt, f"layers.{i}.{n}"): {"bits": sp.bits, "group_size": sp.group_size}
+            for i, layer in enumerate(specs)
+            for n, sp in layer.items()
+        }
+    return qcfg
+
+
+def _allocate(ckpt, model, ids, work: Path, o: QuantizeOptions, shapes, seeds, progress, log) -> list[dict]:
+    """--bpw: measure (or reuse --measurement), then choose every block's storage for the target."""
+    m_ids = ids[: min(o.measure_rows, o.rows)]
+    if o.measurement is not None:
+        expected = _measurement_fingerprint(ckpt, m_ids, o.settings, o.rotate, o.torch_dtype)
+        meas = load_measurement(o.measurement, expected, len(shapes))
+    else:
+        meas = measure(ckpt, model, m_ids, work, o, progress)
+        log(f"measurement: {work / 'measurement.json'} (reuse it with --measurement)")
+    alloc = allocate(meas, shapes, o.bpw, o.settings, seeds)
+    log(
+        f"allocation: {alloc.bpw:.4f} bits per decoder weight for --bpw {o.bpw} "
+        f"({alloc.bits:,} bits, {alloc.bits / 8e9:.3f} GB)"
+    )
+    return alloc.specs
+
+
+def _job_settings(ckpt: Checkpoint, o: QuantizeOptions, ids: torch.Tensor, specs) -> dict:
+    """What a quantize job depends on: a rerun with other settings does not resume it."""
+    return {
+        "source": _source_fingerprint(ckpt),
+        "format": o.fmt,
+        "head_bits": o.head_bits,
+        "calibration": hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16],
+        "dtype": str(o.torch_dtype),
+        "strategy": hashlib.sha256(repr(specs).encode()).hexdigest()[:16],
+        **asdict(o.settings),
+    }
+
+
+def _quantize_decoder(ckpt, model, job: Job, ids, o: QuantizeOptions, specs, shapes, progress, log) -> None:
+    """Job steps 0..n_layers: embeddings, then every decoder layer quantized on the previous one's outputs."""
+    device, dtype, n_layers = o.device, o.torch_dtype, len(shapes)
+    rows, row_shape = ids.shape[0], (1, ids.shape[1], ckpt.config.text.dim)
+    _embed(ckpt, model, job, ids, row_shape, device, dtype)
+    names = [f"layers.{i}" for i in range(n_layers)]
+    for i, layer in _layers(ckpt, model, job, names, device, dtype, "quantize", progress):
+        t0 = time.perf_counter()
+        cur, nxt = job.stores(rows, row_shape, dtype)
+        ctx = model.context(0, torch.empty(row_shape, dtype=dtype, device=device))
+        tensors: dict[str, torch.Tensor] = {}
+        emit = _emitter(ckpt, o.fmt, names[i], tensors)
+        report = quantize_layer(layer, LayerIO(rows, cur, nxt, device), ctx, o.settings, specs[i].__getitem__, emit)
+        layer_bits = sum(t.numel() * t.element_size() * 8 for t in tensors.values())  # what inspect counts
+        avg = layer_bits / sum(out * k for out, k in shapes[i].values())
+        job.finish(i + 1, tensors, {"bpw": avg, "rel_error": report.rel_error, "starved_experts": report.starved})
+        msg = f"layer {i + 1}/{n_layers}: {avg:.2f} bits per weight, rel. output error {report.rel_error:.4f}"
+        if report.starved:
+            msg += f", {len(report.starved)} expert linears with few tokens used the shared Hessian"
+        tqdm.write(f"{msg} ({time.perf_counter() - t0:.1f} s)") if progress else log(msg)
+
+
+def _quantize_head(ckpt: Checkpoint, model, job: Job, o: QuantizeOptions, seeds) -> None:
+    """Job step n_layers + 1: lm_head, on the final norm of the last layer's outputs."""
+    device, dtype, t = o.device, o.torch_dtype, ckpt.config.text
+    cur, _ = job.stores(o.rows, (1, o.seq_len, t.dim), dtype)
+    ckpt.load(model, "norm", device, dtype)
+    ckpt.load(model, "lm_head", device, dtype)
+    acc = HessianAccumulator(t.dim, device=device)
+    with torch.no_grad():
+        for r in range(o.rows):
+            acc.add(model.norm(cur.read(r).to(device)))
+    head_spec = LinearSpec(o.head_bits, o.settings.group_size, seeds(-1, "lm_head"))
+    solved = solve_linear(model.lm_head.weight.data, acc.hessian(), head_spec, o.settings)
+    tensors = {f"{_prefix(ckpt, 'lm_head')}.{k}": v for k, v in linear_tensors(o.fmt, solved).items()}
+    job.finish(t.n_layers + 1, tensors, {"bits": o.head_bits, "rel_loss": solved.result.rel_loss})
+    unload(model.lm_head)
+    unload(model.norm)
+
+
+def _quantize_vision(ckpt: Checkpoint, model, o: QuantizeOptions, seeds, progress, log):
     """GPTQ for the vision tower's linears (--vision quantize), calibrated on the bundled images, one layer at a time;
     patch conv, norms and the projector stay 16-bit. Returns the packed tensors."""
     from PIL import Image
@@ -400,35 +458,33 @@ def _quantize_vision(ckpt: Checkpoint, model, s: QuantSettings, fmt: str, seeds,
     from quantkit.calib.sources import default_images
     from quantkit.tokenizer.image import preprocess_image
 
+    s, device, dtype = o.settings, o.device, o.torch_dtype
     vt = model.vision_tower
     images = [preprocess_image(Image.open(p)) for p in default_images()]
     if not images:
         raise QuantkitError("--vision quantize needs calibration images: calib_data/images/ is empty")
-    ckpt.load(model, "vision_tower.patch_conv", device, dtype)
-    ckpt.load(model, "vision_tower.ln_pre", device, dtype)
+    for name in VISION_EMBED:
+        ckpt.load(model, name, device, dtype)
     with torch.no_grad():
         h, vctx = vt.embed(images)  # [1, patches of all images, D]
-    unload(vt.patch_conv)
-    unload(vt.ln_pre)
+    for name in VISION_EMBED:
+        unload(model.get_submodule(name))
     tensors: dict[str, torch.Tensor] = {}
-    for j in tqdm(range(len(vt.transformer.layers)), desc="vision", unit="layer", disable=not progress):
-        name = f"vision_tower.transformer.layers.{j}"
-        layer = ckpt.load(model, name, device, dtype)
-        out: dict[str, torch.Tensor] = {"y": h}  # one row: all images' patches; the float output lands here first
-
-        def emit(linear: str, solved, name=name) -> None:
-            prefix = _prefix(ckpt, f"{name}.{linear}")
-            tensors.update({f"{prefix}.{k}": t for k, t in linear_tensors(fmt, solved).items()})
-
-        report = quantize_layer(
-            layer, 1, lambda r, h=h: h, lambda r, out=out: out["y"], lambda r, y, out=out: out.__setitem__("y", y),
-            vctx, s,
-            lambda n, j=j: LinearSpec(s.bits, s.group_size, seeds(-2 - j, n)), emit,
-        )  # fmt: skip
-        h = out["y"]
-        unload(layer)
-        log(f"vision layer {j + 1}/{len(vt.transformer.layers)}: {s.bits} bits, rel. error {report.rel_error:.4f}")
+    n = len(model.get_submodule(VISION_LAYERS))
+    names = [f"{VISION_LAYERS}.{j}" for j in range(n)]
+    rows = MemoryRows([h])  # one row: all images' patches; each layer's float, then quantized, output lands here
+    for j, layer in _layers(ckpt, model, _Steps(), names, device, dtype, "vision", progress):
+        spec_for = lambda lin, j=j: LinearSpec(s.bits, s.group_size, seeds(-2 - j, lin))  # noqa: E731
+        report = quantize_layer(layer, LayerIO(1, rows, rows, device), vctx, s, spec_for,
+                                _emitter(ckpt, o.fmt, names[j], tensors))  # fmt: skip
+        log(f"vision layer {j + 1}/{n}: {s.bits} bits, rel. error {report.rel_error:.4f}")
     return tensors
+
+
+class _Steps:
+    """A job stand-in for loops that are not resumable on their own (the vision tower is one job step)."""
+
+    done = 0
 
 
 def _assemble(ckpt: Checkpoint, job: Job, output: OutputFolder, qcfg: dict, max_shard_size: str, progress) -> int:

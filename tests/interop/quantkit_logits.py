@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from quantkit.formats.gptq import gptq_unpack
 from quantkit.model.load import load_model
-from quantkit.quant.pack import gptq_unpack
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 

@@ -1,0 +1,1 @@
+"""Command glue (click options, stdin, printing), one module per command; quantkit.cli assembles them."""

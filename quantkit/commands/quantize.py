@@ -1,0 +1,88 @@
+"""`quantkit quantize`: click options and printing around quantkit.quant.pipeline.quantize."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from quantkit.errors import QuantkitError
+
+
+def _group_size(value: str) -> int | None:
+    return None if value.lower() in ("none", "-1", "0") else int(value)
+
+
+@click.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--bpw", type=float, help="Mixed precision: average bits per decoder weight, every byte counted.")
+@click.option("--rotate", is_flag=True, help="Randomized Hadamard rotation of input features (quantkit format).")
+@click.option("--measurement", type=click.Path(path_type=Path), help="Reuse a measurement.json for --bpw.")
+@click.option("--measure-rows", type=int, default=16, show_default=True, help="Calibration rows measured for --bpw.")
+@click.option("-b", "--bits", type=int, default=4, show_default=True, help="Bits per weight (2-8).")
+@click.option("--group-size", default="128", show_default=True, help="32, 64, 128 or none (per channel).")
+@click.option("--act-order/--no-act-order", default=True, show_default=True, help="Quantize columns by salience.")
+@click.option("--static-groups", is_flag=True, help="With act order, fix the group grids up front.")
+@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grids.")
+@click.option("--damp", type=float, default=0.01, show_default=True, help="Damping, fraction of mean diag(H).")
+@click.option("--clip", is_flag=True, help="Search a clipping factor for each group's scale.")
+@click.option(
+    "--vision",
+    type=click.Choice(["keep", "quantize"]),
+    default="keep",
+    show_default=True,
+    help="keep the vision tower 16-bit, or quantize it with --bits on the bundled calibration images.",
+)
+@click.option("-hb", "--head-bits", type=int, help="Quantize lm_head with these bits (default: keep 16-bit).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["gptq", "quantkit"]),
+    default=None,
+    help="gptq (default for --bits): the GPTQ layout transformers, GPTQModel, vLLM, ExLlamaV2 load; "
+    "quantkit (default for --bpw / --rotate): our own, mixed bits.",
+)
+@click.option("-c", "--dataset", help="A datasets hub name or local .jsonl/.parquet/.txt (default: bundled mix).")
+@click.option("--split", default="train", show_default=True, help="Hub dataset split.")
+@click.option("--text-field", default="text", show_default=True, help="Column holding the text.")
+@click.option("--rows", type=int, default=128, show_default=True, help="Calibration rows.")
+@click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per calibration row.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--work-dir", type=click.Path(path_type=Path), help="Job folder (default: .DST.quantkit-work).")
+@click.option("--offload-dir", type=click.Path(path_type=Path), help="Where hidden states live (default: work dir).")
+@click.option("--restart", is_flag=True, help="Discard an unfinished job in the work dir.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto: the GPU if any.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute dtype.")
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the plan, the output size and peak memory; write nothing.")
+@click.option("--force", is_flag=True, help="Replace a non-empty DST.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement: Path | None, measure_rows: int,
+             bits: int, group_size: str, act_order: bool, static_groups: bool, sym: bool,
+             damp: float, clip: bool, vision: str, head_bits: int | None, fmt: str | None, dataset: str | None,
+             split: str,
+             text_field: str, rows: int, seq_len: int, seed: int, work_dir: Path | None, offload_dir: Path | None,
+             restart: bool, device: str,
+             dtype: str | None, max_shard_size: str, dry_run: bool, force: bool, quiet: bool) -> None:  # fmt: skip
+    """Quantize a converted model SRC with GPTQ, layer by layer, into DST (resumable: rerun after a crash)."""
+    from quantkit.quant.pipeline import quantize as run_quantize
+    from quantkit.quant.settings import QuantSettings
+
+    try:
+        gs = _group_size(group_size)
+    except ValueError:
+        raise QuantkitError(f"--group-size must be 32, 64, 128 or none, got {group_size}") from None
+    settings = QuantSettings(bits=bits, group_size=gs, sym=sym, act_order=act_order, static_groups=static_groups,
+                             damp=damp, clip=clip)  # fmt: skip
+    fmt = fmt or ("quantkit" if bpw is not None or rotate else "gptq")
+    plan = run_quantize(
+        src, dst, settings=settings, fmt=fmt, head_bits=head_bits, bpw=bpw, rotate=rotate, measurement=measurement,
+        measure_rows=measure_rows, vision=vision, dataset=dataset, split=split,
+        text_field=text_field, rows=rows, seq_len=seq_len, seed=seed, work_dir=work_dir, offload_dir=offload_dir,
+        restart=restart,
+        force=force, dry_run=dry_run, device=device, dtype=dtype, max_shard_size=max_shard_size,
+        progress=not quiet, log=click.echo,
+    )  # fmt: skip
+    if dry_run:
+        click.echo(plan.summary())

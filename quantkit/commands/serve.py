@@ -1,0 +1,28 @@
+"""`quantkit serve`: click options around quantkit.serve.server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("serve")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, a list, or auto.")
+@click.option(
+    "--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto", show_default=True
+)
+@click.option("--backend", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True)
+@click.option("--api-key", envvar="QUANTKIT_API_KEY", help="Require 'Authorization: Bearer KEY'.")
+@click.option("--served-model-name", help="The model id clients use (default: the folder name).")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=1), help="Waiting requests.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def serve_command(model: Path, host: str, port: int, device: str, dtype: str, backend: str, api_key: str | None,
+                  served_model_name: str | None, max_queue: int, quiet: bool) -> None:  # fmt: skip
+    """Serve a converted or quantized model folder MODEL over an OpenAI-compatible HTTP API (text and images)."""
+    from quantkit.serve.server import serve
+
+    serve(model, host, port, device, dtype, backend, api_key, served_model_name, max_queue, progress=not quiet)

@@ -1,0 +1,150 @@
+"""Everything `quantkit quantize` is asked to do, checked in one place before any work starts.
+
+QuantSettings are the GPTQ knobs (what a measurement and a job depend on); QuantizeOptions are the whole request.
+`QuantizeOptions.check()` refuses bad arguments (types, ranges, NaN/inf, devices, sizes) without reading the model;
+`check_against_model` refuses what only the model can tell (group sizes that do not divide its features, a --bpw
+outside the range its shapes reach under the cost model, an already-quantized source, a measurement of another
+length). Both raise QuantkitError with one line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.formats.gptq import GPTQ_BITS
+from quantkit.io.writer import parse_size
+from quantkit.model.config import CONFIG_DTYPES
+
+FORMATS = ("gptq", "quantkit")
+GROUP_SIZES = (32, 64, 128, None)
+VISION_MODES = ("keep", "quantize")
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """The GPTQ knobs users know from published GPTQ releases."""
+
+    bits: int = 4
+    group_size: int | None = 128
+    sym: bool = True
+    act_order: bool = True
+    static_groups: bool = False
+    damp: float = 0.01
+    clip: bool = False
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """One quantize request besides SRC and DST (the CLI's options, with the library's defaults)."""
+
+    settings: QuantSettings = field(default_factory=QuantSettings)
+    fmt: str = "gptq"
+    head_bits: int | None = None
+    bpw: float | None = None
+    rotate: bool = False
+    measurement: Path | None = None
+    measure_rows: int = 16
+    vision: str = "keep"
+    dataset: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    rows: int = 128
+    seq_len: int = 2048
+    seed: int = 0
+    work_dir: Path | None = None
+    offload_dir: Path | None = None
+    restart: bool = False
+    force: bool = False
+    dry_run: bool = False
+    device: str = "auto"
+    dtype: str | None = None
+    max_shard_size: str = "5GB"
+
+    def check(self) -> QuantizeOptions:
+        """Refuse bad arguments; returns self with the device resolved (auto -> cuda when there is one, else cpu)."""
+        s = self.settings
+        if self.fmt not in FORMATS:
+            raise QuantkitError(f"unknown format {self.fmt!r} (choose from {', '.join(FORMATS)})")
+        if not (isinstance(s.bits, int) and 2 <= s.bits <= 8):
+            raise QuantkitError(f"--bits must be between 2 and 8, got {s.bits}")
+        if self.fmt == "gptq" and s.bits not in GPTQ_BITS:
+            raise QuantkitError(f"the GPTQ format stores 2, 3, 4 or 8 bits, not {s.bits}")
+        if self.head_bits is not None and not (isinstance(self.head_bits, int) and 2 <= self.head_bits <= 8):
+            raise QuantkitError(f"--head-bits must be between 2 and 8, got {self.head_bits}")
+        if s.group_size not in GROUP_SIZES:
+            raise QuantkitError(f"--group-size must be 32, 64, 128 or none, got {s.group_size}")
+        if not (isinstance(s.damp, int | float) and math.isfinite(s.damp) and 0 <= s.damp <= 1):
+            raise QuantkitError(f"--damp must be a fraction from 0 to 1 of mean(diag H), got {s.damp}")
+        if self.vision not in VISION_MODES:
+            raise QuantkitError(f"--vision must be keep or quantize, got {self.vision!r}")
+        if (self.bpw is not None or self.rotate) and self.fmt != "quantkit":
+            raise QuantkitError("--bpw and --rotate write the quantkit format (--format quantkit)")
+        if self.bpw is not None:
+            if not math.isfinite(self.bpw) or self.bpw <= 0:
+                raise QuantkitError(f"--bpw must be a positive number of bits per weight, got {self.bpw}")
+            if s.static_groups:
+                raise QuantkitError("--bpw mixes bit widths within a matrix, which needs dynamic groups: drop "
+                                    "--static-groups")  # fmt: skip
+            if self.measure_rows < 1:
+                raise QuantkitError(f"--measure-rows must be at least 1, got {self.measure_rows}")
+        for name, value in (("--rows", self.rows), ("--seq-len", self.seq_len)):
+            if value < 1:
+                raise QuantkitError(f"{name} must be at least 1, got {value}")
+        if parse_size(self.max_shard_size) < 1:
+            raise QuantkitError(f"--max-shard-size must be positive, got {self.max_shard_size!r}")
+        if self.dtype is not None and self.dtype not in CONFIG_DTYPES:
+            raise QuantkitError(f"--dtype must be one of {', '.join(CONFIG_DTYPES)}, got {self.dtype!r}")
+        return replace(self, device=resolve_device(self.device))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """float32 on CPU, bfloat16 on a GPU, unless --dtype says otherwise."""
+        return CONFIG_DTYPES[self.dtype or ("float32" if self.device == "cpu" else "bfloat16")]
+
+
+def resolve_device(spec: str) -> str:
+    """auto -> cuda when a GPU is visible, else cpu; cpu, cuda and cuda:N are checked against this machine."""
+    spec = str(spec).strip().lower()
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        d = torch.device(spec)
+    except RuntimeError:
+        raise QuantkitError(f"unknown device {spec!r} (cpu, cuda, cuda:N or auto)") from None
+    if d.type == "cpu":
+        return "cpu"
+    if d.type != "cuda":
+        raise QuantkitError(f"device type {d.type} is not supported (cpu, cuda, cuda:N or auto)")
+    if not torch.cuda.is_available():
+        raise QuantkitError(f"--device {spec}: CUDA is not available here (use --device cpu)")
+    if (d.index or 0) >= torch.cuda.device_count():
+        raise QuantkitError(f"--device {spec} does not exist ({torch.cuda.device_count()} GPU(s) visible)")
+    return spec
+
+
+def check_against_model(o: QuantizeOptions, config: dict, shapes: dict[str, tuple[int, int]]) -> None:
+    """What the model decides: an already-quantized source, and group sizes / GPTQ shapes its linears allow.
+
+    config is the source's config.json; shapes maps a description of every linear to be quantized to (out, in).
+    """
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "?") if isinstance(
+            config["quantization_config"], dict) else "?"  # fmt: skip
+        raise QuantkitError(f"the source is already quantized ({method}): quantize a converted 16-bit model")
+    g = o.settings.group_size
+    for name, (out_f, in_f) in shapes.items():
+        if g and in_f % g:
+            raise QuantkitError(f"--group-size {g} does not divide {name}'s {in_f} input features")
+        if o.fmt == "gptq" and (in_f % 32 or out_f % 32):
+            raise QuantkitError(f"the GPTQ format needs features divisible by 32; {name} is [{out_f}, {in_f}]")
+
+
+def check_bpw_reachable(bpw: float, lo: float, hi: float) -> None:
+    """--bpw against the range the cost model gives for this model (no measurement needed)."""
+    if not lo - 1e-12 <= bpw <= hi + 1e-12:
+        raise QuantkitError(f"--bpw {bpw} is outside what this model can reach: {lo:.3f} to {hi:.3f}")
