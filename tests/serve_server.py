@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from quantkit.model.config import load_config
+from quantkit.model.config import load_model_config
 from quantkit.runtime import load_any
 from quantkit.serve.app import create_app
 from quantkit.serve.engine import Engine
@@ -22,7 +22,7 @@ def running_server(folder: Path, name: str = "tiny", api_key: str | None = None,
     tokenizer = ChatTokenizer.from_folder(folder)
     model = load_any(folder, device="cpu", backend="torch", progress=False)
     engine = Engine(model, tokenizer, max_queue)
-    app = create_app(engine, name, load_config(folder).text.max_seq_len, api_key)
+    app = create_app(engine, name, load_model_config(folder).text.max_seq_len, api_key)
     try:
         with serve_in_thread(app) as url:
             yield url, engine

@@ -20,7 +20,7 @@ import click
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.model.config import load_config
+from quantkit.model.config import load_model_config
 from quantkit.model.generate import warm_up
 from quantkit.model.load import model_parts
 from quantkit.model.text import Transformer
@@ -115,7 +115,7 @@ def serve(
         raise QuantkitError(f"quantkit serve needs the serve extra ({e.name} is missing): "
                             "pip install 'quantkit[serve]'") from None  # fmt: skip
     folder = Path(folder)
-    config = load_config(folder)
+    config = load_model_config(folder)
     tokenizer = ChatTokenizer.from_folder(folder)
     _check_port(host, port)
     name = served_model_name or folder.resolve().name
