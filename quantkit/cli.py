@@ -133,6 +133,12 @@ def tokenize(model: Path, messages_file: Path, tools_file: Path | None, as_json:
     show_default=True,
     help="Quantized matmuls: auto = Triton on GPU, torch reference on CPU.",
 )
+@click.option(
+    "--keep-dequantized/--no-keep-dequantized",
+    default=True,
+    show_default=True,
+    help="torch backend: keep each linear's dequantized weight in memory while it fits (fast CPU decoding).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per answer (ids, text, tokens/s).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run_command(
@@ -147,6 +153,7 @@ def run_command(
     device: str,
     dtype: str,
     backend: str,
+    keep_dequantized: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -157,7 +164,7 @@ def run_command(
     from quantkit.runtime import load_any
 
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
-    load = partial(load_any, backend=backend)
+    load = partial(load_any, backend=backend, keep_dense=keep_dequantized)
     run(model, prompt, list(images), system, sampling, device, dtype, as_json, progress=not quiet, load=load)
 
 

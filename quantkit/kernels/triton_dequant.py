@@ -167,6 +167,13 @@ def _split_k(cfg: dict, tiles: int, n_cols: int, device: torch.device) -> int:
     return max(1, min(int(split), -(-n_cols // cfg["BLOCK_K"])))
 
 
+def fp32_launch(cfg: dict) -> dict:
+    """The tl.dot launch for fp32 activations: their dot is exact fp32 FMA math ("ieee"), not tensor cores, and the
+    fp16 configs' tiles spill hundreds of registers per thread with it (compile_check), so tiles stay small."""
+    return dict(cfg, BLOCK_M=16, BLOCK_N=min(cfg["BLOCK_N"], 32), BLOCK_K=min(cfg["BLOCK_K"], 32), num_warps=4,
+                num_stages=2)
+
+
 def segment_matmul(
     x: torch.Tensor, pl: PackedLinear, cfg: dict, out_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, bool]:
@@ -183,6 +190,8 @@ def segment_matmul(
         raise QuantkitError("tensor too large for the kernel's int32 offsets; split the batch")
     if m == 0:
         return torch.zeros(0, n, dtype=out_dtype or torch.float32, device=x.device), out_dtype is not None
+    if x.dtype == torch.float32 and cfg["BLOCK_M"] > 1:
+        cfg = fp32_launch(cfg)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     tiles = -(-m // bm) * -(-n // bn)
     splits = [_split_k(cfg, tiles, s.n_cols, x.device) for s in pl.segments]
