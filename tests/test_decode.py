@@ -8,9 +8,16 @@ import torch
 from test_packed import random_packed
 from torch import nn
 
+from quantkit.errors import QuantkitError
+from quantkit.formats.packed import pack_linear
 from quantkit.kernels import qlinear
 from quantkit.kernels.qlinear import QuantLinear
 from quantkit.kernels.reference import reference_matmul
+from quantkit.model.config import ModelConfig, TextConfig
+from quantkit.model.generate import generate, sample_on_device
+from quantkit.model.modules import swap_linears
+from quantkit.model.text import Transformer
+from quantkit.quant.gptq import rtn_quantize
 from quantkit.runtime import keep_dequantized, set_backend
 
 
@@ -62,3 +69,77 @@ def test_keep_dequantized_respects_the_budget_and_the_flag(monkeypatch):
         torch.testing.assert_close(m(x), reference_matmul(x, m.packed), rtol=1e-5, atol=1e-5)
     assert keep_dequantized(model, enabled=False) == 0
     assert not any(m.has_dense for m in model[:3])
+
+
+def tiny_model(window: int | None = None, quantized: bool = False, device: str = "cpu") -> Transformer:
+    """A random 2-layer Mistral (GQA 2:1) with float or 4-bit torch-backend linears."""
+    t = TextConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, vocab_size=96,
+                   norm_eps=1e-5, rope_theta=1e4, max_seq_len=64, sliding_window=window)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig("mistral", t))
+    for name, p in model.named_parameters():
+        p.data = torch.ones_like(p) if "norm" in name else torch.randn_like(p) * 0.3
+    if quantized:
+        def factory(name: str, linear: nn.Linear):
+            if not name.startswith("layers."):
+                return None
+            r = rtn_quantize(linear.weight.data, 4, 32)
+            return QuantLinear(pack_linear(r.q, r.scales, r.zeros, 32, 4), backend="torch")
+
+        swap_linears(model, factory)
+    return model.eval().to(device)
+
+
+@pytest.mark.parametrize("window,quantized", [(None, False), (6, False), (None, True)])
+def test_static_decode_step_gives_the_eager_tokens(window, quantized):
+    model = tiny_model(window, quantized)
+    prompt = [5, 17, 3, 80, 41, 9, 22]
+    eager = generate(model, prompt, max_new_tokens=16, decode="eager")
+    static = generate(model, prompt, max_new_tokens=16, decode="static")
+    assert len(eager.output_ids) == 16
+    assert static.output_ids == eager.output_ids
+    assert generate(model, prompt, max_new_tokens=16).output_ids == eager.output_ids  # auto on CPU: eager
+
+
+def test_static_decode_samples_reproducibly_and_stops():
+    model = tiny_model()
+    kw = dict(max_new_tokens=12, temperature=0.9, top_p=0.8, seed=3, decode="static")
+    a, b = generate(model, [1, 2, 3], **kw), generate(model, [1, 2, 3], **kw)
+    assert a.output_ids == b.output_ids and len(a.output_ids) == 12
+    stop = a.output_ids[4]
+    c = generate(model, [1, 2, 3], stop_ids=[stop], **kw)
+    assert c.output_ids == a.output_ids[: a.output_ids.index(stop) + 1]
+
+
+def test_sampling_on_device_follows_the_top_p_distribution():
+    logits = torch.tensor([2.0, 0.5, 1.0, -1.0, 0.0, 1.5])
+    assert int(sample_on_device(logits, 0.0, 1.0, torch.zeros(1))) == 0
+    for temperature, top_p in [(1.0, 1.0), (0.7, 0.75)]:
+        probs = torch.softmax(logits / temperature, -1).double()
+        order = probs.argsort(descending=True)
+        keep = probs[order].cumsum(0) - probs[order] < top_p
+        want = torch.zeros_like(probs)
+        want[order[keep]] = probs[order[keep]] / probs[order[keep]].sum()
+        grid = (torch.arange(20000) + 0.5) / 20000  # evenly spread draws: frequencies are the distribution
+        got = torch.bincount(torch.cat([sample_on_device(logits, temperature, top_p, u.view(1)) for u in grid]),
+                             minlength=6).double() / grid.numel()
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+
+
+def test_graph_decode_needs_cuda():
+    with pytest.raises(QuantkitError, match="one CUDA device"):
+        generate(tiny_model(), [1, 2], max_new_tokens=3, decode="graph")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("quantized", [False, True])
+def test_captured_decode_gives_the_eager_tokens(quantized):
+    model = tiny_model(quantized=quantized, device="cuda")
+    if quantized:
+        set_backend(model, "triton")
+    prompt = [5, 17, 3, 80, 41, 9, 22]
+    eager = generate(model, prompt, max_new_tokens=24, decode="eager")
+    graph = generate(model, prompt, max_new_tokens=24, decode="graph")
+    assert graph.output_ids == eager.output_ids
+    assert generate(model, prompt, max_new_tokens=24).output_ids == eager.output_ids  # auto on CUDA: graph

@@ -36,6 +36,7 @@ class LayerContext:
     mask: torch.Tensor | None  # [T, S] bool, True = may attend; None: is_causal, or one query seeing every key
     is_causal: bool
     _moved: dict = field(default_factory=dict, repr=False)
+    pos: torch.Tensor | None = None  # static decode: positions [T] on the device; keys are the whole cache
 
     def on(self, device: torch.device) -> LayerContext:
         """The same context on another device (layers split across GPUs); copies are made once and kept."""
@@ -43,7 +44,9 @@ class LayerContext:
             return self
         if device not in self._moved:
             mask = None if self.mask is None else self.mask.to(device)
-            self._moved[device] = replace(self, cos=self.cos.to(device), sin=self.sin.to(device), mask=mask, _moved={})
+            pos = None if self.pos is None else self.pos.to(device)
+            moved = replace(self, cos=self.cos.to(device), sin=self.sin.to(device), mask=mask, pos=pos, _moved={})
+            self._moved[device] = moved
         return self._moved[device]
 
 
@@ -66,18 +69,45 @@ def layer_context(cfg: TextConfig, start: int, length: int, dtype: torch.dtype, 
     return LayerContext(start, emb.cos().to(dtype), emb.sin().to(dtype), key_start, mask, causal)
 
 
+def static_context(
+    cfg: TextConfig, pos: torch.Tensor, inv_freqs: torch.Tensor, cache_len: int, dtype: torch.dtype
+) -> LayerContext:
+    """The context of queries at device positions pos [T] attending over a whole KV cache of cache_len slots.
+
+    Everything is computed on pos's device from tensors, never from Python ints, so a decode step built on it
+    has fixed shapes and no host sync and can be captured once (CUDA graphs) and replayed at every position.
+    """
+    freqs = pos[:, None].float() * inv_freqs  # [T, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, hd]
+    keys = torch.arange(cache_len, device=pos.device)[None, :]  # [1, S]
+    mask = keys <= pos[:, None]  # [T, S]
+    if cfg.sliding_window is not None:
+        mask &= keys > pos[:, None] - cfg.sliding_window
+    return LayerContext(0, emb.cos().to(dtype), emb.sin().to(dtype), 0, mask, False, pos=pos)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values for one layer: [batch, kv_heads, max_len, head_dim]."""
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device):
         super().__init__()
-        shape = (batch, kv_heads, max_len, head_dim)  # left uninitialized: only written slots are ever read
-        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        shape = (batch, kv_heads, max_len, head_dim)
+        # zeroed: the static decode step multiplies unwritten slots by a zero attention weight (NaN garbage would
+        # survive that); the eager path reads only written slots
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, ctx: LayerContext, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, KV, T, hd] at ctx.start; return the visible keys and values [B, KV, S, hd]."""
+        """Write k, v [B, KV, T, hd] at ctx.start; return the visible keys and values [B, KV, S, hd].
+
+        With device positions (ctx.pos, static decode) they are written there and the whole cache is returned
+        (ctx.mask hides the slots not written yet).
+        """
         b, _, t, _ = k.shape
+        if ctx.pos is not None:
+            self.k[:b].index_copy_(2, ctx.pos, k)
+            self.v[:b].index_copy_(2, ctx.pos, v)
+            return self.k[:b], self.v[:b]
         end = ctx.start + t
         if end > self.k.shape[2]:
             raise QuantkitError(f"KV cache holds {self.k.shape[2]} positions; position {end - 1} does not fit")
