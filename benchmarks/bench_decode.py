@@ -33,7 +33,7 @@ from quantkit.model.config import ModelConfig, TextConfig
 from quantkit.model.generate import generate
 from quantkit.model.modules import swap_linears
 from quantkit.model.text import Transformer
-from quantkit.runtime import keep_dequantized
+from quantkit.runtime import fuse_projections, keep_dequantized
 
 GROUP = 128
 
@@ -83,7 +83,9 @@ def build(args: argparse.Namespace) -> Transformer:
                                                           requires_grad=False))
     with torch.no_grad():
         model.embed_tokens.weight.mul_(0.02)
-    keep_dequantized(model, enabled=args.keep_dequantized)  # as load_quantized does (torch backend only)
+    if args.fuse:  # as load_quantized does
+        fuse_projections(model)
+    keep_dequantized(model, enabled=args.keep_dequantized)  # torch backend only
     return model.eval()
 
 
@@ -220,6 +222,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=None, choices=["eager", "static", "graph"])
     ap.add_argument("--no-keep-dequantized", dest="keep_dequantized", action="store_false",
                     help="torch backend: dequantize on every forward (the path before weights were kept)")
+    ap.add_argument("--no-fuse", dest="fuse", action="store_false", help="q/k/v and gate/up as separate matmuls")
     ap.add_argument("--count", action="store_true", help="count ops per decoder layer per token instead of timing")
     ap.add_argument("--dry", action="store_true", help="a tiny model on CPU: what can be checked without a GPU")
     args = ap.parse_args()

@@ -115,10 +115,12 @@ def load_quantized(
     backend: str = "auto",
     progress=True,
     keep_dense: bool = True,
+    fuse: bool = True,
 ) -> Transformer:
     """Load a quantized folder (quantkit or GPTQ format) part by part; linears run on `backend` (auto/triton/torch).
 
     keep_dense: linears on the torch backend keep their dequantized weight while it fits (see keep_dequantized).
+    fuse: q/k/v and gate/up run as one matmul each where their packed layouts match (see fuse_projections).
     """
     qcfg = quantization_config(folder)
     if not qcfg:
@@ -127,6 +129,8 @@ def load_quantized(
     resolve_backend(backend, parse_devices(device)[0])  # a Triton request that cannot run fails before loading
     model = load_model(folder, device=device, dtype=dtype, progress=progress, prepare=prepare)
     set_backend(model, backend)
+    if fuse:
+        fuse_projections(model)
     if keep_dense:
         keep_dequantized(model)
     return model
@@ -139,10 +143,11 @@ def load_any(
     backend: str = "auto",
     progress=True,
     keep_dense: bool = True,
+    fuse: bool = True,
 ) -> Transformer:
     """A float folder through load_model, a quantized one through load_quantized."""
     if quantization_config(folder):
-        return load_quantized(folder, device, dtype, backend, progress, keep_dense)
+        return load_quantized(folder, device, dtype, backend, progress, keep_dense, fuse)
     return load_model(folder, device=device, dtype=dtype, progress=progress)
 
 
@@ -154,6 +159,32 @@ def set_backend(model: nn.Module, backend: str) -> int:
     for m in linears:
         m.set_backend(backend)
     return len(linears)
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Join each layer's q/k/v and gate/up QuantLinears into one each where their layouts match (one kernel launch
+    instead of three / two per decoded token); returns how many groups were joined. The parts are dropped, so the
+    packed weights are not held twice; a model fused this way is for running, not for saving."""
+    from quantkit.kernels.qlinear import fuse
+    from quantkit.model.modules import MLP
+    from quantkit.model.text import Attention
+
+    joined = 0
+    for mod in list(model.modules()):
+        if isinstance(mod, Attention) and mod.qkv_proj is None:
+            names, target = ("q_proj", "k_proj", "v_proj"), "qkv_proj"
+        elif isinstance(mod, MLP) and mod.gate_up_proj is None:
+            names, target = ("gate_proj", "up_proj"), "gate_up_proj"
+        else:
+            continue
+        fused = fuse([getattr(mod, n) for n in names])
+        if fused is None:
+            continue
+        setattr(mod, target, fused)
+        for n in names:
+            setattr(mod, n, None)
+        joined += 1
+    return joined
 
 
 def available_memory(device: torch.device) -> int:

@@ -18,7 +18,7 @@ from quantkit.model.generate import generate, sample_on_device
 from quantkit.model.modules import swap_linears
 from quantkit.model.text import Transformer
 from quantkit.quant.gptq import rtn_quantize
-from quantkit.runtime import keep_dequantized, set_backend
+from quantkit.runtime import fuse_projections, keep_dequantized, set_backend
 
 
 @pytest.mark.parametrize("bits,act,rot", [(4, True, 0), (3, False, 32), ((5, 128), True, 0)])
@@ -143,3 +143,46 @@ def test_captured_decode_gives_the_eager_tokens(quantized):
     graph = generate(model, prompt, max_new_tokens=24, decode="graph")
     assert graph.output_ids == eager.output_ids
     assert generate(model, prompt, max_new_tokens=24).output_ids == eager.output_ids  # auto on CUDA: graph
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_fused_projections_give_the_same_tokens_and_logits(keep):
+    model = tiny_model(quantized=True)
+    keep_dequantized(model, enabled=keep)
+    ids = torch.tensor([[5, 17, 3, 80, 41]])
+    with torch.inference_mode():
+        before = model(ids)
+    want = generate(model, [5, 17, 3], max_new_tokens=10, decode="eager").output_ids
+    assert fuse_projections(model) == 4  # 2 layers x (q/k/v, gate/up)
+    keep_dequantized(model, enabled=keep)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    assert attn.q_proj is None and mlp.gate_proj is None
+    assert attn.qkv_proj.out_features == 64 + 2 * 32 and mlp.gate_up_proj.out_features == 2 * 128
+    assert attn.qkv_proj.has_dense == keep
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids), before, rtol=1e-4, atol=1e-4)
+    assert generate(model, [5, 17, 3], max_new_tokens=10, decode="static").output_ids == want
+
+
+def test_projections_with_different_layouts_stay_apart():
+    model = tiny_model(quantized=True)
+    attn = model.layers[0].self_attn
+    r = rtn_quantize(torch.randn(32, 64), 3, 32)  # k_proj at 3 bits: its planes cannot join q's and v's
+    attn.k_proj = QuantLinear(pack_linear(r.q, r.scales, r.zeros, 32, 3), backend="torch")
+    assert fuse_projections(model) == 3
+    assert attn.qkv_proj is None and attn.q_proj is not None and model.layers[1].self_attn.qkv_proj is not None
+
+
+@pytest.mark.parametrize("layout", [4, [(5, 128), (3, 128)]])
+def test_fused_triton_launch_matches_the_reference_of_the_parts(layout):
+    from dataclasses import replace
+
+    sizes = (48, 16, 16)
+    parts = [random_packed(n, 256, layout, 64, act_order=True, seed=i, bias=True)[0] for i, n in enumerate(sizes)]
+    parts = [replace(p, perm=parts[0].perm) for p in parts]  # one input: one act-order permutation
+    fused = qlinear.fuse([QuantLinear(p, backend="triton") for p in parts])
+    assert fused is not None and fused.packed.layout == parts[0].layout
+    x = torch.randn(2, 256, dtype=torch.float16)
+    want = torch.cat([reference_matmul(x, p) for p in parts], dim=-1).float()
+    got = fused(x).float()
+    assert float((got - want).abs().max() / want.abs().max()) < 3e-3

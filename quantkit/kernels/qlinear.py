@@ -121,8 +121,45 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, segments={layout}, group_size={g}"
 
 
+def can_concat(parts: list[PackedLinear]) -> bool:
+    """Whether concat_outputs can join these linears: same input side (features, layout, group size, perm, input
+    rotation), zero points and bias on all or none, no output rotation."""
+    first = parts[0]
+
+    def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+        return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+    return all(
+        p.in_features == first.in_features
+        and p.group_size == first.group_size
+        and p.layout == first.layout
+        and same(p.perm, first.perm)
+        and same(p.had_in, first.had_in)
+        and p.had_in_block == first.had_in_block
+        and p.had_out is None
+        and (p.zeros is None) == (first.zeros is None)
+        and (p.bias is None) == (first.bias is None)
+        and p.device == first.device
+        for p in parts
+    )
+
+
+def fuse(parts: list[QuantLinear]) -> QuantLinear | None:
+    """One QuantLinear computing cat([p(x) for p in parts], -1) in one matmul (one kernel launch per segment
+    instead of one per part), or None when their layouts differ (e.g. per-matrix bit allocations)."""
+    if not all(isinstance(p, QuantLinear) and not getattr(p, "pending", False) for p in parts):
+        return None
+    packed = [p.packed for p in parts]
+    if not can_concat(packed):
+        return None
+    fused = QuantLinear(concat_outputs(packed), backend=parts[0].backend)
+    fused._resolved = parts[0]._resolved
+    return fused
+
+
 def concat_outputs(parts: list[PackedLinear]) -> PackedLinear:
-    """One PackedLinear from slices of output features with the same layout, group size and perm (no rotation)."""
+    """One PackedLinear from slices of output features with the same layout, group size, perm and input rotation
+    (no output rotation)."""
     first = parts[0]
     segments = []
     for i, seg in enumerate(first.segments):
@@ -132,7 +169,10 @@ def concat_outputs(parts: list[PackedLinear]) -> PackedLinear:
     bias = None if first.bias is None else torch.cat([p.bias for p in parts])
     scales = torch.cat([p.scales for p in parts], dim=1)
     n = sum(p.out_features for p in parts)
-    return PackedLinear(first.in_features, n, first.group_size, segments, scales, zeros, first.perm, bias)
+    return PackedLinear(
+        first.in_features, n, first.group_size, segments, scales, zeros, first.perm, bias, first.had_in,
+        first.had_in_block,
+    )
 
 
 def gptq_to_packed(

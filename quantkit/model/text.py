@@ -126,13 +126,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.qkv_proj: nn.Module | None = None  # set by the runtime: q, k, v in one matmul (q/k/v_proj then None)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
+        if self.qkv_proj is not None:
+            kv = self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = k.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
+        v = v.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(ctx, k, v)  # [B, KV, S, hd]
