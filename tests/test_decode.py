@@ -186,3 +186,18 @@ def test_fused_triton_launch_matches_the_reference_of_the_parts(layout):
     want = torch.cat([reference_matmul(x, p) for p in parts], dim=-1).float()
     got = fused(x).float()
     assert float((got - want).abs().max() / want.abs().max()) < 3e-3
+
+
+def test_triton_matmul_custom_op_passes_opcheck_and_traces_whole():
+    from quantkit.kernels import triton_dequant as td
+
+    pl, _ = random_packed(40, 128, [(5, 64), (3, 64)], 32, act_order=True, bias=True)
+    planes = [p for s in pl.segments for p in s.planes]
+    x = torch.randn(3, 128)
+    args = (x, planes, pl.scales, pl.zeros, pl.perm, pl.bias, pl.had_in, pl.had_out, td._meta(pl))
+    torch.library.opcheck(td.quant_linear_op, args, test_utils=("test_schema", "test_faketensor"))
+    lin = QuantLinear(pl, backend="triton")
+    eager = lin(x)  # builds the packed view (from buffer values: not something to trace)
+    compiled = torch.compile(lin, backend="aot_eager", fullgraph=True)  # fullgraph: no break at the launch
+    torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
+    torch.testing.assert_close(eager, reference_matmul(x, pl), rtol=1e-4, atol=1e-4)

@@ -111,8 +111,10 @@ class QuantLinear(nn.Module):
                 b = self.packed.bias
                 return F.linear(x, w, None if b is None else b.to(x.dtype))
             return reference_matmul(x, self.packed)
-        from quantkit.kernels.triton_dequant import triton_matmul
+        from quantkit.kernels.triton_dequant import quant_linear, triton_matmul
 
+        if torch.compiler.is_compiling():  # the custom op traces; called eagerly it would only add dispatch cost
+            return quant_linear(x, self.packed)
         return triton_matmul(x, self.packed)
 
     def extra_repr(self) -> str:

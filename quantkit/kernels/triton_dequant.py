@@ -28,7 +28,7 @@ import triton.language as tl
 
 from quantkit.errors import QuantkitError
 from quantkit.formats import hadamard
-from quantkit.formats.packed import PackedLinear, plane_widths
+from quantkit.formats.packed import PackedLinear, Segment, plane_widths
 from quantkit.kernels.config import load_config, pick
 from quantkit.kernels.reference import kernel_input
 
@@ -275,3 +275,49 @@ def triton_matmul(
     if pl.bias is not None and not bias_added:
         out = out + pl.bias.float()
     return out.to(x.dtype).reshape(*lead, n)
+
+
+def _meta(pl: PackedLinear) -> list[int]:
+    """The integers of a PackedLinear that the custom op needs to rebuild it from its tensors."""
+    meta = [pl.in_features, pl.out_features, pl.group_size, pl.had_in_block, pl.had_out_block, len(pl.segments)]
+    for s in pl.segments:
+        meta += [s.bits, s.n_cols, len(s.planes)]
+    return meta
+
+
+def _rebuild(planes, scales, zeros, perm, bias, had_in, had_out, meta: list[int]) -> PackedLinear:
+    k, n, g, hib, hob, n_seg = meta[:6]
+    segments, i = [], 0
+    for j in range(n_seg):
+        bits, cols, n_planes = meta[6 + 3 * j : 9 + 3 * j]
+        segments.append(Segment(bits, cols, list(planes[i : i + n_planes])))
+        i += n_planes
+    return PackedLinear(k, n, g, segments, scales, zeros, perm, bias, had_in, hib, had_out, hob)
+
+
+@torch.library.custom_op("quantkit::quant_linear", mutates_args=())
+def quant_linear_op(
+    x: torch.Tensor,
+    planes: list[torch.Tensor],
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    perm: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    had_in: torch.Tensor | None,
+    had_out: torch.Tensor | None,
+    meta: list[int],
+) -> torch.Tensor:
+    """triton_matmul as a torch custom op, so torch.compile traces through it (an opaque call with a known
+    output shape) instead of breaking the graph at the Triton launch."""
+    return triton_matmul(x, _rebuild(planes, scales, zeros, perm, bias, had_in, had_out, meta))
+
+
+@quant_linear_op.register_fake
+def _(x, planes, scales, zeros, perm, bias, had_in, had_out, meta):
+    return x.new_empty(*x.shape[:-1], meta[1])
+
+
+def quant_linear(x: torch.Tensor, pl: PackedLinear) -> torch.Tensor:
+    """triton_matmul through the custom op (what QuantLinear calls while torch.compile traces)."""
+    planes = [p for s in pl.segments for p in s.planes]
+    return quant_linear_op(x, planes, pl.scales, pl.zeros, pl.perm, pl.bias, pl.had_in, pl.had_out, _meta(pl))
