@@ -48,14 +48,15 @@ def mixed_layout(k: int, bpw: float) -> list[tuple[int, int]]:
     return [(b, c) for b, c in layout if c > 0]
 
 
-def random_linear(n: int, k: int, layout: list[tuple[int, int]], device: str, backend: str) -> QuantLinear:
+def random_linear(
+    n: int, k: int, layout: list[tuple[int, int]], device: str, backend: str, perm: torch.Tensor
+) -> QuantLinear:
     segments = []
     for bits, cols in layout:
         planes = [torch.randint(-(2**31), 2**31 - 1, (cols * w // 32, n), dtype=torch.int32, device=device)
                   for w in plane_widths(bits)]
         segments.append(Segment(bits, cols, planes))
     scales = (torch.rand(k // GROUP, n, device=device) * 2e-3).half()
-    perm = torch.randperm(k, device=device).int()
     return QuantLinear(PackedLinear(k, n, GROUP, segments, scales, None, perm), backend=backend)
 
 
@@ -69,10 +70,14 @@ def build(args: argparse.Namespace) -> Transformer:
         model = Transformer(ModelConfig("mistral", t))
     torch.manual_seed(0)
 
+    perms: dict[str, torch.Tensor] = {}  # linears reading one input share its act-order permutation, as GPTQ's do
+
     def factory(name: str, linear: nn.Linear) -> QuantLinear:
         k = linear.in_features
         layout = [(6, k)] if name == "lm_head" else mixed_layout(k, args.bpw)
-        return random_linear(linear.out_features, k, layout, args.device, args.backend)
+        site = name if name.endswith(("o_proj", "down_proj", "lm_head")) else name.rsplit(".", 1)[0]
+        perm = perms.setdefault(site, torch.randperm(k, device=args.device).int())
+        return random_linear(linear.out_features, k, layout, args.device, args.backend, perm)
 
     swap_linears(model, factory)
     for mod in model.modules():
@@ -223,6 +228,7 @@ def main() -> None:
     ap.add_argument("--no-keep-dequantized", dest="keep_dequantized", action="store_false",
                     help="torch backend: dequantize on every forward (the path before weights were kept)")
     ap.add_argument("--no-fuse", dest="fuse", action="store_false", help="q/k/v and gate/up as separate matmuls")
+    ap.add_argument("--reduce", choices=["atomic", "fixup"], help="split-K reduction for every config entry")
     ap.add_argument("--count", action="store_true", help="count ops per decoder layer per token instead of timing")
     ap.add_argument("--dry", action="store_true", help="a tiny model on CPU: what can be checked without a GPU")
     args = ap.parse_args()
@@ -231,6 +237,12 @@ def main() -> None:
         args.dim, args.ffn, args.heads, args.kv_heads, args.head_dim, args.vocab = 256, 768, 4, 1, 64, 512
         args.layers, args.prompt_len, args.new_tokens, args.repeats = 2, 8, min(args.new_tokens, 8), 1
     args.modes = args.modes or (["eager", "graph"] if args.device.startswith("cuda") else ["eager", "static"])
+    if args.reduce:  # the configs are read once and cached: set the key in the cached entries
+        from quantkit.kernels.config import load_config
+
+        gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
+        for entry in load_config(gpu)["skinny"] + load_config(gpu)["tiled"]:
+            entry["reduce"] = args.reduce
     t0 = time.time()
     if args.count:
         count(args)

@@ -35,7 +35,7 @@ SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # most dynamic shared memory one 
 SM_COUNT = {90: 132, 80: 108}  # H100 SXM / H200, A100 SXM: only changes the split-K count (a runtime int)
 BITS = (2, 3, 4, 5, 6, 7, 8)
 SHAPE = (12288, 1024)  # (in, out): Pixtral-Large's k/v projection; constexprs do not depend on the shape here
-VARIANTS = ("bf16", "fp32", "g32", "g64", "per_channel", "zeros", "mixed", "bias")
+VARIANTS = ("bf16", "fp32", "g32", "g64", "per_channel", "zeros", "mixed", "bias", "fixup", "fixup_mixed")
 SWEEPS = ("configs", "variants", "index", "autotune")
 PRESETS = {"ci": ("configs", "variants"), "full": ("configs", "variants", "index", "autotune")}
 
@@ -116,9 +116,11 @@ def launch_cases(sweeps: Iterable[str], bits: Iterable[int]) -> list[dict]:
         c["dtype"] = dtypes.get(v, torch.float16)
         c["group"] = {"g32": 32, "g64": 64, "per_channel": None}.get(v, 128)
         c["sym"] = v != "zeros"
-        c["bias"] = v == "bias"
+        c["bias"] = v in ("bias", "fixup")
         other = 4 if c["bits"] != 4 else 3
-        c["layout"] = [(c["bits"], 4096), (other, k - 4096)] if v == "mixed" else c["bits"]
+        c["layout"] = [(c["bits"], 4096), (other, k - 4096)] if v in ("mixed", "fixup_mixed") else c["bits"]
+        if v in ("fixup", "fixup_mixed"):  # the self-clearing split-K reduction (config "reduce": "fixup")
+            c["entry"] = dict(c["entry"], reduce="fixup")
     return cases
 
 
@@ -222,7 +224,7 @@ def kernel_name(spec: dict) -> str:
     x = spec["signature"]["x_ptr"][1:]
     return (
         f"x{x} w{ws} G{cv['GROUP']}{'' if cv['TILE_SCALES'] else '/elem'}{' z' if cv['HAS_ZEROS'] else ''}"
-        f" {'atomic' if cv['ATOMIC'] else 'direct'}{'+bias' if cv['HAS_BIAS'] else ''}"
+        f" {('fixup' if cv['FIXUP'] else 'atomic') if cv['ATOMIC'] else 'direct'}{'+bias' if cv['HAS_BIAS'] else ''}"
         f" {'reshape' if cv['RESHAPE'] else 'index'} {cv['BLOCK_M']}x{cv['BLOCK_N']}x{cv['BLOCK_K']}"
         f" w{o['num_warps']}s{o['num_stages']}"
     )

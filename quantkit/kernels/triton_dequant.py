@@ -74,8 +74,10 @@ def _plane(
 @triton.jit
 def _qmm(
     x_ptr,  # [M, K_seg] activations of this segment (row stride stride_xm, unit column stride)
-    out_ptr,  # [M, N] output (x dtype when direct) or fp32 accumulator (ATOMIC)
+    out_ptr,  # [M, N] output (x dtype when direct or FIXUP) or fp32 accumulator (ATOMIC)
     bias_ptr,  # [N] (read only when HAS_BIAS)
+    ws_ptr,  # FIXUP: fp32 [M, N] workspace, zero between calls (the last program of a tile clears it)
+    cnt_ptr,  # FIXUP: int32 [tiles] arrival counters, zero between calls
     p0_ptr,  # int32 planes [K_seg·W/32, N] of widths W0, W1, W2 (W = 0: unused)
     p1_ptr,
     p2_ptr,
@@ -88,6 +90,7 @@ def _qmm(
     k_split,  # K columns per split (multiple of BLOCK_K)
     stride_xm,
     stride_om,
+    n_parts,  # FIXUP: programs adding into each output tile, over every segment's launch
     W0: tl.constexpr,
     W1: tl.constexpr,
     W2: tl.constexpr,
@@ -97,6 +100,7 @@ def _qmm(
     TILE_SCALES: tl.constexpr,  # GROUP % BLOCK_K == 0: one scale row per tile
     HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr,
+    FIXUP: tl.constexpr,  # ATOMIC into ws; the tile's last program adds the bias and writes out in its dtype
     PRECISION: tl.constexpr,
     RESHAPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -146,7 +150,19 @@ def _qmm(
             acc = tl.dot(xt, w.to(xt.dtype), acc, input_precision=PRECISION)
     o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     o_mask = m_mask[:, None] & n_mask[None, :]
-    if ATOMIC:
+    if FIXUP:
+        w_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(w_ptrs, acc, mask=o_mask, sem="release")
+        tl.debug_barrier()  # every thread's adds are issued before the tile's arrival is counted
+        tile = cnt_ptr + pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(tile, 1, sem="acq_rel") == n_parts - 1:
+            total = tl.atomic_add(w_ptrs, tl.zeros_like(acc), mask=o_mask, sem="acquire")  # read at L2
+            tl.store(w_ptrs, tl.zeros_like(acc), mask=o_mask)  # every other program of the tile is done
+            tl.store(tile, 0)
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(o_ptrs, total.to(out_ptr.dtype.element_ty), mask=o_mask)
+    elif ATOMIC:
         tl.atomic_add(o_ptrs, acc, mask=o_mask, sem="relaxed")
     else:
         if HAS_BIAS:
@@ -174,13 +190,48 @@ def fp32_launch(cfg: dict) -> dict:
                 num_stages=2)
 
 
+_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, size: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The zeroed fp32 workspace [size] and int32 tile counters [tiles] of the "fixup" reduction on device.
+
+    Kept across calls (grown when too small): every call leaves them zero again, so there is no zero-fill per
+    call and their addresses stay fixed for CUDA graphs. Calls on one device must not overlap (one stream).
+    """
+    ws, cnt = _WORKSPACE.get(device, (None, None))
+    if ws is None or ws.numel() < size or cnt.numel() < tiles:
+        size = max(size, 0 if ws is None else ws.numel())
+        tiles = max(tiles, 0 if cnt is None else cnt.numel())
+        ws = torch.zeros(size, dtype=torch.float32, device=device)
+        cnt = torch.zeros(tiles, dtype=torch.int32, device=device)
+        _WORKSPACE[device] = ws, cnt
+    return ws, cnt
+
+
+def _starts(pl: PackedLinear) -> list[int]:
+    starts, s = [], 0
+    for seg in pl.segments:
+        starts.append(s)
+        s += seg.n_cols
+    return starts
+
+
+def _k_split(n_cols: int, split: int, bk: int) -> int:
+    """K columns per split: a multiple of BLOCK_K."""
+    per = -(-n_cols // split)
+    return -(-per // bk) * bk
+
+
 def segment_matmul(
     x: torch.Tensor, pl: PackedLinear, cfg: dict, out_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, bool]:
     """x [M, K] in kernel column order (contiguous) -> (out [M, N], bias_added).
 
     out is in out_dtype with the bias added when one launch writes it directly (one segment, no split-K, bias
-    requested by passing out_dtype); otherwise an fp32 accumulator without bias.
+    requested by passing out_dtype), or when the config's "reduce" is "fixup": split-K and segment partial sums
+    then go to a workspace that stays zero between calls and the last program of each tile writes the output,
+    which saves the zero-fill and the cast launches of the default ("atomic": an fp32 accumulator without bias).
     """
     m, k_in = x.shape
     n, g = pl.out_features, pl.group_size
@@ -196,10 +247,17 @@ def segment_matmul(
     tiles = -(-m // bm) * -(-n // bn)
     splits = [_split_k(cfg, tiles, s.n_cols, x.device) for s in pl.segments]
     direct = out_dtype is not None and len(pl.segments) == 1 and splits[0] == 1
-    if direct:
+    fixup = not direct and out_dtype is not None and cfg.get("reduce", "atomic") == "fixup"
+    ws = cnt = None
+    if direct or fixup:
         out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     else:
         out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    if fixup:
+        ws, cnt = _workspace(x.device, m * n, tiles)
+    launched = [(seg, split) for seg, split, start in zip(pl.segments, splits, _starts(pl), strict=True)
+                if direct or min(seg.n_cols, k_in - start) > 0]
+    n_parts = sum(-(-seg.n_cols // _k_split(seg.n_cols, split, bk)) for seg, split in launched)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     start = 0
     for seg, split in zip(pl.segments, splits, strict=True):
@@ -209,16 +267,18 @@ def segment_matmul(
             continue
         widths = list(plane_widths(seg.bits)) + [0] * (MAX_PLANES - len(seg.planes))
         planes = seg.planes + [seg.planes[0]] * (MAX_PLANES - len(seg.planes))
-        k_split = -(-seg.n_cols // split)
-        k_split = -(-k_split // bk) * bk
+        k_split = _k_split(seg.n_cols, split, bk)
         scales = pl.scales[start // g :]
         zeros = pl.zeros[start // g :] if pl.zeros is not None else scales
-        bias = pl.bias if (direct and pl.bias is not None) else scales
+        has_bias = (direct or fixup) and pl.bias is not None
+        bias = pl.bias if has_bias else scales
         grid = (-(-m // bm), -(-n // bn), -(-seg.n_cols // k_split))
         _qmm[grid](
             x[:, start:],
             out,
             bias,
+            out if ws is None else ws,
+            out if cnt is None else cnt,
             *planes,
             scales,
             zeros,
@@ -229,6 +289,7 @@ def segment_matmul(
             k_split,
             x.stride(0),
             out.stride(0),
+            n_parts,
             W0=widths[0],
             W1=widths[1],
             W2=widths[2],
@@ -236,8 +297,9 @@ def segment_matmul(
             HAS_ZEROS=pl.zeros is not None,
             GROUP=g,
             TILE_SCALES=g % bk == 0,
-            HAS_BIAS=direct and pl.bias is not None,
+            HAS_BIAS=has_bias,
             ATOMIC=not direct,
+            FIXUP=fixup,
             PRECISION=precision,
             RESHAPE=cfg.get("unpack", "reshape") == "reshape",
             BLOCK_M=bm,
@@ -247,7 +309,7 @@ def segment_matmul(
             num_stages=cfg.get("num_stages", 2),
         )
         start += seg.n_cols
-    return out, direct and pl.bias is not None
+    return out, (direct or fixup) and pl.bias is not None
 
 
 def triton_matmul(
