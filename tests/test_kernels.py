@@ -44,6 +44,7 @@ DEV = "cuda" if ON_GPU else "cpu"
 GEMV = dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=32, split_k=2, unpack="index")
 SKINNY = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, split_k=2, unpack="reshape")
 TILED = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, split_k=1, unpack="index")
+GEMV_WORDS = dict(GEMV, unpack="reshape", BLOCK_K=64)  # single plane (2/4/8 bits): codes unpacked in registers
 LAUNCHES = {"gemv": GEMV, "skinny": SKINNY, "tiled": TILED}
 
 
@@ -77,6 +78,7 @@ CASES = [
 def test_uniform_bits(bits, gs, act, sym, dtype, n, k):
     pl, _ = random_packed(n, k, bits, gs, act_order=act, sym=sym, seed=bits * 10 + gs, bias=gs == 64)
     check(pl, GEMV, 1, dtype)
+    check(pl, GEMV_WORDS, 1, dtype)
     for launch in (SKINNY, TILED):
         for m in (1, 17):
             check(pl, launch, m, dtype)

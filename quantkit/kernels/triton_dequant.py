@@ -72,6 +72,31 @@ def _plane(
 
 
 @triton.jit
+def _gemv_words(x_ptr, p_ptr, s_ptr, z_ptr, k0, k_hi, K_valid, offs_n, n_mask, N, W: tl.constexpr,
+                SYM_ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K step of a single-plane GEMV, [1, BLOCK_N]: codes stay [words, codes per word, BLOCK_N] as unpacked
+    from each word, x is loaded in that shape too, and the scale (one row per tile) multiplies the column sums
+    once. Reshaping the codes to [BLOCK_K, BLOCK_N] instead costs a shared-memory round trip with barriers per
+    step (compile_check's table: the `bar` column)."""
+    PER: tl.constexpr = 32 // W
+    R: tl.constexpr = BLOCK_K // PER
+    rows = k0 // PER + tl.arange(0, R)
+    words = tl.load(p_ptr + rows[:, None] * N + offs_n[None, :], mask=(rows < k_hi // PER)[:, None] & n_mask[None, :],
+                    other=0, eviction_policy="evict_first")  # [R, BLOCK_N]
+    q = (words[:, None, :] >> (tl.arange(0, PER) * W)[None, :, None]) & ((1 << W) - 1)  # [R, PER, BLOCK_N]
+    offs_k = k0 + tl.arange(0, R)[:, None] * PER + tl.arange(0, PER)[None, :]  # [R, PER]
+    xv = tl.load(x_ptr + offs_k, mask=offs_k < K_valid, other=0.0).to(tl.float32)
+    g = k0 // GROUP
+    s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)[None, None, :]
+    else:
+        z = SYM_ZERO
+    col = tl.sum(tl.sum(xv[:, :, None] * (q - z).to(tl.float32), axis=1), axis=0)  # [BLOCK_N]
+    return (col * s)[None, :]
+
+
+@triton.jit
 def _qmm(
     x_ptr,  # [M, K_seg] activations of this segment (row stride stride_xm, unit column stride)
     out_ptr,  # [M, N] output (x dtype when direct or FIXUP) or fp32 accumulator (ATOMIC)
@@ -118,36 +143,40 @@ def _qmm(
     k_hi = tl.minimum(k_lo + k_split, K_seg)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        q = _plane(p0_ptr, k0, k_hi, offs_n, n_mask, N, W0, 0, RESHAPE, BLOCK_K, BLOCK_N)  # [BLOCK_K, BLOCK_N]
-        if W1 > 0:
-            q |= _plane(p1_ptr, k0, k_hi, offs_n, n_mask, N, W1, W0, RESHAPE, BLOCK_K, BLOCK_N)
-        if W2 > 0:
-            q |= _plane(p2_ptr, k0, k_hi, offs_n, n_mask, N, W2, W0 + W1, RESHAPE, BLOCK_K, BLOCK_N)
-        if TILE_SCALES:
-            g = k0 // GROUP
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            if HAS_ZEROS:
-                z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)[None, :]
-            else:
-                z = SYM_ZERO
+        if BLOCK_M == 1 and W1 == 0 and RESHAPE and TILE_SCALES:
+            acc += _gemv_words(x_ptr + pid_m * stride_xm, p0_ptr, s_ptr, z_ptr, k0, k_hi, K_valid, offs_n, n_mask, N,
+                               W0, SYM_ZERO, HAS_ZEROS, GROUP, BLOCK_K)
         else:
-            g_offs = (offs_k // GROUP)[:, None] * N + offs_n[None, :]
-            g_mask = (offs_k < k_hi)[:, None] & n_mask[None, :]
-            s = tl.load(s_ptr + g_offs, mask=g_mask, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                z = tl.load(z_ptr + g_offs, mask=g_mask, other=0).to(tl.int32)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            q = _plane(p0_ptr, k0, k_hi, offs_n, n_mask, N, W0, 0, RESHAPE, BLOCK_K, BLOCK_N)  # [BLOCK_K, BLOCK_N]
+            if W1 > 0:
+                q |= _plane(p1_ptr, k0, k_hi, offs_n, n_mask, N, W1, W0, RESHAPE, BLOCK_K, BLOCK_N)
+            if W2 > 0:
+                q |= _plane(p2_ptr, k0, k_hi, offs_n, n_mask, N, W2, W0 + W1, RESHAPE, BLOCK_K, BLOCK_N)
+            if TILE_SCALES:
+                g = k0 // GROUP
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                if HAS_ZEROS:
+                    z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)[None, :]
+                else:
+                    z = SYM_ZERO
             else:
-                z = SYM_ZERO
-        w = (q - z).to(tl.float32) * s  # [BLOCK_K, BLOCK_N]
-        x_k_mask = offs_k < K_valid
-        if BLOCK_M == 1:
-            xv = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=x_k_mask, other=0.0)  # pid_m < M: grid is M rows
-            acc += tl.sum(xv.to(tl.float32)[:, None] * w, axis=0)[None, :]
-        else:
-            x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-            xt = tl.load(x_ptrs, mask=m_mask[:, None] & x_k_mask[None, :], other=0.0, eviction_policy="evict_last")
-            acc = tl.dot(xt, w.to(xt.dtype), acc, input_precision=PRECISION)
+                g_offs = (offs_k // GROUP)[:, None] * N + offs_n[None, :]
+                g_mask = (offs_k < k_hi)[:, None] & n_mask[None, :]
+                s = tl.load(s_ptr + g_offs, mask=g_mask, other=0.0).to(tl.float32)
+                if HAS_ZEROS:
+                    z = tl.load(z_ptr + g_offs, mask=g_mask, other=0).to(tl.int32)
+                else:
+                    z = SYM_ZERO
+            w = (q - z).to(tl.float32) * s  # [BLOCK_K, BLOCK_N]
+            x_k_mask = offs_k < K_valid
+            if BLOCK_M == 1:
+                xv = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=x_k_mask, other=0.0)  # pid_m < M: grid is M rows
+                acc += tl.sum(xv.to(tl.float32)[:, None] * w, axis=0)[None, :]
+            else:
+                x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+                xt = tl.load(x_ptrs, mask=m_mask[:, None] & x_k_mask[None, :], other=0.0, eviction_policy="evict_last")
+                acc = tl.dot(xt, w.to(xt.dtype), acc, input_precision=PRECISION)
     o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     o_mask = m_mask[:, None] & n_mask[None, :]
     if FIXUP:
