@@ -142,15 +142,16 @@ def bench(args: argparse.Namespace) -> None:
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts aten ops while `active` is set."""
+    """Counts aten ops while `active` is set, and separately those that are not views (views launch no kernel)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.active, self.ops = False, []
+        self.active, self.ops, self.views = False, [], 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.active:
             self.ops.append(str(func.overloadpacket.__name__))
+            self.views += bool(func.is_view)
         return func(*args, **(kwargs or {}))
 
 
@@ -184,24 +185,26 @@ def count(args: argparse.Namespace) -> dict[str, int]:
 
     model.layers[0].register_forward_pre_hook(on)
     model.layers[0].register_forward_hook(off)
-    def layer0(mode: str, new_tokens: int) -> tuple[collections.Counter, int]:
+    def layer0(mode: str, new_tokens: int) -> tuple[collections.Counter, int, int]:
         counter.ops.clear()
+        counter.views = 0
         triton_launches[0] = 0
         generate(model, [3, 4, 5], max_new_tokens=new_tokens, decode=mode)
-        return collections.Counter(counter.ops), triton_launches[0]
+        return collections.Counter(counter.ops), counter.views, triton_launches[0]
 
     out = {}
     td._qmm = Counted()
     try:
         with counter:
             for mode in args.modes:  # (prefill + one decode step) - (prefill alone) = one decode step
-                (ops1, tri1), (ops2, tri2) = layer0(mode, 1), layer0(mode, 2)
+                (ops1, views1, tri1), (ops2, views2, tri2) = layer0(mode, 1), layer0(mode, 2)
                 ops = ops2 - ops1
-                aten, tri = sum(ops.values()), tri2 - tri1
+                aten, views, tri = sum(ops.values()), views2 - views1, tri2 - tri1
                 out[mode] = aten + tri
                 top = ", ".join(f"{k} {v}" for k, v in ops.most_common(8))
-                print(f"{mode:<8} per decoder layer per decoded token: {aten} aten ops + {tri} Triton launches "
-                      f"(backend {args.backend}, {args.device}); most frequent: {top}", flush=True)
+                print(f"{mode:<8} per decoder layer per decoded token: {aten} aten ops ({aten - views} not views) + "
+                      f"{tri} Triton launches (backend {args.backend}, {args.device}); most frequent: {top}",
+                      flush=True)
     finally:
         td._qmm = real
     return out
