@@ -60,6 +60,7 @@ else
   step bench_kernels 150 "$PY" benchmarks/bench_kernels.py --bits 2 3 4 8 --batch 1 16
   step bench_kernels_graphs 60 "$PY" benchmarks/bench_kernels.py --bits 3 4 --batch 1 --graphs
   step bench_decode 150 "$PY" benchmarks/bench_decode.py --layers 4 --bpw 3.0 --modes eager graph
+  step bench_decode_fixup 90 "$PY" benchmarks/bench_decode.py --layers 4 --bpw 3.0 --modes graph --reduce fixup
   step launch_count 60 "$PY" benchmarks/bench_decode.py --count --layers 2 --modes eager static  # graph: = static
 fi
 
