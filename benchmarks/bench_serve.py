@@ -104,7 +104,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from quantkit.model.config import load_config
+    from quantkit.model.config import load_model_config
     from quantkit.runtime import load_any
     from quantkit.serve.app import create_app
     from quantkit.serve.engine import Engine
@@ -118,7 +118,7 @@ def main() -> None:
             build_folder(folder, args)
         model = load_any(folder, device=args.device, progress=False)
         engine = Engine(model, ChatTokenizer.from_folder(folder))
-        app = create_app(engine, "bench", load_config(folder).text.max_seq_len)
+        app = create_app(engine, "bench", load_model_config(folder).text.max_seq_len)
         n_params = sum(t.numel() for t in model.parameters())
         print(f"model: {folder if args.model else 'random Mistral'}, {n_params / 1e6:.1f}M parameters, "
               f"{args.device}, {args.threads} threads")

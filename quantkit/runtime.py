@@ -8,6 +8,7 @@ fills them part by part like any other module, so a 124B model never needs more 
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from quantkit.model.text import Transformer
 
 QUANT_METHODS = ("gptq", "quantkit")
 HEADER_SUFFIXES = ("qmeta", "segments")  # tiny tensors read at prepare time: they say how to shape the rest
+DENSE_FRACTION = 0.5  # share of available memory the dequantized weights of the torch backend may take
 
 
 def quantization_config(folder: Path) -> dict | None:
@@ -107,31 +109,120 @@ def quantized_prepare(qcfg: dict, backend: str = "auto") -> Callable[[Transforme
 
 
 def load_quantized(
-    folder: Path, device: str = "cpu", dtype: str | torch.dtype | None = "auto", backend: str = "auto", progress=True
+    folder: Path,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = "auto",
+    backend: str = "auto",
+    progress=True,
+    keep_dense: bool = True,
+    fuse: bool = True,
 ) -> Transformer:
-    """Load a quantized folder (quantkit or GPTQ format) part by part; linears run on `backend` (auto/triton/torch)."""
+    """Load a quantized folder (quantkit or GPTQ format) part by part; linears run on `backend` (auto/triton/torch).
+
+    keep_dense: linears on the torch backend keep their dequantized weight while it fits (see keep_dequantized).
+    fuse: q/k/v and gate/up run as one matmul each where their packed layouts match (see fuse_projections).
+    """
     qcfg = quantization_config(folder)
     if not qcfg:
         raise QuantkitError(f"{Path(folder).name}: config.json has no quantization_config (not a quantized model)")
     prepare = quantized_prepare(qcfg, backend)
     resolve_backend(backend, parse_devices(device)[0])  # a Triton request that cannot run fails before loading
-    return load_model(folder, device=device, dtype=dtype, progress=progress, prepare=prepare)
+    model = load_model(folder, device=device, dtype=dtype, progress=progress, prepare=prepare)
+    set_backend(model, backend)
+    if fuse:
+        fuse_projections(model)
+    if keep_dense:
+        keep_dequantized(model)
+    return model
 
 
 def load_any(
-    folder: Path, device: str = "cpu", dtype: str | torch.dtype | None = "auto", backend: str = "auto", progress=True
+    folder: Path,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = "auto",
+    backend: str = "auto",
+    progress=True,
+    keep_dense: bool = True,
+    fuse: bool = True,
 ) -> Transformer:
     """A float folder through load_model, a quantized one through load_quantized."""
     if quantization_config(folder):
-        return load_quantized(folder, device, dtype, backend, progress)
+        return load_quantized(folder, device, dtype, backend, progress, keep_dense, fuse)
     return load_model(folder, device=device, dtype=dtype, progress=progress)
 
 
 def set_backend(model: nn.Module, backend: str) -> int:
-    """Switch every quantized linear of a loaded model to backend; returns how many there are."""
+    """Switch every quantized linear of a loaded model to backend, resolved once here; returns how many there are."""
     if backend not in BACKENDS:
         raise QuantkitError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
     linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
     for m in linears:
-        m.backend = backend
+        m.set_backend(backend)
     return len(linears)
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Join each layer's q/k/v and gate/up QuantLinears into one each where their layouts match (one kernel launch
+    instead of three / two per decoded token); returns how many groups were joined. The parts are dropped, so the
+    packed weights are not held twice; a model fused this way is for running, not for saving."""
+    from quantkit.kernels.qlinear import fuse
+    from quantkit.model.modules import MLP
+    from quantkit.model.text import Attention
+
+    joined = 0
+    for mod in list(model.modules()):
+        if isinstance(mod, Attention) and mod.qkv_proj is None:
+            names, target = ("q_proj", "k_proj", "v_proj"), "qkv_proj"
+        elif isinstance(mod, MLP) and mod.gate_up_proj is None:
+            names, target = ("gate_proj", "up_proj"), "gate_up_proj"
+        else:
+            continue
+        fused = fuse([getattr(mod, n) for n in names])
+        if fused is None:
+            continue
+        setattr(mod, target, fused)
+        for n in names:
+            setattr(mod, n, None)
+        joined += 1
+    return joined
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on device: free GPU memory, or the kernel's MemAvailable on the host."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def keep_dequantized(model: nn.Module, enabled: bool = True, fraction: float = DENSE_FRACTION) -> int:
+    """Let quantized linears on the torch backend keep their dequantized weight, in the model's dtype, while the
+    total stays within `fraction` of the memory available on their device; returns how many keep one.
+
+    The torch backend otherwise dequantizes every weight on every forward, which makes a quantized model decode
+    several times slower than its float original on CPU. enabled=False drops every kept weight.
+    """
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear) and not getattr(m, "pending", False)]
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    room: dict[torch.device, int] = {}
+    kept = 0
+    for m in linears:
+        if not enabled or m.resolved_backend != "torch":
+            m.keep_dense(None)
+            continue
+        device = m.scales.device
+        if device not in room:
+            room[device] = int(available_memory(device) * fraction)
+        size = m.dense_bytes(dtype)
+        if size > room[device]:
+            m.keep_dense(None)
+            continue
+        m.keep_dense(dtype)
+        room[device] -= size
+        kept += 1
+    return kept

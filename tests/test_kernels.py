@@ -44,6 +44,7 @@ DEV = "cuda" if ON_GPU else "cpu"
 GEMV = dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=32, split_k=2, unpack="index")
 SKINNY = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, split_k=2, unpack="reshape")
 TILED = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, split_k=1, unpack="index")
+GEMV_WORDS = dict(GEMV, unpack="reshape", BLOCK_K=64)  # single plane (2/4/8 bits): codes unpacked in registers
 LAUNCHES = {"gemv": GEMV, "skinny": SKINNY, "tiled": TILED}
 
 
@@ -77,6 +78,7 @@ CASES = [
 def test_uniform_bits(bits, gs, act, sym, dtype, n, k):
     pl, _ = random_packed(n, k, bits, gs, act_order=act, sym=sym, seed=bits * 10 + gs, bias=gs == 64)
     check(pl, GEMV, 1, dtype)
+    check(pl, GEMV_WORDS, 1, dtype)
     for launch in (SKINNY, TILED):
         for m in (1, 17):
             check(pl, launch, m, dtype)
@@ -202,3 +204,25 @@ def test_autotune_plumbing(tmp_path):
     assert cfg["skinny"] == [{"max_m": 1, **good[1]}] and cfg["tiled"] == [{"max_m": None, **good[1]}]
     (tmp_path / "gpu.json").write_text(json.dumps(cfg))
     assert pick(json.loads((tmp_path / "gpu.json").read_text()), 1)[1]["BLOCK_N"] == 64
+
+
+FIXUP_GEMV = dict(GEMV, reduce="fixup", split_k=3)
+FIXUP_SKINNY = dict(SKINNY, reduce="fixup")
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", [3, 8, [(6, 128), (2, 128)], [(4, 64), (7, 64), (3, 128)]])
+@pytest.mark.parametrize("launch", [FIXUP_GEMV, FIXUP_SKINNY], ids=["gemv", "skinny"])
+def test_fixup_reduction_writes_the_output_and_leaves_the_workspace_zero(layout, launch):
+    """Split-K / segment partial sums through the self-clearing workspace: the tile's last program adds the bias and
+    casts, no zero-fill; calls in a row (as replays of a CUDA graph) give the same result."""
+    from quantkit.kernels import triton_dequant as td
+
+    pl, _ = random_packed(72, 256, layout, 64, act_order=True, bias=True, seed=len(str(layout)))
+    for m, dtype in ((1, torch.float16), (5, torch.float32)):
+        check(pl, launch, m, dtype)
+        x = torch.randn(m, 256).to(dtype).to(DEV)
+        first = triton_matmul(x, pl.to(DEV), launch=launch)
+        assert torch.equal(triton_matmul(x, pl.to(DEV), launch=launch), first) or dtype == torch.float32
+        ws, cnt = td._WORKSPACE[torch.device(DEV) if ON_GPU else x.device]
+        assert not ws.any() and not cnt.any()

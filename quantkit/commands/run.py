@@ -36,6 +36,18 @@ import click
     show_default=True,
     help="Quantized matmuls: auto = Triton on GPU, torch reference on CPU.",
 )
+@click.option(
+    "--keep-dequantized/--no-keep-dequantized",
+    default=True,
+    show_default=True,
+    help="torch backend: keep each linear's dequantized weight in memory while it fits (fast CPU decoding).",
+)
+@click.option(
+    "--graph/--no-graph",
+    default=True,
+    show_default=True,
+    help="On one CUDA GPU, decode with the step captured as a CUDA graph (--no-graph: eager, to compare).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per answer (ids, text, tokens/s).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run_command(
@@ -50,6 +62,8 @@ def run_command(
     device: str,
     dtype: str,
     backend: str,
+    keep_dequantized: bool,
+    graph: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -59,6 +73,6 @@ def run_command(
     from quantkit.model.run import Sampling, run
     from quantkit.runtime import load_any
 
-    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
-    load = partial(load_any, backend=backend)
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed, graph)
+    load = partial(load_any, backend=backend, keep_dense=keep_dequantized)
     run(model, prompt, list(images), system, sampling, device, dtype, as_json, progress=not quiet, load=load)

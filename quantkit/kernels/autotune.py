@@ -64,8 +64,13 @@ def tune(
     device: str | torch.device = "cuda",
     candidate_fn: Callable[[str, int], list[dict]] = candidates,
     log: Callable[[str], None] = print,
+    check: Callable[[str, int, list[dict]], list[dict]] | None = None,
 ) -> dict:
-    """{path: [entry per bucket, with max_m]} of the fastest candidates; timer(fn) returns ms."""
+    """{path: [entry per bucket, with max_m]} of the fastest candidates; timer(fn) returns ms.
+
+    check(path, m, candidates) keeps the candidates fit for every bit width (main passes compile_check.usable for
+    this GPU's arch): only those are timed, since the winner serves every width, not just the timed ones.
+    """
     from quantkit.kernels.triton_dequant import triton_matmul
 
     layers = [random_layer(n, k, b, device) for (k, n), b in itertools.product(shapes, bits)]
@@ -74,7 +79,12 @@ def tune(
         out[path] = []
         for m in ms:
             best, best_t = None, float("inf")
-            for cand in candidate_fn(path, m):
+            cands = candidate_fn(path, m)
+            if check is not None:
+                kept = check(path, m, cands)
+                log(f"{path} M={m}: {len(kept)} of {len(cands)} candidates compile at every bit width")
+                cands = kept
+            for cand in cands:
                 try:
                     total = 0.0
                     for pl in layers:
@@ -102,8 +112,17 @@ def main() -> None:
         raise SystemExit("autotuning needs a CUDA GPU")
     import triton.testing
 
+    from quantkit.kernels.compile_check import SMEM_LIMIT, usable
+
     name = torch.cuda.get_device_name()
-    cfg = tune(SHAPES, args.bits, BUCKETS, lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20))
+    major, minor = torch.cuda.get_device_capability()
+    arch = 10 * major + minor if 10 * major + minor in SMEM_LIMIT else 90 if major >= 9 else 80
+
+    def check(path: str, m: int, cands: list[dict]) -> list[dict]:
+        return usable(path, m, cands, arch)
+
+    timer = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20)  # noqa: E731
+    cfg = tune(SHAPES, args.bits, BUCKETS, timer, check=check)
     cfg["_note"] = f"tuned by quantkit.kernels.autotune on {name}, bits {args.bits}"
     out = args.out or CONFIG_DIR / f"{device_slug(name)}.json"
     out.write_text(json.dumps(cfg, indent=1) + "\n")

@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.gptq import from_gptq
-from quantkit.formats.packed import PackedLinear, Segment, from_tensors, to_tensors
-from quantkit.kernels import BACKENDS, quant_matmul
+from quantkit.formats.packed import PackedLinear, Segment, dequantize, from_tensors, to_tensors
+from quantkit.kernels import BACKENDS, reference_matmul, resolve_backend
 
 CONVERT_ELEMENTS = 1 << 24  # weights repacked per slice of a GPTQ linear: bounds the conversion's scratch memory
 
@@ -26,6 +27,11 @@ class QuantLinear(nn.Module):
     `layers.0.mlp.up_proj` saves and loads exactly the tensors `to_tensors(pl, "layers.0.mlp.up_proj")` names.
     Moving the module (.to / .cuda / .half) changes the device only: codes, fp16 scales and zero points keep their
     dtypes, since a cast would corrupt them.
+
+    The backend is resolved once per device (not on every forward). On the torch backend, `keep_dense(dtype)` keeps
+    the dequantized weight next to the codes, so a forward is one F.linear instead of a dequantization: that is what
+    makes CPU decoding as fast as the float model (the caller decides whether the memory is there; see
+    quantkit.runtime.keep_dequantized).
     """
 
     def __init__(self, packed: PackedLinear, backend: str = "auto") -> None:
@@ -38,6 +44,8 @@ class QuantLinear(nn.Module):
         for name, t in to_tensors(packed).items():
             self.register_buffer(name, t)
         self._packed: PackedLinear | None = None
+        self._resolved: str | None = None
+        self._dense: torch.Tensor | None = None
 
     @classmethod
     def from_tensors(cls, prefix: str, tensors: dict[str, torch.Tensor], backend: str = "auto") -> QuantLinear:
@@ -56,14 +64,58 @@ class QuantLinear(nn.Module):
         for name, buf in list(self.named_buffers(recurse=False)):
             self.register_buffer(name, buf.to(device))
         self._packed = None
+        self._resolved = None
+        self._dense = None if self._dense is None or self._dense.device == device else self._dense.to(device)
         return self
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._packed = None
+        self._dense = None
+
+    def set_backend(self, backend: str) -> None:
+        """Switch backend ("auto", "triton", "torch"); resolved against the buffers' device right away."""
+        if backend not in BACKENDS:
+            raise QuantkitError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+        self.backend = backend
+        self._resolved = resolve_backend(backend, self.scales.device)
+        if self._resolved != "torch":
+            self._dense = None
+
+    @property
+    def resolved_backend(self) -> str:
+        """"triton" or "torch" for the buffers' current device, resolved once."""
+        if self._resolved is None:
+            self._resolved = resolve_backend(self.backend, self.scales.device)
+        return self._resolved
+
+    def dense_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes the dequantized weight takes in dtype."""
+        return self.in_features * self.out_features * torch.empty(0, dtype=dtype).element_size()
+
+    def keep_dense(self, dtype: torch.dtype | None) -> None:
+        """Keep the dequantized weight [N, K] in dtype for the torch backend (None: drop it)."""
+        if dtype is None or self.resolved_backend != "torch":
+            self._dense = None
+            return
+        self._dense = dequantize(self.packed).to(dtype).contiguous()
+
+    @property
+    def has_dense(self) -> bool:
+        return self._dense is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_matmul(x, self.packed, backend=self.backend)
+        if self.resolved_backend == "torch":
+            w = self._dense
+            if w is not None and w.dtype == x.dtype and w.device == x.device:
+                b = self.packed.bias
+                return F.linear(x, w, None if b is None else b.to(x.dtype))
+            return reference_matmul(x, self.packed)
+        from quantkit.kernels.triton_dequant import quant_linear, triton_matmul
+
+        if torch.compiler.is_compiling():  # the custom op traces; called eagerly it would only add dispatch cost
+            return quant_linear(x, self.packed)
+        return triton_matmul(x, self.packed)
 
     def extra_repr(self) -> str:
         layout = "+".join(f"{b}b×{n}" for b, n in self.packed.layout)
@@ -71,8 +123,45 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, segments={layout}, group_size={g}"
 
 
+def can_concat(parts: list[PackedLinear]) -> bool:
+    """Whether concat_outputs can join these linears: same input side (features, layout, group size, perm, input
+    rotation), zero points and bias on all or none, no output rotation."""
+    first = parts[0]
+
+    def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+        return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+    return all(
+        p.in_features == first.in_features
+        and p.group_size == first.group_size
+        and p.layout == first.layout
+        and same(p.perm, first.perm)
+        and same(p.had_in, first.had_in)
+        and p.had_in_block == first.had_in_block
+        and p.had_out is None
+        and (p.zeros is None) == (first.zeros is None)
+        and (p.bias is None) == (first.bias is None)
+        and p.device == first.device
+        for p in parts
+    )
+
+
+def fuse(parts: list[QuantLinear]) -> QuantLinear | None:
+    """One QuantLinear computing cat([p(x) for p in parts], -1) in one matmul (one kernel launch per segment
+    instead of one per part), or None when their layouts differ (e.g. per-matrix bit allocations)."""
+    if not all(isinstance(p, QuantLinear) and not getattr(p, "pending", False) for p in parts):
+        return None
+    packed = [p.packed for p in parts]
+    if not can_concat(packed):
+        return None
+    fused = QuantLinear(concat_outputs(packed), backend=parts[0].backend)
+    fused._resolved = parts[0]._resolved
+    return fused
+
+
 def concat_outputs(parts: list[PackedLinear]) -> PackedLinear:
-    """One PackedLinear from slices of output features with the same layout, group size and perm (no rotation)."""
+    """One PackedLinear from slices of output features with the same layout, group size, perm and input rotation
+    (no output rotation)."""
     first = parts[0]
     segments = []
     for i, seg in enumerate(first.segments):
@@ -82,7 +171,10 @@ def concat_outputs(parts: list[PackedLinear]) -> PackedLinear:
     bias = None if first.bias is None else torch.cat([p.bias for p in parts])
     scales = torch.cat([p.scales for p in parts], dim=1)
     n = sum(p.out_features for p in parts)
-    return PackedLinear(first.in_features, n, first.group_size, segments, scales, zeros, first.perm, bias)
+    return PackedLinear(
+        first.in_features, n, first.group_size, segments, scales, zeros, first.perm, bias, first.had_in,
+        first.had_in_block,
+    )
 
 
 def gptq_to_packed(
@@ -142,6 +234,8 @@ class GPTQLinear(QuantLinear):
         for key, t in tensors.items():
             self.register_buffer(key, t)
         self._packed = None
+        self._resolved = None
+        self._dense = None
         self.pending = True
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:

@@ -19,7 +19,7 @@ def kernel_input(x: torch.Tensor, pl: PackedLinear, fast: bool = False) -> torch
         rot = hadamard.rotate_fast if fast else hadamard.rotate
         x = rot(x, pl.had_in, pl.had_in_block).to(x.dtype)
     if pl.perm is not None:
-        x = x.index_select(-1, pl.perm.to(device=x.device, dtype=torch.long))
+        x = x.index_select(-1, pl.perm.to(device=x.device))  # int32 indices as stored: no cast per call
     return x
 
 

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from quantkit.errors import QuantkitError
 from quantkit.formats import hadamard
-from quantkit.formats.packed import PackedLinear, plane_widths
+from quantkit.formats.packed import PackedLinear, Segment, plane_widths
 from quantkit.kernels.config import load_config, pick
 from quantkit.kernels.reference import kernel_input
 
@@ -72,10 +72,37 @@ def _plane(
 
 
 @triton.jit
+def _gemv_words(x_ptr, p_ptr, s_ptr, z_ptr, k0, k_hi, K_valid, offs_n, n_mask, N, W: tl.constexpr,
+                SYM_ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K step of a single-plane GEMV, [1, BLOCK_N]: codes stay [words, codes per word, BLOCK_N] as unpacked
+    from each word, x is loaded in that shape too, and the scale (one row per tile) multiplies the column sums
+    once. Reshaping the codes to [BLOCK_K, BLOCK_N] instead costs a shared-memory round trip with barriers per
+    step (compile_check's table: the `bar` column)."""
+    PER: tl.constexpr = 32 // W
+    R: tl.constexpr = BLOCK_K // PER
+    rows = k0 // PER + tl.arange(0, R)
+    words = tl.load(p_ptr + rows[:, None] * N + offs_n[None, :], mask=(rows < k_hi // PER)[:, None] & n_mask[None, :],
+                    other=0, eviction_policy="evict_first")  # [R, BLOCK_N]
+    q = (words[:, None, :] >> (tl.arange(0, PER) * W)[None, :, None]) & ((1 << W) - 1)  # [R, PER, BLOCK_N]
+    offs_k = k0 + tl.arange(0, R)[:, None] * PER + tl.arange(0, PER)[None, :]  # [R, PER]
+    xv = tl.load(x_ptr + offs_k, mask=offs_k < K_valid, other=0.0).to(tl.float32)
+    g = k0 // GROUP
+    s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)[None, None, :]
+    else:
+        z = SYM_ZERO
+    col = tl.sum(tl.sum(xv[:, :, None] * (q - z).to(tl.float32), axis=1), axis=0)  # [BLOCK_N]
+    return (col * s)[None, :]
+
+
+@triton.jit
 def _qmm(
     x_ptr,  # [M, K_seg] activations of this segment (row stride stride_xm, unit column stride)
-    out_ptr,  # [M, N] output (x dtype when direct) or fp32 accumulator (ATOMIC)
+    out_ptr,  # [M, N] output (x dtype when direct or FIXUP) or fp32 accumulator (ATOMIC)
     bias_ptr,  # [N] (read only when HAS_BIAS)
+    ws_ptr,  # FIXUP: fp32 [M, N] workspace, zero between calls (the last program of a tile clears it)
+    cnt_ptr,  # FIXUP: int32 [tiles] arrival counters, zero between calls
     p0_ptr,  # int32 planes [K_seg·W/32, N] of widths W0, W1, W2 (W = 0: unused)
     p1_ptr,
     p2_ptr,
@@ -88,6 +115,7 @@ def _qmm(
     k_split,  # K columns per split (multiple of BLOCK_K)
     stride_xm,
     stride_om,
+    n_parts,  # FIXUP: programs adding into each output tile, over every segment's launch
     W0: tl.constexpr,
     W1: tl.constexpr,
     W2: tl.constexpr,
@@ -97,6 +125,7 @@ def _qmm(
     TILE_SCALES: tl.constexpr,  # GROUP % BLOCK_K == 0: one scale row per tile
     HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr,
+    FIXUP: tl.constexpr,  # ATOMIC into ws; the tile's last program adds the bias and writes out in its dtype
     PRECISION: tl.constexpr,
     RESHAPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -114,39 +143,55 @@ def _qmm(
     k_hi = tl.minimum(k_lo + k_split, K_seg)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        q = _plane(p0_ptr, k0, k_hi, offs_n, n_mask, N, W0, 0, RESHAPE, BLOCK_K, BLOCK_N)  # [BLOCK_K, BLOCK_N]
-        if W1 > 0:
-            q |= _plane(p1_ptr, k0, k_hi, offs_n, n_mask, N, W1, W0, RESHAPE, BLOCK_K, BLOCK_N)
-        if W2 > 0:
-            q |= _plane(p2_ptr, k0, k_hi, offs_n, n_mask, N, W2, W0 + W1, RESHAPE, BLOCK_K, BLOCK_N)
-        if TILE_SCALES:
-            g = k0 // GROUP
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            if HAS_ZEROS:
-                z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)[None, :]
-            else:
-                z = SYM_ZERO
+        if BLOCK_M == 1 and W1 == 0 and RESHAPE and TILE_SCALES:
+            acc += _gemv_words(x_ptr + pid_m * stride_xm, p0_ptr, s_ptr, z_ptr, k0, k_hi, K_valid, offs_n, n_mask, N,
+                               W0, SYM_ZERO, HAS_ZEROS, GROUP, BLOCK_K)
         else:
-            g_offs = (offs_k // GROUP)[:, None] * N + offs_n[None, :]
-            g_mask = (offs_k < k_hi)[:, None] & n_mask[None, :]
-            s = tl.load(s_ptr + g_offs, mask=g_mask, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                z = tl.load(z_ptr + g_offs, mask=g_mask, other=0).to(tl.int32)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            q = _plane(p0_ptr, k0, k_hi, offs_n, n_mask, N, W0, 0, RESHAPE, BLOCK_K, BLOCK_N)  # [BLOCK_K, BLOCK_N]
+            if W1 > 0:
+                q |= _plane(p1_ptr, k0, k_hi, offs_n, n_mask, N, W1, W0, RESHAPE, BLOCK_K, BLOCK_N)
+            if W2 > 0:
+                q |= _plane(p2_ptr, k0, k_hi, offs_n, n_mask, N, W2, W0 + W1, RESHAPE, BLOCK_K, BLOCK_N)
+            if TILE_SCALES:
+                g = k0 // GROUP
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                if HAS_ZEROS:
+                    z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)[None, :]
+                else:
+                    z = SYM_ZERO
             else:
-                z = SYM_ZERO
-        w = (q - z).to(tl.float32) * s  # [BLOCK_K, BLOCK_N]
-        x_k_mask = offs_k < K_valid
-        if BLOCK_M == 1:
-            xv = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=x_k_mask, other=0.0)  # pid_m < M: grid is M rows
-            acc += tl.sum(xv.to(tl.float32)[:, None] * w, axis=0)[None, :]
-        else:
-            x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-            xt = tl.load(x_ptrs, mask=m_mask[:, None] & x_k_mask[None, :], other=0.0, eviction_policy="evict_last")
-            acc = tl.dot(xt, w.to(xt.dtype), acc, input_precision=PRECISION)
+                g_offs = (offs_k // GROUP)[:, None] * N + offs_n[None, :]
+                g_mask = (offs_k < k_hi)[:, None] & n_mask[None, :]
+                s = tl.load(s_ptr + g_offs, mask=g_mask, other=0.0).to(tl.float32)
+                if HAS_ZEROS:
+                    z = tl.load(z_ptr + g_offs, mask=g_mask, other=0).to(tl.int32)
+                else:
+                    z = SYM_ZERO
+            w = (q - z).to(tl.float32) * s  # [BLOCK_K, BLOCK_N]
+            x_k_mask = offs_k < K_valid
+            if BLOCK_M == 1:
+                xv = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=x_k_mask, other=0.0)  # pid_m < M: grid is M rows
+                acc += tl.sum(xv.to(tl.float32)[:, None] * w, axis=0)[None, :]
+            else:
+                x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+                xt = tl.load(x_ptrs, mask=m_mask[:, None] & x_k_mask[None, :], other=0.0, eviction_policy="evict_last")
+                acc = tl.dot(xt, w.to(xt.dtype), acc, input_precision=PRECISION)
     o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     o_mask = m_mask[:, None] & n_mask[None, :]
-    if ATOMIC:
+    if FIXUP:
+        w_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(w_ptrs, acc, mask=o_mask, sem="release")
+        tl.debug_barrier()  # every thread's adds are issued before the tile's arrival is counted
+        tile = cnt_ptr + pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(tile, 1, sem="acq_rel") == n_parts - 1:
+            total = tl.atomic_add(w_ptrs, tl.zeros_like(acc), mask=o_mask, sem="acquire")  # read at L2
+            tl.store(w_ptrs, tl.zeros_like(acc), mask=o_mask)  # every other program of the tile is done
+            tl.store(tile, 0)
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(o_ptrs, total.to(out_ptr.dtype.element_ty), mask=o_mask)
+    elif ATOMIC:
         tl.atomic_add(o_ptrs, acc, mask=o_mask, sem="relaxed")
     else:
         if HAS_BIAS:
@@ -167,13 +212,55 @@ def _split_k(cfg: dict, tiles: int, n_cols: int, device: torch.device) -> int:
     return max(1, min(int(split), -(-n_cols // cfg["BLOCK_K"])))
 
 
+def fp32_launch(cfg: dict) -> dict:
+    """The tl.dot launch for fp32 activations: their dot is exact fp32 FMA math ("ieee"), not tensor cores, and the
+    fp16 configs' tiles spill hundreds of registers per thread with it (compile_check), so tiles stay small."""
+    return dict(cfg, BLOCK_M=16, BLOCK_N=min(cfg["BLOCK_N"], 32), BLOCK_K=min(cfg["BLOCK_K"], 32), num_warps=4,
+                num_stages=2)
+
+
+_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, size: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The zeroed fp32 workspace [size] and int32 tile counters [tiles] of the "fixup" reduction on device.
+
+    Kept across calls (grown when too small): every call leaves them zero again, so there is no zero-fill per
+    call and their addresses stay fixed for CUDA graphs. Calls on one device must not overlap (one stream).
+    """
+    ws, cnt = _WORKSPACE.get(device, (None, None))
+    if ws is None or ws.numel() < size or cnt.numel() < tiles:
+        size = max(size, 0 if ws is None else ws.numel())
+        tiles = max(tiles, 0 if cnt is None else cnt.numel())
+        ws = torch.zeros(size, dtype=torch.float32, device=device)
+        cnt = torch.zeros(tiles, dtype=torch.int32, device=device)
+        _WORKSPACE[device] = ws, cnt
+    return ws, cnt
+
+
+def _starts(pl: PackedLinear) -> list[int]:
+    starts, s = [], 0
+    for seg in pl.segments:
+        starts.append(s)
+        s += seg.n_cols
+    return starts
+
+
+def _k_split(n_cols: int, split: int, bk: int) -> int:
+    """K columns per split: a multiple of BLOCK_K."""
+    per = -(-n_cols // split)
+    return -(-per // bk) * bk
+
+
 def segment_matmul(
     x: torch.Tensor, pl: PackedLinear, cfg: dict, out_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, bool]:
     """x [M, K] in kernel column order (contiguous) -> (out [M, N], bias_added).
 
     out is in out_dtype with the bias added when one launch writes it directly (one segment, no split-K, bias
-    requested by passing out_dtype); otherwise an fp32 accumulator without bias.
+    requested by passing out_dtype), or when the config's "reduce" is "fixup": split-K and segment partial sums
+    then go to a workspace that stays zero between calls and the last program of each tile writes the output,
+    which saves the zero-fill and the cast launches of the default ("atomic": an fp32 accumulator without bias).
     """
     m, k_in = x.shape
     n, g = pl.out_features, pl.group_size
@@ -183,14 +270,23 @@ def segment_matmul(
         raise QuantkitError("tensor too large for the kernel's int32 offsets; split the batch")
     if m == 0:
         return torch.zeros(0, n, dtype=out_dtype or torch.float32, device=x.device), out_dtype is not None
+    if x.dtype == torch.float32 and cfg["BLOCK_M"] > 1:
+        cfg = fp32_launch(cfg)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     tiles = -(-m // bm) * -(-n // bn)
     splits = [_split_k(cfg, tiles, s.n_cols, x.device) for s in pl.segments]
     direct = out_dtype is not None and len(pl.segments) == 1 and splits[0] == 1
-    if direct:
+    fixup = not direct and out_dtype is not None and cfg.get("reduce", "atomic") == "fixup"
+    ws = cnt = None
+    if direct or fixup:
         out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     else:
         out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    if fixup:
+        ws, cnt = _workspace(x.device, m * n, tiles)
+    launched = [(seg, split) for seg, split, start in zip(pl.segments, splits, _starts(pl), strict=True)
+                if direct or min(seg.n_cols, k_in - start) > 0]
+    n_parts = sum(-(-seg.n_cols // _k_split(seg.n_cols, split, bk)) for seg, split in launched)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     start = 0
     for seg, split in zip(pl.segments, splits, strict=True):
@@ -200,16 +296,18 @@ def segment_matmul(
             continue
         widths = list(plane_widths(seg.bits)) + [0] * (MAX_PLANES - len(seg.planes))
         planes = seg.planes + [seg.planes[0]] * (MAX_PLANES - len(seg.planes))
-        k_split = -(-seg.n_cols // split)
-        k_split = -(-k_split // bk) * bk
+        k_split = _k_split(seg.n_cols, split, bk)
         scales = pl.scales[start // g :]
         zeros = pl.zeros[start // g :] if pl.zeros is not None else scales
-        bias = pl.bias if (direct and pl.bias is not None) else scales
+        has_bias = (direct or fixup) and pl.bias is not None
+        bias = pl.bias if has_bias else scales
         grid = (-(-m // bm), -(-n // bn), -(-seg.n_cols // k_split))
         _qmm[grid](
             x[:, start:],
             out,
             bias,
+            out if ws is None else ws,
+            out if cnt is None else cnt,
             *planes,
             scales,
             zeros,
@@ -220,6 +318,7 @@ def segment_matmul(
             k_split,
             x.stride(0),
             out.stride(0),
+            n_parts,
             W0=widths[0],
             W1=widths[1],
             W2=widths[2],
@@ -227,8 +326,9 @@ def segment_matmul(
             HAS_ZEROS=pl.zeros is not None,
             GROUP=g,
             TILE_SCALES=g % bk == 0,
-            HAS_BIAS=direct and pl.bias is not None,
+            HAS_BIAS=has_bias,
             ATOMIC=not direct,
+            FIXUP=fixup,
             PRECISION=precision,
             RESHAPE=cfg.get("unpack", "reshape") == "reshape",
             BLOCK_M=bm,
@@ -238,7 +338,7 @@ def segment_matmul(
             num_stages=cfg.get("num_stages", 2),
         )
         start += seg.n_cols
-    return out, direct and pl.bias is not None
+    return out, (direct or fixup) and pl.bias is not None
 
 
 def triton_matmul(
@@ -266,3 +366,49 @@ def triton_matmul(
     if pl.bias is not None and not bias_added:
         out = out + pl.bias.float()
     return out.to(x.dtype).reshape(*lead, n)
+
+
+def _meta(pl: PackedLinear) -> list[int]:
+    """The integers of a PackedLinear that the custom op needs to rebuild it from its tensors."""
+    meta = [pl.in_features, pl.out_features, pl.group_size, pl.had_in_block, pl.had_out_block, len(pl.segments)]
+    for s in pl.segments:
+        meta += [s.bits, s.n_cols, len(s.planes)]
+    return meta
+
+
+def _rebuild(planes, scales, zeros, perm, bias, had_in, had_out, meta: list[int]) -> PackedLinear:
+    k, n, g, hib, hob, n_seg = meta[:6]
+    segments, i = [], 0
+    for j in range(n_seg):
+        bits, cols, n_planes = meta[6 + 3 * j : 9 + 3 * j]
+        segments.append(Segment(bits, cols, list(planes[i : i + n_planes])))
+        i += n_planes
+    return PackedLinear(k, n, g, segments, scales, zeros, perm, bias, had_in, hib, had_out, hob)
+
+
+@torch.library.custom_op("quantkit::quant_linear", mutates_args=())
+def quant_linear_op(
+    x: torch.Tensor,
+    planes: list[torch.Tensor],
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    perm: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    had_in: torch.Tensor | None,
+    had_out: torch.Tensor | None,
+    meta: list[int],
+) -> torch.Tensor:
+    """triton_matmul as a torch custom op, so torch.compile traces through it (an opaque call with a known
+    output shape) instead of breaking the graph at the Triton launch."""
+    return triton_matmul(x, _rebuild(planes, scales, zeros, perm, bias, had_in, had_out, meta))
+
+
+@quant_linear_op.register_fake
+def _(x, planes, scales, zeros, perm, bias, had_in, had_out, meta):
+    return x.new_empty(*x.shape[:-1], meta[1])
+
+
+def quant_linear(x: torch.Tensor, pl: PackedLinear) -> torch.Tensor:
+    """triton_matmul through the custom op (what QuantLinear calls while torch.compile traces)."""
+    planes = [p for s in pl.segments for p in s.planes]
+    return quant_linear_op(x, planes, pl.scales, pl.zeros, pl.perm, pl.bias, pl.had_in, pl.had_out, _meta(pl))

@@ -1,8 +1,10 @@
 """Token generation: preallocated KV cache, chunked prefill, greedy / temperature / top-p sampling, streaming.
 
-Prefill runs the prompt (and the vision tower, once) in chunks so a long prompt never needs a T x T attention
-matrix at once; decode then feeds one token at a time. Timings are taken around each phase (with a CUDA
-synchronize) so tokens/s figures mean what they say. On GPUs the KV cache is capped by free memory, so a long
+Prefill runs the prompt (and the vision tower, once) in chunks so a long prompt never needs a T x T attention matrix
+at once; decode then feeds one token at a time, either eagerly from Python (the CPU path) or through a DecodeStep:
+fixed device buffers for the token and position, the whole static KV cache behind a mask, sampling on the device, so
+on CUDA the step is captured once as a CUDA graph and replayed per token. Timings are taken around each phase (with
+a CUDA synchronize) so tokens/s figures mean what they say. On GPUs the KV cache is capped by free memory, so a long
 context stops generation with a message instead of an out-of-memory crash.
 """
 
@@ -16,8 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.model.text import Transformer
+from quantkit.model.modules import inv_freq
+from quantkit.model.text import Transformer, static_context
 
+DECODE_MODES = ("auto", "eager", "static", "graph")
 KV_FRACTION = 0.9  # share of a GPU's free memory (after the weights) the KV cache may take; the rest: activations
 
 
@@ -55,6 +59,92 @@ def sample(
         choice = torch.multinomial(sorted_probs * keep, 1, generator=generator)
         return int(order[choice])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_on_device(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor) -> torch.Tensor:
+    """Next token [1] from logits [V] without leaving the device: argmax at temperature 0, else the token where a
+    uniform draw u [1] lands in the cumulative distribution of softmax(logits / T) cut to its top-p mass."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [V]
+    sorted_probs, order = probs.sort(descending=True)  # [V]
+    if top_p < 1.0:
+        sorted_probs = sorted_probs * (sorted_probs.cumsum(-1) - sorted_probs < top_p)  # never empty
+    cdf = sorted_probs.cumsum(-1)  # [V]
+    idx = torch.searchsorted(cdf, u * cdf[-1:], right=True).clamp_(max=cdf.shape[0] - 1)  # [1]
+    return order[idx]
+
+
+class DecodeStep:
+    """One decode token on fixed device buffers: token [1, 1] and position [1] in, the next token out in place.
+
+    Attention reads the whole preallocated KV cache behind a position mask and sampling happens on the device,
+    so the step has fixed shapes and addresses and no host sync: with graph=True (CUDA, all layers on one device)
+    it is captured once as a CUDA graph and each token is one replay. Set the buffers with start(), then call
+    step(u) with a uniform draw (ignored when greedy) for each token.
+    """
+
+    def __init__(self, model: Transformer, cache_len: int, temperature: float, top_p: float, graph: bool = False):
+        self.model, self.cache_len = model, cache_len
+        self.temperature, self.top_p = temperature, top_p
+        device = model.embed_tokens.weight.device
+        t = model.config.text
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.u = torch.zeros(1, dtype=torch.float32, device=device)
+        self.inv_freqs = inv_freq(t.head_dim, t.rope_theta).to(device)
+        self.dtype = model.norm.weight.dtype
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
+        if graph:
+            self._capture()
+
+    def _forward(self) -> torch.Tensor:
+        m = self.model
+        h = m.embed_tokens(self.token)  # [1, 1, D]
+        ctx = static_context(m.config.text, self.pos, self.inv_freqs, self.cache_len, self.dtype)
+        for layer in m.layers:
+            device = layer.input_layernorm.weight.device
+            h = layer(h.to(device), ctx.on(device))
+        nxt = sample_on_device(m.head(h)[0, -1], self.temperature, self.top_p, self.u)  # [1]
+        self.token.copy_(nxt.view(1, 1))
+        self.pos.add_(1)
+        return nxt
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (Triton compiles, allocator pools fill), then capture one step."""
+        token, pos = self.token.clone(), self.pos.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._forward()
+        self.token.copy_(token)  # warm-up steps wrote cache slots ahead of pos: rewritten before ever being read
+        self.pos.copy_(pos)
+
+    def start(self, token: int, pos: int) -> None:
+        """The last sampled token and the position it goes to."""
+        self.token.fill_(token)
+        self.pos.fill_(pos)
+
+    def step(self, u: float = 0.0) -> torch.Tensor:
+        """Run one token: returns the next token [1] on the device (its buffer is reused by the next step)."""
+        if self.temperature > 0:
+            self.u.fill_(u)
+        if self.graph is None:
+            return self._forward()
+        self.graph.replay()
+        return self.out
+
+
+def _graph_ok(model: Transformer) -> bool:
+    """CUDA graphs need every layer on one CUDA device."""
+    devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+    return len(devices) == 1 and next(iter(devices)).type == "cuda"
 
 
 def cache_capacity(model: Transformer, batch: int = 1) -> int | None:
@@ -101,13 +191,23 @@ def generate(
     stop_ids: Sequence[int] = (),
     chunk_size: int = 512,
     on_token: Callable[[int], None] | None = None,
+    decode: str = "auto",
 ) -> Generation:
     """Generate up to max_new_tokens after input_ids (batch 1), stopping after a token in stop_ids.
 
     The KV cache is sized to the prompt plus max_new_tokens, capped at the model's context and, on GPUs, at what
     fits in free memory; a prompt that does not fit is a one-line error. on_token(id) is called as each token is
-    produced (streaming).
+    produced (streaming). decode: "eager" (a forward per token from Python, host-side sampling), "static" (the
+    DecodeStep, uncaptured), "graph" (the DecodeStep captured as a CUDA graph), or "auto": graph when the whole
+    model sits on one CUDA device, else eager. The static step samples on the device with its own draws, so at
+    temperature > 0 its tokens differ from the eager path's for the same seed (greedy tokens are the same).
     """
+    if decode not in DECODE_MODES:
+        raise QuantkitError(f"unknown decode mode {decode!r} (expected one of {', '.join(DECODE_MODES)})")
+    if decode == "auto":
+        decode = "graph" if _graph_ok(model) else "eager"
+    if decode == "graph" and not _graph_ok(model):
+        raise QuantkitError("decode mode 'graph' needs the whole model on one CUDA device")
     n = len(input_ids)
     context = model.config.text.max_seq_len
     if n == 0:
@@ -137,10 +237,18 @@ def generate(
         if on_token:
             on_token(token)
         pos = n
+        stepper = None
+        if decode != "eager" and token not in stop and len(output) < max_new_tokens and pos < total:
+            stepper = DecodeStep(model, total, temperature, top_p, graph=decode == "graph")
+            stepper.start(token, pos)
         while token not in stop and len(output) < max_new_tokens and pos < total:
-            logits = model(torch.tensor([[token]]), start=pos)  # [1, 1, V]
+            if stepper is not None:
+                u = float(torch.rand(1, generator=generator)) if temperature > 0 else 0.0
+                token = int(stepper.step(u))  # the one host sync per token: streaming and stop tokens need it
+            else:
+                logits = model(torch.tensor([[token]]), start=pos)  # [1, 1, V]
+                token = sample(logits[0, -1], temperature, top_p, generator)
             pos += 1
-            token = sample(logits[0, -1], temperature, top_p, generator)
             output.append(token)
             if on_token:
                 on_token(token)

@@ -42,6 +42,7 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    graph: bool = True  # on CUDA, decode with the captured step (False: eager, to compare)
 
 
 class TextStream:
@@ -123,6 +124,7 @@ def answer(model: Transformer, tokenizer: ChatTokenizer, encoded: Encoded, sampl
         seed=sampling.seed,
         stop_ids=[tokenizer.eos_id],
         on_token=stream,
+        decode="auto" if sampling.graph else "eager",
     )
     roofline = roofline_report(model, result)
     if as_json:

@@ -36,6 +36,7 @@ class LayerContext:
     mask: torch.Tensor | None  # [T, S] bool, True = may attend; None: is_causal, or one query seeing every key
     is_causal: bool
     _moved: dict = field(default_factory=dict, repr=False)
+    pos: torch.Tensor | None = None  # static decode: positions [T] on the device; keys are the whole cache
 
     def on(self, device: torch.device) -> LayerContext:
         """The same context on another device (layers split across GPUs); copies are made once and kept."""
@@ -43,7 +44,9 @@ class LayerContext:
             return self
         if device not in self._moved:
             mask = None if self.mask is None else self.mask.to(device)
-            self._moved[device] = replace(self, cos=self.cos.to(device), sin=self.sin.to(device), mask=mask, _moved={})
+            pos = None if self.pos is None else self.pos.to(device)
+            moved = replace(self, cos=self.cos.to(device), sin=self.sin.to(device), mask=mask, pos=pos, _moved={})
+            self._moved[device] = moved
         return self._moved[device]
 
 
@@ -66,18 +69,45 @@ def layer_context(cfg: TextConfig, start: int, length: int, dtype: torch.dtype, 
     return LayerContext(start, emb.cos().to(dtype), emb.sin().to(dtype), key_start, mask, causal)
 
 
+def static_context(
+    cfg: TextConfig, pos: torch.Tensor, inv_freqs: torch.Tensor, cache_len: int, dtype: torch.dtype
+) -> LayerContext:
+    """The context of queries at device positions pos [T] attending over a whole KV cache of cache_len slots.
+
+    Everything is computed on pos's device from tensors, never from Python ints, so a decode step built on it
+    has fixed shapes and no host sync and can be captured once (CUDA graphs) and replayed at every position.
+    """
+    freqs = pos[:, None].float() * inv_freqs  # [T, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, hd]
+    keys = torch.arange(cache_len, device=pos.device)[None, :]  # [1, S]
+    mask = keys <= pos[:, None]  # [T, S]
+    if cfg.sliding_window is not None:
+        mask &= keys > pos[:, None] - cfg.sliding_window
+    return LayerContext(0, emb.cos().to(dtype), emb.sin().to(dtype), 0, mask, False, pos=pos)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values for one layer: [batch, kv_heads, max_len, head_dim]."""
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device):
         super().__init__()
-        shape = (batch, kv_heads, max_len, head_dim)  # left uninitialized: only written slots are ever read
-        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        shape = (batch, kv_heads, max_len, head_dim)
+        # zeroed: the static decode step multiplies unwritten slots by a zero attention weight (NaN garbage would
+        # survive that); the eager path reads only written slots
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, ctx: LayerContext, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, KV, T, hd] at ctx.start; return the visible keys and values [B, KV, S, hd]."""
+        """Write k, v [B, KV, T, hd] at ctx.start; return the visible keys and values [B, KV, S, hd].
+
+        With device positions (ctx.pos, static decode) they are written there and the whole cache is returned
+        (ctx.mask hides the slots not written yet).
+        """
         b, _, t, _ = k.shape
+        if ctx.pos is not None:
+            self.k[:b].index_copy_(2, ctx.pos, k)
+            self.v[:b].index_copy_(2, ctx.pos, v)
+            return self.k[:b], self.v[:b]
         end = ctx.start + t
         if end > self.k.shape[2]:
             raise QuantkitError(f"KV cache holds {self.k.shape[2]} positions; position {end - 1} does not fit")
@@ -96,13 +126,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.qkv_proj: nn.Module | None = None  # set by the runtime: q, k, v in one matmul (q/k/v_proj then None)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
+        if self.qkv_proj is not None:
+            kv = self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = k.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
+        v = v.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(ctx, k, v)  # [B, KV, S, hd]
