@@ -16,36 +16,9 @@ from pathlib import Path
 import torch
 
 from quantkit.formats.packed import PackedLinear, Segment, plane_widths
-from quantkit.kernels.config import CONFIG_DIR, device_slug
+from quantkit.kernels.config import BUCKETS, CONFIG_DIR, candidates, device_slug
 
 SHAPES = [(12288, 12288), (12288, 1024), (12288, 28672), (28672, 12288)]  # (in, out)
-BUCKETS = {"skinny": [1, 16], "tiled": [256, 2048]}
-
-
-def candidates(path: str, m: int) -> list[dict]:
-    """Launch configs worth timing for M rows on a path."""
-    unpack = ("reshape", "index")
-    if path == "skinny":
-        split = dict(split_k="auto")
-        if m == 1:  # GEMV: (BLOCK_N, BLOCK_K, unpack, warps, programs per SM)
-            grid = itertools.product((64, 128, 256), (32, 64, 128), unpack, (2, 4), (2, 4, 8))
-            return [
-                dict(BLOCK_M=1, BLOCK_N=n, BLOCK_K=k, unpack=u, num_warps=w, programs_per_sm=p, num_stages=2, **split)
-                for n, k, u, w, p in grid
-            ]
-        grid = itertools.product((32, 64, 128), (64, 128), unpack, (4, 8), (2, 4))  # ... programs per SM, stages
-        return [
-            dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, unpack=u, num_warps=4, programs_per_sm=p, num_stages=s, **split)
-            for n, k, u, p, s in grid
-        ]
-    grid = itertools.product((64, 128), (64, 128, 256), (64,), unpack, (4, 8), (3, 4))
-    return [
-        dict(BLOCK_M=bm, BLOCK_N=n, BLOCK_K=k, split_k=1, unpack=u, num_warps=w, num_stages=s)
-        for bm, n, k, u, w, s in grid
-        if bm * n <= 128 * 128
-    ]
-
-
 def random_layer(n: int, k: int, bits: int, device: str | torch.device) -> PackedLinear:
     """Random words (every word is a valid set of codes), symmetric, G = 128, act order."""
     planes = [

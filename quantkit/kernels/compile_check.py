@@ -104,7 +104,7 @@ def launch_cases(sweeps: Iterable[str], bits: Iterable[int]) -> list[dict]:
                 index = dict(entry, unpack="index")
                 cases.append(dict(sweep="index", config=name, bits=b, m=m, path=path, entry=index))
     if "autotune" in sweeps:
-        from quantkit.kernels.autotune import BUCKETS, candidates
+        from quantkit.kernels.config import BUCKETS, candidates
 
         for path, ms in BUCKETS.items():
             for m in ms:

@@ -8,6 +8,7 @@ A file is named after the GPU (torch.cuda.get_device_name, lower case, non-alpha
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 from pathlib import Path
@@ -41,3 +42,30 @@ def pick(cfg: dict, m: int, path: str | None = None) -> tuple[str, dict]:
         if entry.get("max_m") is None or m <= entry["max_m"]:
             return path, entry
     return path, cfg[path][-1]
+
+
+BUCKETS = {"skinny": [1, 16], "tiled": [256, 2048]}
+
+
+def candidates(path: str, m: int) -> list[dict]:
+    """Launch configs worth timing for M rows on a path."""
+    unpack = ("reshape", "index")
+    if path == "skinny":
+        split = dict(split_k="auto")
+        if m == 1:  # GEMV: (BLOCK_N, BLOCK_K, unpack, warps, programs per SM)
+            grid = itertools.product((64, 128, 256), (32, 64, 128), unpack, (2, 4), (2, 4, 8))
+            return [
+                dict(BLOCK_M=1, BLOCK_N=n, BLOCK_K=k, unpack=u, num_warps=w, programs_per_sm=p, num_stages=2, **split)
+                for n, k, u, w, p in grid
+            ]
+        grid = itertools.product((32, 64, 128), (64, 128), unpack, (4, 8), (2, 4))  # ... programs per SM, stages
+        return [
+            dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, unpack=u, num_warps=4, programs_per_sm=p, num_stages=s, **split)
+            for n, k, u, p, s in grid
+        ]
+    grid = itertools.product((64, 128), (64, 128, 256), (64,), unpack, (4, 8), (3, 4))
+    return [
+        dict(BLOCK_M=bm, BLOCK_N=n, BLOCK_K=k, split_k=1, unpack=u, num_warps=w, num_stages=s)
+        for bm, n, k, u, w, s in grid
+        if bm * n <= 128 * 128
+    ]
