@@ -25,7 +25,7 @@ from quantkit.io.checkpoint import read_json
 from quantkit.io.reader import DTYPES, TensorInfo
 from quantkit.kernels import BACKENDS, resolve_backend
 from quantkit.kernels.qlinear import GPTQLinear, QuantLinear
-from quantkit.model.load import Checkpoint, load_model, parse_devices
+from quantkit.model.load import Checkpoint, load_model, name_list, parse_devices
 from quantkit.model.modules import swap_linears
 from quantkit.model.text import Transformer
 from quantkit.quant.pack import GPTQ_BITS, GPTQ_FORMATS
@@ -48,10 +48,6 @@ def _by_prefix(infos: dict[str, TensorInfo]) -> dict[str, dict[str, TensorInfo]]
         prefix, _, suffix = key.rpartition(".")
         groups[prefix][suffix] = info
     return groups
-
-
-def _names(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _meta(info: TensorInfo) -> torch.Tensor:
@@ -116,12 +112,12 @@ def quantized_prepare(qcfg: dict, backend: str = "auto") -> Callable[[Transforme
         if stray:
             raise QuantkitError(
                 f"{ckpt.folder.name}: quantized tensors for modules a {ckpt.config.arch} model does not have: "
-                f"{_names(stray)} (refusing to leave the layers they were meant for uninitialized)"
+                f"{name_list(stray)} (refusing to leave the layers they were meant for uninitialized)"
             )
         if bare:
             raise QuantkitError(
                 f"{ckpt.folder.name}: linears with neither quantized tensors nor a 16-bit weight in the checkpoint: "
-                f"{_names(bare)}"
+                f"{name_list(bare)}"
             )
         if swapped == 0:
             raise QuantkitError(

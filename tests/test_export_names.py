@@ -196,3 +196,15 @@ def test_text_only_conversion_writes_no_processor_files(tmp_path):
     assert "set IMAGES = false" in config["chat_template"]
     tok = ChatTokenizer.from_folder(out)
     assert tok.encode_chat([{"role": "user", "content": "hi"}]).input_ids
+
+
+def test_missing_tensors_are_named_before_any_weight_is_read(tiny_models, tmp_path):
+    from quantkit.model.load import load_model
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_models.get("mistral_large")["hf"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    with pytest.raises(QuantkitError, match="tensors missing from the checkpoint: model.layers.2.") as err:
+        load_model(bad, progress=False)
+    assert "and 6 more" in str(err.value)  # 9 tensors per layer: 2 norms, q/k/v/o, gate/up/down

@@ -77,7 +77,8 @@ class Checkpoint:
         return sorted(k for n in model.state_dict(keep_vars=True) if (k := self.key(n)) not in self.index.infos)
 
 
-def _names(names: list[str]) -> str:
+def name_list(names: list[str]) -> str:
+    """The first three names and how many more, for one-line errors."""
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
@@ -197,10 +198,10 @@ def load_model(
         prepare(model, ckpt)
     unused = ckpt.unused(model)
     if unused:
-        raise QuantkitError(f"{ckpt.folder.name}: tensors the model does not use: {_names(unused)}")
+        raise QuantkitError(f"{ckpt.folder.name}: tensors the model does not use: {name_list(unused)}")
     missing = ckpt.missing(model)
     if missing:
-        raise QuantkitError(f"{ckpt.folder.name}: tensors missing from the checkpoint: {_names(missing)}")
+        raise QuantkitError(f"{ckpt.folder.name}: tensors missing from the checkpoint: {name_list(missing)}")
     placement = place_parts(model, devices, dtype)
     sizes = {p: part_bytes(model.get_submodule(p), dtype) for p in placement}
     with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:
