@@ -15,6 +15,9 @@ fp16/bf16; transformers: from_pretrained through optimum + gptqmodel, output_loa
 transformers 5 is known to misload a GPTQ Mixtral (its experts are fused 3-D tensors with no GPTQ form: the quantized
 expert tensors end up UNEXPECTED, the fused weights MISSING and random, with no error); that row must show the misload
 (README and the exported model card say so) and is reported as "known misload", not as a pass.
+One peer per process (--peer): GPTQModel.load patches transformers' MoE modules (its Defuser dependency splits the
+fused experts back into per-expert linears), after which transformers loads a GPTQ Mixtral correctly in that process;
+a user's fresh transformers process does not get that fix, so mixing the two would hide the misload.
 GPTQModel's Llava definition builds an AutoProcessor on load, and PixtralProcessor needs torchvision, which this venv
 does not install: the script turns that step off (LlavaQModel.require_load_processor = False); it loads no weights.
 Prints a markdown table; exits 1 if any row fails. Driven by run_gptqmodel.sh.
@@ -101,7 +104,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pairs", nargs="+", help="GPTQ_DIR OURS.safetensors, repeated")
     ap.add_argument("--tol", type=float, default=1e-3)
-    ap.add_argument("--peers", default="gptqmodel,transformers")
+    ap.add_argument("--peer", choices=("gptqmodel", "transformers"), default="gptqmodel")
     args = ap.parse_args()
     if len(args.pairs) % 2:
         ap.error("arguments come in pairs: GPTQ_DIR OURS.safetensors")
@@ -111,9 +114,8 @@ def main() -> int:
           f"GPTQMODEL_CPU_WORKERS={workers}", flush=True)  # fmt: skip
     rows = []
     for folder, ours in zip(args.pairs[::2], args.pairs[1::2], strict=True):
-        for peer in args.peers.split(","):
-            rows.append(check(peer, folder, load_file(ours), args.tol))
-            print(" ".join(f"{k}={fmt(v)}" for k, v in rows[-1].items()), flush=True)
+        rows.append(check(args.peer, folder, load_file(ours), args.tol))
+        print(" ".join(f"{k}={fmt(v)}" for k, v in rows[-1].items()), flush=True)
     cols = ["arch", "bits", "act", "peer", "linears", "w", "fro", "max", "tokens", "report", "status", "note"]
     print(
         "\n| arch | bits | act order | loader | quantized linears | weights rel max | logits rel fro "

@@ -59,5 +59,9 @@ for m in $MODELS; do
     pairs+=("${refs[@]}")
 done
 
-echo "== GPTQModel and transformers (GPTQMODEL_CPU_WORKERS=$GPTQMODEL_CPU_WORKERS)"
-"$VENV/bin/python" "$HERE/gptqmodel_logits.py" "${pairs[@]}"
+status=0
+for peer in gptqmodel transformers; do  # one process each: GPTQModel.load patches transformers' MoE modules
+    echo "== $peer (GPTQMODEL_CPU_WORKERS=$GPTQMODEL_CPU_WORKERS)"
+    "$VENV/bin/python" "$HERE/gptqmodel_logits.py" --peer "$peer" "${pairs[@]}" || status=1
+done
+exit $status
