@@ -4,6 +4,10 @@ quantkit.model imports no quantization code; instead load_model's `prepare` hook
 and swaps every linear whose checkpoint holds quantized tensors for a QuantLinear (quantkit format) or a GPTQLinear
 (GPTQ format, repacked as it loads) whose buffers are shaped from the safetensors headers alone. Checkpoint.load then
 fills them part by part like any other module, so a 124B model never needs more than one part in memory at once.
+
+Before any weight is read, a folder is refused (naming the tensors) when it holds quantized tensors that no linear of
+the model takes, or a linear with neither quantized tensors nor a 16-bit weight: the two ways a loader that matches
+names loosely ends up with randomly initialized layers (transformers 5 with a GPTQ Mixtral's experts).
 """
 
 from __future__ import annotations
@@ -23,13 +27,14 @@ from quantkit.io.checkpoint import read_json
 from quantkit.io.reader import DTYPES, TensorInfo
 from quantkit.kernels import BACKENDS, resolve_backend
 from quantkit.kernels.qlinear import GPTQLinear, QuantLinear
-from quantkit.model.load import Checkpoint, load_model, parse_devices
+from quantkit.model.load import Checkpoint, load_model, name_list, parse_devices
 from quantkit.model.modules import swap_linears
 from quantkit.model.text import Transformer
 
 QUANT_METHODS = ("gptq", "quantkit")
 HEADER_SUFFIXES = ("qmeta", "segments")  # tiny tensors read at prepare time: they say how to shape the rest
 DENSE_FRACTION = 0.5  # share of available memory the dequantized weights of the torch backend may take
+QUANT_MARKERS = {"gptq": {"qweight", "qzeros", "scales", "g_idx"}, "quantkit": {"qmeta", "segments"}}
 
 
 def quantization_config(folder: Path) -> dict | None:
@@ -78,10 +83,15 @@ def quantized_prepare(qcfg: dict, backend: str = "auto") -> Callable[[Transforme
 
     def prepare(model: Transformer, ckpt: Checkpoint) -> None:
         groups = _by_prefix(ckpt.index.infos)
+        taken: set[str] = set()
+        bare: list[str] = []
 
         def factory(name: str, linear: nn.Linear) -> nn.Module | None:
-            prefix = ckpt.config.checkpoint_key(f"{name}.weight").removesuffix(".weight")
+            prefix = ckpt.key(f"{name}.weight").removesuffix(".weight")
             infos = groups.get(prefix, {})
+            taken.add(prefix)
+            if "weight" not in infos and not infos.keys() & QUANT_MARKERS[method]:
+                bare.append(prefix)
             if method == "quantkit" and "qmeta" in infos:
                 tensors = {
                     k: ckpt.index.get(f"{prefix}.{k}") if k in HEADER_SUFFIXES else _meta(i) for k, i in infos.items()
@@ -99,7 +109,19 @@ def quantized_prepare(qcfg: dict, backend: str = "auto") -> Callable[[Transforme
             _check_shape(prefix, module, linear)
             return module
 
-        if swap_linears(model, factory) == 0:
+        swapped = swap_linears(model, factory)
+        stray = sorted(p for p, parts in groups.items() if parts.keys() & QUANT_MARKERS[method] and p not in taken)
+        if stray:
+            raise QuantkitError(
+                f"{ckpt.folder.name}: quantized tensors for modules a {ckpt.config.arch} model does not have: "
+                f"{name_list(stray)} (refusing to leave the layers they were meant for uninitialized)"
+            )
+        if bare:
+            raise QuantkitError(
+                f"{ckpt.folder.name}: linears with neither quantized tensors nor a 16-bit weight in the checkpoint: "
+                f"{name_list(bare)}"
+            )
+        if swapped == 0:
             raise QuantkitError(
                 f"{ckpt.folder.name}: config.json says quant_method {method!r} but no quantized layer was found "
                 "in the checkpoint (refusing to run unquantized random weights)"

@@ -33,6 +33,10 @@ PRESETS = {
         "dim": 256, "n_layers": 4, "head_dim": 64, "hidden_dim": 768, "n_heads": 4, "n_kv_heads": 2,
         "rope_theta": 1e6, "norm_eps": 1e-5, "vocab_size": 32768,
     },
+    "tiny-mixtral": {
+        "dim": 256, "n_layers": 2, "head_dim": 64, "hidden_dim": 512, "n_heads": 4, "n_kv_heads": 2,
+        "rope_theta": 1e6, "norm_eps": 1e-5, "vocab_size": 32768, "moe": {"num_experts": 4, "num_experts_per_tok": 2},
+    },
     # About 2 GB in bf16: the quantizer's streaming benchmark.
     "bench-2gb": {
         "dim": 2048, "n_layers": 16, "head_dim": 128, "hidden_dim": 5632, "n_heads": 16, "n_kv_heads": 4,

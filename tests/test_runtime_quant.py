@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from native_models import read_safetensors
 from torch import nn
 
+from quantkit.arch import export_name
 from quantkit.cli import main
 from quantkit.errors import QuantkitError
 from quantkit.formats.gptq import gptq_pack
@@ -69,7 +70,7 @@ def dequantized_float_model(src: Path, folder: Path) -> nn.Module:
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
-        prefix = model.config.checkpoint_key(f"{name}.weight").removesuffix(".weight")
+        prefix = export_name(model.config.arch, model.config.checkpoint_key(f"{name}.weight")).removesuffix(".weight")
         if f"{prefix}.qmeta" in t:
             mod.weight.data = dequantize(from_tensors(prefix, t))
         elif f"{prefix}.qweight" in t:
@@ -185,7 +186,7 @@ def test_decode_bytes_count_every_stored_decoder_tensor(builds):
     folder = builds["quantkit4"]
     model = load_quantized(folder, dtype="float32", progress=False, fuse=False)  # fused: one perm for q/k/v
     t = read_safetensors(folder)
-    decode = ("language_model.model.layers.", "language_model.model.norm.", "language_model.lm_head.")
+    decode = ("model.language_model.layers.", "model.language_model.norm.", "lm_head.")
     cast = ("norm.weight", "lm_head.weight")  # float parameters, loaded as float32; quantized tensors as stored
     expected = sum(
         v.numel() * (4 if k.endswith(cast) else v.element_size()) for k, v in t.items() if k.startswith(decode)

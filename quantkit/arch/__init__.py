@@ -7,9 +7,20 @@ from quantkit.arch.mistral import (
     Arch,
     Entry,
     detect_arch,
+    export_name,
     model_dims,
     register,
     runtime_arch,
 )
 
-__all__ = ["ARCHS", "TEXT_DEFAULTS", "Arch", "Entry", "detect_arch", "model_dims", "register", "runtime_arch"]
+__all__ = [
+    "ARCHS",
+    "TEXT_DEFAULTS",
+    "Arch",
+    "Entry",
+    "detect_arch",
+    "export_name",
+    "model_dims",
+    "register",
+    "runtime_arch",
+]

@@ -8,8 +8,10 @@ conversion engine branches on the architecture.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 
 from quantkit.errors import QuantkitError
 
@@ -98,11 +100,33 @@ class Arch:
     text_model_type: str = "mistral"
     max_positions: int = 131072  # when params.json gives no max_seq_len
     matches: Callable[[dict], bool] = field(default=lambda params: True, compare=False)
+    export_names: tuple[tuple[str, str], ...] = ()  # (legacy prefix, current prefix): see the *_EXPORT_NAMES below
 
     @property
     def has_vision(self) -> bool:
         return any(part == "vision" for part, _ in self.tables)
 
+
+# Quantized exports are named as current loaders expect, not as `convert` writes (the legacy on-disk names that
+# transformers' save_pretrained still produces and our module names mirror). Each pair rewrites a legacy tensor-name
+# prefix into the current one; `{L}` / `{E}` match any layer / expert index. Checked against the libraries:
+# - GPTQModel 7.7 (models/definitions/mixtral.py) quantizes `mlp.experts.{E}.{gate,up,down}_proj` with the router
+#   at `mlp.gate`, and refuses a GPTQ Mixtral without them ("Missing required quantized weights");
+# - GPTQModel (definitions/llava.py) and transformers 5 (LlavaForConditionalGeneration) hold Llava as
+#   `model.language_model.*`, `model.vision_tower.*`, `model.multi_modal_projector.*` and `lm_head`; GPTQModel
+#   refuses a GPTQ Pixtral under the legacy `language_model.model.*`.
+MIXTRAL_EXPORT_NAMES = (
+    ("model.layers.{L}.block_sparse_moe.gate.", "model.layers.{L}.mlp.gate."),
+    ("model.layers.{L}.block_sparse_moe.experts.{E}.w1.", "model.layers.{L}.mlp.experts.{E}.gate_proj."),
+    ("model.layers.{L}.block_sparse_moe.experts.{E}.w2.", "model.layers.{L}.mlp.experts.{E}.down_proj."),
+    ("model.layers.{L}.block_sparse_moe.experts.{E}.w3.", "model.layers.{L}.mlp.experts.{E}.up_proj."),
+)
+LLAVA_EXPORT_NAMES = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
 
 ARCHS: dict[str, Arch] = {}
 
@@ -125,6 +149,7 @@ register(
         text_model_type="mixtral",
         max_positions=32768,
         matches=lambda params: bool(params.get("moe")),
+        export_names=MIXTRAL_EXPORT_NAMES,
     )  # fmt: skip
 )
 register(
@@ -135,8 +160,27 @@ register(
         "language_model.",
         (("text", TEXT), ("text", DENSE_MLP), ("vision", VISION), ("projector", ADAPTER)),
         matches=lambda params: bool(params.get("vision_encoder")),
+        export_names=LLAVA_EXPORT_NAMES,
     )  # fmt: skip
 )
+
+
+@cache
+def _export_patterns(arch: str) -> tuple[tuple[re.Pattern, str], ...]:
+    """The arch's (legacy prefix, current prefix) templates as anchored regexes and their replacements."""
+    out = []
+    for legacy, current in ARCHS[arch].export_names:
+        pattern = re.escape(legacy).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{E\}", r"(?P<E>\d+)")
+        out.append((re.compile(pattern), current.replace("{L}", r"\g<L>").replace("{E}", r"\g<E>")))
+    return tuple(out)
+
+
+def export_name(arch: str, key: str) -> str:
+    """A checkpoint tensor name as written in quantized exports (current loaders' names); others pass unchanged."""
+    for pattern, repl in _export_patterns(arch):
+        if pattern.match(key):
+            return pattern.sub(repl, key, count=1)
+    return key
 
 
 def detect_arch(params: dict) -> Arch:

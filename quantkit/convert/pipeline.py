@@ -223,5 +223,5 @@ def convert(
         text = plan.config.get("text_config", plan.config)
         write_json(tmp / "generation_config.json", generation_config(text["bos_token_id"], text["eos_token_id"]))
         if tokenizer is not None:
-            write_tokenizer_files(tokenizer, tmp)
+            write_tokenizer_files(tokenizer, tmp, vision=plan.arch.has_vision)
     return plan

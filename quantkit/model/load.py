@@ -3,7 +3,9 @@
 Nothing is allocated until a part is loaded, and a part reads only its own tensors (TensorIndex, no mmap). So
 the quantizer can load one decoder layer, run it and free it (`Checkpoint.load`, `unload`) and never hold more
 than one layer of a 124B model; `load_model` walks every part the same way, placing each on its device. Every
-checkpoint tensor must be used and every parameter found (nanoGPT-style strict accounting).
+checkpoint tensor must be used and every parameter found (nanoGPT-style strict accounting), checked on the headers
+before any weight is read. A folder may name its tensors either as `convert` writes them (the legacy HF layout our
+module names mirror) or as quantized exports do (current loaders' names, quantkit.arch `export_names`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from quantkit.arch import export_name
 from quantkit.errors import QuantkitError
 from quantkit.io.checkpoint import hf_weight_files
 from quantkit.io.reader import TensorIndex
@@ -31,6 +34,14 @@ class Checkpoint:
         self.folder = Path(folder)
         self.config: ModelConfig = load_model_config(self.folder)
         self.index = TensorIndex(hf_weight_files(self.folder))
+        # Current names unless some tensor has a legacy name; a folder mixing both is then refused by `unused`.
+        arch = self.config.arch
+        self.current_names = all(export_name(arch, k) == k for k in self.index.infos)
+
+    def key(self, name: str) -> str:
+        """Our parameter name -> this folder's tensor name, in whichever layout the folder uses."""
+        key = self.config.checkpoint_key(name)
+        return export_name(self.config.arch, key) if self.current_names else key
 
     def load(self, model: nn.Module, name: str = "", device: torch.device | str = "cpu", dtype=None) -> nn.Module:
         """Materialize submodule `name` of model (e.g. "layers.3", "" for all) from disk on device; returns it.
@@ -42,7 +53,7 @@ class Checkpoint:
         prefix = f"{name}." if name else ""
         state = {}
         for pname, current in module.state_dict(keep_vars=True).items():
-            key = self.config.checkpoint_key(prefix + pname)
+            key = self.key(prefix + pname)
             info = self.index.infos.get(key)
             if info is None:
                 raise QuantkitError(f"{self.folder.name}: tensor {key} is missing from the checkpoint")
@@ -58,8 +69,17 @@ class Checkpoint:
 
     def unused(self, model: nn.Module) -> list[str]:
         """Checkpoint tensors that no parameter of model maps to."""
-        used = {self.config.checkpoint_key(n) for n in model.state_dict(keep_vars=True)}
+        used = {self.key(n) for n in model.state_dict(keep_vars=True)}
         return sorted(k for k in self.index.infos if k not in used)
+
+    def missing(self, model: nn.Module) -> list[str]:
+        """Tensors that model needs and the checkpoint lacks."""
+        return sorted(k for n in model.state_dict(keep_vars=True) if (k := self.key(n)) not in self.index.infos)
+
+
+def name_list(names: list[str]) -> str:
+    """The first three names and how many more, for one-line errors."""
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def unload(module: nn.Module) -> None:
@@ -178,8 +198,10 @@ def load_model(
         prepare(model, ckpt)
     unused = ckpt.unused(model)
     if unused:
-        more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
-        raise QuantkitError(f"{ckpt.folder.name}: tensors the model does not use: {', '.join(unused[:3])}{more}")
+        raise QuantkitError(f"{ckpt.folder.name}: tensors the model does not use: {name_list(unused)}")
+    missing = ckpt.missing(model)
+    if missing:
+        raise QuantkitError(f"{ckpt.folder.name}: tensors missing from the checkpoint: {name_list(missing)}")
     placement = place_parts(model, devices, dtype)
     sizes = {p: part_bytes(model.get_submodule(p), dtype) for p in placement}
     with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:

@@ -57,6 +57,51 @@ def build_quantization_config(fmt: str, s: QuantSettings, calibration: dict, hea
     }
 
 
+# Loaders known to misload an export without an error, by architecture: said in the model card and the README.
+SILENT_MISLOADS = {
+    "mixtral": (
+        "**Do not load this Mixtral GPTQ folder with transformers.** transformers 5 fuses Mixtral's experts into "
+        "3-D tensors that have no GPTQ form: it reports the quantized expert tensors as UNEXPECTED and the fused ones "
+        "as MISSING, initializes them at random and raises no error, so the output is garbage. Use GPTQModel "
+        "(checked: same weights and greedy tokens as quantkit) or `quantkit run`; for vLLM see below."
+    ),
+}
+VLLM_NOTES = {
+    "mixtral": (
+        "vLLM's Mixtral loader (vllm/model_executor/models/mixtral.py) reads the expert names "
+        "`block_sparse_moe.experts.E.w1/w2/w3`; this folder uses GPTQModel's `mlp.experts.E.gate_proj/up_proj/"
+        "down_proj` and `mlp.gate`, which that loader does not map (read from its source, not run here)."
+    ),
+    "pixtral": "vLLM's Llava loader maps these names (`model.language_model.*`, `lm_head`) to its own (from its "
+    "source, not run here).",
+}
+
+
+def loading_notes(fmt: str, arch: str | None, bits: int | None) -> str:
+    """The "Loading" section of the model card: exact install lines per loader, and the known misloads."""
+    if fmt == "quantkit":
+        return "## Loading\n\nThe quantkit format is read by quantkit: `quantkit run DIR`, `quantkit eval DIR`.\n"
+    cls = "AutoModelForImageTextToText" if arch == "pixtral" else "AutoModelForCausalLM"
+    gptqmodel = 'GPTQModel: `pip install gptqmodel`, then `GPTQModel.load("DIR")`.'
+    if arch == "pixtral":
+        gptqmodel += " Its Llava loader also builds the image processor: PixtralProcessor needs torchvision."
+    vllm = "vLLM: `pip install vllm`, then `vllm serve DIR`."
+    if bits in (2, 3):
+        vllm = "vLLM: `pip install vllm`, then `vllm serve DIR --dtype float16` (2- and 3-bit GPTQ runs on vLLM's "
+        vllm += "plain gptq kernel, which takes float16 only)."
+    if arch in VLLM_NOTES:
+        vllm += " " + VLLM_NOTES[arch]
+    lines = [
+        "- quantkit: `quantkit run DIR` or `quantkit eval DIR`.",
+        f"- {gptqmodel}",
+        "- transformers: `pip install optimum gptqmodel` (transformers loads GPTQ through both), then "
+        f'`{cls}.from_pretrained("DIR")`.',
+        f"- {vllm}",
+    ]
+    warning = f"> {SILENT_MISLOADS[arch]}\n\n" if arch in SILENT_MISLOADS else ""
+    return "## Loading\n\n" + warning + "\n".join(lines) + "\n"
+
+
 def model_card(
     name: str,
     fmt: str,
@@ -66,8 +111,9 @@ def model_card(
     head_bits: int | None,
     bpw: float | None = None,
     rotate: bool = False,
+    arch: str | None = None,
 ) -> str:
-    """README.md for the output folder: the parameter table GPTQ users expect."""
+    """README.md for the output folder: the parameter table GPTQ users expect, and how to load the folder."""
     rows = [
         ("Format", fmt),
         ("Bits", f"{bpw} bpw (mixed)" if bpw else s.bits),
@@ -84,4 +130,5 @@ def model_card(
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     intro = "Quantized with quantkit (GPTQ, calibrated layer by layer)."
-    return f"# {name}\n\n{intro}\n\n| parameter | value |\n|---|---|\n{table}\n"
+    notes = loading_notes(fmt, arch, None if bpw else s.bits)
+    return f"# {name}\n\n{intro}\n\n| parameter | value |\n|---|---|\n{table}\n\n{notes}"

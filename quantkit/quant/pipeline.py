@@ -15,12 +15,14 @@ import shutil
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from quantkit.arch import export_name
 from quantkit.arch.blocks import VISION_EMBED, VISION_LAYERS
 from quantkit.calib.rows import build_rows
 from quantkit.calib.sources import load_calibration
@@ -169,7 +171,8 @@ def _repeat_note(provenance: dict) -> str | None:
 
 
 def _prefix(ckpt: Checkpoint, model_name: str) -> str:
-    return ckpt.config.checkpoint_key(model_name + ".weight").removesuffix(".weight")
+    """The output folder's name for one of our modules: current loaders' names (quantkit.arch export_name)."""
+    return export_name(ckpt.config.arch, ckpt.key(model_name + ".weight")).removesuffix(".weight")
 
 
 def _rotate_seeds(rotate: bool) -> Callable[[int, str], int | None]:
@@ -360,7 +363,7 @@ def quantize(
 
     qcfg = _output_config(ckpt, o, specs, crows.provenance)
     size = _assemble(ckpt, job, output, qcfg, max_shard_size, progress)
-    card = model_card(dst.name, fmt, settings, crows.provenance, size, head_bits, bpw, rotate)
+    card = model_card(dst.name, fmt, settings, crows.provenance, size, head_bits, bpw, rotate, ckpt.config.arch)
     (dst / "README.md").write_text(card)
     job.cleanup()
     log(f"wrote {dst} ({size / 1e9:.3f} GB)")
@@ -489,17 +492,18 @@ class _Steps:
 
 def _assemble(ckpt: Checkpoint, job: Job, output: OutputFolder, qcfg: dict, max_shard_size: str, progress) -> int:
     """Write the output folder: source tensors in order, each quantized weight replaced by its packed tensors."""
+    rename = partial(export_name, ckpt.config.arch)
     packed: dict[str, list[TensorInfo]] = {}
     for i in range(job.done):
         for name, info in read_header(job.layer_path(i))[0].items():
-            packed.setdefault(name.rpartition(".")[0], []).append(info)
+            packed.setdefault(rename(name).rpartition(".")[0], []).append(replace(info, name=rename(name)))
     infos: list[TensorInfo] = []
     for name, info in ckpt.index.infos.items():
-        prefix = name.removesuffix(".weight")
+        prefix = rename(name).removesuffix(".weight")
         if name.endswith(".weight") and prefix in packed:
             infos += sorted(packed.pop(prefix), key=lambda x: x.name)
         else:
-            infos.append(info)
+            infos.append(replace(info, name=rename(name)))
     if packed:
         raise QuantkitError(f"internal: quantized tensors with no source weight: {sorted(packed)[:3]}")
     by_name = {i.name: i for i in infos}

@@ -56,9 +56,12 @@ def processor_files(info: TokenizerInfo) -> dict[str, dict]:
     return {"preprocessor_config.json": preprocessor, "processor_config.json": processor}
 
 
-def write_tokenizer_files(info: TokenizerInfo, out_dir: Path) -> None:
+def write_tokenizer_files(info: TokenizerInfo, out_dir: Path, vision: bool = True) -> None:
     """tokenizer.json, tokenizer_config.json (with chat_template), special_tokens_map.json, chat_template.jinja,
-    the Pixtral processor configs for multimodal tokenizers, and a copy of the native tokenizer file."""
+    the Pixtral processor configs, and a copy of the native tokenizer file.
+
+    Images (processor files, a template that accepts them) need a multimodal tokenizer and a model with a vision
+    tower (`vision`): a text-only model may come with a multimodal tokenizer file (v7m1, image-enabled tekken)."""
     if info.version not in supported_versions():
         raise QuantkitError(f"{info.path.name}: tokenizer version {info.version} is not supported (v1, v3, v7)")
     out_dir = Path(out_dir)
@@ -67,7 +70,8 @@ def write_tokenizer_files(info: TokenizerInfo, out_dir: Path) -> None:
     if backend.get_vocab_size() != info.vocab_size:
         raise QuantkitError(f"{info.path.name}: built {backend.get_vocab_size()} tokens, expected {info.vocab_size}")
     backend.save(str(out_dir / "tokenizer.json"))
-    template = chat_template(info.version, info.kind == "spm", info.multimodal)
+    images = info.multimodal and vision
+    template = chat_template(info.version, info.kind == "spm", images)
     specials = special_tokens_map(info)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -78,7 +82,7 @@ def write_tokenizer_files(info: TokenizerInfo, out_dir: Path) -> None:
         "model_input_names": ["input_ids", "attention_mask"],
         "chat_template": template,
     }
-    if info.multimodal:
+    if images:
         config["processor_class"] = "PixtralProcessor"
         for name, data in processor_files(info).items():
             _dump(out_dir / name, data)

@@ -1,10 +1,13 @@
-"""Logits of quantkit's own dequantized model, the reference for the GPTQModel interop check (main python).
+"""quantkit's side of the interop check (main python): its own loading of GPTQ exports, saved for the peers to match.
 
-Usage: python tests/interop/quantkit_logits.py FLOAT_SRC GPTQ_DIR OUT.safetensors [--tokens T] [--seed S]
+Usage: python tests/interop/quantkit_logits.py GPTQ_DIR OUT.safetensors [GPTQ_DIR OUT.safetensors ...]
+       [--tokens T] [--new N] [--seed S]
 
-Loads the float source model (float32, CPU), replaces every linear that GPTQ_DIR quantized with the weight
-dequantized from the exported tensors, W = scales[g_idx]ᵀ·(q − zeros[g_idx]ᵀ) (docs/format.md), runs random token
-ids [1, T] and saves {"ids", "logits", "weight.<module>" (dequantized [out, in])} to OUT. Run by run_gptqmodel.sh.
+For each folder: `load_quantized` (float32, torch backend: exactly what `quantkit run/eval` load) runs random token
+ids [1, T] and continues them greedily for N tokens (one full forward per token, no cache); the weight of every
+quantized linear is dequantized from the exported tensors, W = scales[g_idx]ᵀ·(q − zeros[g_idx]ᵀ) (docs/format.md),
+under the exported module name. Saves {"ids", "logits", "greedy", "weight.<module>" ([out, in])} to OUT (float32).
+Run by run_gptqmodel.sh.
 """
 
 from __future__ import annotations
@@ -18,49 +21,56 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from quantkit.formats.gptq import gptq_unpack
-from quantkit.model.load import load_model
+from quantkit.runtime import load_quantized
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("src", type=Path)
-    ap.add_argument("gptq", type=Path)
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+def greedy(model, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """ids [1, T] followed by `new` greedy tokens, one full forward each (as the peers run it)."""
+    for _ in range(new):
+        nxt = model(ids)[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids
 
-    qcfg = json.loads((args.gptq / "config.json").read_text())["quantization_config"]
+
+def reference(folder: Path, out: Path, tokens: int, new: int, seed: int) -> None:
+    qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
     fmt = qcfg.get("checkpoint_format", "gptq")
     stored = {}
-    for f in sorted(args.gptq.glob("*.safetensors")):
+    for f in sorted(folder.glob("*.safetensors")):
         with safe_open(f, "pt") as st:
             stored.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118
-
-    model = load_model(args.src, device="cpu", dtype="float32", progress=False)
     weights = {}
-    for name, mod in model.named_modules():
-        key = name if name.startswith("lm_head") else f"model.{name}"
-        if f"{key}.qweight" not in stored:
-            continue
+    for key in sorted(k.removesuffix(".qweight") for k in stored if k.endswith(".qweight")):
         q, scales, zeros, g_idx = gptq_unpack({p: stored[f"{key}.{p}"] for p in PARTS}, qcfg["bits"], fmt)
         g = g_idx.long()
-        w = (scales.float()[g].T * (q - zeros[g].T).float()).contiguous()
-        assert w.shape == mod.weight.shape, (key, w.shape, mod.weight.shape)
-        mod.weight.data = w
-        weights[f"weight.{key}"] = w
+        weights[f"weight.{key}"] = (scales.float()[g].T * (q - zeros[g].T).float()).contiguous()
     if not weights:
-        raise SystemExit(f"{args.gptq}: no quantized linear found")
+        raise SystemExit(f"{folder}: no quantized linear found")
 
-    vocab = model.lm_head.weight.shape[0]
-    ids = torch.randint(100, vocab, (1, args.tokens), generator=torch.Generator().manual_seed(args.seed))
+    model = load_quantized(folder, device="cpu", dtype="float32", backend="torch", progress=False)
+    ids = torch.randint(100, model.config.text.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         logits = model(ids).float()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"ids": ids.contiguous(), "logits": logits.contiguous(), **weights}, str(args.out))
-    print(f"{args.gptq.name}: dequantized {len(weights)} linears, logits {list(logits.shape)} -> {args.out}")
+        cont = greedy(model, ids, new)[:, tokens:]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"ids": ids, "logits": logits.contiguous(), "greedy": cont.contiguous(), **weights}, str(out))
+    print(f"{folder.name}: {len(weights)} quantized linears, logits {list(logits.shape)}, {new} greedy -> {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("pairs", nargs="+", type=Path, help="GPTQ_DIR OUT.safetensors, repeated")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--new", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if len(args.pairs) % 2:
+        ap.error("arguments come in pairs: GPTQ_DIR OUT.safetensors")
+    torch.set_num_threads(2)
+    for folder, out in zip(args.pairs[::2], args.pairs[1::2], strict=True):
+        reference(folder, out, args.tokens, args.new, args.seed)
 
 
 if __name__ == "__main__":

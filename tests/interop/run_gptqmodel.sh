@@ -1,48 +1,67 @@
 #!/usr/bin/env bash
-# Interop check (issue 5): a tiny Mistral exported with `quantkit quantize --format gptq --bits 4 --group-size 32`,
-# with and without act order, loads in GPTQModel on CPU and its logits match quantkit's own dequantized model
-# within 1e-3 relative. Not run in CI: GPTQModel pulls a multi-GB torch build, so it lives in its own venv.
+# Interop check (issues 5, 18): tiny Mistral, Mixtral and Pixtral(-Large) exports from
+# `quantkit quantize --format gptq --bits {3,4,8} --group-size 32 --{,no-}act-order` load in GPTQModel and in
+# transformers (optimum + gptqmodel) on CPU and match quantkit's own loading in fp32: dequantized weights, logits
+# within 1e-3 relative, 16 greedy tokens equal. transformers' known GPTQ Mixtral misload shows as "known misload".
+# Not run in CI: GPTQModel pulls a multi-GB torch build, so it lives in its own venv. Prints a markdown table.
 #
 #   bash tests/interop/run_gptqmodel.sh          # everything under ~/.cache/quantkit-interop (or $QK_INTEROP_DIR)
 #
-# Steps: venv + `pip install gptqmodel` (once); with quantkit's python: synthetic tiny-mistral -> convert ->
-# quantize (act order on, off) -> reference logits (quantkit_logits.py); in the venv: gptqmodel_logits.py.
-# Set PYTHON for quantkit's python (default: python), REBUILD=1 to remake the models. Exits non-zero on failure.
+# Steps: venv + `pip install gptqmodel optimum` (once); with quantkit's python: synthetic tiny models -> convert ->
+# quantize (3/4/8 bits, act order on/off) -> quantkit's reference (quantkit_logits.py); in the venv:
+# gptqmodel_logits.py. Set PYTHON for quantkit's python (default: python), REBUILD=1 to remake the models,
+# MODELS / BITS / ORDERS to run a subset (e.g. MODELS=mixtral BITS=4). Exits non-zero on failure.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 DIR="${QK_INTEROP_DIR:-$HOME/.cache/quantkit-interop}"
 VENV="$DIR/venv"
 PY="${PYTHON:-python}"
+MODELS="${MODELS:-mistral mixtral pixtral}"
+BITS="${BITS:-3 4 8}"
+ORDERS="${ORDERS:-act noact}"
 export GPTQMODEL_CPU_WORKERS="${GPTQMODEL_CPU_WORKERS:-2}"
 mkdir -p "$DIR"
 qk() { "$PY" -c 'import sys; from quantkit.cli import main; sys.exit(main(prog_name="quantkit"))' "$@"; }
 
-if ! "$VENV/bin/python" -c "import gptqmodel" 2>/dev/null; then
-    echo "== installing gptqmodel into $VENV (pulls torch from PyPI, several GB)"
+if ! "$VENV/bin/python" -c "import gptqmodel, optimum" 2>/dev/null; then
+    echo "== installing gptqmodel and optimum into $VENV (pulls torch from PyPI, several GB)"
     "$PY" -m venv "$VENV"
     "$VENV/bin/python" -m pip install --upgrade pip
-    "$VENV/bin/python" -m pip install gptqmodel
+    "$VENV/bin/python" -m pip install gptqmodel optimum
 fi
 
-if [[ "${REBUILD:-0}" == 1 ]]; then
-    rm -rf "$DIR/native" "$DIR/hf" "$DIR/gptq-act" "$DIR/gptq-noact" "$DIR"/.gptq-*.quantkit-work
-fi
-TOK="$("$PY" -c 'import mistral_common, pathlib
-print(pathlib.Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3")')"
-[[ -d "$DIR/native" ]] || "$PY" -m quantkit.synthetic tiny-mistral "$DIR/native" --tokenizer "$TOK"
-[[ -d "$DIR/hf" ]] || qk convert "$DIR/native" "$DIR/hf"
-for order in act noact; do
-    flag="--act-order"
-    [[ $order == noact ]] && flag="--no-act-order"
-    if [[ ! -f "$DIR/gptq-$order/config.json" ]]; then
-        echo "== quantize ($flag)"
-        qk quantize "$DIR/hf" "$DIR/gptq-$order" --format gptq --bits 4 --group-size 32 "$flag" \
-            --rows 16 --seq-len 128 --quiet --force
-    fi
-    "$PY" "$HERE/quantkit_logits.py" "$DIR/hf" "$DIR/gptq-$order" "$DIR/ours-$order.safetensors"
+data="$("$PY" -c 'import mistral_common, pathlib; print(pathlib.Path(mistral_common.__file__).parent / "data")')"
+declare -A PRESET=([mistral]=tiny-mistral [mixtral]=tiny-mixtral [pixtral]=tiny-pixtral-large)
+declare -A TOK=([mistral]=mistral_instruct_tokenizer_240323.model.v3 [mixtral]=mistral_instruct_tokenizer_240323.model.v3
+                [pixtral]=mistral_instruct_tokenizer_241114.model.v7m1)
+pairs=()
+for m in $MODELS; do
+    [[ "${REBUILD:-0}" == 1 ]] && rm -rf "$DIR/$m"
+    mkdir -p "$DIR/$m"
+    [[ -d "$DIR/$m/native" ]] || "$PY" -m quantkit.synthetic "${PRESET[$m]}" "$DIR/$m/native" --tokenizer "$data/${TOK[$m]}"
+    [[ -d "$DIR/$m/hf" ]] || qk convert "$DIR/$m/native" "$DIR/$m/hf" --quiet
+    refs=()
+    for b in $BITS; do
+        for order in $ORDERS; do
+            out="$DIR/$m/gptq-b$b-$order"
+            flag="--act-order"
+            [[ $order == noact ]] && flag="--no-act-order"
+            if [[ ! -f "$out/config.json" ]]; then
+                echo "== quantize $m $b bits $flag"
+                qk quantize "$DIR/$m/hf" "$out" --format gptq --bits "$b" --group-size 32 "$flag" \
+                    --rows 8 --seq-len 64 --quiet --force
+            fi
+            refs+=("$out" "$DIR/$m/ours-b$b-$order.safetensors")
+        done
+    done
+    "$PY" "$HERE/quantkit_logits.py" "${refs[@]}"
+    pairs+=("${refs[@]}")
 done
 
-echo "== GPTQModel (GPTQMODEL_CPU_WORKERS=$GPTQMODEL_CPU_WORKERS)"
-"$VENV/bin/python" "$HERE/gptqmodel_logits.py" \
-    "$DIR/gptq-act" "$DIR/ours-act.safetensors" "$DIR/gptq-noact" "$DIR/ours-noact.safetensors"
+status=0
+for peer in gptqmodel transformers; do  # one process each: GPTQModel.load patches transformers' MoE modules
+    echo "== $peer (GPTQMODEL_CPU_WORKERS=$GPTQMODEL_CPU_WORKERS)"
+    "$VENV/bin/python" "$HERE/gptqmodel_logits.py" --peer "$peer" "${pairs[@]}" || status=1
+done
+exit $status
