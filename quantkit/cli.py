@@ -26,6 +26,12 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except OSError as e:  # a full disk, a read-only folder, a vanished file: the path and the reason
+            click.echo(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True)
+            sys.exit(1)
+        except RecursionError:
+            click.echo("error: input nested too deeply", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -109,7 +115,7 @@ def tokenize(model: Path, messages_file: Path, tools_file: Path | None, as_json:
 @click.option("--prompt", help="Answer this prompt and exit. Without it: an interactive chat on stdin.")
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image file (repeatable).")
 @click.option("--system", help="System prompt.")
-@click.option("--max-new-tokens", default=512, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-new-tokens", default=512, show_default=True, type=int, help="At least 1.")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 is greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", type=int, help="Seed for sampling, for reproducible answers.")
@@ -156,6 +162,8 @@ def run_command(
     from quantkit.model.run import Sampling, run
     from quantkit.runtime import load_any
 
+    if max_new_tokens < 1:
+        raise QuantkitError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
     load = partial(load_any, backend=backend)
     run(model, prompt, list(images), system, sampling, device, dtype, as_json, progress=not quiet, load=load)
@@ -182,15 +190,16 @@ def eval_command(model: Path, reference: Path | None, dataset: str | None, split
                  seq_len: int, seed: int, device: str, dtype: str, backend: str, as_json: bool, save: bool,
                  quiet: bool) -> None:  # fmt: skip
     """Perplexity of MODEL (float or quantized); with --reference, mean KL divergence and top-1 agreement too."""
-    from quantkit.eval_command import EvalSettings, format_table, run_eval
+    from quantkit.eval_command import EvalSettings, check_save, format_table, run_eval, save_figures
 
+    save_path = check_save(model) if save and Path(model).is_dir() else None
     settings = EvalSettings(dataset, split, text_field, rows, seq_len, seed, device, dtype, backend)
     result = run_eval(model, reference, settings, progress=not quiet)
     click.echo(json.dumps(result.as_dict()) if as_json else format_table(result, model, reference, settings))
-    if save:
+    if save_path is not None:
         figures = {**result.as_dict(), "dataset": dataset or "bundled mix", "rows": rows, "seq_len": seq_len,
                    "reference": str(reference) if reference else None}  # fmt: skip
-        (Path(model) / "eval.json").write_text(json.dumps(figures, indent=2) + "\n")
+        save_figures(save_path, figures)
 
 
 def _group_size(value: str) -> int | None:

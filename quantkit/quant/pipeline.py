@@ -25,6 +25,7 @@ from quantkit.calib.rows import build_rows
 from quantkit.calib.sources import load_calibration
 from quantkit.errors import QuantkitError
 from quantkit.io.checkpoint import HF_INDEX, read_json
+from quantkit.io.claim import check_space
 from quantkit.io.reader import TensorInfo, load_tensor, read_header
 from quantkit.io.writer import OutputFolder, TensorSpec, parse_size, plan_shards, write_json, write_sharded
 from quantkit.memory import map_large_blocks, release
@@ -33,7 +34,7 @@ from quantkit.quant.allocate import allocate
 from quantkit.quant.capture import LinearSpec, QuantSettings, capture_groups, quantize_layer, solve_linear
 from quantkit.quant.export import FORMATS, linear_tensors, model_card, quantization_config
 from quantkit.quant.gptq import HessianAccumulator
-from quantkit.quant.job import Job
+from quantkit.quant.job import Job, default_work_dir, discard, exclusive, space_needed
 from quantkit.quant.measure import CANDIDATES_VERSION, measure_layer, spec_bits
 from quantkit.tokenizer.chat import ChatTokenizer
 
@@ -237,6 +238,7 @@ def load_measurement(path: Path, expected: dict | None = None) -> dict:
     return data
 
 
+@exclusive  # locks DST and the work dir, removes dead runs' leftovers, OSError -> one line (quant/job.py)
 def quantize(
     src: Path,
     dst: Path,
@@ -286,16 +288,17 @@ def quantize(
     the_plan = plan(ckpt, model, settings, head_bits, rows, seq_len, device, bpw)
     if dry_run:
         return the_plan
-    output = OutputFolder(dst, force=force, src=src)
+    work = Path(work_dir or default_work_dir(dst))
+    output = OutputFolder(dst, force=force, src=src, work=work)
+    check_space(space_needed(dst, work, offload_dir, the_plan.output_bytes, rows, seq_len, ckpt.config.text.dim))
     map_large_blocks()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         dtype or ("float32" if device == "cpu" else "bfloat16")
     ]
     crows = _calibration(ckpt, dataset, split, text_field, rows, seq_len, seed)
     ids = crows.ids  # [rows, seq_len]
-    work = Path(work_dir or dst.parent / f".{dst.name}.quantkit-work")
-    if restart and work.exists():
-        shutil.rmtree(work)
+    if restart:
+        discard(work)
     n_layers, dim = ckpt.config.text.n_layers, ckpt.config.text.dim
     seeds = _rotate_seeds(rotate)
     shapes = [_linear_shapes(model, i) for i in range(n_layers)]
