@@ -529,7 +529,7 @@ def kill_phase(dst: Path) -> str:
         return "finished"
     for state, what in ((work / "job.json", "layer"), (work / "measure" / "job.json", "measurement layer")):
         if state.is_file():
-            return f"{what} {json.loads(state.read_text())['done'] + 1}"
+            return f"{what}s done: {json.loads(state.read_text())['done']}"
     return "start-up"
 
 

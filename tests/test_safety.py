@@ -225,3 +225,100 @@ def test_symlinked_shard_inside_the_folder_is_fine(tiny_models, tmp_path):
     (snap / "consolidated.safetensors").symlink_to(Path("../../blobs/abc123"))
     _index_to(snap, "consolidated.safetensors")
     assert run("convert", snap, tmp_path / "out", "--quiet").exit_code == 0
+
+
+def test_unreachable_hub_fails_before_datasets_retries(monkeypatch):
+    """No network here: the one-line error comes from a 3 s probe, not from datasets' ~40 s of retry warnings."""
+    import datasets
+
+    from quantkit.calib.sources import load_calibration
+
+    def never(*a, **k):
+        raise AssertionError("load_dataset was called")
+
+    monkeypatch.setattr(datasets, "load_dataset", never)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    with pytest.raises(QuantkitError, match=r"Hub \(hub.invalid\) is unreachable"):
+        load_calibration("nosuchuser/nosuchdata")
+
+
+def test_eval_save_into_a_read_only_folder_is_refused_before_evaluating(tiny_models, tmp_path):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        shutil.copytree(tiny_models.get("mistral_large")["hf"], mnt / "m")
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        result = run("eval", mnt / "m", "--save", "--rows", "1", "--seq-len", "16", "--quiet")
+        one_line_error(result, "--save cannot write")
+        assert "Read-only file system" in result.stderr and "perplexity" not in result.output.lower()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+BIG_IMAGE = """
+import resource, sys, warnings
+from PIL import Image
+Image.new("RGB", (10000, 10000), (200, 30, 40)).save(sys.argv[1])
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from quantkit.tokenizer.image import load_image, preprocess_image
+x = preprocess_image(load_image(sys.argv[1]))
+print(tuple(x.shape), round(float(x[0, 0, 0]), 4), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_a_10000_pixel_square_image_is_decoded_under_a_budget(tmp_path):
+    """A 10000x10000 PNG: no DecompressionBombWarning text, and no full-size float32 copy (it peaked at 2.9 GB)."""
+    r = subprocess.run([sys.executable, "-c", BIG_IMAGE, str(tmp_path / "big.png")], env=ENV, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "DecompressionBomb" not in r.stderr and "warn" not in r.stderr.lower(), r.stderr
+    shape, first, peak_mb = r.stdout.split(") ")[0] + ")", *r.stdout.split(") ")[1].split()
+    assert shape == "(3, 1024, 1024)"
+    assert float(first) == round((200 / 255 - 0.48145466) / 0.26862954, 4)  # the colour survives the reduction
+    assert int(peak_mb) < 1200, f"peak RSS {peak_mb} MB"  # ~300 MB of decoded pixels + torch; the float copy was 1.2 GB
+
+
+@pytest.mark.parametrize("stop_after", ["row stores", "job.json"])
+def test_a_kill_inside_the_final_cleanup_never_sticks(tiny_models, tmp_path, monkeypatch, stop_after):
+    """Issue 19: a kill inside the cleanup made every --force rerun crash with FileNotFoundError until --restart."""
+    from quantkit.quant import job as job_module
+
+    src = tiny_models.get("mistral_large")["hf"]
+    args = ["--bits", "4", "--group-size", "32", *FAST]
+    solo, dst = tmp_path / "solo" / "out", tmp_path / "cut" / "out"
+    solo.parent.mkdir()
+    dst.parent.mkdir()
+    assert run("quantize", src, solo, *args).exit_code == 0
+    real_remove = job_module.remove
+
+    def remove_then_die(p):
+        real_remove(p)
+        if stop_after == "row stores" and p.name.startswith("hidden-"):
+            raise KeyboardInterrupt  # stands in for the kill: the files on disk are what matters
+        if stop_after == "job.json" and p.name == "layers":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(job_module, "remove", remove_then_die)
+    if stop_after == "job.json":  # die right after job.json is gone, before the layers are: unlink raises
+        real_unlink = Path.unlink
+
+        def unlink(self, missing_ok=False):
+            real_unlink(self, missing_ok=missing_ok)
+            if self.name == "job.json":
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(Path, "unlink", unlink)
+    assert run("quantize", src, dst, *args).exit_code == 130
+    monkeypatch.undo()
+    work = dst.parent / ".out.quantkit-work"
+    assert work.is_dir() and dst.is_dir()
+    plain = run("quantize", src, dst, *args)  # without --force: refused (DST exists), leftovers of a dead job go
+    assert plain.exit_code == 1 and "not empty" in plain.stderr
+    assert work.exists() == (stop_after == "row stores")  # a finished job still holds its layers; no job: cleaned
+    forced = run("quantize", src, dst, *args, "--force")
+    assert forced.exit_code == 0, forced.output
+    for f in sorted(solo.iterdir()):
+        assert f.read_bytes() == (dst / f.name).read_bytes(), f.name
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["out"]

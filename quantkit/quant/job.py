@@ -12,8 +12,8 @@ process's memory: the OS page cache keeps them in RAM while it has room and spil
 Every file is written under a temporary name and renamed, and job.json is replaced last, so a crash or Ctrl-C at
 any point leaves the job at its last finished layer; rerunning the same command resumes there and, because each
 layer is a deterministic function of its inputs, gives byte-identical output. A run holds locks on DST and the
-work dir (see io/claim.py), so a second run into either is refused at once. The finished job's job.json is deleted
-before anything else, so a kill inside the cleanup leaves only files a later run recognizes as stale and removes.
+work dir (see io/claim.py), so a second run into either is refused at once. The cleanup deletes job.json before the
+layer files, so a kill inside it leaves only files a later run recognizes as stale and removes.
 Only the names listed in WORK_FILES are ever deleted from a work dir: a --work-dir that holds other files keeps them.
 """
 
@@ -223,10 +223,11 @@ class Job:
         self._save_state()
 
     def cleanup(self) -> None:
-        """After a finished run (the output is in place): end the job, then delete its hidden states and layers.
+        """After a finished run (the output is in place): delete the job's files in an order a kill cannot break.
 
-        job.json goes first, so a kill at any later point leaves no job that claims files it no longer has."""
-        (self.dir / "job.json").unlink(missing_ok=True)
+        The row stores go first (a finished job never reads them again), then job.json ends the job, then its
+        layers; a kill at any point leaves either a finished job that reassembles the same output, or no job and
+        files a later run recognizes as leftovers (remove_stale)."""
         if self.offload_dir is not None:
             fps = [self.fp]
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # the measurement job's stores too
@@ -234,6 +235,10 @@ class Job:
             for fp in fps:
                 for f in self.offload_dir.glob(f"quantkit-{fp}-*.bin"):
                     f.unlink()
+        for pattern in ("hidden-*.bin", "attn.bin", "measure"):
+            for p in self.dir.glob(pattern):
+                remove(p)
+        (self.dir / "job.json").unlink(missing_ok=True)
         for p in _work_entries(self.dir):
             remove(p)
         if not any(self.dir.iterdir()):
