@@ -322,3 +322,14 @@ def test_a_kill_inside_the_final_cleanup_never_sticks(tiny_models, tmp_path, mon
     for f in sorted(solo.iterdir()):
         assert f.read_bytes() == (dst / f.name).read_bytes(), f.name
     assert sorted(p.name for p in dst.parent.iterdir()) == ["out"]
+
+
+def test_two_jobs_sharing_an_offload_dir_never_share_a_row_store(tmp_path):
+    import torch
+
+    a = Job(tmp_path / "wa", {"same": 1}, offload_dir=tmp_path / "off")
+    b = Job(tmp_path / "wb", {"same": 1}, offload_dir=tmp_path / "off")
+    sa, sb = a.store("hidden-a", 2, (3,), torch.float32), b.store("hidden-a", 2, (3,), torch.float32)
+    assert sa.path != sb.path and a.fp == b.fp
+    a.cleanup()
+    assert not sa.path.exists() and sb.path.exists()  # a's cleanup leaves b's stores alone

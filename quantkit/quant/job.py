@@ -38,6 +38,12 @@ JOB_VERSION = 1
 WORK_FILES = ("job.json", "job.json.tmp-*", "layers", "hidden-*.bin", "attn.bin", "measure", "measurement.tmp")
 
 
+def offload_tag(fp: str, work: Path) -> str:
+    """Row-store names in a shared --offload-dir: the job's fingerprint and its work dir, so two jobs with the same
+    settings but different work dirs (each holding its own lock) never share a file."""
+    return f"{fp}-{hashlib.sha256(str(Path(work).absolute()).encode()).hexdigest()[:8]}"
+
+
 def default_work_dir(dst: Path) -> Path:
     return Path(dst).parent / f".{Path(dst).name}.quantkit-work"
 
@@ -204,7 +210,9 @@ class Job:
         if self.offload_dir is None:
             return RowStore(self.dir / f"{name}.bin", rows, row_shape, dtype)
         self.offload_dir.mkdir(parents=True, exist_ok=True)
-        return RowStore(self.offload_dir / f"quantkit-{self.fp}-{name}.bin", rows, row_shape, dtype)
+        return RowStore(
+            self.offload_dir / f"quantkit-{offload_tag(self.fp, self.dir)}-{name}.bin", rows, row_shape, dtype
+        )
 
     def layer_path(self, i: int) -> Path:
         return self.dir / "layers" / f"{i:04d}.safetensors"
@@ -229,11 +237,12 @@ class Job:
         layers; a kill at any point leaves either a finished job that reassembles the same output, or no job and
         files a later run recognizes as leftovers (remove_stale)."""
         if self.offload_dir is not None:
-            fps = [self.fp]
+            tags = [offload_tag(self.fp, self.dir)]
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # the measurement job's stores too
-                fps.append(json.loads((self.dir / "measure" / "job.json").read_text())["fingerprint"])
-            for fp in fps:
-                for f in self.offload_dir.glob(f"quantkit-{fp}-*.bin"):
+                measure_fp = json.loads((self.dir / "measure" / "job.json").read_text())["fingerprint"]
+                tags.append(offload_tag(measure_fp, self.dir / "measure"))
+            for tag in tags:
+                for f in self.offload_dir.glob(f"quantkit-{tag}-*.bin"):
                     f.unlink()
         for pattern in ("hidden-*.bin", "attn.bin", "measure"):
             for p in self.dir.glob(pattern):
