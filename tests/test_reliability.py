@@ -561,8 +561,10 @@ def kill_campaign(job: list, root: Path, kills: int, seed: int) -> dict:
     ref = root / "ref" / "out"
     ref.parent.mkdir(parents=True)
     p, started = start_and_wait_for_lock(ref)
-    assert p.wait(timeout=600) == 0, p.stderr.read().decode()
+    while not ref.exists() and p.poll() is None:  # the work: from taking the lock to DST renamed into place
+        time.sleep(0.005)
     work_s = time.perf_counter() - started
+    assert p.wait(timeout=600) == 0, p.stderr.read().decode()
     figures = {"kills": 0, "identical": 0, "killed_mid_run": 0, "half_written": 0, "stale_bytes": 0}
     for k in range(kills):
         dst = root / f"k{k}" / "out"
