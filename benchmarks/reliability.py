@@ -2,7 +2,8 @@
 concurrent runs refused. Runs the reliability suite (tests/test_reliability.py, tests/test_safety.py) with more
 kills than CI does.
 
-Run: python benchmarks/reliability.py [--kills 10]   (about 2 minutes per kill and job on a shared 2-core machine)
+Run: python benchmarks/reliability.py [--kills 10] [--seed 17]
+(about 30 s per kill and quantize job on a loaded 2-core machine)
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ ROOT = Path(__file__).parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=10, help="kill -9 runs per job (convert, quantize bits 4, bpw 3.0)")
+    ap.add_argument("--seed", type=int, default=17, help="seed of the kill moments")
     args = ap.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "QUANTKIT_KILLS": str(args.kills)}
+    env["QUANTKIT_KILL_SEED"] = str(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "results.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-m", "reliability",

@@ -3,7 +3,8 @@
 Bad input: each case must exit 1 with one `error:` line naming the problem, no traceback, nothing at DST, the
 source's bytes unchanged, within a time limit. Kills: convert, `quantize --bits 4` and `quantize --bpw 3.0` are
 killed at seeded random moments of their work, rerun, and must give output byte-identical to an uninterrupted run,
-with DST never half-written and nothing stale left. CI runs a few kills; benchmarks/reliability.py runs more.
+with DST never half-written and nothing stale left. CI runs 2 kills per job (QUANTKIT_KILLS, QUANTKIT_KILL_SEED
+change that); benchmarks/reliability.py runs more and prints the figures.
 Run alone with `pytest -m reliability`.
 """
 
@@ -600,7 +601,9 @@ def kill_campaign(job: list, root: Path, kills: int, seed: int) -> dict:
 @pytest.mark.parametrize("job", sorted(KILL_JOBS))
 def test_kill_9_then_rerun_is_byte_identical(models, tmp_path, job):
     kills = int(os.environ.get("QUANTKIT_KILLS", "2"))
-    figures = kill_campaign(KILL_JOBS[job](models), tmp_path, kills, seed=17)
+    figures = kill_campaign(
+        KILL_JOBS[job](models), tmp_path, kills, seed=int(os.environ.get("QUANTKIT_KILL_SEED", "17"))
+    )
     print(f"{job}: {figures}")
     assert figures["identical"] == figures["kills"] == kills
     assert figures["half_written"] == 0 and figures["stale_bytes"] == 0 and not figures.get("stale"), figures

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import os
 import re
 import shutil
@@ -132,7 +133,7 @@ def remove_leftovers(dst: Path, log: Callable[[str], None]) -> int:
     """Remove the temporary folders dead runs left beside dst (`.DST.tmp-*`, `.old-*`, `.probe-*`); bytes freed."""
     prefix = f".{dst.name}"
     freed, count = 0, 0
-    for p in dst.parent.glob(f"{glob_escape(prefix)}.*"):
+    for p in dst.parent.glob(f"{glob.escape(prefix)}.*"):
         m = _LEFTOVER.fullmatch(p.name[len(prefix) :])
         if m is None or alive(m.group(2)):
             continue
@@ -142,10 +143,6 @@ def remove_leftovers(dst: Path, log: Callable[[str], None]) -> int:
     if count:
         log(f"removed {count} temporary folder(s) left by interrupted runs beside {dst} ({human(freed)} freed)")
     return freed
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def check_space(needs: dict[Path, int]) -> None:
