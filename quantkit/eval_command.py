@@ -8,6 +8,8 @@ the same token ids, tokenized with MODEL's tokenizer; the reference must share i
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,25 @@ class EvalSettings:
     device: str = "auto"
     dtype: str = "auto"
     backend: str = "auto"
+
+
+def check_save(folder: Path) -> Path:
+    """Where --save writes, checked before the (long) evaluation: a real write probe, since permission bits lie
+    for root and on read-only mounts."""
+    path = Path(folder) / "eval.json"
+    probe = Path(folder) / f".eval.json.probe-{os.getpid()}"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise QuantkitError(f"--save cannot write {path} ({e.strerror}); evaluate without --save") from None
+    return path
+
+
+def save_figures(path: Path, figures: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(figures, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def eval_rows(folder: Path, s: EvalSettings) -> CalibRows:

@@ -28,6 +28,11 @@ def describe(path: Path) -> dict:
         index = TensorIndex(hf_weight_files(path))
     parts: Counter[str] = Counter()
     dtypes: Counter[str] = Counter()
+    if fmt == "quantized":  # refuse what run and eval would refuse: a bad config, packed tensors of wrong shapes
+        from quantkit.runtime import check_packed, quantization_config
+
+        qcfg = quantization_config(path)
+        check_packed(qcfg, index)
     quantized = quantized_summary(index) if fmt == "quantized" else None
     packed = quantized["linears"] if quantized else {}
     for name, info in index.infos.items():
@@ -51,7 +56,7 @@ def describe(path: Path) -> dict:
         "size_bytes": folder_size(path),
     }
     if quantized:
-        report["quantization_config"] = read_json(path / "config.json")["quantization_config"]
+        report["quantization_config"] = qcfg
         quantized.pop("linears")
         quantized["all_bpw"] = index.total_bytes * 8 / report["total_parameters"]
         report["quantized"] = quantized

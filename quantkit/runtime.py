@@ -40,7 +40,10 @@ QUANT_MARKERS = {"gptq": {"qweight", "qzeros", "scales", "g_idx"}, "quantkit": {
 def quantization_config(folder: Path) -> dict | None:
     """config.json's quantization_config, None for a float folder (or one without config.json)."""
     path = Path(folder) / "config.json"
-    return read_json(path).get("quantization_config") if path.is_file() else None
+    qcfg = read_json(path).get("quantization_config") if path.is_file() else None
+    if qcfg is not None and not isinstance(qcfg, dict):
+        raise QuantkitError(f"{path}: quantization_config must be a JSON object, not {type(qcfg).__name__}")
+    return qcfg
 
 
 def _by_prefix(infos: dict[str, TensorInfo]) -> dict[str, dict[str, TensorInfo]]:
@@ -62,6 +65,30 @@ def _check_shape(name: str, module: nn.Module, linear: nn.Linear) -> None:
             f"{name}: quantized tensors are for a [{module.out_features}, {module.in_features}] linear, "
             f"config.json implies [{linear.out_features}, {linear.in_features}]"
         )
+
+
+def _packed_module(qcfg: dict, backend: str, prefix: str, infos: dict[str, TensorInfo], index) -> nn.Module | None:
+    """The quantized linear stored under prefix, built on the meta device (only header tensors are read), which
+    checks every packed tensor's shape; None when prefix holds no packed tensors of qcfg's method."""
+    method = qcfg.get("quant_method")
+    if method == "quantkit" and "qmeta" in infos:
+        tensors = {k: index.get(f"{prefix}.{k}") if k in HEADER_SUFFIXES else _meta(i) for k, i in infos.items()}
+        try:
+            return QuantLinear.from_tensors("", tensors, backend=backend)
+        except QuantkitError as e:
+            raise QuantkitError(f"{prefix}: {e}") from None
+    if method == "gptq" and "qweight" in infos:
+        tensors = {k: _meta(i) for k, i in infos.items()}
+        fmt = qcfg.get("checkpoint_format", "gptq")
+        return GPTQLinear(tensors, int(qcfg["bits"]), bool(qcfg.get("sym", True)), fmt, backend, prefix)
+    return None
+
+
+def check_packed(qcfg: dict, index) -> None:
+    """Refuse a checkpoint whose packed tensors do not fit their headers (what loading it would refuse)."""
+    quantized_prepare(qcfg, "torch")  # the method and its settings
+    for prefix, infos in _by_prefix(index.infos).items():
+        _packed_module(qcfg, "torch", prefix, infos, index)
 
 
 def quantized_prepare(qcfg: dict, backend: str = "auto") -> Callable[[Transformer, Checkpoint], None]:
@@ -92,21 +119,9 @@ def quantized_prepare(qcfg: dict, backend: str = "auto") -> Callable[[Transforme
             taken.add(prefix)
             if "weight" not in infos and not infos.keys() & QUANT_MARKERS[method]:
                 bare.append(prefix)
-            if method == "quantkit" and "qmeta" in infos:
-                tensors = {
-                    k: ckpt.index.get(f"{prefix}.{k}") if k in HEADER_SUFFIXES else _meta(i) for k, i in infos.items()
-                }
-                try:
-                    module = QuantLinear.from_tensors("", tensors, backend=backend)
-                except QuantkitError as e:
-                    raise QuantkitError(f"{prefix}: {e}") from None
-            elif method == "gptq" and "qweight" in infos:
-                tensors = {k: _meta(i) for k, i in infos.items()}
-                fmt = qcfg.get("checkpoint_format", "gptq")
-                module = GPTQLinear(tensors, int(qcfg["bits"]), bool(qcfg.get("sym", True)), fmt, backend, prefix)
-            else:
-                return None
-            _check_shape(prefix, module, linear)
+            module = _packed_module(qcfg, backend, prefix, infos, ckpt.index)
+            if module is not None:
+                _check_shape(prefix, module, linear)
             return module
 
         swapped = swap_linears(model, factory)

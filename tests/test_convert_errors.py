@@ -90,8 +90,13 @@ def test_dst_not_empty(src, tmp_path):
     result = run("convert", src, dst)
     assert result.exit_code == 1 and "not empty (use --force" in result.stderr
     assert [p.name for p in dst.iterdir()] == ["keep.txt"] and (dst / "keep.txt").read_text() == "precious"
+    forced = run("convert", src, dst, "--force", "--quiet")  # --force replaces only a previous model output
+    assert forced.exit_code == 1 and "does not hold a previous model output" in forced.stderr
+    assert (dst / "keep.txt").read_text() == "precious"
+    (dst / "keep.txt").unlink()
+    assert run("convert", src, dst, "--quiet").exit_code == 0
     assert run("convert", src, dst, "--force", "--quiet").exit_code == 0
-    assert (dst / "config.json").is_file() and not (dst / "keep.txt").exists()
+    assert (dst / "config.json").is_file()
 
 
 def test_dst_inside_src(src):

@@ -221,33 +221,45 @@ def _need(d: dict, key: str, where: str = "params.json"):
     return d[key]
 
 
+def _int(d: dict, key: str, where: str = "params.json", default: int | None = None) -> int:
+    """A positive whole number from a config dict, or a one-line error naming the key and what was found."""
+    v = d.get(key)
+    if v is None:
+        if default is None:
+            raise QuantkitError(f"{where} has no {key!r}")
+        return default
+    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())) or v <= 0:
+        raise QuantkitError(f"{where}: {key!r} must be a positive whole number, got {v!r}")
+    return int(v)
+
+
 def model_dims(params: dict) -> dict[str, int]:
     """Named dimensions and repeat counts used by the tables, from params.json."""
-    dim, heads = int(_need(params, "dim")), int(_need(params, "n_heads"))
-    head_dim = int(params.get("head_dim") or dim // heads)
-    kv_heads = int(params.get("n_kv_heads") or heads)
+    dim, heads = _int(params, "dim"), _int(params, "n_heads")
+    head_dim = _int(params, "head_dim", default=dim // heads)
+    kv_heads = _int(params, "n_kv_heads", default=heads)
     d = {
         "dim": dim,
-        "vocab": int(_need(params, "vocab_size")),
-        "ffn": int(_need(params, "hidden_dim")),
+        "vocab": _int(params, "vocab_size"),
+        "ffn": _int(params, "hidden_dim"),
         "heads": heads,
         "kv_heads": kv_heads,
         "head_dim": head_dim,
         "q_dim": heads * head_dim,
         "kv_dim": kv_heads * head_dim,
-        "L": int(_need(params, "n_layers")),
+        "L": _int(params, "n_layers"),
     }
     if params.get("moe"):
-        d["experts"] = d["E"] = int(_need(params["moe"], "num_experts", "params.json moe"))
+        d["experts"] = d["E"] = _int(params["moe"], "num_experts", "params.json moe")
     if params.get("vision_encoder"):
         v = params["vision_encoder"]
         where = "params.json vision_encoder"
         d.update(
-            v_dim=int(_need(v, "hidden_size", where)),
-            v_ffn=int(_need(v, "intermediate_size", where)),
-            v_heads=int(_need(v, "num_attention_heads", where)),
-            channels=int(v.get("num_channels", 3)),
-            patch=int(_need(v, "patch_size", where)),
-            V=int(_need(v, "num_hidden_layers", where)),
+            v_dim=_int(v, "hidden_size", where),
+            v_ffn=_int(v, "intermediate_size", where),
+            v_heads=_int(v, "num_attention_heads", where),
+            channels=_int(v, "num_channels", where, default=3),
+            patch=_int(v, "patch_size", where),
+            V=_int(v, "num_hidden_layers", where),
         )
     return d

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from quantkit.errors import QuantkitError
 
@@ -186,6 +188,22 @@ def _record(rec, text_field: str, where: str) -> Document | None:
     raise QuantkitError(f"{where}: field {text_field!r} is neither text nor a list of chat messages")
 
 
+def _check_hub_reachable(where: str, timeout: float = 3.0) -> None:
+    """Fail at once, in one line, when the hub cannot be reached (datasets would retry for ~40 s, printing a
+    warning per try). Offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) reads the local cache: no probe."""
+    if any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise QuantkitError(
+            f"cannot load calibration {where}: the Hugging Face Hub ({host}) is unreachable ({e.strerror or e}); "
+            "pass a local .jsonl/.parquet/.txt, or set HF_HUB_OFFLINE=1 to use the local datasets cache"
+        ) from None
+
+
 def load_hub(
     name: str, split: str = "train", text_field: str = "text", config: str | None = None, max_chars: int = HUB_MAX_CHARS
 ) -> list[Document]:
@@ -193,6 +211,8 @@ def load_hub(
     import datasets
 
     where = f"dataset {name!r}" + (f" ({config})" if config else "") + f" split {split!r}"
+    if not Path(name).exists():
+        _check_hub_reachable(where)
     try:
         stream = datasets.load_dataset(name, config, split=split, streaming=True)
         docs, chars = [], 0

@@ -29,12 +29,13 @@ def eval_command(model: Path, reference: Path | None, dataset: str | None, split
                  seq_len: int, seed: int, device: str, dtype: str, backend: str, as_json: bool, save: bool,
                  quiet: bool) -> None:  # fmt: skip
     """Perplexity of MODEL (float or quantized); with --reference, mean KL divergence and top-1 agreement too."""
-    from quantkit.eval_command import EvalSettings, format_table, run_eval
+    from quantkit.eval_command import EvalSettings, check_save, format_table, run_eval, save_figures
 
+    save_path = check_save(model) if save and Path(model).is_dir() else None
     settings = EvalSettings(dataset, split, text_field, rows, seq_len, seed, device, dtype, backend)
     result = run_eval(model, reference, settings, progress=not quiet)
     click.echo(json.dumps(result.as_dict()) if as_json else format_table(result, model, reference, settings))
-    if save:
+    if save_path is not None:
         figures = {**result.as_dict(), "dataset": dataset or "bundled mix", "rows": rows, "seq_len": seq_len,
                    "reference": str(reference) if reference else None}  # fmt: skip
-        (Path(model) / "eval.json").write_text(json.dumps(figures, indent=2) + "\n")
+        save_figures(save_path, figures)

@@ -6,13 +6,15 @@ from pathlib import Path
 
 import click
 
+from quantkit.errors import QuantkitError
+
 
 @click.command("run")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--prompt", help="Answer this prompt and exit. Without it: an interactive chat on stdin.")
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image file (repeatable).")
 @click.option("--system", help="System prompt.")
-@click.option("--max-new-tokens", default=512, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-new-tokens", default=512, show_default=True, type=int, help="At least 1.")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 is greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", type=int, help="Seed for sampling, for reproducible answers.")
@@ -73,6 +75,8 @@ def run_command(
     from quantkit.model.run import Sampling, run
     from quantkit.runtime import load_any
 
+    if max_new_tokens < 1:
+        raise QuantkitError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     sampling = Sampling(max_new_tokens, temperature, top_p, seed, graph)
     load = partial(load_any, backend=backend, keep_dense=keep_dequantized)
     run(model, prompt, list(images), system, sampling, device, dtype, as_json, progress=not quiet, load=load)

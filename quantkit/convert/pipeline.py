@@ -22,6 +22,7 @@ from quantkit.convert.keymap import TensorMap, expand, match
 from quantkit.convert.transforms import permute_rope
 from quantkit.errors import QuantkitError
 from quantkit.io.checkpoint import NATIVE_INDEX, native_weight_files, read_json
+from quantkit.io.claim import Claim
 from quantkit.io.reader import DTYPE_NAMES, DTYPES, TensorIndex, TensorInfo, load_tensor
 from quantkit.io.writer import OutputFolder, TensorSpec, parse_size, plan_shards, write_json, write_sharded
 from quantkit.tokenizer.hf import write_tokenizer_files
@@ -213,15 +214,17 @@ def convert(
     output = OutputFolder(dst, force=force, src=src)  # validates dst before any work, dry run included
     if dry_run:
         return plan
-    if tokenizer is None:
-        print(f"warning: no tokenizer file in {src}; the output will have none", file=sys.stderr)
-    produce = _producer(plan)
-    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress)
-    with output as tmp, bar:
-        write_sharded(tmp, plan.shards, produce, on_bytes=bar.update)
-        write_json(tmp / "config.json", plan.config)
-        text = plan.config.get("text_config", plan.config)
-        write_json(tmp / "generation_config.json", generation_config(text["bos_token_id"], text["eos_token_id"]))
-        if tokenizer is not None:
-            write_tokenizer_files(tokenizer, tmp, vision=plan.arch.has_vision)
+    with Claim(dst, log=lambda msg: print(msg, file=sys.stderr)):  # one run per DST; a dead run's leftovers go
+        output = OutputFolder(dst, force=force, src=src, need=plan.total_bytes)  # validates dst before any work
+        if tokenizer is None:
+            print(f"warning: no tokenizer file in {src}; the output will have none", file=sys.stderr)
+        produce = _producer(plan)
+        bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress)
+        with output as tmp, bar:
+            write_sharded(tmp, plan.shards, produce, on_bytes=bar.update)
+            write_json(tmp / "config.json", plan.config)
+            text = plan.config.get("text_config", plan.config)
+            write_json(tmp / "generation_config.json", generation_config(text["bos_token_id"], text["eos_token_id"]))
+            if tokenizer is not None:
+                write_tokenizer_files(tokenizer, tmp, vision=plan.arch.has_vision)
     return plan

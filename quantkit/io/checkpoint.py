@@ -24,9 +24,30 @@ def read_json(path: Path) -> dict:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise QuantkitError(f"{path.name} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise QuantkitError(f"{path.name} is nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise QuantkitError(f"{path.name} must hold a JSON object")
     return data
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _check_shard_name(folder: Path, index_name: str, name) -> None:
+    """A shard named by an index must be a safetensors file inside the folder: `../x`, absolute paths and files
+    under a symlinked folder that leads out are refused, so is pickle. A shard that is itself a symlink (the
+    Hugging Face cache's snapshots/ -> blobs/ layout) is fine: its name is inside the folder."""
+    if not isinstance(name, str) or not name:
+        raise QuantkitError(f"{index_name} names a shard that is not a file name: {name!r}")
+    if name.lower().endswith(PICKLE_SUFFIXES):
+        raise QuantkitError(f"{index_name} names {name}: pickle files are not loaded (they run code); use safetensors")
+    if not name.endswith(".safetensors"):
+        raise QuantkitError(f"{index_name} names {name}, which is not a .safetensors file")
+    base = Path(folder).resolve()
+    entry = Path(folder, name)
+    if Path(name).is_absolute() or not (entry.parent.resolve() == base or base in entry.parent.resolve().parents):
+        raise QuantkitError(f"{index_name} names {name}, which is outside the checkpoint folder {folder}")
 
 
 def _indexed_files(folder: Path, index_name: str) -> list[Path] | None:
@@ -37,6 +58,8 @@ def _indexed_files(folder: Path, index_name: str) -> list[Path] | None:
     if not isinstance(weight_map, dict) or not weight_map:
         raise QuantkitError(f"{index_name} has no weight_map")
     names = sorted(set(weight_map.values()))
+    for n in names:
+        _check_shard_name(folder, index_name, n)
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         raise QuantkitError(f"{index_name} lists files that are missing: {', '.join(missing)}")

@@ -12,7 +12,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.io.claim import check_space, os_error_message, remove, same_or_inside, temp_name
 from quantkit.io.reader import DTYPE_NAMES, dtype_size
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -88,6 +88,15 @@ def write_shard(
 ) -> None:
     """Write one safetensors file, calling produce(spec) for each tensor in order; checks dtype and shape."""
     partial = path.with_name(path.name + ".partial")
+    try:
+        _write_shard(partial, specs, produce, metadata, on_bytes)
+    except OSError as e:
+        e.filename = e.filename or str(partial)  # f.write's errors name no file; the one-line message needs it
+        raise
+    os.replace(partial, path)
+
+
+def _write_shard(partial: Path, specs, produce, metadata, on_bytes) -> None:
     with open(partial, "wb") as f:
         f.write(_header_bytes(specs, {"format": "pt", **(metadata or {})}))
         for s in specs:
@@ -102,7 +111,6 @@ def write_shard(
             if on_bytes:
                 on_bytes(s.nbytes)
             del t
-    os.replace(partial, path)
 
 
 def write_sharded(
@@ -128,31 +136,58 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def _is_previous_output(folder: Path) -> bool:
+    """A model folder a run could have written: config.json, safetensors weights and no subfolders."""
+    entries = list(folder.iterdir())
+    return (
+        (folder / "config.json").is_file()
+        and any(p.suffix == ".safetensors" for p in entries)
+        and not any(p.is_dir() and not p.is_symlink() for p in entries)
+    )
+
+
 class OutputFolder:
     """Assemble an output folder as a hidden temporary sibling and move it into place at the end.
 
-    Refuses a non-empty destination without force, and a destination inside the source. On failure the
-    temporary folder is removed and the destination is left as it was.
+    Refuses a non-empty destination without force, and with force anything but a previous model output (never a
+    folder holding the source or the work dir); refuses a destination inside the source and a file system without
+    room for `need` bytes. On failure the temporary folder is removed and the destination is left as it was; an
+    OSError while writing (a full disk) becomes a one-line error naming the path and the space needed.
     """
 
-    def __init__(self, dst: Path, force: bool = False, src: Path | None = None):
+    def __init__(
+        self, dst: Path, force: bool = False, src: Path | None = None, need: int = 0, work: Path | None = None
+    ):
         self.dst = Path(dst).absolute()
         if src is not None:
-            s, d = Path(src).resolve(), self.dst.resolve()
-            if d == s or s in d.parents:
+            if same_or_inside(self.dst, src):
                 raise QuantkitError(f"output folder {dst} is inside the source folder {src}; choose another place")
+            if same_or_inside(src, self.dst):
+                raise QuantkitError(f"output folder {dst} contains the source folder {src}; choose another place")
+        if work is not None and same_or_inside(work, self.dst):
+            raise QuantkitError(f"output folder {dst} contains the work dir {work}; choose another place")
         if self.dst.exists() and not self.dst.is_dir():
             raise QuantkitError(f"output path {dst} exists and is not a folder")
-        if self.dst.is_dir() and any(self.dst.iterdir()) and not force:
-            raise QuantkitError(f"output folder {dst} is not empty (use --force to replace it)")
+        if self.dst.is_dir() and any(self.dst.iterdir()):
+            if not force:
+                raise QuantkitError(f"output folder {dst} is not empty (use --force to replace it)")
+            if not _is_previous_output(self.dst):
+                raise QuantkitError(
+                    f"output folder {dst} does not hold a previous model output (config.json and *.safetensors, no "
+                    "subfolders); --force only replaces one: remove it yourself or choose another place"
+                )
         parent = self.dst.parent
         if not parent.is_dir():
             raise QuantkitError(f"parent folder {parent} does not exist")
+        probe = temp_name(self.dst, "probe")
         try:  # a real probe: permissions, read-only file systems and special folders all show here
-            os.rmdir(tempfile.mkdtemp(prefix=f".{self.dst.name}.probe-", dir=parent))
+            probe.mkdir()
+            probe.rmdir()
         except OSError as e:
             raise QuantkitError(f"cannot write to {parent} ({e.strerror})") from None
-        self.tmp = parent / f".{self.dst.name}.tmp-{os.getpid()}"
+        check_space({parent: need})
+        self.need = need
+        self.tmp = temp_name(self.dst, "tmp")
 
     def __enter__(self) -> Path:
         if self.tmp.exists():
@@ -163,11 +198,14 @@ class OutputFolder:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                msg = os_error_message(exc, "output", self.need)
+                raise QuantkitError(f"{msg}; nothing was written to {self.dst}") from None
             return
         old = None
-        if self.dst.exists():
-            old = self.dst.parent / f".{self.dst.name}.old-{os.getpid()}"
+        if self.dst.exists() or self.dst.is_symlink():
+            old = temp_name(self.dst, "old")
             os.replace(self.dst, old)
         os.replace(self.tmp, self.dst)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            remove(old)

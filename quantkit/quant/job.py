@@ -11,23 +11,114 @@ process's memory: the OS page cache keeps them in RAM while it has room and spil
 
 Every file is written under a temporary name and renamed, and job.json is replaced last, so a crash or Ctrl-C at
 any point leaves the job at its last finished layer; rerunning the same command resumes there and, because each
-layer is a deterministic function of its inputs, gives byte-identical output.
+layer is a deterministic function of its inputs, gives byte-identical output. A run holds locks on DST and the
+work dir (see io/claim.py), so a second run into either is refused at once. The cleanup deletes job.json before the
+layer files, so a kill inside it leaves only files a later run recognizes as stale and removes.
+Only the names listed in WORK_FILES are ever deleted from a work dir: a --work-dir that holds other files keeps them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import inspect
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from quantkit.errors import QuantkitError
+from quantkit.io.claim import Claim, human, identity, os_error_message, remove, size_of
 
 JOB_VERSION = 1
+# Everything a job writes into its work dir (glob patterns); measurement.json outlives the job, for reuse.
+WORK_FILES = ("job.json", "job.json.tmp-*", "layers", "hidden-*.bin", "attn.bin", "measure", "measurement.tmp")
+
+
+def offload_tag(fp: str, work: Path) -> str:
+    """Row-store names in a shared --offload-dir: the job's fingerprint and its work dir, so two jobs with the same
+    settings but different work dirs (each holding its own lock) never share a file."""
+    return f"{fp}-{hashlib.sha256(str(Path(work).absolute()).encode()).hexdigest()[:8]}"
+
+
+def default_work_dir(dst: Path) -> Path:
+    return Path(dst).parent / f".{Path(dst).name}.quantkit-work"
+
+
+def _work_entries(work: Path, keep_measurement: bool = True) -> list[Path]:
+    patterns = WORK_FILES if keep_measurement else (*WORK_FILES, "measurement.json")
+    return sorted({p for pat in patterns for p in Path(work).glob(pat)})
+
+
+def discard(work: Path) -> int:
+    """Delete a job's files (measurement.json too) and the work dir if that empties it; returns bytes freed."""
+    work = Path(work)
+    if not work.is_dir():
+        return 0
+    freed = 0
+    for p in _work_entries(work, keep_measurement=False):
+        freed += size_of(p)
+        remove(p)
+    if not any(work.iterdir()):
+        work.rmdir()
+    return freed
+
+
+def remove_stale(work: Path, log) -> int:
+    """A work dir with no job in it (neither job.json nor an unfinished measurement) holds only a killed cleanup's
+    leftovers: delete them (measurement.json stays) and say how much was freed."""
+    work = Path(work)
+    if not work.is_dir() or (work / "job.json").exists() or (work / "measure" / "job.json").exists():
+        return 0
+    entries = _work_entries(work)
+    freed = sum(size_of(p) for p in entries)
+    for p in entries:
+        remove(p)
+    if not any(work.iterdir()):
+        work.rmdir()
+    if entries:
+        log(f"removed {len(entries)} leftover file(s) of a finished or abandoned job in {work} ({human(freed)} freed)")
+    return freed
+
+
+def space_needed(dst: Path, work: Path, offload: Path | None, output: int, rows: int, seq_len: int, dim: int):
+    """Bytes a quantize run writes, by folder: the output beside DST, and in the work dir the finished layers (at
+    most the output's size) and the hidden-state row stores (two, plus one for measurement; float32 at most)."""
+    stores = 3 * rows * seq_len * dim * 4
+    work = Path(work)
+    have = size_of(work) if work.is_dir() else 0
+    if offload is None:
+        return {Path(dst).parent: output, work: max(0, output + stores - have)}
+    return {Path(dst).parent: output, work: max(0, output - have), Path(offload): stores}
+
+
+def exclusive(fn):
+    """Wrap quantize(): lock DST and the work dir for the whole run (a second run is refused at once), remove what
+    dead runs left, and turn an OSError (a full disk) into a one-line error; --dry-run takes no lock."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        a = sig.bind(*args, **kwargs)
+        a.apply_defaults()
+        opts = a.arguments
+        if opts.get("dry_run"):
+            return fn(*args, **kwargs)
+        dst = Path(opts["dst"])
+        work = Path(opts.get("work_dir") or default_work_dir(dst))
+        log = opts.get("log") or print
+        with Claim(dst, work, log=log):
+            remove_stale(work, log)
+            try:
+                return fn(*args, **kwargs)
+            except OSError as e:
+                msg = os_error_message(e, "quantize")
+                raise QuantkitError(f"{msg}; {dst} was not written; finished layers stay in {work}") from None
+
+    return wrapper
 
 
 def fingerprint(settings: dict) -> str:
@@ -71,15 +162,15 @@ class Job:
         self.settings = settings
         self.fp = fingerprint(settings)
         state_path = self.dir / "job.json"
-        if restart and self.dir.exists():
-            shutil.rmtree(self.dir)
+        if restart:
+            discard(self.dir)
         if state_path.exists():
             try:
                 state = json.loads(state_path.read_text())
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 raise QuantkitError(f"{state_path} is corrupt; rerun with --restart to discard the job") from None
-            if state.get("fingerprint") != self.fp:
-                old = state.get("settings", {})
+            if not isinstance(state, dict) or state.get("fingerprint") != self.fp:
+                old = state.get("settings", {}) if isinstance(state, dict) else {}
                 diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
                 raise QuantkitError(
                     f"work dir {self.dir} holds a job with other settings ({'; '.join(diff[:4])}); "
@@ -88,6 +179,9 @@ class Job:
             self.state = state
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
+            for p in _work_entries(self.dir):  # a killed cleanup's or an older job's leftovers
+                if p.name != "measure":  # a finished measurement's job is removed with the main job
+                    remove(p)
             self.state = {"version": JOB_VERSION, "fingerprint": self.fp, "settings": settings, "done": -1}
             self._save_state()
         (self.dir / "layers").mkdir(exist_ok=True)
@@ -98,8 +192,11 @@ class Job:
         return int(self.state["done"])
 
     def _save_state(self) -> None:
-        tmp = self.dir / "job.json.tmp"
-        tmp.write_text(json.dumps(self.state, indent=2))
+        tmp = self.dir / f"job.json.tmp-{identity()}"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(self.state, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.dir / "job.json")
 
     def stores(self, rows: int, row_shape: tuple[int, ...], dtype: torch.dtype) -> tuple[RowStore, RowStore]:
@@ -113,7 +210,9 @@ class Job:
         if self.offload_dir is None:
             return RowStore(self.dir / f"{name}.bin", rows, row_shape, dtype)
         self.offload_dir.mkdir(parents=True, exist_ok=True)
-        return RowStore(self.offload_dir / f"quantkit-{self.fp}-{name}.bin", rows, row_shape, dtype)
+        return RowStore(
+            self.offload_dir / f"quantkit-{offload_tag(self.fp, self.dir)}-{name}.bin", rows, row_shape, dtype
+        )
 
     def layer_path(self, i: int) -> Path:
         return self.dir / "layers" / f"{i:04d}.safetensors"
@@ -131,14 +230,28 @@ class Job:
             self.state.setdefault("layers", {})[str(done - 1)] = info
         self._save_state()
 
-    def cleanup(self, keep: tuple[str, ...] = ("measurement.json",)) -> None:
-        """After a finished run: delete the hidden states and layer files (the output holds the result)."""
+    def cleanup(self) -> None:
+        """After a finished run (the output is in place): delete the job's files in an order a kill cannot break.
+
+        The row stores go first (a finished job never reads them again), then job.json ends the job, then its
+        layers; a kill at any point leaves either a finished job that reassembles the same output, or no job and
+        files a later run recognizes as leftovers (remove_stale)."""
         if self.offload_dir is not None:
-            for f in self.offload_dir.glob(f"quantkit-{self.fp}-*.bin"):
-                f.unlink()
-        for p in self.dir.iterdir():
-            if p.name not in keep:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            tags = [offload_tag(self.fp, self.dir)]
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # the measurement job's stores too
+                measure_fp = json.loads((self.dir / "measure" / "job.json").read_text())["fingerprint"]
+                tags.append(offload_tag(measure_fp, self.dir / "measure"))
+            for tag in tags:
+                for f in self.offload_dir.glob(f"quantkit-{tag}-*.bin"):
+                    f.unlink()
+        for pattern in ("hidden-*.bin", "attn.bin", "measure"):
+            for p in self.dir.glob(pattern):
+                remove(p)
+        (self.dir / "job.json").unlink(missing_ok=True)
+        for p in _work_entries(self.dir):
+            remove(p)
+        if not any(self.dir.iterdir()):
+            self.dir.rmdir()
 
     def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.layer_path(i)))

@@ -30,6 +30,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.gptq import gptq_stored_bits
 from quantkit.formats.packed import stored_bits_for
 from quantkit.io.checkpoint import HF_INDEX, read_json
+from quantkit.io.claim import check_space
 from quantkit.io.reader import TensorInfo, load_tensor, read_header
 from quantkit.io.writer import OutputFolder, TensorSpec, parse_size, plan_shards, write_json, write_sharded
 from quantkit.memory import map_large_blocks, release
@@ -38,7 +39,7 @@ from quantkit.quant.allocate import allocate, reachable_bpw
 from quantkit.quant.capture import LayerIO, LinearSpec, MemoryRows, capture_groups, quantize_layer, solve_linear
 from quantkit.quant.export import build_quantization_config, linear_tensors, model_card
 from quantkit.quant.gptq import HessianAccumulator
-from quantkit.quant.job import Job
+from quantkit.quant.job import Job, default_work_dir, discard, exclusive, space_needed
 from quantkit.quant.measure import CANDIDATES_VERSION, block_candidates, measure_layer
 from quantkit.quant.settings import QuantizeOptions, QuantSettings, check_against_model, check_bpw_reachable
 from quantkit.tokenizer.chat import ChatTokenizer
@@ -281,6 +282,7 @@ def _emitter(ckpt: Checkpoint, fmt: str, prefix: str, tensors: dict[str, torch.T
     return emit
 
 
+@exclusive  # locks DST and the work dir, removes dead runs' leftovers, OSError -> one line (quant/job.py)
 def quantize(
     src: Path,
     dst: Path,
@@ -335,17 +337,18 @@ def quantize(
         if measurement is not None:
             load_measurement(measurement, n_layers=n_layers)
     the_plan = plan(ckpt, model, o, bpw_range)
-    output = OutputFolder(dst, force=force, src=src)  # validates dst before any work, dry run included
+    work = Path(work_dir or default_work_dir(dst))
+    output = OutputFolder(dst, force=force, src=src, work=work)  # validates dst before any work, dry run included
     if dry_run:
         return the_plan
+    check_space(space_needed(dst, work, offload_dir, the_plan.output_bytes, rows, seq_len, ckpt.config.text.dim))
     map_large_blocks()
     crows = _calibration(ckpt, dataset, split, text_field, rows, seq_len, seed)
     ids = crows.ids  # [rows, seq_len]
     if note := _repeat_note(crows.provenance):
         log(note)
-    work = Path(work_dir or dst.parent / f".{dst.name}.quantkit-work")
-    if restart and work.exists():
-        shutil.rmtree(work)
+    if restart:
+        discard(work)
     if bpw is not None:
         specs = _allocate(ckpt, model, ids, work, o, shapes, seeds, progress, log)
     else:

@@ -19,6 +19,8 @@ def read_json(path: Path, what: str) -> object:
         raise QuantkitError(f"{path}: not a UTF-8 text file") from None
     except json.JSONDecodeError as e:
         raise QuantkitError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise QuantkitError(f"{path}: JSON nested too deeply to be a chat") from None
 
 
 def tokenize_report(model: Path, messages_file: Path, tools_file: Path | None, as_json: bool) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import warnings
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -47,10 +48,19 @@ def load_image(url: str, base_dir: Path | None = None) -> Image.Image:
     return _open(path, str(path))
 
 
-def _open(source, label: str) -> Image.Image:
+def _open(source, label: str, max_size: int = 1024) -> Image.Image:
+    """Decode under a pixel budget: a JPEG is decoded at a reduced scale (draft mode) when it is much larger than
+    the encoder can use; PIL's multi-line DecompressionBombWarning is silenced (its hard limit still refuses)."""
     try:
-        image = Image.open(source)
-        image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+            size = image.size
+            if image.format == "JPEG" and max(size) > 4 * max_size:
+                scale = 2 * max_size / max(size)  # keep twice the final resolution for the bicubic resize
+                image.draft("RGB", (max(1, int(size[0] * scale)), max(1, int(size[1] * scale))))
+            image.load()
+            image.info["original_size"] = size  # the token grid follows the image as sent, not as decoded
     except Image.DecompressionBombError:
         raise QuantkitError(f"{label}: image has too many pixels to open safely") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
@@ -84,10 +94,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def preprocess_image(image: Image.Image, patch_size: int = 16, max_size: int = 1024) -> torch.Tensor:
-    """[3, H, W] float32, normalized, with H and W whole multiples of patch_size."""
-    columns, rows = image_grid(image.width, image.height, patch_size, max_size)
-    pixels = torch.from_numpy(np.asarray(to_rgb(image), dtype=np.float32).copy()).permute(2, 0, 1)
+    """[3, H, W] float32, normalized, with H and W whole multiples of patch_size.
+
+    A much larger image is first box-reduced (in uint8) to about twice the output size, so a 10000x10000 image
+    never becomes a 1.2 GB float32 array."""
+    columns, rows = image_grid(*image.info.get("original_size", image.size), patch_size, max_size)
     size = (rows * patch_size, columns * patch_size)
+    k = min(image.width // (2 * size[1]), image.height // (2 * size[0]))
+    if k >= 2:
+        image = image.reduce(k)
+    pixels = torch.from_numpy(np.asarray(to_rgb(image), dtype=np.float32).copy()).permute(2, 0, 1)
     resized = torch.nn.functional.interpolate(pixels[None], size=size, mode="bicubic", align_corners=False)[0]
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
