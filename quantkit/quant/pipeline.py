@@ -365,9 +365,10 @@ def quantize(
         job.finish(job.done + 1, tensors, {"vision_bits": settings.bits})
 
     qcfg = _output_config(ckpt, o, specs, crows.provenance)
-    size = _assemble(ckpt, job, output, qcfg, max_shard_size, progress)
-    card = model_card(dst.name, fmt, settings, crows.provenance, size, head_bits, bpw, rotate, ckpt.config.arch)
-    (dst / "README.md").write_text(card)
+    def card(size: int) -> str:
+        return model_card(dst.name, fmt, settings, crows.provenance, size, head_bits, bpw, rotate, ckpt.config.arch)
+
+    size = _assemble(ckpt, job, output, qcfg, card, max_shard_size, progress)
     job.cleanup()
     log(f"wrote {dst} ({size / 1e9:.3f} GB)")
     return the_plan
@@ -493,8 +494,17 @@ class _Steps:
     done = 0
 
 
-def _assemble(ckpt: Checkpoint, job: Job, output: OutputFolder, qcfg: dict, max_shard_size: str, progress) -> int:
-    """Write the output folder: source tensors in order, each quantized weight replaced by its packed tensors."""
+def _assemble(
+    ckpt: Checkpoint,
+    job: Job,
+    output: OutputFolder,
+    qcfg: dict,
+    card: Callable[[int], str],
+    max_shard_size: str,
+    progress: bool,
+) -> int:
+    """Write the output folder: source tensors in order, each quantized weight replaced by its packed tensors, and
+    the model card for the output's size; all inside the temporary folder, so DST appears complete or not at all."""
     rename = partial(export_name, ckpt.config.arch)
     packed: dict[str, list[TensorInfo]] = {}
     for i in range(job.done):
@@ -521,4 +531,5 @@ def _assemble(ckpt: Checkpoint, job: Job, output: OutputFolder, qcfg: dict, max_
         for f in ckpt.folder.iterdir():
             if f.is_file() and f.suffix != ".safetensors" and f.name not in (HF_INDEX, "config.json", "README.md"):
                 shutil.copy2(f, tmp / f.name)
+        (tmp / "README.md").write_text(card(total))
     return total
