@@ -545,7 +545,9 @@ def kill_phase(dst: Path) -> str:
 
 def kill_campaign(job: list, root: Path, kills: int, seed: int) -> dict:
     """Build once uninterrupted (timing the part after start-up), then `kills` times: start, kill -9 at a seeded
-    random moment of the work, rerun to the end, and compare. Returns the figures."""
+    random moment of the work (alternately before and after the layer job starts, so a --bpw run is killed in its
+    layers and final write too, not only in its long measurement), rerun to the end, and compare. Returns the
+    figures."""
     rng = random.Random(seed)
 
     def cmd(dst: Path) -> list[str]:
@@ -562,16 +564,20 @@ def kill_campaign(job: list, root: Path, kills: int, seed: int) -> dict:
     ref = root / "ref" / "out"
     ref.parent.mkdir(parents=True)
     p, started = start_and_wait_for_lock(ref)
+    layers_s = None  # when the layer-by-layer job starts (after a --bpw measurement): kills alternate either side
     while not ref.exists() and p.poll() is None:  # the work: from taking the lock to DST renamed into place
+        if layers_s is None and (ref.parent / ".out.quantkit-work" / "job.json").is_file():
+            layers_s = time.perf_counter() - started
         time.sleep(0.005)
     work_s = time.perf_counter() - started
+    windows = [(0, layers_s), (layers_s, work_s)] if layers_s else [(0, work_s)]
     assert p.wait(timeout=600) == 0, p.stderr.read().decode()
     figures = {"kills": 0, "identical": 0, "killed_mid_run": 0, "half_written": 0, "stale_bytes": 0}
     for k in range(kills):
         dst = root / f"k{k}" / "out"
         dst.parent.mkdir()
         p, started = start_and_wait_for_lock(dst)
-        delay = rng.uniform(0, work_s)
+        delay = rng.uniform(*windows[k % len(windows)])
         while p.poll() is None and time.perf_counter() - started < delay:
             time.sleep(0.005)
         if p.poll() is None:
