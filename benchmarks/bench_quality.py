@@ -31,7 +31,7 @@ from click.testing import CliRunner
 from quantkit.cli import main as cli
 from quantkit.convert.pipeline import convert
 from quantkit.eval import EvalResult, evaluate_many
-from quantkit.eval_command import EvalSettings, eval_rows, logits_fn
+from quantkit.evaluation import EvalSettings, eval_rows, logits_fn
 from quantkit.inspect import describe
 from quantkit.io.reader import folder_size
 from quantkit.model.load import Checkpoint

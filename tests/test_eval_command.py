@@ -15,7 +15,7 @@ from quantkit.calib.rows import build_rows
 from quantkit.calib.sources import load_calibration
 from quantkit.cli import main
 from quantkit.eval import evaluate, evaluate_many
-from quantkit.eval_command import EVAL_SEED, EvalSettings, eval_rows
+from quantkit.evaluation import EVAL_SEED, EvalSettings, eval_rows
 from quantkit.tokenizer.chat import ChatTokenizer
 
 ROWS, SEQ_LEN = 3, 48

@@ -87,7 +87,7 @@ def test_quantize_says_when_calibration_repeats_the_data(tiny_models, tmp_path):
 
 def test_chat_commands_confirm_refuse_and_survive_ctrl_c(tiny_models, tmp_path, scene_image, monkeypatch):
     """/help, /reset and /image confirm; an unknown /command is refused, not sent; Ctrl-C stops one answer only."""
-    import quantkit.model.run as chat_mod
+    import quantkit.commands.chat as chat_mod
 
     asked: list[list[dict]] = []
 

@@ -21,9 +21,8 @@ from quantkit.formats.gptq import gptq_pack
 from quantkit.formats.packed import dequantize, from_tensors
 from quantkit.kernels.qlinear import GPTQLinear, QuantLinear, gptq_to_packed
 from quantkit.model import roofline
-from quantkit.model.generate import KV_FRACTION, Generation, cache_capacity
+from quantkit.model.generate import KV_FRACTION, Generation, Sampling, cache_capacity, stop_note
 from quantkit.model.load import load_model
-from quantkit.model.run import Sampling, stop_note
 from quantkit.runtime import load_any, load_quantized, set_backend
 from quantkit.tokenizer.chat import ChatTokenizer
 

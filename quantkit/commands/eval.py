@@ -1,11 +1,15 @@
-"""`quantkit eval`: click options, printing and --save around quantkit.eval_command."""
+"""`quantkit eval`: click options, the printed table and --save around quantkit.evaluation."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
+
+from quantkit.errors import QuantkitError
+from quantkit.eval import EvalResult
 
 
 @click.command("eval")
@@ -29,7 +33,7 @@ def eval_command(model: Path, reference: Path | None, dataset: str | None, split
                  seq_len: int, seed: int, device: str, dtype: str, backend: str, as_json: bool, save: bool,
                  quiet: bool) -> None:  # fmt: skip
     """Perplexity of MODEL (float or quantized); with --reference, mean KL divergence and top-1 agreement too."""
-    from quantkit.eval_command import EvalSettings, check_save, format_table, run_eval, save_figures
+    from quantkit.evaluation import EvalSettings, run_eval
 
     save_path = check_save(model) if save and Path(model).is_dir() else None
     settings = EvalSettings(dataset, split, text_field, rows, seq_len, seed, device, dtype, backend)
@@ -39,3 +43,42 @@ def eval_command(model: Path, reference: Path | None, dataset: str | None, split
         figures = {**result.as_dict(), "dataset": dataset or "bundled mix", "rows": rows, "seq_len": seq_len,
                    "reference": str(reference) if reference else None}  # fmt: skip
         save_figures(save_path, figures)
+
+
+def check_save(folder: Path) -> Path:
+    """Where --save writes, checked before the (long) evaluation: a real write probe, since permission bits lie
+    for root and on read-only mounts."""
+    path = Path(folder) / "eval.json"
+    probe = Path(folder) / f".eval.json.probe-{os.getpid()}"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise QuantkitError(f"--save cannot write {path} ({e.strerror}); evaluate without --save") from None
+    return path
+
+
+def save_figures(path: Path, figures: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(figures, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def format_table(result: EvalResult, model_dir: Path, reference_dir: Path | None, s) -> str:
+    """A small two-column table of the figures."""
+    rows = [
+        ("model", str(model_dir)),
+        ("rows", f"{s.rows} x {s.seq_len} tokens, seed {s.seed}, {s.dataset or 'bundled mix'}"),
+        ("predicted tokens", str(result.tokens)),
+        ("perplexity", f"{result.perplexity:.4f}"),
+        ("mean NLL", f"{result.nll:.4f} nats"),
+    ]
+    if reference_dir is not None:
+        rows += [
+            ("reference", str(reference_dir)),
+            ("reference perplexity", f"{result.reference_perplexity:.4f}"),
+            ("KL divergence", f"{result.kl_divergence:.6f} nats/token"),
+            ("top-1 agreement", f"{result.top1_agreement:.2%}"),
+        ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

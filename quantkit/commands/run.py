@@ -1,4 +1,4 @@
-"""`quantkit run`: click options around quantkit.model.run."""
+"""`quantkit run`: click options around quantkit.commands.chat (one answer, or a chat on stdin)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,8 @@ def run_command(
     """Chat with a converted or quantized model folder MODEL (Mistral, Mixtral, or Pixtral with images)."""
     from functools import partial
 
-    from quantkit.model.run import Sampling, run
+    from quantkit.commands.chat import run
+    from quantkit.model.generate import Sampling
     from quantkit.runtime import load_any
 
     if max_new_tokens < 1:

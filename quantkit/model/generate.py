@@ -26,6 +26,17 @@ KV_FRACTION = 0.9  # share of a GPU's free memory (after the weights) the KV cac
 
 
 @dataclass
+class Sampling:
+    """What to generate: how many tokens, how they are drawn, and whether CUDA decodes with the captured step."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    graph: bool = True  # on CUDA, decode with the captured step (False: eager, to compare)
+
+
+@dataclass
 class Generation:
     """One generate() call: prompt ids, generated ids (stop token included when hit) and phase timings."""
 
@@ -257,3 +268,14 @@ def generate(
     finally:
         model.clear_caches()
     return Generation(list(input_ids), output, t1 - t0, t2 - t1, total)
+
+
+def stop_note(model: Transformer, result: Generation, sampling: Sampling, eos_id: int) -> str:
+    """Why an answer ended before max_new_tokens without an end token: the context, or the KV cache memory allows."""
+    n_out = len(result.output_ids)
+    if n_out >= sampling.max_new_tokens or result.output_ids[-1] == eos_id:
+        return ""
+    context = model.config.text.max_seq_len
+    if result.cache_len >= context:
+        return f", stopped at the context of {context} tokens"
+    return f", stopped at {result.cache_len} tokens: the KV cache that fits in free GPU memory"

@@ -14,6 +14,7 @@ from collections import defaultdict
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.model.generate import Generation
 from quantkit.model.text import Transformer
 
 BANDWIDTH_ENV = "QUANTKIT_GPU_BANDWIDTH"  # bytes/s, e.g. 3.35e12: overrides the table for every GPU
@@ -77,3 +78,15 @@ def roofline_seconds(model: Transformer) -> float | None:
             return None
         total += size / bandwidth
     return total
+
+
+def roofline_report(model: Transformer, result: Generation) -> dict:
+    """Decode speed against the roofline (GPU with a known bandwidth only): {} when it cannot be said."""
+    seconds = roofline_seconds(model)
+    if seconds is None or seconds <= 0 or result.decode_tokens_per_s <= 0:
+        return {}
+    return {
+        "weight_bytes_per_token": int(sum(decode_bytes(model).values())),
+        "roofline_tokens_per_s": round(1 / seconds, 2),
+        "roofline_fraction": round(result.decode_tokens_per_s * seconds, 4),
+    }

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.model.generate import generate
-from quantkit.model.run import Sampling
+from quantkit.model.generate import Sampling, generate
 from quantkit.model.text import Transformer
 from quantkit.tokenizer.chat import ChatTokenizer
 

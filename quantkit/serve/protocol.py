@@ -13,7 +13,7 @@ import string
 from dataclasses import dataclass, field
 
 from quantkit.errors import QuantkitError
-from quantkit.model.run import Sampling
+from quantkit.model.generate import Sampling
 from quantkit.tokenizer.chat import ChatTokenizer, Encoded
 
 MAX_STOP = 4  # OpenAI's limit on stop strings

@@ -1,4 +1,5 @@
-"""`quantkit eval`: perplexity of a float or quantized model folder, and KL / top-1 agreement against a reference.
+"""What `quantkit eval` computes: perplexity of a float or quantized model folder, and KL / top-1 agreement
+against a reference.
 
 Rows are built like calibration rows (quantkit.calib, the bundled mix by default) with another seed, so documents
 are drawn and cut differently from what the quantizer saw. The bundled mix is small, though: the default rows reuse
@@ -8,8 +9,6 @@ the same token ids, tokenized with MODEL's tokenizer; the reference must share i
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,25 +36,6 @@ class EvalSettings:
     device: str = "auto"
     dtype: str = "auto"
     backend: str = "auto"
-
-
-def check_save(folder: Path) -> Path:
-    """Where --save writes, checked before the (long) evaluation: a real write probe, since permission bits lie
-    for root and on read-only mounts."""
-    path = Path(folder) / "eval.json"
-    probe = Path(folder) / f".eval.json.probe-{os.getpid()}"
-    try:
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise QuantkitError(f"--save cannot write {path} ({e.strerror}); evaluate without --save") from None
-    return path
-
-
-def save_figures(path: Path, figures: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(figures, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def eval_rows(folder: Path, s: EvalSettings) -> CalibRows:
@@ -99,23 +79,3 @@ def run_eval(model_dir: Path, reference_dir: Path | None, s: EvalSettings, progr
     model = load_any(model_dir, s.device, s.dtype, s.backend, progress)
     reference = None if reference_dir is None else load_any(reference_dir, s.device, s.dtype, s.backend, progress)
     return evaluate(logits_fn(model), rows, logits_fn(reference) if reference else None, progress=progress)
-
-
-def format_table(result: EvalResult, model_dir: Path, reference_dir: Path | None, s: EvalSettings) -> str:
-    """A small two-column table of the figures."""
-    rows = [
-        ("model", str(model_dir)),
-        ("rows", f"{s.rows} x {s.seq_len} tokens, seed {s.seed}, {s.dataset or 'bundled mix'}"),
-        ("predicted tokens", str(result.tokens)),
-        ("perplexity", f"{result.perplexity:.4f}"),
-        ("mean NLL", f"{result.nll:.4f} nats"),
-    ]
-    if reference_dir is not None:
-        rows += [
-            ("reference", str(reference_dir)),
-            ("reference perplexity", f"{result.reference_perplexity:.4f}"),
-            ("KL divergence", f"{result.kl_divergence:.6f} nats/token"),
-            ("top-1 agreement", f"{result.top1_agreement:.2%}"),
-        ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

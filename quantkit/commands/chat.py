@@ -1,4 +1,4 @@
-"""`quantkit run`: one answer to --prompt, or an interactive multi-turn chat, with images for Pixtral.
+"""`quantkit run`'s terminal side: one answer to --prompt, or an interactive multi-turn chat, with images for Pixtral.
 
 Inputs are checked before the model is loaded (config.json, image files, vision support), so mistakes cost no
 loading time. Prompts go through the tokenizer's chat template and image preprocessing (quantkit.tokenizer);
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,9 +19,9 @@ import click
 
 from quantkit.errors import QuantkitError
 from quantkit.model.config import load_model_config
-from quantkit.model.generate import Generation, generate, warm_up
+from quantkit.model.generate import Generation, Sampling, generate, stop_note, warm_up
 from quantkit.model.load import load_model
-from quantkit.model.roofline import BANDWIDTH_ENV, decode_bytes, roofline_seconds
+from quantkit.model.roofline import BANDWIDTH_ENV, roofline_report
 from quantkit.model.text import Transformer
 
 if TYPE_CHECKING:
@@ -34,15 +33,6 @@ HELP = (
     "Ctrl-C stops an answer"
 )
 COMMANDS = ("/image", "/reset", "/help", "/exit", "/quit")
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    graph: bool = True  # on CUDA, decode with the captured step (False: eager, to compare)
 
 
 class TextStream:
@@ -86,29 +76,6 @@ def check_images(paths: list[Path], has_vision: bool, folder: Path) -> list[Path
     if paths and not has_vision:
         raise QuantkitError(f"{folder.name} is a text-only model: it takes no --image")
     return [Path(p) for p in paths]
-
-
-def roofline_report(model: Transformer, result: Generation) -> dict:
-    """Decode speed against the roofline (GPU with a known bandwidth only): {} when it cannot be said."""
-    seconds = roofline_seconds(model)
-    if seconds is None or seconds <= 0 or result.decode_tokens_per_s <= 0:
-        return {}
-    return {
-        "weight_bytes_per_token": int(sum(decode_bytes(model).values())),
-        "roofline_tokens_per_s": round(1 / seconds, 2),
-        "roofline_fraction": round(result.decode_tokens_per_s * seconds, 4),
-    }
-
-
-def stop_note(model: Transformer, result: Generation, sampling: Sampling, eos_id: int) -> str:
-    """Why an answer ended before max_new_tokens without an end token: the context, or the KV cache memory allows."""
-    n_out = len(result.output_ids)
-    if n_out >= sampling.max_new_tokens or result.output_ids[-1] == eos_id:
-        return ""
-    context = model.config.text.max_seq_len
-    if result.cache_len >= context:
-        return f", stopped at the context of {context} tokens"
-    return f", stopped at {result.cache_len} tokens: the KV cache that fits in free GPU memory"
 
 
 def answer(model: Transformer, tokenizer: ChatTokenizer, encoded: Encoded, sampling: Sampling, as_json: bool) -> str:
