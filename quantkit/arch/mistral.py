@@ -221,7 +221,7 @@ def _need(d: dict, key: str, where: str = "params.json"):
     return d[key]
 
 
-def _int(d: dict, key: str, where: str = "params.json", default: int | None = None) -> int:
+def config_int(d: dict, key: str, where: str = "params.json", default: int | None = None) -> int:
     """A positive whole number from a config dict, or a one-line error naming the key and what was found."""
     v = d.get(key)
     if v is None:
@@ -235,31 +235,31 @@ def _int(d: dict, key: str, where: str = "params.json", default: int | None = No
 
 def model_dims(params: dict) -> dict[str, int]:
     """Named dimensions and repeat counts used by the tables, from params.json."""
-    dim, heads = _int(params, "dim"), _int(params, "n_heads")
-    head_dim = _int(params, "head_dim", default=dim // heads)
-    kv_heads = _int(params, "n_kv_heads", default=heads)
+    dim, heads = config_int(params, "dim"), config_int(params, "n_heads")
+    head_dim = config_int(params, "head_dim", default=dim // heads)
+    kv_heads = config_int(params, "n_kv_heads", default=heads)
     d = {
         "dim": dim,
-        "vocab": _int(params, "vocab_size"),
-        "ffn": _int(params, "hidden_dim"),
+        "vocab": config_int(params, "vocab_size"),
+        "ffn": config_int(params, "hidden_dim"),
         "heads": heads,
         "kv_heads": kv_heads,
         "head_dim": head_dim,
         "q_dim": heads * head_dim,
         "kv_dim": kv_heads * head_dim,
-        "L": _int(params, "n_layers"),
+        "L": config_int(params, "n_layers"),
     }
     if params.get("moe"):
-        d["experts"] = d["E"] = _int(params["moe"], "num_experts", "params.json moe")
+        d["experts"] = d["E"] = config_int(params["moe"], "num_experts", "params.json moe")
     if params.get("vision_encoder"):
         v = params["vision_encoder"]
         where = "params.json vision_encoder"
         d.update(
-            v_dim=_int(v, "hidden_size", where),
-            v_ffn=_int(v, "intermediate_size", where),
-            v_heads=_int(v, "num_attention_heads", where),
-            channels=_int(v, "num_channels", where, default=3),
-            patch=_int(v, "patch_size", where),
-            V=_int(v, "num_hidden_layers", where),
+            v_dim=config_int(v, "hidden_size", where),
+            v_ffn=config_int(v, "intermediate_size", where),
+            v_heads=config_int(v, "num_attention_heads", where),
+            channels=config_int(v, "num_channels", where, default=3),
+            patch=config_int(v, "patch_size", where),
+            V=config_int(v, "num_hidden_layers", where),
         )
     return d

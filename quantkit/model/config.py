@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from quantkit.arch import ARCHS, TEXT_DEFAULTS, runtime_arch
+from quantkit.arch import ARCHS, TEXT_DEFAULTS, config_int, runtime_arch
 from quantkit.errors import QuantkitError
 from quantkit.io.checkpoint import read_json
 from quantkit.model.modules import ACTIVATIONS
@@ -109,38 +109,26 @@ def _need(cfg: dict, key: str, where: str):
     return cfg[key]
 
 
-def _int(d: dict, key: str, where: str = "config.json", default: int | None = None) -> int:
-    """A positive whole number from a config dict, or a one-line error naming the key and what was found."""
-    v = d.get(key)
-    if v is None:
-        if default is None:
-            raise QuantkitError(f"{where} has no {key!r}")
-        return default
-    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())) or v <= 0:
-        raise QuantkitError(f"{where}: {key!r} must be a positive whole number, got {v!r}")
-    return int(v)
-
-
 def text_config(cfg: dict, model_type: str, where: str = "config.json") -> TextConfig:
     """Parse a Mistral or Mixtral text config (top level, or Llava's text_config)."""
     if model_type not in TEXT_DEFAULTS:
         raise QuantkitError(f"{where}: text model type {model_type!r} is not supported (mistral or mixtral)")
     d = {**TEXT_DEFAULTS[model_type], **{k: v for k, v in cfg.items() if v is not None or k == "sliding_window"}}
-    dim, heads = _int(d, "hidden_size", where), _int(d, "num_attention_heads", where)
+    dim, heads = config_int(d, "hidden_size", where), config_int(d, "num_attention_heads", where)
     if d.get("hidden_act", "silu") != "silu":
         raise QuantkitError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (silu)")
     window = d.get("sliding_window")
     return TextConfig(
         dim=dim,
-        n_layers=_int(d, "num_hidden_layers", where),
+        n_layers=config_int(d, "num_hidden_layers", where),
         n_heads=heads,
-        n_kv_heads=_int(d, "num_key_value_heads", where),
-        head_dim=_int(d, "head_dim", where, default=dim // heads),
-        ffn_dim=_int(d, "intermediate_size", where),
-        vocab_size=_int(d, "vocab_size", where),
+        n_kv_heads=config_int(d, "num_key_value_heads", where),
+        head_dim=config_int(d, "head_dim", where, default=dim // heads),
+        ffn_dim=config_int(d, "intermediate_size", where),
+        vocab_size=config_int(d, "vocab_size", where),
         norm_eps=float(d["rms_norm_eps"]),
         rope_theta=_rope_theta(d, d["rope_theta"], ("default",), where),
-        max_seq_len=_int(d, "max_position_embeddings", where),
+        max_seq_len=config_int(d, "max_position_embeddings", where),
         sliding_window=int(window) if window is not None else None,
         n_experts=int(d["num_local_experts"]) if model_type == "mixtral" else 0,
         top_k=int(d["num_experts_per_tok"]) if model_type == "mixtral" else 0,
