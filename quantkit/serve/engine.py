@@ -268,6 +268,14 @@ class Engine:
                     self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(rows))
                 for a in list(self._active):
                     self._take(batch, a)
+        except Exception as e:  # a bug outside the model: fail what is in the batch, keep the worker alive
+            log.exception("the batch failed")
+            batch.close()
+            failed, self._active[:], self.running = list(self._active), [], None
+            self._count(failed=len(failed), kv_caches_freed=len(failed))
+            for a in failed:
+                a.job.emit(("error", f"generation failed: {type(e).__name__}: {e}", 500))
+            return not stopping
         finally:
             batch.close()
             self._active.clear()
