@@ -321,6 +321,7 @@ def test_serve_command_starts_reports_and_stops(folders, tmp_path):
     assert "model: pixtral-q4" in text and "quantkit quantized, 4-bit" in text
     assert "device cpu: layers 0-1" in text and "GB of weights on cpu" in text
     assert f"serving at http://127.0.0.1:{port}/v1" in text
+    assert "batch: up to 8 requests decoded together" in text
 
 
 def test_serve_refuses_a_busy_port_before_loading(folders):
