@@ -1,9 +1,11 @@
-"""Requests/s and tokens/s of `quantkit serve` for 1, 4 and 8 concurrent streaming clients, in one run.
+"""Requests/s and tokens/s of `quantkit serve` for 1, 4 and 8 concurrent streaming clients, with --max-batch 1
+(one request at a time) and --max-batch 8 (batched decode) side by side, in one run.
 
 The real server (FastAPI on uvicorn, one generation worker) runs in a background thread on a free local port with a
 small random Mistral (or --model FOLDER); each level sends the same --requests greedy streaming chat requests, split
 over that many client threads, through the official `openai` client. Figures: requests/s and generated tokens/s over
-the level's wall time, and the median time to the first token, which shows the queue's wait as clients are added.
+the level's wall time, the median time to the first token (the queue's wait as clients are added), and the mean
+number of rows per decode step the batched server ran.
 Run: python benchmarks/bench_serve.py [--layers 8 --dim 512 --requests 16 --max-tokens 32 --threads 1]
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 LEVELS = (1, 4, 8)
+BATCHES = (1, 8)
 
 
 def build_folder(folder: Path, args: argparse.Namespace) -> None:
@@ -117,28 +120,41 @@ def main() -> None:
             folder = Path(tmp)
             build_folder(folder, args)
         model = load_any(folder, device=args.device, progress=False)
-        engine = Engine(model, ChatTokenizer.from_folder(folder))
-        app = create_app(engine, "bench", load_model_config(folder).text.max_seq_len)
+        tokenizer = ChatTokenizer.from_folder(folder)
         n_params = sum(t.numel() for t in model.parameters())
         print(f"model: {folder if args.model else 'random Mistral'}, {n_params / 1e6:.1f}M parameters, "
               f"{args.device}, {args.threads} threads")
         print(f"{args.requests} requests x up to {args.max_tokens} tokens per level")
-        try:
-            with serve_in_thread(app) as url:
-                run_level(url, 1, 2, 4, "bench")  # warm-up
-                rows = [run_level(url, c, args.requests, args.max_tokens, "bench") for c in LEVELS]
-        finally:
-            engine.close()
-        direct = direct_tokens_per_s(model, engine.tokenizer, args.requests, args.max_tokens)
-    print(f"{'clients':>7} {'requests/s':>10} {'tokens/s':>9} {'TTFT p50 s':>10} {'wall s':>7}")
-    for r in rows:
-        print(f"{r['clients']:>7} {r['requests_per_s']:>10.2f} {r['tokens_per_s']:>9.1f} {r['ttft_median_s']:>10.3f} "
-              f"{r['wall_s']:>7.2f}")  # fmt: skip
-    base = rows[0]["tokens_per_s"]
-    print("tokens/s vs 1 client: " + ", ".join(f"{r['clients']}: {r['tokens_per_s'] / base:.2f}x" for r in rows))
+        rows = {}
+        for max_batch in BATCHES:
+            engine = Engine(model, tokenizer, max_batch=max_batch)
+            app = create_app(engine, "bench", load_model_config(folder).text.max_seq_len)
+            try:
+                with serve_in_thread(app) as url:
+                    run_level(url, 1, 2, 4, "bench")  # warm-up
+                    for c in LEVELS:
+                        before = engine.status()
+                        rows[max_batch, c] = run_level(url, c, args.requests, args.max_tokens, "bench")
+                        after = engine.status()
+                        steps = after["decode_steps"] - before["decode_steps"]
+                        decoded = after["generated_tokens"] - before["generated_tokens"] - args.requests
+                        rows[max_batch, c]["rows_per_step"] = decoded / steps if steps else 1.0
+            finally:
+                engine.close()
+        direct = direct_tokens_per_s(model, tokenizer, args.requests, args.max_tokens)
+    print(f"{'clients':>7} {'max-batch':>9} {'requests/s':>10} {'tokens/s':>9} {'TTFT p50 s':>10} {'rows/step':>9} "
+          f"{'wall s':>7}")  # fmt: skip
+    for c in LEVELS:
+        for max_batch in BATCHES:
+            r = rows[max_batch, c]
+            print(f"{c:>7} {max_batch:>9} {r['requests_per_s']:>10.2f} {r['tokens_per_s']:>9.1f} "
+                  f"{r['ttft_median_s']:>10.3f} {r['rows_per_step']:>9.2f} {r['wall_s']:>7.2f}")  # fmt: skip
+    for c in LEVELS:
+        one, batched = rows[1, c]["tokens_per_s"], rows[BATCHES[-1], c]["tokens_per_s"]
+        print(f"{c} clients: --max-batch {BATCHES[-1]} gives {batched / one:.2f}x the tokens/s of --max-batch 1")
+    base = rows[1, 1]["tokens_per_s"]
     print(f"generate() alone, no server, same requests one after another: {direct:.1f} tokens/s "
-          f"(1 client through the server: {base / direct:.0%} of it)")
-
+          f"(1 client through the --max-batch 1 server: {base / direct:.0%} of it)")
 
 if __name__ == "__main__":
     main()

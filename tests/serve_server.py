@@ -17,11 +17,12 @@ from quantkit.tokenizer.chat import ChatTokenizer
 
 
 @contextmanager
-def running_server(folder: Path, name: str = "tiny", api_key: str | None = None, max_queue: int = 64):
+def running_server(folder: Path, name: str = "tiny", api_key: str | None = None, max_queue: int = 64,
+                   max_batch: int = 8):
     """Yields (base_url, engine); the server and its worker are stopped on exit."""
     tokenizer = ChatTokenizer.from_folder(folder)
     model = load_any(folder, device="cpu", backend="torch", progress=False)
-    engine = Engine(model, tokenizer, max_queue)
+    engine = Engine(model, tokenizer, max_queue, max_batch)
     app = create_app(engine, name, load_model_config(folder).text.max_seq_len, api_key)
     try:
         with serve_in_thread(app) as url:

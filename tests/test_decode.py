@@ -14,7 +14,7 @@ from quantkit.kernels import qlinear
 from quantkit.kernels.qlinear import QuantLinear
 from quantkit.kernels.reference import reference_matmul
 from quantkit.model.config import ModelConfig, TextConfig
-from quantkit.model.generate import generate, sample_on_device
+from quantkit.model.generate import Batch, Sampling, generate, sample_on_device
 from quantkit.model.modules import swap_linears
 from quantkit.model.text import Transformer
 from quantkit.quant.gptq import rtn_quantize
@@ -201,3 +201,92 @@ def test_triton_matmul_custom_op_passes_opcheck_and_traces_whole():
     compiled = torch.compile(lin, backend="aot_eager", fullgraph=True)  # fullgraph: no break at the launch
     torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
     torch.testing.assert_close(eager, reference_matmul(x, pl), rtol=1e-4, atol=1e-4)
+
+
+def run_batch(model: Transformer, requests: list[tuple[list[int], Sampling]], max_batch: int, stop_ids=()) -> tuple:
+    """Continuous batching as the server does it: requests join in order while there is room, leave when done."""
+    batch, pending, out, sizes = Batch(model, max_batch), list(enumerate(requests)), {}, []
+    which = {}
+    for _ in range(200):  # bounded: 5 requests of at most 16 tokens take far fewer steps
+        while pending and batch.free:
+            i, (prompt, sampling) = pending.pop(0)
+            which[id(batch.add(prompt, None, sampling, stop_ids))] = i
+        for row in [r for r in batch.rows if r.done]:
+            out[which[id(row)]] = row.output_ids
+            batch.remove(row)
+        if not batch.rows and not pending:
+            break
+        sizes.append(len(batch.step()))
+    lengths = batch.cache_len
+    batch.close()
+    assert not any(layer.self_attn.kv_cache is not None for layer in model.layers)
+    return [out[i] for i in range(len(requests))], sizes, lengths
+
+
+PROMPTS = [[5, 17, 3, 80, 41, 9, 22], [1, 2], [7] * 11, [40, 41, 42], [3, 9, 27, 81, 50]]
+
+
+@pytest.mark.parametrize("window,quantized", [(None, False), (6, False), (None, True)])
+def test_batched_decode_gives_each_request_its_lone_greedy_tokens(window, quantized):
+    """Different prompt lengths and answer lengths, three rows for five requests: rows join and leave mid-way and
+    the cache grows when a longer request joins; every answer is generate()'s for that request alone."""
+    model = tiny_model(window, quantized)
+    requests = [(p, Sampling(max_new_tokens=10 + 2 * i)) for i, p in enumerate(PROMPTS)]
+    alone = [generate(model, p, max_new_tokens=s.max_new_tokens).output_ids for p, s in requests]
+    assert len({tuple(a) for a in alone}) == len(alone)
+    got, sizes, cache_len = run_batch(model, requests, max_batch=3)
+    assert got == alone
+    assert max(sizes) == 3 and sizes.count(3) >= 5 and 1 in sizes  # really batched; the last one ran alone
+    assert cache_len == max(len(p) + s.max_new_tokens for p, s in requests[:4])  # grown past the first's 17
+
+
+def test_batched_decode_samples_each_row_with_its_own_seed_and_stops():
+    model = tiny_model()
+    requests = [(p, Sampling(max_new_tokens=12, temperature=0.9, top_p=0.8, seed=i)) for i, p in enumerate(PROMPTS)]
+    requests[1] = (PROMPTS[1], Sampling(max_new_tokens=12))  # greedy next to sampled rows
+    kw = [dict(max_new_tokens=12, temperature=s.temperature, top_p=s.top_p, seed=s.seed) for _, s in requests]
+    alone = [generate(model, p, decode="eager", **k).output_ids for (p, _), k in zip(requests, kw, strict=True)]
+    got, sizes, _ = run_batch(model, requests, max_batch=4)
+    assert got == alone and max(sizes) == 4
+    stop = alone[0][3]
+    got, _, _ = run_batch(model, requests, max_batch=4, stop_ids=[stop])
+    pairs = zip(requests, kw, strict=True)
+    want = [generate(model, p, decode="eager", stop_ids=[stop], **k).output_ids for (p, _), k in pairs]
+    assert got == want and got[0] == alone[0][:4]
+
+
+def test_batch_refuses_what_does_not_fit():
+    model = tiny_model()
+    batch = Batch(model, 2)
+    with pytest.raises(QuantkitError, match="longer than the model's context"):
+        batch.add(list(range(65)), None, Sampling(max_new_tokens=1))
+    batch.add([1, 2], None, Sampling(max_new_tokens=3))
+    batch.add([3, 4], None, Sampling(max_new_tokens=3))
+    with pytest.raises(QuantkitError, match="already holds 2 requests"):
+        batch.add([5], None, Sampling(max_new_tokens=3))
+    batch.close()
+    long = list(range(1, 63))  # 62 tokens of a 64-token context: the answer stops at the context, as generate()'s
+    got, _, cache_len = run_batch(model, [(long, Sampling(max_new_tokens=50))], max_batch=2)
+    assert got == [generate(model, long, max_new_tokens=50).output_ids] and len(got[0]) == 3 and cache_len == 64
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_lone_row_of_the_batch_gives_the_eager_logits_bit_for_bit(quantized):
+    """Per-row positions, cache rows and masks add no rounding: a request alone in cache row 2 of a 3-row batch gets
+    exactly the eager path's logits. (With B > 1 rows the linears' matmul kernel changes with the row count, which
+    moves logits by ~1e-5; tokens stay the same, as the tests above show.)"""
+    model = tiny_model(quantized=quantized)
+    seen = []
+    head = model.head
+    model.head = lambda h: seen.append(head(h)[:, -1]) or seen[-1][:, None]
+    generate(model, PROMPTS[0], max_new_tokens=4, decode="eager")
+    eager, seen[:] = torch.cat(seen), []
+    batch = Batch(model, 3)
+    rows = [batch.add(p, None, Sampling(max_new_tokens=4)) for p in (PROMPTS[1], PROMPTS[2], PROMPTS[0])]
+    batch.remove(rows[0])
+    batch.remove(rows[1])
+    seen[:] = seen[2:]
+    while not rows[2].done:
+        batch.step()
+    batch.close()
+    assert rows[2].row == 2 and torch.equal(torch.cat(seen), eager)

@@ -75,7 +75,8 @@ def served(request, folders, one_thread):
 
 def chat(client, messages, **kw):
     kw.setdefault("max_tokens", 8)
-    return client.chat.completions.create(model="tiny-pixtral", messages=messages, temperature=0,
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model="tiny-pixtral", messages=messages,
                                           extra_body={"return_token_ids": True}, **kw)  # fmt: skip
 
 
@@ -170,6 +171,7 @@ def test_an_answer_opening_with_tool_calls_is_returned_as_tool_calls(served, mon
             on_token(token)
 
     monkeypatch.setattr(engine_module, "generate", scripted)
+    monkeypatch.setattr(engine, "max_batch", 1)  # the one-at-a-time path calls generate(); the worker is idle here
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     choice = chat(client, messages, tools=TOOLS, max_tokens=len(script)).choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -208,27 +210,49 @@ def test_models_and_health(served):
 PROMPTS = [f"Question number {i}: what is {i} plus {i}?" for i in range(8)]
 
 
-def test_eight_concurrent_streams_each_get_their_lone_answer(served):
-    _, url, client, engine = served
-    alone = [chat(client, [{"role": "user", "content": p}], max_tokens=6).choices[0].message.content for p in PROMPTS]
-    assert len(set(alone)) > 1  # different prompts, different answers: a mix-up would show
+def concurrent_answers(client, requests: list[dict]) -> list[str]:
+    """Stream each request from its own thread, all at once; the answers' texts in order."""
     results: dict[int, str] = {}
     errors: list[BaseException] = []
 
     def worker(i: int) -> None:
         try:
-            stream = chat(client, [{"role": "user", "content": PROMPTS[i]}], max_tokens=6, stream=True)
-            results[i] = collect_stream(stream)[0]
+            results[i] = collect_stream(chat(client, stream=True, **requests[i]))[0]
         except BaseException as e:  # reported below: an exception in a thread would otherwise pass silently
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(PROMPTS))]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(requests))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(TIMEOUT_S * 2)
     assert not errors, errors
-    assert [results.get(i) for i in range(len(PROMPTS))] == alone
+    return [results.get(i) for i in range(len(requests))]
+
+
+def test_eight_concurrent_streams_each_get_their_lone_answer(served):
+    """Batched: the eight decode together (steps of up to 8 rows) and each gets exactly its lone answer; a seeded
+    sampled request among them too."""
+    _, url, client, engine = served
+    requests = [dict(messages=[{"role": "user", "content": p}], max_tokens=6 + i % 3) for i, p in enumerate(PROMPTS)]
+    requests[5] = dict(requests[5], temperature=0.8, top_p=0.9, seed=7)
+    alone = [chat(client, **r).choices[0].message.content for r in requests]
+    assert len(set(alone)) > 1  # different prompts, different answers: a mix-up would show
+    before = health(url)
+    assert concurrent_answers(client, requests) == alone
+    after = health(url)
+    assert after["max_batch"] == 8 and after["batched_steps"] > before["batched_steps"]
+    assert after["max_batch_seen"] > 1 and not after["kv_cache_allocated"]
+
+
+def test_max_batch_1_answers_concurrent_clients_one_at_a_time(folders, one_thread):
+    with running_server(folders["float"], name="tiny-pixtral", max_batch=1) as (url, engine):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+        requests = [dict(messages=[{"role": "user", "content": p}], max_tokens=5) for p in PROMPTS[:4]]
+        alone = [chat(client, **r).choices[0].message.content for r in requests]
+        assert concurrent_answers(client, requests) == alone
+        status = health(url)
+        assert status["max_batch"] == 1 and status["decode_steps"] == 0 and status["completed"] == 8
 
 
 def test_client_closing_mid_stream_stops_its_generation(served):
@@ -297,6 +321,7 @@ def test_serve_command_starts_reports_and_stops(folders, tmp_path):
     assert "model: pixtral-q4" in text and "quantkit quantized, 4-bit" in text
     assert "device cpu: layers 0-1" in text and "GB of weights on cpu" in text
     assert f"serving at http://127.0.0.1:{port}/v1" in text
+    assert "batch: up to 8 requests decoded together" in text
 
 
 def test_serve_refuses_a_busy_port_before_loading(folders):

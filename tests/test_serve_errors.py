@@ -126,3 +126,31 @@ def test_openai_client_raises_its_own_error_types(server):
     with pytest.raises(openai.BadRequestError) as e:
         good.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 400}], max_tokens=2)
     assert e.value.code == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("where", ["quantkit.model.generate.Batch.step", "quantkit.serve.engine.TextState.add"])
+def test_a_failing_batch_fails_its_requests_with_a_500_and_the_worker_lives(server, monkeypatch, where):
+    """A bug or an out-of-memory in a decode step (or in the text handling after it) fails the requests in the
+    batch with OpenAI's error body; the next request is answered."""
+    import importlib
+
+    module, cls, name = where.rsplit(".", 2)
+    target = getattr(importlib.import_module(module), cls)
+    real = getattr(target, name)
+    calls = []
+
+    def broken(self, *args):
+        calls.append(1)
+        if len(calls) == 2:  # the first call is the prefill's token (TextState.add) or a decode step (Batch.step)
+            raise RuntimeError("simulated failure")
+        return real(self, *args)
+
+    monkeypatch.setattr(target, name, broken)
+    body = {"model": "tiny", "messages": USER, "max_tokens": 5, "temperature": 0}
+    response = httpx.post(server + CHAT, json=body, headers=AUTH, timeout=TIMEOUT_S)
+    assert response.status_code == 500, response.text
+    assert "simulated failure" in response.json()["error"]["message"]
+    status = health(server)
+    assert status["failed"] >= 1 and not status["kv_cache_allocated"] and status["running"] is None
+    response = httpx.post(server + CHAT, json=body, headers=AUTH, timeout=TIMEOUT_S)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 5

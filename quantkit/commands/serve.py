@@ -19,10 +19,13 @@ import click
 @click.option("--api-key", envvar="QUANTKIT_API_KEY", help="Require 'Authorization: Bearer KEY'.")
 @click.option("--served-model-name", help="The model id clients use (default: the folder name).")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=1), help="Waiting requests.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 64),
+              help="Requests decoded together (continuous batching); 1: one request at a time.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def serve_command(model: Path, host: str, port: int, device: str, dtype: str, backend: str, api_key: str | None,
-                  served_model_name: str | None, max_queue: int, quiet: bool) -> None:  # fmt: skip
+                  served_model_name: str | None, max_queue: int, max_batch: int, quiet: bool) -> None:  # fmt: skip
     """Serve a converted or quantized model folder MODEL over an OpenAI-compatible HTTP API (text and images)."""
     from quantkit.serve.server import serve
 
-    serve(model, host, port, device, dtype, backend, api_key, served_model_name, max_queue, progress=not quiet)
+    serve(model, host, port, device, dtype, backend, api_key, served_model_name, max_queue, progress=not quiet,
+          max_batch=max_batch)

@@ -19,7 +19,7 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.model.modules import inv_freq
-from quantkit.model.text import Transformer, static_context
+from quantkit.model.text import Transformer, batch_context, static_context
 
 DECODE_MODES = ("auto", "eager", "static", "graph")
 KV_FRACTION = 0.9  # share of a GPU's free memory (after the weights) the KV cache may take; the rest: activations
@@ -183,6 +183,23 @@ def warm_up(model: Transformer, token_id: int, lengths: Sequence[int] = (1, 64))
     _sync(model)
 
 
+def prefill(
+    model: Transformer,
+    input_ids: Sequence[int],
+    images: Sequence[torch.Tensor] | None = None,
+    chunk_size: int = 512,
+    row: int | None = None,
+) -> torch.Tensor:
+    """Run a prompt (and its images, once) through the model in chunks, filling the KV cache (its row `row` if
+    given, else row 0); returns the last position's logits [V]."""
+    n = len(input_ids)
+    rows = None if row is None else torch.tensor([row], device=model.embed_tokens.weight.device)
+    h = model.embed(torch.tensor([list(input_ids)]), images)  # [1, n, D]
+    for s in range(0, n, chunk_size):
+        out = model.run_layers(h[:, s : s + chunk_size], start=s, rows=rows)  # [1, chunk, D]
+    return model.head(out[:, -1:])[0, -1]
+
+
 def _sync(model: Transformer) -> None:
     """Wait for queued GPU work, so a timer measures the work and not just its launch."""
     if model.norm.weight.is_cuda:
@@ -238,10 +255,7 @@ def generate(
     try:
         _sync(model)
         t0 = time.perf_counter()
-        h = model.embed(torch.tensor([list(input_ids)]), images)  # [1, n, D]
-        for s in range(0, n, chunk_size):
-            out = model.run_layers(h[:, s : s + chunk_size], start=s)  # [1, chunk, D]
-        token = sample(model.head(out[:, -1:])[0, -1], temperature, top_p, generator)
+        token = sample(prefill(model, input_ids, images, chunk_size), temperature, top_p, generator)
         _sync(model)
         t1 = time.perf_counter()
         output = [token]
@@ -279,3 +293,129 @@ def stop_note(model: Transformer, result: Generation, sampling: Sampling, eos_id
     if result.cache_len >= context:
         return f", stopped at the context of {context} tokens"
     return f", stopped at {result.cache_len} tokens: the KV cache that fits in free GPU memory"
+
+
+@dataclass
+class Row:
+    """One request in a Batch: its KV cache row, its prompt and tokens so far, and how it samples and stops."""
+
+    row: int
+    input_ids: list[int]
+    sampling: Sampling
+    stop_ids: frozenset[int]
+    total: int  # positions it may fill: prompt plus max_new_tokens, capped by the context and the cache
+    generator: torch.Generator | None
+    output_ids: list[int]
+
+    @property
+    def pos(self) -> int:
+        """Where the last token goes (it has not been run through the model yet)."""
+        return len(self.input_ids) + len(self.output_ids) - 1
+
+    @property
+    def done(self) -> bool:
+        return (self.output_ids[-1] in self.stop_ids or len(self.output_ids) >= self.sampling.max_new_tokens
+                or self.pos >= self.total)  # fmt: skip
+
+
+class Batch:
+    """Continuous batching: requests join (prefilled alone into a free row of a shared KV cache) and leave between
+    decode steps; each step runs every active request's last token as one [B, 1] forward, each row at its own
+    position behind its own mask, and samples each row as generate() does (same host-side sampling, own seed).
+
+    So a request's tokens are those generate() gives it alone, whatever else is in the batch (greedy: exactly; the
+    linears see B rows instead of one). The cache has max_batch rows and grows in length when a longer request
+    joins (capped by the context and, on GPUs, by free memory); close() frees it.
+    """
+
+    def __init__(self, model: Transformer, max_batch: int, chunk_size: int = 512):
+        self.model, self.max_batch, self.chunk_size = model, max_batch, chunk_size
+        self.device = model.embed_tokens.weight.device
+        t = model.config.text
+        self.inv_freqs = inv_freq(t.head_dim, t.rope_theta).to(self.device)
+        self.dtype = model.norm.weight.dtype
+        self.cache_len = 0
+        self.rows: list[Row] = []
+        self.free = list(range(max_batch))
+        self.steps = self.batched_steps = 0  # decode steps, and those with more than one row
+
+    def _grow(self, need: int) -> int:
+        """Make the cache hold at least need positions per row if it can; returns the length it holds."""
+        if need <= self.cache_len:
+            return self.cache_len
+        room = cache_capacity(self.model, self.max_batch)
+        new = need if room is None else min(need, room)  # the old cache is still there while the new one fills
+        if self.cache_len == 0:
+            self.model.setup_caches(self.max_batch, new)
+        elif new > self.cache_len:
+            for layer in self.model.layers:
+                layer.self_attn.kv_cache.resize(new)
+        self.cache_len = max(self.cache_len, new)
+        return self.cache_len
+
+    @torch.inference_mode()
+    def add(self, input_ids: Sequence[int], images: Sequence[torch.Tensor] | None, sampling: Sampling,
+            stop_ids: Sequence[int] = ()) -> Row:  # fmt: skip
+        """Prefill a request into a free row; its first token is in output_ids (check .done before stepping)."""
+        n, context = len(input_ids), self.model.config.text.max_seq_len
+        if not self.free:
+            raise QuantkitError(f"the batch already holds {self.max_batch} requests")
+        if n == 0:
+            raise QuantkitError("the prompt is empty")
+        if n > context:
+            raise QuantkitError(f"the prompt is {n} tokens, longer than the model's context of {context} tokens")
+        if sampling.max_new_tokens < 1:
+            raise QuantkitError("max_new_tokens must be at least 1")
+        held = self._grow(min(n + sampling.max_new_tokens, context))
+        if held < n:
+            raise QuantkitError(f"the KV cache of a {n}-token prompt does not fit in free GPU memory "
+                                f"(room for {held})")  # fmt: skip
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        row = Row(self.free[0], list(input_ids), sampling, frozenset(stop_ids),
+                  min(n + sampling.max_new_tokens, context, held), generator, [])  # fmt: skip
+        logits = prefill(self.model, input_ids, images, self.chunk_size, row=row.row)
+        row.output_ids.append(sample(logits, sampling.temperature, sampling.top_p, generator))
+        self.free.pop(0)
+        self.rows.append(row)
+        return row
+
+    @torch.inference_mode()
+    def remove(self, row: Row) -> None:
+        """The request leaves: its cache row is zeroed (see KVCache) and free for the next one."""
+        self.rows.remove(row)
+        for layer in self.model.layers:
+            cache = layer.self_attn.kv_cache
+            cache.k[row.row].zero_()
+            cache.v[row.row].zero_()
+        self.free.append(row.row)
+        self.free.sort()
+
+    @torch.inference_mode()
+    def step(self) -> list[Row]:
+        """One decode token for every row that is not done; returns those rows (each with one more output id)."""
+        rows = [r for r in self.rows if not r.done]
+        if not rows:
+            return []
+        m = self.model
+        tokens = torch.tensor([[r.output_ids[-1]] for r in rows], device=self.device)  # [B, 1]
+        pos = torch.tensor([r.pos for r in rows], device=self.device)  # [B]
+        index = torch.tensor([r.row for r in rows], device=self.device)  # [B]
+        ctx = batch_context(m.config.text, pos, index, self.inv_freqs, max(r.pos for r in rows) + 1, self.dtype)
+        h = m.embed_tokens(tokens)  # [B, 1, D]
+        for layer in m.layers:
+            device = layer.input_layernorm.weight.device
+            h = layer(h.to(device), ctx.on(device))
+        logits = m.head(h)[:, -1]  # [B, V]
+        greedy = logits.argmax(-1).tolist()
+        for i, r in enumerate(rows):
+            s = r.sampling
+            token = greedy[i] if s.temperature <= 0 else sample(logits[i], s.temperature, s.top_p, r.generator)
+            r.output_ids.append(token)
+        self.steps += 1
+        self.batched_steps += len(rows) > 1
+        return rows
+
+    def close(self) -> None:
+        """Free the KV cache."""
+        self.model.clear_caches()
+        self.cache_len = 0

@@ -1,9 +1,12 @@
-"""One generation worker thread fed by a queue: requests are answered one at a time with quantkit's generate().
+"""The generation worker thread fed by a queue: requests are decoded together in a batch (max_batch > 1) or
+answered one at a time with quantkit's generate() (max_batch 1).
 
-Each job streams events back to its request (text deltas, then a finish event) through a thread-safe sink.
-Stop strings and cancellation act from generate()'s on_token callback: raising there ends the generation, and
-generate()'s own `finally` frees the KV cache, which the worker checks and counts, so /health can show that a
-client that went away really stopped its generation.
+Batched: each request is prefilled alone into its own row of a shared KV cache, then every decode step runs all
+active requests as one forward (quantkit.model.generate.Batch); requests join and leave between steps. Each job
+streams events back to its request (text deltas, then a finish event) through a thread-safe sink. Stop strings and
+cancellation are checked on each new token; a finished or cancelled request leaves the batch and its cache row is
+freed (the whole cache once the batch is empty), which the worker counts, so /health can show that a client that
+went away really stopped its generation.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.model.generate import Sampling, generate
+from quantkit.model.generate import Batch, Row, Sampling, generate
 from quantkit.model.text import Transformer
 from quantkit.tokenizer.chat import ChatTokenizer
 
@@ -99,18 +102,32 @@ class TextState:
         return delta
 
 
-class Engine:
-    """Answers jobs one at a time on a worker thread; counts what happened for /health."""
+@dataclass
+class _Active:
+    """A job in the batch: its row there, its text so far, when it started."""
 
-    def __init__(self, model: Transformer, tokenizer: ChatTokenizer, max_queue: int = 64):
-        self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
+    job: Job
+    row: Row
+    state: TextState
+    t0: float
+
+
+class Engine:
+    """Answers jobs on a worker thread, up to max_batch decoded together; counts what happened for /health."""
+
+    def __init__(self, model: Transformer, tokenizer: ChatTokenizer, max_queue: int = 64, max_batch: int = 8):
+        if max_batch < 1:
+            raise QuantkitError("max_batch must be at least 1")
+        self.model, self.tokenizer, self.max_queue, self.max_batch = model, tokenizer, max_queue, max_batch
         self.end_ids = {tokenizer.eos_id}
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self.stats = dict(completed=0, cancelled=0, failed=0, generated_tokens=0, kv_caches_freed=0)
+        self.stats = dict(completed=0, cancelled=0, failed=0, generated_tokens=0, kv_caches_freed=0, decode_steps=0,
+                          batched_steps=0, max_batch_seen=0)  # fmt: skip
         self.running: str | None = None
         self._current: Job | None = None
+        self._active: list[_Active] = []
         self._thread = threading.Thread(target=self._work, name="quantkit-generate", daemon=True)
         self._thread.start()
 
@@ -124,16 +141,16 @@ class Engine:
     def status(self) -> dict:
         with self._lock:
             return {**self.stats, "queued": self._queue.qsize(), "running": self.running,
-                    "kv_cache_allocated": self.kv_cache_allocated()}  # fmt: skip
+                    "kv_cache_allocated": self.kv_cache_allocated(), "max_batch": self.max_batch}  # fmt: skip
 
     def kv_cache_allocated(self) -> bool:
         return any(layer.self_attn.kv_cache is not None for layer in self.model.layers)
 
     def close(self, timeout: float = 30) -> None:
         """Cancel the running job and the waiting ones, then stop the worker."""
-        current = self._current
-        if current is not None:
-            current.cancel()
+        for job in [self._current, *(a.job for a in list(self._active))]:
+            if job is not None:
+                job.cancel()
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -155,6 +172,10 @@ class Engine:
             job = self._queue.get()
             if job is None:
                 return
+            if self.max_batch > 1:
+                if not self._work_batched(job):
+                    return
+                continue
             if job.cancelled.is_set():
                 self._count(cancelled=1)
                 log.info("%s cancelled before it started", job.id)
@@ -213,6 +234,110 @@ class Engine:
         usage = Usage(len(job.input_ids), n, state.generated, state.text, "stop" if ended else "length")
         log.info("%s: %d prompt + %d tokens in %.2f s", job.id, len(job.input_ids), n, time.perf_counter() - t0)
         job.emit(("done", usage))
+
+    def _work_batched(self, job: Job) -> bool:
+        """Decode job and the jobs that come while it runs, up to max_batch at a time, until none is left.
+        Returns False when the server is stopping."""
+        batch = Batch(self.model, self.max_batch)
+        stopping = False
+        try:
+            while True:
+                while len(self._active) < self.max_batch and not stopping:  # join while there is room
+                    if job is None:
+                        try:
+                            job = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
+                        if job is None:
+                            stopping = True
+                            break
+                    self._join(batch, job)
+                    job = None
+                if not self._active:
+                    return not stopping
+                try:
+                    rows = batch.step()
+                except Exception as e:  # a bug or an out-of-memory: these requests fail, the server keeps serving
+                    log.exception("a batched decode step failed")
+                    for a in list(self._active):
+                        self._leave(batch, a, failed=1)
+                        a.job.emit(("error", f"generation failed: {type(e).__name__}: {e}", 500))
+                    continue
+                self._count(decode_steps=1, batched_steps=int(len(rows) > 1))
+                with self._lock:
+                    self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(rows))
+                for a in list(self._active):
+                    self._take(batch, a)
+        except Exception as e:  # a bug outside the model: fail what is in the batch, keep the worker alive
+            log.exception("the batch failed")
+            batch.close()
+            failed, self._active[:], self.running = list(self._active), [], None
+            self._count(failed=len(failed), kv_caches_freed=len(failed))
+            for a in failed:
+                a.job.emit(("error", f"generation failed: {type(e).__name__}: {e}", 500))
+            return not stopping
+        finally:
+            batch.close()
+            self._active.clear()
+            self.running = None
+
+    def _join(self, batch: Batch, job: Job) -> None:
+        """Prefill a job into the batch and handle its first token."""
+        if job.cancelled.is_set():
+            self._count(cancelled=1)
+            log.info("%s cancelled before it started", job.id)
+            return
+        try:
+            row = batch.add(job.input_ids, job.images or None, job.sampling, sorted(self.end_ids))
+        except Exception as e:  # a bad prompt (400), or a bug or an out-of-memory (500): the server keeps serving
+            if not self._active:
+                batch.close()
+            self._count(failed=1)
+            if isinstance(e, QuantkitError):
+                job.emit(("error", str(e), 400))
+            else:
+                log.exception("%s failed", job.id)
+                job.emit(("error", f"generation failed: {type(e).__name__}: {e}", 500))
+            return
+        self._active.append(_Active(job, row, TextState(self.tokenizer, job.stop), time.perf_counter()))
+        self.running = ", ".join(a.job.id for a in self._active)
+        self._take(batch, self._active[-1])
+
+    def _take(self, batch: Batch, a: _Active) -> None:
+        """The row's newest token: stream its text, and let the job leave on cancel, stop string or the end."""
+        job, state = a.job, a.state
+        if job.cancelled.is_set():
+            n = len(state.generated)
+            self._leave(batch, a, cancelled=1, generated_tokens=n)
+            log.info("%s cancelled after %d tokens (client gone); its KV cache row freed", job.id, n)
+            return
+        token = a.row.output_ids[-1]
+        delta = state.add(token, token in self.end_ids)
+        if len(state.generated) == 1:
+            job.emit(("first", token))
+        if delta:
+            job.emit(("text", delta))
+        if not (state.hit_stop or a.row.done):
+            return
+        n = len(state.generated)
+        delta = state.finish()
+        if delta:
+            job.emit(("text", delta))
+        self._leave(batch, a, completed=1, generated_tokens=n)
+        ended = state.hit_stop or state.generated[-1] in self.end_ids
+        usage = Usage(len(job.input_ids), n, state.generated, state.text, "stop" if ended else "length")
+        log.info("%s: %d prompt + %d tokens in %.2f s", job.id, len(job.input_ids), n, time.perf_counter() - a.t0)
+        job.emit(("done", usage))
+
+    def _leave(self, batch: Batch, a: _Active, **counts: int) -> None:
+        """Take a job out of the batch (its cache row zeroed and free; the whole cache when none is left), then
+        count it."""
+        batch.remove(a.row)
+        self._active.remove(a)
+        if not self._active:
+            batch.close()
+        self.running = ", ".join(x.job.id for x in self._active) or None
+        self._count(**counts, kv_caches_freed=1)
 
     def _after(self, **counts: int) -> bool:
         """Count the outcome, and whether generate() left the KV cache freed."""

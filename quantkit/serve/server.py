@@ -104,6 +104,7 @@ def serve(
     served_model_name: str | None = None,
     max_queue: int = 64,
     progress: bool = True,
+    max_batch: int = 8,
 ) -> None:
     """Load FOLDER and serve it until interrupted."""
     try:
@@ -124,13 +125,15 @@ def serve(
         warm_up(model, tokenizer.bos_id)
     for line in describe(model, folder, name):
         click.echo(line, err=True)
-    engine = Engine(model, tokenizer, max_queue)
+    engine = Engine(model, tokenizer, max_queue, max_batch)
     app = create_app(engine, name, config.text.max_seq_len, api_key)
     log = logging.getLogger("quantkit.serve")
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s:     quantkit: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    click.echo(f"batch: up to {max_batch} requests decoded together" if max_batch > 1 else
+               "batch: one request at a time", err=True)  # fmt: skip
     click.echo(f"serving at http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
