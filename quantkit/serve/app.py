@@ -53,39 +53,41 @@ def _usage(u: Usage) -> dict:
             "total_tokens": u.prompt_tokens + u.completion_tokens}  # fmt: skip
 
 
-def create_app(engine: Engine, model_name: str, context: int, api_key: str | None = None) -> FastAPI:
-    """The app for one loaded model; `context` is its length in tokens."""
-    app = FastAPI(title="quantkit", docs_url=None, redoc_url=None, openapi_url=None)
-    tokenizer = engine.tokenizer
-    created = int(time.time())
-    tool_calls_id = tokenizer.info.specials.get("[TOOL_CALLS]")
-    has_vision = engine.model.vision_tower is not None
+async def api_error(request: Request, e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        message = f"{request.method} {request.url.path}: {e.detail}"
-        return JSONResponse(APIError(message, e.status_code, code).body(), status_code=e.status_code)
+async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    message = f"{request.method} {request.url.path}: {e.detail}"
+    return JSONResponse(APIError(message, e.status_code, code).body(), status_code=e.status_code)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, e: Exception) -> JSONResponse:
-        log.exception("internal error on %s", request.url.path)
-        body = APIError(f"internal server error: {type(e).__name__}", 500, kind="server_error").body()
-        return JSONResponse(body, status_code=500)
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
+async def internal_error(request: Request, e: Exception) -> JSONResponse:
+    log.exception("internal error on %s", request.url.path)
+    body = APIError(f"internal server error: {type(e).__name__}", 500, kind="server_error").body()
+    return JSONResponse(body, status_code=500)
+
+
+class _API:
+    """The endpoints of one loaded model; `context` is its length in tokens. create_app routes to its methods."""
+
+    def __init__(self, engine: Engine, model_name: str, context: int, api_key: str | None):
+        self.engine, self.model_name, self.context, self.api_key = engine, model_name, context, api_key
+        self.tokenizer = engine.tokenizer
+        self.created = int(time.time())
+        self.tool_calls_id = self.tokenizer.info.specials.get("[TOOL_CALLS]")
+        self.has_vision = engine.model.vision_tower is not None
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
             return
         given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
             raise APIError("invalid or missing API key (send 'Authorization: Bearer KEY')", 401, "invalid_api_key")
 
-    async def read_body(request: Request) -> dict:
-        authorize(request)
+    async def read_body(self, request: Request) -> dict:
+        self.authorize(request)
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -94,17 +96,17 @@ def create_app(engine: Engine, model_name: str, context: int, api_key: str | Non
             raise APIError("the request body must be a JSON object", code="invalid_json")
         return body
 
-    async def prepare(request: Request, parse: Callable) -> Prompt:
-        body = await read_body(request)
-        if body.get("model") not in (None, model_name):
-            raise APIError(f"the model {body['model']!r} does not exist; this server serves {model_name!r}", 404,
+    async def prepare(self, request: Request, parse: Callable) -> Prompt:
+        body = await self.read_body(request)
+        if body.get("model") not in (None, self.model_name):
+            raise APIError(f"the model {body['model']!r} does not exist; this server serves {self.model_name!r}", 404,
                            "model_not_found", "model")  # fmt: skip
-        prompt = await run_in_threadpool(parse, body, tokenizer, context)
-        if prompt.encoded.images and not has_vision:
-            raise APIError(f"{model_name} is a text-only model: it takes no images", param="messages")
+        prompt = await run_in_threadpool(parse, body, self.tokenizer, self.context)
+        if prompt.encoded.images and not self.has_vision:
+            raise APIError(f"{self.model_name} is a text-only model: it takes no images", param="messages")
         return prompt
 
-    def start(prompt: Prompt) -> tuple[Job, asyncio.Queue]:
+    def start(self, prompt: Prompt) -> tuple[Job, asyncio.Queue]:
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(event: tuple) -> None:
@@ -114,13 +116,13 @@ def create_app(engine: Engine, model_name: str, context: int, api_key: str | Non
         e = prompt.encoded
         job = Job(e.input_ids, e.images, prompt.params.sampling, emit, prompt.params.stop)
         try:
-            engine.submit(job)
+            self.engine.submit(job)
         except Busy as b:
             raise APIError(f"the server is busy: {b}; retry later", 429, "server_busy", kind="rate_limit_error") \
                 from None
         return job, events
 
-    async def collect(request: Request, job: Job, events: asyncio.Queue) -> Usage:
+    async def collect(self, request: Request, job: Job, events: asyncio.Queue) -> Usage:
         """Wait for a non-streamed answer; a client that leaves meanwhile cancels it."""
         checked = time.monotonic()
         while True:
@@ -138,20 +140,26 @@ def create_app(engine: Engine, model_name: str, context: int, api_key: str | Non
             if event[0] == "error":
                 raise APIError(event[1], event[2], kind="server_error" if event[2] >= 500 else "invalid_request_error")
 
-    def extras(prompt: Prompt, usage: Usage | None) -> tuple[dict, dict]:
+    def extras(self, prompt: Prompt, usage: Usage | None) -> tuple[dict, dict]:
         """vLLM's return_token_ids: prompt ids on the response, generated ids on the choice."""
         if not prompt.params.return_token_ids:
             return {}, {}
         return {"prompt_token_ids": prompt.encoded.input_ids}, ({"token_ids": usage.output_ids} if usage else {})
 
-    def answer_calls(prompt: Prompt, output_ids: list[int], text: str) -> list[dict] | None:
+    def answer_calls(self, prompt: Prompt, output_ids: list[int], text: str) -> list[dict] | None:
         """OpenAI tool_calls when a request with tools got an answer that opens with [TOOL_CALLS]."""
-        if not prompt.tools or tool_calls_id is None or not output_ids or output_ids[0] != tool_calls_id:
+        if not prompt.tools or self.tool_calls_id is None or not output_ids or output_ids[0] != self.tool_calls_id:
             return None
         return tool_calls(text)
 
-    async def stream(prompt: Prompt, job: Job, events: asyncio.Queue, chunk: Callable[[str | None, str | None], dict],
-                     first: dict | None) -> AsyncIterator[str]:  # fmt: skip
+    async def stream(
+        self,
+        prompt: Prompt,
+        job: Job,
+        events: asyncio.Queue,
+        chunk: Callable[[str | None, str | None], dict],
+        first: dict | None,
+    ) -> AsyncIterator[str]:
         """Server-sent events; an answer that may be tool calls is held back and sent as one tool_calls delta."""
         if first is not None:
             yield _sse(first)
@@ -159,7 +167,7 @@ def create_app(engine: Engine, model_name: str, context: int, api_key: str | Non
         while True:
             event = await events.get()
             if event[0] == "first":
-                held = [] if answer_calls(prompt, [event[1]], "[]") is not None else None
+                held = [] if self.answer_calls(prompt, [event[1]], "[]") is not None else None
             elif event[0] == "text":
                 if held is None:
                     yield _sse(chunk(event[1], None))
@@ -181,7 +189,7 @@ def create_app(engine: Engine, model_name: str, context: int, api_key: str | Non
                         finish = "tool_calls"
                     else:
                         yield _sse(chunk("".join(held), None))
-                top, choice = extras(prompt, usage)
+                top, choice = self.extras(prompt, usage)
                 last = chunk(None, finish)
                 last["choices"][0].update(choice)
                 yield _sse({**last, **top})
@@ -190,33 +198,29 @@ def create_app(engine: Engine, model_name: str, context: int, api_key: str | Non
                 break
         yield "data: [DONE]\n\n"
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": model_name, **engine.status()}
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.model_name, **self.engine.status()}
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict:
-        authorize(request)
-        return {"object": "list", "data": [model_card()]}
+    async def models(self, request: Request) -> dict:
+        self.authorize(request)
+        return {"object": "list", "data": [self.model_card()]}
 
-    @app.get("/v1/models/{name:path}")
-    async def model(name: str, request: Request) -> dict:
-        authorize(request)
-        if name != model_name:
-            raise APIError(f"the model {name!r} does not exist; this server serves {model_name!r}", 404,
+    async def model(self, name: str, request: Request) -> dict:
+        self.authorize(request)
+        if name != self.model_name:
+            raise APIError(f"the model {name!r} does not exist; this server serves {self.model_name!r}", 404,
                            "model_not_found", "model")  # fmt: skip
-        return model_card()
+        return self.model_card()
 
-    def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "quantkit",
-                "max_model_len": context}  # fmt: skip
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "quantkit",
+                "max_model_len": self.context}  # fmt: skip
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        prompt = await prepare(request, parse_chat)
-        job, events = start(prompt)
+    async def chat_completions(self, request: Request):
+        prompt = await self.prepare(request, parse_chat)
+        job, events = self.start(prompt)
         rid, now = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
-        head = {"id": rid, "created": now, "model": model_name}
+        head = {"id": rid, "created": now, "model": self.model_name}
 
         if prompt.params.stream:
             def chunk(text: str | None, finish: str | None) -> dict:
@@ -226,36 +230,48 @@ def create_app(engine: Engine, model_name: str, context: int, api_key: str | Non
 
             first = chunk(None, None)
             first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            return _Stream(stream(prompt, job, events, chunk, first), job)
+            return _Stream(self.stream(prompt, job, events, chunk, first), job)
 
-        usage = await collect(request, job, events)
+        usage = await self.collect(request, job, events)
         message, finish = {"role": "assistant", "content": usage.text}, None
-        calls = answer_calls(prompt, usage.output_ids, usage.text)
+        calls = self.answer_calls(prompt, usage.output_ids, usage.text)
         if calls:
             message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
-        top, choice = extras(prompt, usage)
+        top, choice = self.extras(prompt, usage)
         choice = {"index": 0, "message": message, "logprobs": None,
                   "finish_reason": finish or usage.finish_reason, **choice}  # fmt: skip
         return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(usage), **top}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        prompt = await prepare(request, parse_completion)
-        job, events = start(prompt)
+    async def completions(self, request: Request):
+        prompt = await self.prepare(request, parse_completion)
+        job, events = self.start(prompt)
         rid, now = f"cmpl-{secrets.token_hex(12)}", int(time.time())
-        head = {"id": rid, "object": "text_completion", "created": now, "model": model_name}
+        head = {"id": rid, "object": "text_completion", "created": now, "model": self.model_name}
 
         if prompt.params.stream:
             def chunk(text: str | None, finish: str | None) -> dict:
                 return {**head, "choices": [{"index": 0, "text": text or "", "logprobs": None,
                                              "finish_reason": finish}]}  # fmt: skip
 
-            return _Stream(stream(prompt, job, events, chunk, None), job)
+            return _Stream(self.stream(prompt, job, events, chunk, None), job)
 
-        usage = await collect(request, job, events)
-        top, choice = extras(prompt, usage)
+        usage = await self.collect(request, job, events)
+        top, choice = self.extras(prompt, usage)
         choice = {"index": 0, "text": usage.text, "logprobs": None,
                   "finish_reason": usage.finish_reason, **choice}  # fmt: skip
         return {**head, "choices": [choice], "usage": _usage(usage), **top}
 
+
+def create_app(engine: Engine, model_name: str, context: int, api_key: str | None = None) -> FastAPI:
+    """The app for one loaded model; `context` is its length in tokens."""
+    api = _API(engine, model_name, context, api_key)
+    app = FastAPI(title="quantkit", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+    app.add_api_route("/health", api.health, methods=["GET"])
+    app.add_api_route("/v1/models", api.models, methods=["GET"])
+    app.add_api_route("/v1/models/{name:path}", api.model, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     return app
