@@ -340,3 +340,39 @@ def test_job_refuses_steps_out_of_order_and_a_changed_step_list(tmp_path):
     assert Job(tmp_path / "w", {"a": 1}, ["embed", "layer.0", "head"]).next == "layer.0"  # resumes by name
     with pytest.raises(QuantkitError, match="other settings"):
         Job(tmp_path / "w", {"a": 1}, ["embed", "layer.0", "vision"])
+
+
+def test_dry_run_expected_time_is_within_a_loose_factor_of_the_real_run(tiny_models, tmp_path):
+    """The estimate counts the run's work and times this machine's rates on the spot; a real tiny run checks it."""
+    import time
+
+    src = tiny_models.get("mistral_large")["hf"]
+    kwargs = dict(settings=QuantSettings(4, 32), rows=4, seq_len=64, progress=False)
+    the_plan = quantize(src, tmp_path / "dry", dry_run=True, **kwargs)
+    t0 = time.perf_counter()
+    quantize(src, tmp_path / "real", log=lambda line: None, **kwargs)
+    real = time.perf_counter() - t0
+    assert the_plan.seconds is not None and 0.2 * real <= the_plan.seconds <= 5 * real, (the_plan.seconds, real)
+    said = run("quantize", src, tmp_path / "dry", "--bits", 4, "--group-size", 32, "--dry-run", *FAST).output
+    assert "expected time: about " in said and "an estimate" in said, said
+
+
+def test_expected_time_grows_with_rows_sequence_and_measurement():
+    from quantkit.quant.estimate import Rates, estimate_seconds
+
+    rates = Rates(matmul=1e11, cholesky=1e10, column=2e-4, element=1e-9, op=1e-5, fsync=1e-3, collect=0.05)
+    shapes = [{"a.q": (256, 256), "a.k": (64, 256), "a.v": (64, 256), "a.o": (256, 256), "m.up": (512, 256),
+               "m.down": (256, 512)}] * 4  # fmt: skip
+    groups = [["a.q", "a.k", "a.v"], ["a.o"], ["m.up"], ["m.down"]]
+
+    def est(rows=8, seq_len=128, **kw):
+        return estimate_seconds(shapes, groups, rows=rows, seq_len=seq_len, attn_dim=256, rates=rates, **kw)
+
+    base = est()
+    assert 0 < base < est(rows=16) < est(rows=64) and est(seq_len=512) > base
+    row_part = est(rows=16) - base  # what 8 more rows cost: the same again for 8 more
+    assert est(rows=24) - est(rows=16) == pytest.approx(row_part, rel=1e-6)
+    block_of = lambda n: "attn" if n[0] == "a" else "mlp"  # noqa: E731
+    measured = est(measure_rows=4, candidates={"attn": 10, "mlp": 10}, block_of=block_of)
+    assert measured > base + 10 * 4 * 6 * 256 * rates.column  # 10 candidate solves of every linear, at least
+    assert est(head=(1000, 256)) > base

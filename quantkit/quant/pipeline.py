@@ -152,8 +152,8 @@ def _with_time(the_plan: QuantPlan, model, o: QuantizeOptions, shapes, t) -> Qua
         measure_rows=min(o.measure_rows, o.rows) if o.bpw is not None and o.measurement is None else None,
         candidates={b: len(block_candidates(b)) for b in ("attn", "mlp")}, block_of=block_of,
     )  # fmt: skip
-    basis = (f"work counted from the model's shapes at {rates.matmul / 1e9:.0f} GFLOP/s matmul and "
-             f"{rates.cholesky / 1e9:.0f} GFLOP/s Cholesky timed on {o.device} just now; reading and writing the "
+    basis = (f"work counted from the model's shapes at {rates.matmul / 1e9:.3g} GFLOP/s matmul and "
+             f"{rates.cholesky / 1e9:.3g} GFLOP/s Cholesky timed on {o.device} just now; reading and writing the "
              "checkpoint" + (" and the vision tower" if o.vision == "quantize" else "") + " not counted")  # fmt: skip
     return replace(the_plan, seconds=seconds, time_basis=basis)
 
