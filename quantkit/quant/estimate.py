@@ -153,4 +153,10 @@ def human_seconds(t: float) -> str:
         return f"{t:.0f} s"
     if t < 5400:
         return f"{t / 60:.0f} min"
-    return f"{t / 3600:.1f} h"
+    if t < 2 * 86400:
+        return f"{t / 3600:.1f} h"
+    return f"{t / 86400:,.0f} days"
+
+
+# At 1 FLOP/s and no overheads, estimate_seconds counts the matmul and factorization FLOPs.
+COUNT_FLOPS = Rates(matmul=1.0, cholesky=1.0, column=0.0, element=0.0, op=0.0, fsync=0.0, collect=0.0)

@@ -37,7 +37,7 @@ from quantkit.memory import map_large_blocks, release
 from quantkit.model.load import Checkpoint, build_model, unload
 from quantkit.quant.allocate import allocate, reachable_bpw
 from quantkit.quant.capture import LayerIO, LinearSpec, MemoryRows, capture_groups, quantize_layer, solve_linear
-from quantkit.quant.estimate import estimate_seconds, human_seconds, measure_rates
+from quantkit.quant.estimate import COUNT_FLOPS, estimate_seconds, human_seconds, measure_rates
 from quantkit.quant.export import build_quantization_config, linear_tensors, model_card
 from quantkit.quant.gptq import HessianAccumulator
 from quantkit.quant.job import Job, default_work_dir, discard, exclusive, space_needed
@@ -60,6 +60,7 @@ class QuantPlan:
     fmt: str = "gptq"
     bits: str = ""  # how the decoder is stored, in words
     calibration: str = ""
+    work_bytes: int = 0  # the work dir's peak: finished layers (at most the output) and the hidden-state row stores
     seconds: float | None = None  # expected time (dry run only: quant/estimate.py)
     time_basis: str = ""
 
@@ -71,6 +72,7 @@ class QuantPlan:
                 f"decoder layers: {self.layers}",
                 f"quantized parameters: {self.quantized_params:,}; kept 16-bit: {self.kept_params:,}",
                 f"output size: {self.output_bytes / 1e9:.2f} GB",
+                f"work files: up to {self.work_bytes / 1e9:.2f} GB (finished layers and hidden-state row stores)",
                 f"peak memory: {self.peak_ram_bytes / 1e9:.2f} GB RAM"
                 + (f", {self.peak_device_bytes / 1e9:.2f} GB on {self.device}" if self.device != "cpu" else ""),
                 *([f"expected time: about {human_seconds(self.seconds)} (an estimate: {self.time_basis})"]
@@ -140,19 +142,23 @@ def plan(ckpt: Checkpoint, model, o: QuantizeOptions, bpw_range: tuple[float, fl
     work = layer_bytes + 3 * largest_in**2 * 4 + 3 * largest * 4 + 4 * o.seq_len * max(t.ffn_dim, t.dim) * 4
     ram_base = 500_000_000  # Python, torch and the row being read
     ram, dev = (ram_base + work, 0) if o.device == "cpu" else (ram_base + layer_bytes, work)
-    return QuantPlan(t.n_layers, quantized, kept, output, ram, dev, o.device, o.fmt, words, _calibration_words(o))
+    stores = 3 * o.rows * o.seq_len * t.dim * 4  # as space_needed counts them
+    return QuantPlan(t.n_layers, quantized, kept, output, ram, dev, o.device, o.fmt, words, _calibration_words(o),
+                     output + stores)  # fmt: skip
 
 
 def _with_time(the_plan: QuantPlan, model, o: QuantizeOptions, shapes, t) -> QuantPlan:
     """The plan with its expected time: the run's work counted from the shapes, at rates timed on o.device now."""
     rates = measure_rates(o.device, o.torch_dtype, o.settings, (o.seq_len, t.dim, t.ffn_dim))
-    seconds = estimate_seconds(
-        shapes, capture_groups(model.layers[0]), rows=o.rows, seq_len=o.seq_len, attn_dim=t.n_heads * t.head_dim,
-        rates=rates, head=(t.vocab_size, t.dim) if o.head_bits else None,
+    estimate = partial(
+        estimate_seconds, shapes, capture_groups(model.layers[0]), rows=o.rows, seq_len=o.seq_len,
+        attn_dim=t.n_heads * t.head_dim, head=(t.vocab_size, t.dim) if o.head_bits else None,
         measure_rows=min(o.measure_rows, o.rows) if o.bpw is not None and o.measurement is None else None,
         candidates={b: len(block_candidates(b)) for b in ("attn", "mlp")}, block_of=block_of,
     )  # fmt: skip
-    basis = (f"work counted from the model's shapes at {rates.matmul / 1e9:.3g} GFLOP/s matmul and "
+    seconds, flops = estimate(rates=rates), estimate(rates=COUNT_FLOPS)
+    basis = (f"{flops / 1e15:,.3g} PFLOP of work counted from the model's shapes at {rates.matmul / 1e9:.3g} "
+             f"GFLOP/s matmul and "
              f"{rates.cholesky / 1e9:.3g} GFLOP/s Cholesky timed on {o.device} just now; reading and writing the "
              "checkpoint" + (" and the vision tower" if o.vision == "quantize" else "") + " not counted")  # fmt: skip
     return replace(the_plan, seconds=seconds, time_basis=basis)
