@@ -163,9 +163,9 @@ CRASH = """
 import os, signal, sys
 from quantkit.quant import job
 orig = job.Job.finish
-def finish(self, done, *a, **k):
-    orig(self, done, *a, **k)
-    if done == int(sys.argv[1]):
+def finish(self, step, *a, **k):
+    orig(self, step, *a, **k)
+    if step == sys.argv[1]:
         os.kill(os.getpid(), signal.SIGKILL)
 job.Job.finish = finish
 from quantkit.cli import main
@@ -181,10 +181,10 @@ def test_resume_after_kill_is_byte_identical(tiny_models, tmp_path):
     whole.parent.mkdir()
     crashed.parent.mkdir()
     subprocess.run([sys.executable, "-m", "quantkit", *[a or str(whole) for a in args]], check=True, env=env)
-    first = subprocess.run([sys.executable, "-c", CRASH, "1", *[a or str(crashed) for a in args]], env=env)
+    first = subprocess.run([sys.executable, "-c", CRASH, "layer.0", *[a or str(crashed) for a in args]], env=env)
     assert first.returncode == -9 and not crashed.exists()
     work = crashed.parent / ".out.quantkit-work"
-    assert json.loads((work / "job.json").read_text())["done"] == 1
+    assert json.loads((work / "job.json").read_text())["done"] == ["embed", "layer.0"]
     second = subprocess.run(
         [sys.executable, "-m", "quantkit", *[a or str(crashed) for a in args]], env=env, capture_output=True, text=True
     )
@@ -198,7 +198,8 @@ def test_resume_after_kill_is_byte_identical(tiny_models, tmp_path):
     third = tmp_path / "c" / "out"
     third.parent.mkdir()
     assert (
-        subprocess.run([sys.executable, "-c", CRASH, "1", *[a or str(third) for a in args]], env=env).returncode == -9
+        subprocess.run([sys.executable, "-c", CRASH, "layer.0", *[a or str(third) for a in args]], env=env).returncode
+        == -9
     )
     other = run("quantize", src, third, "--bits", "4", "--group-size", "32", *FAST)
     assert other.exit_code == 1 and "other settings" in other.stderr and "--restart" in other.stderr
@@ -278,3 +279,100 @@ def test_model_card_with_saved_eval(quantized):
     rows = json.loads(run("inspect", outs[4], "--card", "--json").output)  # --json applies to the card too
     assert rows["Format"] == "gptq" and rows["Top-1 agreement"] == f"{figures['top1_agreement']:.2%}"
     assert run("inspect", src, "--card").exit_code == 1  # a float folder has no card
+
+
+def test_job_steps_are_named_and_a_run_stopped_after_the_head_resumes_from_the_names(tiny_models, tmp_path,
+                                                                                    monkeypatch):  # fmt: skip
+    """job.json lists the finished steps by name ("embed", "layer.i", "head"); a rerun picks up after them."""
+    from quantkit.quant import job as job_mod
+
+    src = tiny_models.get("mistral_large")["hf"]
+    args = ["--bits", "4", "--group-size", "32", "--head-bits", "8", *FAST]
+    whole, cut = tmp_path / "a" / "out", tmp_path / "b" / "out"
+    whole.parent.mkdir()
+    cut.parent.mkdir()
+    first = run("quantize", src, whole, *args)
+    assert first.exit_code == 0, first.output
+    orig, ran = job_mod.Job.finish, []
+
+    def finish(self, step, *a, **k):
+        orig(self, step, *a, **k)
+        ran.append(step)
+        if step == "head":
+            raise KeyboardInterrupt  # stands in for a kill right after the head step was recorded
+
+    monkeypatch.setattr(job_mod.Job, "finish", finish)
+    assert run("quantize", src, cut, *args).exit_code == 130
+    state = json.loads((cut.parent / ".out.quantkit-work" / "job.json").read_text())
+    assert state["steps"] == state["done"] == ["embed", "layer.0", "layer.1", "head"] == ran
+    assert sorted(p.name for p in (cut.parent / ".out.quantkit-work" / "layers").iterdir()) == [
+        "head.safetensors", "layer.0.safetensors", "layer.1.safetensors"]  # fmt: skip
+    ran.clear()
+    again = run("quantize", src, cut, *args)
+    assert again.exit_code == 0, again.output
+    assert ran == [] and "resuming at layer 2/2" in again.output  # nothing recomputed
+    for f in sorted(whole.iterdir()):
+        assert f.read_bytes() == (cut / f.name).read_bytes(), f.name
+
+
+def test_a_work_dir_of_an_older_version_with_numbered_steps_is_refused(tiny_models, tmp_path):
+    src = tiny_models.get("mistral_large")["hf"]
+    work = tmp_path / ".out.quantkit-work"
+    work.mkdir()
+    old = {"version": 1, "fingerprint": "0123456789abcdef", "settings": {}, "done": 2, "current": "a"}
+    (work / "job.json").write_text(json.dumps(old))
+    result = run("quantize", src, tmp_path / "out", "--bits", "4", "--group-size", "32", *FAST)
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+    assert "older quantkit version" in result.stderr and "--restart" in result.stderr
+    assert json.loads((work / "job.json").read_text()) == old  # refused, not rewritten
+    restarted = run("quantize", src, tmp_path / "out", "--bits", "4", "--group-size", "32", "--restart", *FAST)
+    assert restarted.exit_code == 0, restarted.output
+
+
+def test_job_refuses_steps_out_of_order_and_a_changed_step_list(tmp_path):
+    from quantkit.errors import QuantkitError
+    from quantkit.quant.job import Job
+
+    job = Job(tmp_path / "w", {"a": 1}, ["embed", "layer.0", "head"])
+    job.finish("embed", wrote_rows=True)
+    with pytest.raises(QuantkitError, match="out of order"):
+        job.finish("head")
+    assert Job(tmp_path / "w", {"a": 1}, ["embed", "layer.0", "head"]).next == "layer.0"  # resumes by name
+    with pytest.raises(QuantkitError, match="other settings"):
+        Job(tmp_path / "w", {"a": 1}, ["embed", "layer.0", "vision"])
+
+
+def test_dry_run_expected_time_is_within_a_loose_factor_of_the_real_run(tiny_models, tmp_path):
+    """The estimate counts the run's work and times this machine's rates on the spot; a real tiny run checks it."""
+    import time
+
+    src = tiny_models.get("mistral_large")["hf"]
+    kwargs = dict(settings=QuantSettings(4, 32), rows=4, seq_len=64, progress=False)
+    the_plan = quantize(src, tmp_path / "dry", dry_run=True, **kwargs)
+    t0 = time.perf_counter()
+    quantize(src, tmp_path / "real", log=lambda line: None, **kwargs)
+    real = time.perf_counter() - t0
+    assert the_plan.seconds is not None and 0.2 * real <= the_plan.seconds <= 5 * real, (the_plan.seconds, real)
+    said = run("quantize", src, tmp_path / "dry", "--bits", 4, "--group-size", 32, "--dry-run", *FAST).output
+    assert "expected time: about " in said and "an estimate" in said, said
+
+
+def test_expected_time_grows_with_rows_sequence_and_measurement():
+    from quantkit.quant.estimate import Rates, estimate_seconds
+
+    rates = Rates(matmul=1e11, cholesky=1e10, column=2e-4, element=1e-9, op=1e-5, fsync=1e-3, collect=0.05)
+    shapes = [{"a.q": (256, 256), "a.k": (64, 256), "a.v": (64, 256), "a.o": (256, 256), "m.up": (512, 256),
+               "m.down": (256, 512)}] * 4  # fmt: skip
+    groups = [["a.q", "a.k", "a.v"], ["a.o"], ["m.up"], ["m.down"]]
+
+    def est(rows=8, seq_len=128, **kw):
+        return estimate_seconds(shapes, groups, rows=rows, seq_len=seq_len, attn_dim=256, rates=rates, **kw)
+
+    base = est()
+    assert 0 < base < est(rows=16) < est(rows=64) and est(seq_len=512) > base
+    row_part = est(rows=16) - base  # what 8 more rows cost: the same again for 8 more
+    assert est(rows=24) - est(rows=16) == pytest.approx(row_part, rel=1e-6)
+    block_of = lambda n: "attn" if n[0] == "a" else "mlp"  # noqa: E731
+    measured = est(measure_rows=4, candidates={"attn": 10, "mlp": 10}, block_of=block_of)
+    assert measured > base + 10 * 4 * 6 * 256 * rates.column  # 10 candidate solves of every linear, at least
+    assert est(head=(1000, 256)) > base

@@ -539,7 +539,7 @@ def kill_phase(dst: Path) -> str:
         return "finished"
     for state, what in ((work / "job.json", "layer"), (work / "measure" / "job.json", "measurement layer")):
         if state.is_file():
-            return f"{what}s done: {json.loads(state.read_text())['done']}"
+            return f"{what}s done: {sum(s.startswith('layer.') for s in json.loads(state.read_text())['done'])}"
     return "start-up"
 
 

@@ -130,16 +130,16 @@ def test_job_state_is_final_before_cleanup_and_a_killed_cleanup_is_recovered(tmp
     import torch
 
     work = tmp_path / "w"
-    job = Job(work, {"a": 1})
-    job.finish(0)
-    job.finish(1, {"x": torch.ones(2)}, {})
+    job = Job(work, {"a": 1}, ["embed", "layer.0"])
+    job.finish("embed", wrote_rows=True)
+    job.finish("layer.0", {"x": torch.ones(2)}, {}, wrote_rows=True)
     (work / "mine.txt").write_text("not the job's")  # a --work-dir that also holds the user's files
     job.cleanup()
     assert sorted(p.name for p in work.iterdir()) == ["mine.txt"]
 
-    job = Job(tmp_path / "w2", {"a": 1})
-    job.finish(0)
-    job.finish(1, {"x": torch.ones(2)}, {})
+    job = Job(tmp_path / "w2", {"a": 1}, ["embed", "layer.0"])
+    job.finish("embed", wrote_rows=True)
+    job.finish("layer.0", {"x": torch.ones(2)}, {}, wrote_rows=True)
     (job.dir / "job.json").unlink()  # a kill right after cleanup's first step: the job is over, files remain
     from quantkit.quant.job import remove_stale
 
@@ -176,9 +176,9 @@ def test_concurrent_quantize_one_refused_other_byte_identical(tiny_models, tmp_p
 
 
 def test_quantize_job_json_written_atomically_with_a_private_tmp_name(tmp_path):
-    job = Job(tmp_path / "w", {"a": 1})
-    job.finish(0)
-    assert json.loads((tmp_path / "w" / "job.json").read_text())["done"] == 0
+    job = Job(tmp_path / "w", {"a": 1}, ["embed"])
+    job.finish("embed")
+    assert json.loads((tmp_path / "w" / "job.json").read_text())["done"] == ["embed"]
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["job.json", "layers"]
 
 
@@ -327,8 +327,8 @@ def test_a_kill_inside_the_final_cleanup_never_sticks(tiny_models, tmp_path, mon
 def test_two_jobs_sharing_an_offload_dir_never_share_a_row_store(tmp_path):
     import torch
 
-    a = Job(tmp_path / "wa", {"same": 1}, offload_dir=tmp_path / "off")
-    b = Job(tmp_path / "wb", {"same": 1}, offload_dir=tmp_path / "off")
+    a = Job(tmp_path / "wa", {"same": 1}, ["embed"], offload_dir=tmp_path / "off")
+    b = Job(tmp_path / "wb", {"same": 1}, ["embed"], offload_dir=tmp_path / "off")
     sa, sb = a.store("hidden-a", 2, (3,), torch.float32), b.store("hidden-a", 2, (3,), torch.float32)
     assert sa.path != sb.path and a.fp == b.fp
     a.cleanup()

@@ -1,8 +1,9 @@
 """A resumable quantization job: settings fingerprint, finished layers, and the hidden states between layers.
 
 Layout of the work dir:
-  job.json             settings, fingerprint, `done` (layers finished) and which hidden-state file is current
-  layers/NNNN.safetensors  the quantized tensors of each finished layer
+  job.json             settings, fingerprint, the job's named `steps` ("embed", "layer.0".."layer.N-1", "head",
+                       "vision"), the `done` ones in order, and which hidden-state file is current
+  layers/STEP.safetensors  the quantized tensors of each finished step
   hidden-a.bin / hidden-b.bin  ping-pong row stores: layer i reads one and writes the other (in --offload-dir
                        when given, named after the job's fingerprint)
 
@@ -10,7 +11,7 @@ Hidden states are read and written one row at a time with plain file I/O, so the
 process's memory: the OS page cache keeps them in RAM while it has room and spills to the disk beyond that.
 
 Every file is written under a temporary name and renamed, and job.json is replaced last, so a crash or Ctrl-C at
-any point leaves the job at its last finished layer; rerunning the same command resumes there and, because each
+any point leaves the job at its last finished step; rerunning the same command resumes there and, because each
 layer is a deterministic function of its inputs, gives byte-identical output. A run holds locks on DST and the
 work dir (see io/claim.py), so a second run into either is refused at once. The cleanup deletes job.json before the
 layer files, so a kill inside it leaves only files a later run recognizes as stale and removes.
@@ -28,12 +29,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from quantkit.errors import QuantkitError
 from quantkit.io.claim import Claim, human, identity, os_error_message, remove, size_of
 
-JOB_VERSION = 1
+JOB_VERSION = 2  # 1 counted finished steps with one integer; such a work dir is refused (--restart)
 # Everything a job writes into its work dir (glob patterns); measurement.json outlives the job, for reuse.
 WORK_FILES = ("job.json", "job.json.tmp-*", "layers", "hidden-*.bin", "attn.bin", "measure", "measurement.tmp")
 
@@ -154,42 +155,67 @@ class RowStore:
 
 
 class Job:
-    """The work dir of one quantization run; `done` layers are final, `current` holds their output."""
+    """The work dir of one quantization run: `steps` are named and run in order; the `done` ones are final, and the
+    current row store holds the output of the last one that wrote hidden states."""
 
-    def __init__(self, work_dir: Path, settings: dict, restart: bool = False, offload_dir: Path | None = None):
+    def __init__(self, work_dir: Path, settings: dict, steps: list[str], restart: bool = False,
+                 offload_dir: Path | None = None):  # fmt: skip
         self.dir = Path(work_dir)
         self.offload_dir = Path(offload_dir) if offload_dir else None
         self.settings = settings
+        self.steps = list(steps)
         self.fp = fingerprint(settings)
         state_path = self.dir / "job.json"
         if restart:
             discard(self.dir)
         if state_path.exists():
-            try:
-                state = json.loads(state_path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise QuantkitError(f"{state_path} is corrupt; rerun with --restart to discard the job") from None
-            if not isinstance(state, dict) or state.get("fingerprint") != self.fp:
-                old = state.get("settings", {}) if isinstance(state, dict) else {}
-                diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
-                raise QuantkitError(
-                    f"work dir {self.dir} holds a job with other settings ({'; '.join(diff[:4])}); "
-                    "rerun with the same settings to resume, or add --restart to discard it"
-                )
-            self.state = state
+            self.state = self._resumed(state_path)
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
             for p in _work_entries(self.dir):  # a killed cleanup's or an older job's leftovers
                 if p.name != "measure":  # a finished measurement's job is removed with the main job
                     remove(p)
-            self.state = {"version": JOB_VERSION, "fingerprint": self.fp, "settings": settings, "done": -1}
+            self.state = {"version": JOB_VERSION, "fingerprint": self.fp, "settings": settings, "steps": self.steps,
+                          "done": [], "current": "a", "info": {}}  # fmt: skip
             self._save_state()
         (self.dir / "layers").mkdir(exist_ok=True)
 
+    def _resumed(self, state_path: Path) -> dict:
+        """The saved state, refused when it is unreadable, from an older quantkit, or for other settings."""
+        try:
+            state = json.loads(state_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise QuantkitError(f"{state_path} is corrupt; rerun with --restart to discard the job") from None
+        if isinstance(state, dict) and state.get("version") != JOB_VERSION and "fingerprint" in state:
+            raise QuantkitError(
+                f"work dir {self.dir} holds a job from an older quantkit version (job format "
+                f"{state.get('version')}, this one reads {JOB_VERSION}); rerun with --restart to discard it"
+            )
+        if not isinstance(state, dict) or state.get("fingerprint") != self.fp or state.get("steps") != self.steps:
+            old = state.get("settings", {}) if isinstance(state, dict) else {}
+            diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in self.settings.items() if old.get(k) != v]
+            raise QuantkitError(
+                f"work dir {self.dir} holds a job with other settings ({'; '.join(diff[:4]) or 'other steps'}); "
+                "rerun with the same settings to resume, or add --restart to discard it"
+            )
+        done = state.get("done")
+        if not isinstance(done, list) or done != self.steps[: len(done)]:
+            raise QuantkitError(f"{state_path} is corrupt (its finished steps are out of order); rerun with --restart")
+        return state
+
     @property
-    def done(self) -> int:
-        """Number of finished layers (-1 before the embeddings were computed)."""
-        return int(self.state["done"])
+    def done(self) -> list[str]:
+        """The finished steps, in order."""
+        return list(self.state["done"])
+
+    def finished(self, step: str) -> bool:
+        return step in self.state["done"]
+
+    @property
+    def next(self) -> str | None:
+        """The first unfinished step (None when the job is complete)."""
+        done = len(self.state["done"])
+        return self.steps[done] if done < len(self.steps) else None
 
     def _save_state(self) -> None:
         tmp = self.dir / f"job.json.tmp-{identity()}"
@@ -214,20 +240,23 @@ class Job:
             self.offload_dir / f"quantkit-{offload_tag(self.fp, self.dir)}-{name}.bin", rows, row_shape, dtype
         )
 
-    def layer_path(self, i: int) -> Path:
-        return self.dir / "layers" / f"{i:04d}.safetensors"
+    def step_path(self, step: str) -> Path:
+        return self.dir / "layers" / f"{step}.safetensors"
 
-    def finish(self, done: int, tensors: dict[str, torch.Tensor] | None = None, info: dict | None = None) -> None:
-        """Record `done` finished layers: save the last one's tensors, flip the hidden-state stores."""
+    def finish(self, step: str, tensors: dict[str, torch.Tensor] | None = None, info: dict | None = None,
+               wrote_rows: bool = False) -> None:  # fmt: skip
+        """Record `step` as finished: save its tensors, flip the row stores when it wrote the next one's input."""
+        if step != self.next:
+            raise QuantkitError(f"internal: job step {step!r} finished out of order (next is {self.next!r})")
         if tensors is not None:
-            tmp = self.layer_path(done - 1).with_suffix(".tmp")
+            tmp = self.step_path(step).with_suffix(".tmp")
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-            os.replace(tmp, self.layer_path(done - 1))
-        if done >= 0:
+            os.replace(tmp, self.step_path(step))
+        if wrote_rows:
             self.state["current"] = "b" if self.state.get("current", "a") == "a" else "a"
-        self.state["done"] = done
+        self.state["done"].append(step)
         if info is not None:
-            self.state.setdefault("layers", {})[str(done - 1)] = info
+            self.state["info"][step] = info
         self._save_state()
 
     def cleanup(self) -> None:
@@ -253,8 +282,9 @@ class Job:
         if not any(self.dir.iterdir()):
             self.dir.rmdir()
 
-    def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
-        return load_file(str(self.layer_path(i)))
+    def step_files(self) -> list[Path]:
+        """The tensor files of the finished steps, in step order."""
+        return [p for step in self.state["done"] if (p := self.step_path(step)).is_file()]
 
-    def layer_info(self, i: int) -> dict:
-        return self.state.get("layers", {}).get(str(i), {})
+    def info(self, step: str) -> dict:
+        return self.state["info"].get(step, {})

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from quantkit.arch import export_name
-from quantkit.arch.blocks import VISION_EMBED, VISION_LAYERS
+from quantkit.arch.blocks import VISION_EMBED, VISION_LAYERS, block_of
 from quantkit.calib.rows import build_rows
 from quantkit.calib.sources import load_calibration
 from quantkit.errors import QuantkitError
@@ -37,6 +37,7 @@ from quantkit.memory import map_large_blocks, release
 from quantkit.model.load import Checkpoint, build_model, unload
 from quantkit.quant.allocate import allocate, reachable_bpw
 from quantkit.quant.capture import LayerIO, LinearSpec, MemoryRows, capture_groups, quantize_layer, solve_linear
+from quantkit.quant.estimate import COUNT_FLOPS, estimate_seconds, human_seconds, measure_rates
 from quantkit.quant.export import build_quantization_config, linear_tensors, model_card
 from quantkit.quant.gptq import HessianAccumulator
 from quantkit.quant.job import Job, default_work_dir, discard, exclusive, space_needed
@@ -59,6 +60,9 @@ class QuantPlan:
     fmt: str = "gptq"
     bits: str = ""  # how the decoder is stored, in words
     calibration: str = ""
+    work_bytes: int = 0  # the work dir's peak: finished layers (at most the output) and the hidden-state row stores
+    seconds: float | None = None  # expected time (dry run only: quant/estimate.py)
+    time_basis: str = ""
 
     def summary(self) -> str:
         return "\n".join(
@@ -68,10 +72,13 @@ class QuantPlan:
                 f"decoder layers: {self.layers}",
                 f"quantized parameters: {self.quantized_params:,}; kept 16-bit: {self.kept_params:,}",
                 f"output size: {self.output_bytes / 1e9:.2f} GB",
+                f"work files: up to {self.work_bytes / 1e9:.2f} GB (finished layers and hidden-state row stores)",
                 f"peak memory: {self.peak_ram_bytes / 1e9:.2f} GB RAM"
                 + (f", {self.peak_device_bytes / 1e9:.2f} GB on {self.device}" if self.device != "cpu" else ""),
+                *([f"expected time: about {human_seconds(self.seconds)} (an estimate: {self.time_basis})"]
+                  if self.seconds is not None else []),
             ]
-        )
+        )  # fmt: skip
 
 
 def _linear_shapes(model, layer_idx: int) -> dict[str, tuple[int, int]]:
@@ -135,7 +142,26 @@ def plan(ckpt: Checkpoint, model, o: QuantizeOptions, bpw_range: tuple[float, fl
     work = layer_bytes + 3 * largest_in**2 * 4 + 3 * largest * 4 + 4 * o.seq_len * max(t.ffn_dim, t.dim) * 4
     ram_base = 500_000_000  # Python, torch and the row being read
     ram, dev = (ram_base + work, 0) if o.device == "cpu" else (ram_base + layer_bytes, work)
-    return QuantPlan(t.n_layers, quantized, kept, output, ram, dev, o.device, o.fmt, words, _calibration_words(o))
+    stores = 3 * o.rows * o.seq_len * t.dim * 4  # as space_needed counts them
+    return QuantPlan(t.n_layers, quantized, kept, output, ram, dev, o.device, o.fmt, words, _calibration_words(o),
+                     output + stores)  # fmt: skip
+
+
+def _with_time(the_plan: QuantPlan, model, o: QuantizeOptions, shapes, t) -> QuantPlan:
+    """The plan with its expected time: the run's work counted from the shapes, at rates timed on o.device now."""
+    rates = measure_rates(o.device, o.torch_dtype, o.settings, (o.seq_len, t.dim, t.ffn_dim))
+    estimate = partial(
+        estimate_seconds, shapes, capture_groups(model.layers[0]), rows=o.rows, seq_len=o.seq_len,
+        attn_dim=t.n_heads * t.head_dim, head=(t.vocab_size, t.dim) if o.head_bits else None,
+        measure_rows=min(o.measure_rows, o.rows) if o.bpw is not None and o.measurement is None else None,
+        candidates={b: len(block_candidates(b)) for b in ("attn", "mlp")}, block_of=block_of,
+    )  # fmt: skip
+    seconds, flops = estimate(rates=rates), estimate(rates=COUNT_FLOPS)
+    basis = (f"{flops / 1e15:,.3g} PFLOP of work counted from the model's shapes at {rates.matmul / 1e9:.3g} "
+             f"GFLOP/s matmul and "
+             f"{rates.cholesky / 1e9:.3g} GFLOP/s Cholesky timed on {o.device} just now; reading and writing the "
+             "checkpoint" + (" and the vision tower" if o.vision == "quantize" else "") + " not counted")  # fmt: skip
+    return replace(the_plan, seconds=seconds, time_basis=basis)
 
 
 def _source_fingerprint(ckpt: Checkpoint) -> str:
@@ -182,8 +208,8 @@ def _rotate_seeds(rotate: bool) -> Callable[[int, str], int | None]:
 
 
 def _embed(ckpt: Checkpoint, model, job: Job, ids: torch.Tensor, row_shape, device, dtype) -> None:
-    """Job step 0: the calibration rows' embeddings into the job's first row store."""
-    if job.done >= 0:
+    """Job step "embed": the calibration rows' embeddings into the job's first row store."""
+    if job.finished("embed"):
         return
     _, nxt = job.stores(ids.shape[0], row_shape, dtype)
     ckpt.load(model, "embed_tokens", device, dtype)
@@ -191,7 +217,7 @@ def _embed(ckpt: Checkpoint, model, job: Job, ids: torch.Tensor, row_shape, devi
         for r in range(ids.shape[0]):
             nxt.write(r, model.embed(ids[r : r + 1]))
     unload(model.embed_tokens)
-    job.finish(0)
+    job.finish("embed", wrote_rows=True)
 
 
 def _measurement_fingerprint(ckpt: Checkpoint, ids: torch.Tensor, s: QuantSettings, rotate: bool, dtype) -> dict:
@@ -208,11 +234,22 @@ def _measurement_fingerprint(ckpt: Checkpoint, ids: torch.Tensor, s: QuantSettin
     return fingerprint
 
 
-def _layers(ckpt: Checkpoint, model, job: Job, names: list[str], device, dtype, desc: str, progress: bool):
-    """The one layer loop: for every layer job has not finished, load it, yield (index, layer) for the caller's
-    step (which ends with job.finish), then unload it and free its memory."""
-    with tqdm(total=len(names), initial=job.done, desc=desc, unit="layer", disable=not progress) as bar:
-        for i in range(job.done, len(names)):
+def layer_steps(n_layers: int) -> list[str]:
+    """The job steps of a decoder pass: "layer.0" .. "layer.N-1"."""
+    return [f"layer.{i}" for i in range(n_layers)]
+
+
+def job_steps(n_layers: int, head: bool, vision: bool) -> list[str]:
+    """A quantize job's named steps, in order: embeddings, every decoder layer, then the head and the vision tower."""
+    return ["embed", *layer_steps(n_layers), *(["head"] if head else []), *(["vision"] if vision else [])]
+
+
+def _layers(ckpt: Checkpoint, model, job: Job | None, names: list[str], device, dtype, desc: str, progress: bool):
+    """The one layer loop: for every layer whose step ("layer.i") job has not finished (all of them without a job),
+    load it, yield (index, layer) for the caller's step (which ends with job.finish), then unload it and free it."""
+    todo = [i for i, step in enumerate(layer_steps(len(names))) if job is None or not job.finished(step)]
+    with tqdm(total=len(names), initial=len(names) - len(todo), desc=desc, unit="layer", disable=not progress) as bar:
+        for i in todo:
             layer = ckpt.load(model, names[i], device, dtype)
             yield i, layer
             unload(layer)
@@ -231,8 +268,8 @@ def measure(
         saved = read_json(path)
         if saved.get("fingerprint") == fingerprint:
             return saved
-    job = Job(work / "measure", fingerprint, offload_dir=o.offload_dir)
     rows, n_layers = ids.shape[0], ckpt.config.text.n_layers
+    job = Job(work / "measure", fingerprint, ["embed", *layer_steps(n_layers)], offload_dir=o.offload_dir)
     row_shape = (1, ids.shape[1], ckpt.config.text.dim)
     _embed(ckpt, model, job, ids, row_shape, device, dtype)
     attn = job.store("attn", rows, row_shape, dtype)
@@ -242,8 +279,8 @@ def measure(
         cur, nxt = job.stores(rows, row_shape, dtype)
         io = LayerIO(rows, cur, nxt, device, middle=attn)
         ctx = model.context(0, torch.empty(row_shape, dtype=dtype, device=device))
-        job.finish(i + 1, None, measure_layer(layer, io, ctx, s, lambda name, i=i: seeds(i, name)))
-    data = {"version": 1, "fingerprint": fingerprint, "layers": [job.layer_info(i) for i in range(n_layers)]}
+        job.finish(f"layer.{i}", None, measure_layer(layer, io, ctx, s, lambda name, i=i: seeds(i, name)), True)
+    data = {"version": 1, "fingerprint": fingerprint, "layers": [job.info(step) for step in layer_steps(n_layers)]}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
@@ -340,7 +377,7 @@ def quantize(
     work = Path(work_dir or default_work_dir(dst))
     output = OutputFolder(dst, force=force, src=src, work=work)  # validates dst before any work, dry run included
     if dry_run:
-        return the_plan
+        return _with_time(the_plan, model, o, shapes, ckpt.config.text)
     check_space(space_needed(dst, work, offload_dir, the_plan.output_bytes, rows, seq_len, ckpt.config.text.dim))
     map_large_blocks()
     crows = _calibration(ckpt, dataset, split, text_field, rows, seq_len, seed)
@@ -354,15 +391,20 @@ def quantize(
     else:
         specs = [{n: LinearSpec(settings.bits, settings.group_size, seeds(i, n)) for n in layer}
                  for i, layer in enumerate(shapes)]  # fmt: skip
-    job = Job(work, _job_settings(ckpt, o, ids, specs), offload_dir=offload_dir)
-    if job.done > 0:
-        log(f"resuming at layer {job.done}/{n_layers} (work dir {job.dir}; --restart discards it)")
+    steps = job_steps(n_layers, head_bits is not None, vision == "quantize")
+    job = Job(work, _job_settings(ckpt, o, ids, specs), steps, offload_dir=offload_dir)
+    if job.done:
+        layers_done = sum(job.finished(step) for step in layer_steps(n_layers))
+        log(f"resuming at layer {layers_done}/{n_layers}, step {job.next} "
+            f"(work dir {job.dir}; --restart discards it)")  # fmt: skip
     _quantize_decoder(ckpt, model, job, ids, o, specs, shapes, progress, log)
-    if head_bits is not None and job.done == n_layers:
+    if head_bits is not None and not job.finished("head"):
         _quantize_head(ckpt, model, job, o, seeds)
-    if vision == "quantize" and job.done == n_layers + (head_bits is not None):
+    if vision == "quantize" and not job.finished("vision"):
         tensors = _quantize_vision(ckpt, model, o, seeds, progress, log)
-        job.finish(job.done + 1, tensors, {"vision_bits": settings.bits})
+        job.finish("vision", tensors, {"vision_bits": settings.bits})
+    if job.next is not None:
+        raise QuantkitError(f"internal: quantize job stopped before step {job.next}")
 
     qcfg = _output_config(ckpt, o, specs, crows.provenance)
     def card(size: int) -> str:
@@ -410,6 +452,7 @@ def _job_settings(ckpt: Checkpoint, o: QuantizeOptions, ids: torch.Tensor, specs
         "source": _source_fingerprint(ckpt),
         "format": o.fmt,
         "head_bits": o.head_bits,
+        "vision": o.vision,
         "calibration": hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16],
         "dtype": str(o.torch_dtype),
         "strategy": hashlib.sha256(repr(specs).encode()).hexdigest()[:16],
@@ -418,7 +461,7 @@ def _job_settings(ckpt: Checkpoint, o: QuantizeOptions, ids: torch.Tensor, specs
 
 
 def _quantize_decoder(ckpt, model, job: Job, ids, o: QuantizeOptions, specs, shapes, progress, log) -> None:
-    """Job steps 0..n_layers: embeddings, then every decoder layer quantized on the previous one's outputs."""
+    """Job steps "embed", "layer.0".."layer.N-1": every decoder layer quantized on the previous one's outputs."""
     device, dtype, n_layers = o.device, o.torch_dtype, len(shapes)
     rows, row_shape = ids.shape[0], (1, ids.shape[1], ckpt.config.text.dim)
     _embed(ckpt, model, job, ids, row_shape, device, dtype)
@@ -432,7 +475,8 @@ def _quantize_decoder(ckpt, model, job: Job, ids, o: QuantizeOptions, specs, sha
         report = quantize_layer(layer, LayerIO(rows, cur, nxt, device), ctx, o.settings, specs[i].__getitem__, emit)
         layer_bits = sum(t.numel() * t.element_size() * 8 for t in tensors.values())  # what inspect counts
         avg = layer_bits / sum(out * k for out, k in shapes[i].values())
-        job.finish(i + 1, tensors, {"bpw": avg, "rel_error": report.rel_error, "starved_experts": report.starved})
+        info = {"bpw": avg, "rel_error": report.rel_error, "starved_experts": report.starved}
+        job.finish(f"layer.{i}", tensors, info, wrote_rows=True)
         msg = f"layer {i + 1}/{n_layers}: {avg:.2f} bits per weight, rel. output error {report.rel_error:.4f}"
         if report.starved:
             msg += f", {len(report.starved)} expert linears with few tokens used the shared Hessian"
@@ -440,7 +484,7 @@ def _quantize_decoder(ckpt, model, job: Job, ids, o: QuantizeOptions, specs, sha
 
 
 def _quantize_head(ckpt: Checkpoint, model, job: Job, o: QuantizeOptions, seeds) -> None:
-    """Job step n_layers + 1: lm_head, on the final norm of the last layer's outputs."""
+    """Job step "head": lm_head, on the final norm of the last layer's outputs."""
     device, dtype, t = o.device, o.torch_dtype, ckpt.config.text
     cur, _ = job.stores(o.rows, (1, o.seq_len, t.dim), dtype)
     ckpt.load(model, "norm", device, dtype)
@@ -452,7 +496,7 @@ def _quantize_head(ckpt: Checkpoint, model, job: Job, o: QuantizeOptions, seeds)
     head_spec = LinearSpec(o.head_bits, o.settings.group_size, seeds(-1, "lm_head"))
     solved = solve_linear(model.lm_head.weight.data, acc.hessian(), head_spec, o.settings)
     tensors = {f"{_prefix(ckpt, 'lm_head')}.{k}": v for k, v in linear_tensors(o.fmt, solved).items()}
-    job.finish(t.n_layers + 1, tensors, {"bits": o.head_bits, "rel_loss": solved.result.rel_loss})
+    job.finish("head", tensors, {"bits": o.head_bits, "rel_loss": solved.result.rel_loss})
     unload(model.lm_head)
     unload(model.norm)
 
@@ -480,18 +524,12 @@ def _quantize_vision(ckpt: Checkpoint, model, o: QuantizeOptions, seeds, progres
     n = len(model.get_submodule(VISION_LAYERS))
     names = [f"{VISION_LAYERS}.{j}" for j in range(n)]
     rows = MemoryRows([h])  # one row: all images' patches; each layer's float, then quantized, output lands here
-    for j, layer in _layers(ckpt, model, _Steps(), names, device, dtype, "vision", progress):
+    for j, layer in _layers(ckpt, model, None, names, device, dtype, "vision", progress):  # one job step in all
         spec_for = lambda lin, j=j: LinearSpec(s.bits, s.group_size, seeds(-2 - j, lin))  # noqa: E731
         report = quantize_layer(layer, LayerIO(1, rows, rows, device), vctx, s, spec_for,
                                 _emitter(ckpt, o.fmt, names[j], tensors))  # fmt: skip
         log(f"vision layer {j + 1}/{n}: {s.bits} bits, rel. error {report.rel_error:.4f}")
     return tensors
-
-
-class _Steps:
-    """A job stand-in for loops that are not resumable on their own (the vision tower is one job step)."""
-
-    done = 0
 
 
 def _assemble(
@@ -507,8 +545,8 @@ def _assemble(
     the model card for the output's size; all inside the temporary folder, so DST appears complete or not at all."""
     rename = partial(export_name, ckpt.config.arch)
     packed: dict[str, list[TensorInfo]] = {}
-    for i in range(job.done):
-        for name, info in read_header(job.layer_path(i))[0].items():
+    for path in job.step_files():
+        for name, info in read_header(path)[0].items():
             packed.setdefault(rename(name).rpartition(".")[0], []).append(replace(info, name=rename(name)))
     infos: list[TensorInfo] = []
     for name, info in ckpt.index.infos.items():

@@ -1,0 +1,162 @@
+"""The expected time of a quantize run (--dry-run): the work counted from the model's shapes, at rates measured here.
+
+Work: every capture pass runs the calibration rows through every decoder layer (2 FLOPs per weight per token, plus
+attention), feeds one Hessian per input site (2·tokens·in² FLOPs), and GPTQ solves every linear (a Cholesky
+factorization and inverse, ~in³ FLOPs, the lazy-batch updates, ~2·out·in² FLOPs, and a Python step per column);
+--bpw first measures every block candidate on --measure-rows rows. Rates: a timed matmul and Cholesky on the
+device (the matmul at the shape of one calibration row through a projection, capped), two timed small GPTQ solves
+(per-column and per-element cost), a timed tiny op (per-op overhead), a timed fsync (the row stores sync every row
+they write) and a timed garbage collection (the run frees memory after every solve), all taken on the spot in about
+a second. It is an estimate: reading the checkpoint, writing the output and the vision tower are not counted.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.quant.gptq import gptq_quantize
+from quantkit.quant.settings import QuantSettings
+
+OPS_PER_LAYER_FORWARD = 40  # torch ops in one decoder layer's forward on one row (norms, projections, rope, sdpa, …)
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What this device does per second, measured just now."""
+
+    matmul: float  # FLOP/s, in the run's dtype
+    cholesky: float  # FLOP/s, float32
+    column: float  # seconds per GPTQ column, besides the per-element work
+    element: float  # seconds per weight per column step (the rank-1 update inside a block)
+    op: float  # seconds per small torch op
+    fsync: float  # seconds per row written (write + fsync)
+    collect: float  # seconds per release() (a full garbage collection in this process)
+
+
+def _timed(fn: Callable[[], object], device: str, repeat: int = 3) -> float:
+    """Best-of-`repeat` seconds of fn() after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        if device != "cpu":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device != "cpu":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_rates(device: str, dtype: torch.dtype, s: QuantSettings, row: tuple[int, int, int]) -> Rates:
+    """Time a matmul of row = (tokens, in, out), a Cholesky, two small GPTQ solves under s, a tiny op, an fsync and a
+    garbage collection on this device."""
+    m, k, n = row[0], min(row[1], 4096), min(row[2], 4096)
+    while 2 * m * k * n > (2e9 if device == "cpu" else 1e11) and m > 16:
+        m //= 2
+    a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
+    matmul = 2 * m * k * n / _timed(lambda: a @ b, device)
+    m = 512 if device == "cpu" else 2048
+    x = torch.randn(m, m, device=device)
+    spd = x @ x.T + m * torch.eye(m, device=device)
+    cholesky = (m**3 / 3) / _timed(lambda: torch.linalg.cholesky(spd), device)
+    k = 256
+    h = torch.randn(4 * k, k, device=device)
+    hess = h.T @ h
+    settings = dict(group_size=min(s.group_size or k, k), sym=s.sym, act_order=s.act_order,
+                    static_groups=s.static_groups, clip=s.clip)  # fmt: skip
+    narrow, wide = (_timed(lambda o=o: gptq_quantize(torch.randn(o, k, device=device), hess, 4, **settings), device, 1)
+                    for o in (32, 512))  # fmt: skip
+    element = max(wide - narrow, 0.0) / ((512 - 32) * k * 64)  # a rank-1 update covers ~64 columns on average
+    column = max(narrow / k - 32 * 64 * element, 1e-7)
+    tiny = torch.randn(8, 8, device=device)
+    op = _timed(lambda: [tiny @ tiny for _ in range(100)], device) / 100
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "row.bin")
+        row = bytes(64 * 1024)
+
+        def write_row() -> None:
+            with open(path, "wb") as f:
+                f.write(row)
+                f.flush()
+                os.fsync(f.fileno())
+
+        fsync = _timed(write_row, "cpu")
+    collect = _timed(gc.collect, "cpu", 1)
+    return Rates(matmul, cholesky, column, element, op, fsync, collect)
+
+
+def solve_seconds(out_f: int, in_f: int, r: Rates, block: int = 128) -> float:
+    """One GPTQ solve of a [out_f, in_f] linear: factorization, block updates, and the per-column steps."""
+    factor = (4 / 3) * in_f**3 / r.cholesky  # cholesky + inverse + cholesky of the inverse
+    update = 2 * out_f * in_f**2 / r.matmul
+    columns = in_f * r.column + out_f * in_f * min(block, in_f) / 2 * r.element
+    return factor + update + columns
+
+
+def layer_pass_seconds(rows: int, seq_len: int, params: int, attn_dim: int, r: Rates, part: float = 1.0) -> float:
+    """All rows once through one decoder layer (or `part` of it, reading only): projections, causal attention,
+    per-op overhead and, for a whole pass, the synced write of each output row."""
+    tokens = rows * seq_len
+    flops = 2 * tokens * params + 2 * tokens * seq_len * attn_dim  # QKᵀ and AV, causal: half of 4·T²·d
+    return flops / r.matmul + rows * (part * OPS_PER_LAYER_FORWARD * r.op + (r.fsync if part == 1.0 else 0.0))
+
+
+def estimate_seconds(
+    shapes: list[dict[str, tuple[int, int]]],
+    groups: list[list[str]],
+    *,
+    rows: int,
+    seq_len: int,
+    attn_dim: int,
+    rates: Rates,
+    head: tuple[int, int] | None = None,
+    measure_rows: int | None = None,
+    candidates: dict[str, int] | None = None,
+    block_of: Callable[[str], str] | None = None,
+) -> float:
+    """Seconds for the decoder (and the head when given): per layer, len(groups) capture passes and one output pass,
+    the Hessians and one solve per linear; with measure_rows, first one float pass and, per block candidate, the
+    block's solves and a half-layer pass on the measurement rows."""
+    total = 0.0
+    for layer in shapes:
+        params = sum(o * i for o, i in layer.values())
+        sites = {(g, name.rpartition(".")[0]): layer[name][1] for g, grp in enumerate(groups) for name in grp}
+        hessian_per_token = sum(2 * in_f**2 for in_f in sites.values()) / rates.matmul
+        solves = {name: solve_seconds(o, i, rates) for name, (o, i) in layer.items()}
+        total += (len(groups) + 1) * layer_pass_seconds(rows, seq_len, params, attn_dim, rates)
+        total += rows * seq_len * hessian_per_token + sum(solves.values()) + (len(sites) + 1) * rates.collect
+        if measure_rows:
+            total += layer_pass_seconds(measure_rows, seq_len, params, attn_dim, rates)
+            total += measure_rows * seq_len * hessian_per_token + 3 * rates.collect
+            for block, n in (candidates or {}).items():
+                names = [name for name in layer if block_of(name) == block]
+                half = sum(layer[name][0] * layer[name][1] for name in names)
+                total += n * sum(solves[name] for name in names)
+                attn = attn_dim if block == "attn" else 0
+                total += n * layer_pass_seconds(measure_rows, seq_len, half, attn, rates, part=0.5)
+    if head is not None:
+        vocab, dim = head
+        total += 2 * rows * seq_len * dim**2 / rates.matmul + solve_seconds(vocab, dim, rates) + 2 * rates.collect
+    return total
+
+
+def human_seconds(t: float) -> str:
+    if t < 90:
+        return f"{t:.0f} s"
+    if t < 5400:
+        return f"{t / 60:.0f} min"
+    if t < 2 * 86400:
+        return f"{t / 3600:.1f} h"
+    return f"{t / 86400:,.0f} days"
+
+
+# At 1 FLOP/s and no overheads, estimate_seconds counts the matmul and factorization FLOPs.
+COUNT_FLOPS = Rates(matmul=1.0, cholesky=1.0, column=0.0, element=0.0, op=0.0, fsync=0.0, collect=0.0)
