@@ -148,3 +148,32 @@ def test_every_module_gets_the_allocated_bits_in_both_loaders(model_name):
     # the base `bits` routes vLLM: plain GPTQ kernel when any module has 2/3 bits, Marlin only for 4/8-bit builds
     widths = set(b["modules"].values())
     assert (qcfg["bits"] in (2, 3)) == bool(widths & {2, 3})
+
+
+@pytest.mark.parametrize(
+    ("dynamic", "message"),
+    [
+        ({"+:^model\\.(": {"bits": 3}}, "bad regex"),
+        ({"+:^model\\.": {"bits": 5}}, "bits 5 is not a GPTQ width"),
+        ({"+:^model\\.": 3}, "must be a JSON object"),
+        (["-:lm_head"], "must be a JSON object, not list"),
+    ],
+)
+def test_a_bad_dynamic_field_is_refused_before_loading(dynamic, message):
+    from quantkit.errors import QuantkitError
+    from quantkit.runtime import quantized_prepare
+
+    with pytest.raises(QuantkitError, match=message):
+        quantized_prepare({"quant_method": "gptq", "bits": 4, "dynamic": dynamic}, "torch")
+
+
+def test_first_matching_rule_decides():
+    from quantkit.formats.gptq import module_bits
+
+    qcfg = {"bits": 4, "dynamic": {"-:^lm_head$": {}, "+:^model\\.layers\\.1\\.": {"bits": 2},
+                                   "+:^model\\.layers\\.1": {"bits": 8}}}  # fmt: skip
+    assert module_bits(qcfg, "lm_head") is None
+    assert module_bits(qcfg, "model.layers.1.mlp.down_proj") == 2  # the first of two matching rules
+    assert module_bits(qcfg, "model.layers.10.mlp.down_proj") == 8  # re.match: no end anchor
+    assert module_bits(qcfg, "model.layers.2.mlp.down_proj") == 4  # no rule: `bits`
+    assert module_bits(qcfg, "x.model.layers.1.mlp.down_proj") == 4  # anchored at the start

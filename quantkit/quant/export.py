@@ -178,8 +178,10 @@ def model_card(
     bpw: float | None = None,
     rotate: bool = False,
     arch: str | None = None,
+    gptq_bits: int | None = None,
 ) -> str:
-    """README.md for the output folder: the parameter table GPTQ users expect, and how to load the folder."""
+    """README.md for the output folder: the parameter table GPTQ users expect, and how to load the folder.
+    gptq_bits: the `bits` of a mixed GPTQ build's quantization_config (what decides vLLM's kernel)."""
     rows = [
         ("Format", fmt),
         ("Bits", f"{bpw} bpw (mixed)" if bpw else s.bits),
@@ -196,5 +198,5 @@ def model_card(
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     intro = "Quantized with quantkit (GPTQ, calibrated layer by layer)."
-    notes = loading_notes(fmt, arch, None if bpw else s.bits)
+    notes = loading_notes(fmt, arch, gptq_bits or (None if bpw else s.bits))
     return f"# {name}\n\n{intro}\n\n| parameter | value |\n|---|---|\n{table}\n\n{notes}"

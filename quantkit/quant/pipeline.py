@@ -374,7 +374,9 @@ def quantize(
 
     qcfg = _output_config(ckpt, o, specs, crows.provenance, model.vision_tower is not None)
     def card(size: int) -> str:
-        return model_card(dst.name, fmt, settings, crows.provenance, size, head_bits, bpw, rotate, ckpt.config.arch)
+        gptq_bits = qcfg["bits"] if fmt == "gptq" and bpw is not None else None
+        return model_card(dst.name, fmt, settings, crows.provenance, size, head_bits, bpw, rotate, ckpt.config.arch,
+                          gptq_bits)  # fmt: skip
 
     size = _assemble(ckpt, job, output, qcfg, card, max_shard_size, progress)
     job.cleanup()
