@@ -143,7 +143,7 @@ VLLM_NOTES = {
 }
 
 
-def loading_notes(fmt: str, arch: str | None, bits: int | None) -> str:
+def loading_notes(fmt: str, arch: str | None, bits: int | None, mixed: bool = False) -> str:
     """The "Loading" section of the model card: exact install lines per loader, and the known misloads."""
     if fmt == "quantkit":
         return "## Loading\n\nThe quantkit format is read by quantkit: `quantkit run DIR`, `quantkit eval DIR`.\n"
@@ -157,11 +157,17 @@ def loading_notes(fmt: str, arch: str | None, bits: int | None) -> str:
         vllm += "plain gptq kernel, which takes float16 only)."
     if arch in VLLM_NOTES:
         vllm += " " + VLLM_NOTES[arch]
+    transformers_line = (
+        "- transformers: `pip install optimum gptqmodel` (transformers loads GPTQ through both), then "
+        f'`{cls}.from_pretrained("DIR")`.'
+    )
+    if mixed:
+        transformers_line = ("- transformers: does not load this mixed-bit folder (its GPTQ path ignores "
+                             "`quantization_config.dynamic` and stops with a size mismatch); use GPTQModel.")
     lines = [
         "- quantkit: `quantkit run DIR` or `quantkit eval DIR`.",
         f"- {gptqmodel}",
-        "- transformers: `pip install optimum gptqmodel` (transformers loads GPTQ through both), then "
-        f'`{cls}.from_pretrained("DIR")`.',
+        transformers_line,
         f"- {vllm}",
     ]
     warning = f"> {SILENT_MISLOADS[arch]}\n\n" if arch in SILENT_MISLOADS else ""
@@ -198,5 +204,5 @@ def model_card(
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     intro = "Quantized with quantkit (GPTQ, calibrated layer by layer)."
-    notes = loading_notes(fmt, arch, gptq_bits or (None if bpw else s.bits))
+    notes = loading_notes(fmt, arch, gptq_bits or (None if bpw else s.bits), mixed=gptq_bits is not None)
     return f"# {name}\n\n{intro}\n\n| parameter | value |\n|---|---|\n{table}\n\n{notes}"
