@@ -144,7 +144,8 @@ def card_rows(r: dict, path: Path) -> list[tuple[str, object]]:
         raise QuantkitError(f"{path} is not a quantized folder: --card describes quantized models")
     qc = r["quantization_config"]
     calib = qc.get("calibration") or qc.get("quantkit", {}).get("calibration", {})
-    bits = f"{qc['bpw']} bpw target" if qc.get("bpw") else f"{qc.get('bits')} bits"
+    bpw = qc.get("bpw") or (qc.get("quantkit") or {}).get("bpw")  # GPTQ --bpw builds keep it under "quantkit"
+    bits = f"{bpw} bpw target" if bpw else f"{qc.get('bits')} bits"
     rows = [
         ("Format", qc["quant_method"]),
         ("Bits", f"{bits}, {q['decoder_bpw']:.3f} bits per decoder weight realized"),

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.gptq import GPTQ_BITS, GPTQ_FORMATS
+from quantkit.formats.gptq import GPTQ_BITS, GPTQ_FORMATS, check_dynamic, module_bits
 from quantkit.formats.packed import FORMAT_VERSION
 from quantkit.io.checkpoint import read_json
 from quantkit.io.reader import DTYPES, TensorInfo
@@ -80,7 +80,11 @@ def _packed_module(qcfg: dict, backend: str, prefix: str, infos: dict[str, Tenso
     if method == "gptq" and "qweight" in infos:
         tensors = {k: _meta(i) for k, i in infos.items()}
         fmt = qcfg.get("checkpoint_format", "gptq")
-        return GPTQLinear(tensors, int(qcfg["bits"]), bool(qcfg.get("sym", True)), fmt, backend, prefix)
+        bits = module_bits(qcfg, prefix)  # per module from `dynamic` in mixed-bit folders
+        if bits is None:
+            raise QuantkitError(f"{prefix}: has GPTQ tensors, but a \"-:\" rule of quantization_config.dynamic says "
+                                "it is not quantized")  # fmt: skip
+        return GPTQLinear(tensors, bits, bool(qcfg.get("sym", True)), fmt, backend, prefix)
     return None
 
 
@@ -105,6 +109,8 @@ def quantized_prepare(qcfg: dict, backend: str = "auto") -> Callable[[Transforme
             f"GPTQ bits {qcfg.get('bits')} / checkpoint_format {qcfg.get('checkpoint_format')!r} are not supported "
             f"(bits {', '.join(map(str, GPTQ_BITS))}; format {' or '.join(GPTQ_FORMATS)})"
         )
+    if method == "gptq":
+        check_dynamic(qcfg.get("dynamic"))
     if backend not in BACKENDS:
         raise QuantkitError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
 

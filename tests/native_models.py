@@ -52,6 +52,13 @@ MODELS = {
         tokenizer="mistral_instruct_tokenizer_240323.model.v3",
         native_tokenizer_name="tokenizer.model.v3",
     ),
+    # Eight layers: the GPTQ format's smallest step (one o_proj one width up) is ~0.014 bpw of the budget.
+    "mistral_gptq_bpw": dict(
+        text=dict(dim=128, hidden_dim=256, n_layers=8, n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=32768,
+                  rope_theta=1e6),
+        tokenizer="mistral_instruct_tokenizer_240323.model.v3",
+        native_tokenizer_name="tokenizer.model.v3",
+    ),
     # One layer whose in-features are multiples of 128 (the largest group) but not powers of two, and whose
     # out-features are not multiples of 128 (k/v 32 rows, gate/up 384): for bpw accounting under every setting.
     "mistral_odd": dict(

@@ -40,8 +40,9 @@ def _group_size(value: str) -> int | None:
     "fmt",
     type=click.Choice(["gptq", "quantkit"]),
     default=None,
-    help="gptq (default for --bits): the GPTQ layout transformers, GPTQModel, vLLM, ExLlamaV2 load; "
-    "quantkit (default for --bpw / --rotate): our own, mixed bits.",
+    help="gptq (default for --bits): the GPTQ layout transformers, GPTQModel, vLLM, ExLlamaV2 load (with --bpw: "
+    "per-module 2/3/4/8 bits in GPTQModel's `dynamic` rules); quantkit (default for --bpw / --rotate): our own, "
+    "mixed bits within a matrix.",
 )
 @click.option("-c", "--dataset", help="A datasets hub name or local .jsonl/.parquet/.txt (default: bundled mix).")
 @click.option("--split", default="train", show_default=True, help="Hub dataset split.")

@@ -1,6 +1,10 @@
 """The GPTQ checkpoint layout (`checkpoint_format: "gptq"`), both directions: GPTQ tensors from codes and grids
 (export), and GPTQ tensors or an in-memory solver result repacked into the quantkit format (import).
 
+Mixed-bit folders carry GPTQModel's `dynamic` field in quantization_config: {"+:REGEX": {"bits": b}} overrides
+and {"-:REGEX": {}} exclusions, decided per module name by the first rule whose regex re.match-es it (the rule
+vLLM and GPTQModel apply; dynamic_override). quantkit reads per-module bits the same way (module_bits).
+
 GPTQ addresses a column's group through g_idx (desc_act makes it non-monotonic, which other loaders gather per
 column at run time). On import the columns are sorted by group once, stably, so every group is contiguous and the
 sort becomes the act-order permutation of the activations: the kernels then read scales tile by tile. The exact
@@ -9,6 +13,7 @@ GPTQ tensors are specified in docs/format.md.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -163,3 +168,44 @@ def gptq_stored_bits(out_features: int, in_features: int, bits: int, group_size:
     """Bits of the tensors gptq_pack writes for one linear: qweight, qzeros, fp16 scales and int32 g_idx."""
     n_groups = in_features // (group_size or in_features)
     return out_features * in_features * bits + n_groups * out_features * (bits + 16) + 32 * in_features
+
+
+def dynamic_override(dynamic: dict | None, name: str) -> dict | bool | None:
+    """The `dynamic` rule deciding module `name`: False when a "-:" rule matches first (the module stays 16-bit),
+    the overrides dict of the first matching "+:" (or unprefixed) rule, None when no rule matches.
+
+    As vLLM's gptq_utils.get_dynamic_override and GPTQModel's dynamic_get: rules in order, re.match (anchored at
+    the start only), first match wins."""
+    for key, overrides in (dynamic or {}).items():
+        if key.startswith("-:"):
+            if re.match(key[2:], name):
+                return False
+        elif re.match(key.removeprefix("+:"), name):
+            return overrides
+    return None
+
+
+def module_bits(qcfg: dict, name: str) -> int | None:
+    """The bits of GPTQ module `name` under quantization_config qcfg (its `dynamic` rules, else `bits`); None when
+    a negative rule leaves it 16-bit."""
+    o = dynamic_override(qcfg.get("dynamic"), name)
+    if o is False:
+        return None
+    return int((o or {}).get("bits", qcfg["bits"]))
+
+
+def check_dynamic(dynamic) -> None:
+    """Refuse a `dynamic` field that is not {rule: {...}} with valid regexes and GPTQ widths."""
+    if dynamic is None:
+        return
+    if not isinstance(dynamic, dict):
+        raise QuantkitError(f"quantization_config.dynamic must be a JSON object, not {type(dynamic).__name__}")
+    for key, overrides in dynamic.items():
+        if not isinstance(overrides, dict):
+            raise QuantkitError(f"quantization_config.dynamic[{key!r}] must be a JSON object")
+        try:
+            re.compile(key[2:] if key.startswith(("+:", "-:")) else key)
+        except re.error as e:
+            raise QuantkitError(f"quantization_config.dynamic: bad regex {key!r}: {e}") from None
+        if "bits" in overrides and overrides["bits"] not in GPTQ_BITS:
+            raise QuantkitError(f"quantization_config.dynamic[{key!r}]: bits {overrides['bits']} is not a GPTQ width")

@@ -7,6 +7,8 @@ result never exceeds the budget); it is exact up to that resolution and determin
 granularity leaves unspent is then filled one group of columns at a time: a linear's next-most-salient group moves
 one width up, in the blocks whose measured error falls fastest per bit, until no such step fits. The realized bpw
 therefore lands just under the target, within the smallest such step (one group of columns of one linear).
+In the GPTQ format a linear cannot mix widths, so the fill moves whole blocks to a dearer candidate of their table
+instead (one that does not raise the measured error), largest error drop per bit first.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from quantkit.arch.blocks import block_of
+from quantkit.arch.blocks import block_of, expert_index
 from quantkit.errors import QuantkitError
 from quantkit.quant.capture import LinearSpec, QuantSettings
 from quantkit.quant.measure import block_candidates, spec_bits, spec_for_candidate
@@ -86,7 +88,31 @@ def _upgrade(spec: LinearSpec, in_features: int) -> LinearSpec | None:
     return LinearSpec(((b_hi, n_hi + g), (b_lo, n_lo - g)), g, spec.rotate_seed)
 
 
-def reachable_bpw(shapes: list[dict[str, tuple[int, int]]], s: QuantSettings, rotate_seed) -> tuple[float, float]:
+def _is_moe(layer: dict, block: str) -> bool:
+    return any(expert_index(n) is not None for n in layer if block_of(n) == block)
+
+
+def _fill_blocks(picks: list[int], bits: list[list[int]], errors: list[list[float]], budget: int) -> list[int]:
+    """Spend what the knapsack's rounding left: move a block to a dearer candidate that fits and does not raise its
+    error, the largest error drop per bit first (then the largest step), until none fits."""
+    picks = list(picks)
+    left = budget - sum(row[c] for row, c in zip(bits, picks, strict=True))
+    while True:
+        moves = [
+            ((errors[k][c] - errors[k][j]) / (bits[k][j] - bits[k][c]), bits[k][j] - bits[k][c], -k, j)
+            for k, c in enumerate(picks)
+            for j in range(len(bits[k]))
+            if 0 < bits[k][j] - bits[k][c] <= left and errors[k][j] <= errors[k][c]
+        ]
+        if not moves:
+            return picks
+        _, delta, k, j = max(moves)
+        picks[-k], left = j, left - delta
+
+
+def reachable_bpw(
+    shapes: list[dict[str, tuple[int, int]]], s: QuantSettings, rotate_seed, fmt: str = "quantkit"
+) -> tuple[float, float]:
     """(lowest, highest) bpw the candidate table reaches on these shapes: every block's cheapest or dearest
     candidate, costed with the same stored_bits_for the measurement records (so no measurement is needed)."""
     numel = sum(o * i for layer in shapes for o, i in layer.values())
@@ -95,8 +121,8 @@ def reachable_bpw(shapes: list[dict[str, tuple[int, int]]], s: QuantSettings, ro
         for b in ("attn", "mlp"):
             names = [n for n in layer if block_of(n) == b]
             specs = {c.name: {n: spec_for_candidate(c, n, layer[n][1], s, rotate_seed(li, n)) for n in names}
-                     for c in block_candidates(b)}  # fmt: skip
-            costs = [sum(spec_bits(sp[n], *layer[n], s) for n in names) for sp in specs.values()]
+                     for c in block_candidates(b, fmt, _is_moe(layer, b))}  # fmt: skip
+            costs = [sum(spec_bits(sp[n], *layer[n], s, fmt) for n in names) for sp in specs.values()]
             lo, hi = lo + min(costs), hi + max(costs)
     return lo / numel, hi / numel
 
@@ -107,16 +133,17 @@ def allocate(
     target_bpw: float,
     s: QuantSettings,
     rotate_seed,
+    fmt: str = "quantkit",
 ) -> Allocation:
     """Choose every layer's candidates for target_bpw; shapes[i][name] = (out, in) of layer i's linears."""
     numel = sum(o * i for layer in shapes for o, i in layer.values())
-    cands = {b: block_candidates(b) for b in ("attn", "mlp")}
     blocks = [(li, b) for li in range(len(shapes)) for b in ("attn", "mlp")]
+    cands = {(li, b): block_candidates(b, fmt, _is_moe(shapes[li], b)) for li, b in blocks}
     errors, bits = [], []
     for li, b in blocks:
         entries = {e["candidate"]: e for e in measurement["layers"][li][b]}
-        errors.append([entries[c.name]["error"] for c in cands[b]])
-        bits.append([entries[c.name]["bits"] for c in cands[b]])
+        errors.append([entries[c.name]["error"] for c in cands[li, b]])
+        bits.append([entries[c.name]["bits"] for c in cands[li, b]])
     lo, hi = sum(min(x) for x in bits) / numel, sum(max(x) for x in bits) / numel
     if not lo <= target_bpw <= hi:
         raise QuantkitError(f"--bpw {target_bpw} is outside what this model can reach: {lo:.3f} to {hi:.3f}")
@@ -134,22 +161,26 @@ def allocate(
             min(range(len(row)), key=lambda c, row=row, e=e: (row[c], e[c]))
             for row, e in zip(bits, errors, strict=True)
         ]
+    if fmt == "gptq":
+        picks = _fill_blocks(picks, bits, errors, budget)
 
     specs: list[dict[str, LinearSpec]] = [{} for _ in shapes]
     choices: list[dict[str, str]] = [{} for _ in shapes]
     slopes = []
     used = 0
     for k, ((li, b), c) in enumerate(zip(blocks, picks, strict=True)):
-        cand = cands[b][c]
+        cand = cands[li, b][c]
         choices[li][b] = cand.name
         for name, (o, i) in shapes[li].items():
             if block_of(name) == b:
                 specs[li][name] = spec_for_candidate(cand, name, i, s, rotate_seed(li, name))
-                used += spec_bits(specs[li][name], o, i, s)
-        dearer = [(bits[k][j], errors[k][j]) for j in range(len(cands[b])) if bits[k][j] > bits[k][c]]
+                used += spec_bits(specs[li][name], o, i, s, fmt)
+        dearer = [(bits[k][j], errors[k][j]) for j in range(len(cands[li, b])) if bits[k][j] > bits[k][c]]
         gain = max(((errors[k][c] - e) / (x - bits[k][c]) for x, e in dearer), default=0.0)
         slopes.append((gain, li, b))
 
+    if fmt == "gptq":
+        return Allocation(specs, used, numel, target_bpw, choices)
     for _gain, li, b in sorted(slopes, key=lambda t: (-t[0], t[1], t[2])):  # fill, steepest blocks first
         names = sorted(n for n in shapes[li] if block_of(n) == b)
         progress = True

@@ -7,6 +7,9 @@ transformers, GPTQModel, vLLM and ExLlamaV2 load, for uniform bits; `quantkit` i
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+
 import torch
 
 from quantkit import __version__
@@ -57,6 +60,69 @@ def build_quantization_config(fmt: str, s: QuantSettings, calibration: dict, hea
     }
 
 
+# Where vLLM's module names differ from the exported (transformers) ones: Llava's hf_to_vllm_mapper. Rules match both.
+VLLM_PREFIXES = {"model.language_model.": "language_model.model."}
+FUSED = {frozenset(("q_proj", "k_proj", "v_proj")): "qkv_proj", frozenset(("gate_proj", "up_proj")): "gate_up_proj"}
+MOE_MODULES = ("mlp", "block_sparse_moe")  # transformers/GPTQModel's and vLLM's name of Mixtral's MoE module
+# Parts a Llava folder keeps 16-bit, in transformers' (`model.vision_tower`) and vLLM's (`vision_tower`) names.
+KEEP_VISION = r"-:^(?:model\.)?vision_tower\."
+KEEP_PROJECTOR = r"-:^(?:model\.)?multi_modal_projector\."
+HEAD = r"^(?:language_model\.)?lm_head$"
+
+
+def _names(prefix: str) -> str:
+    """A regex for the exported module path prefix and its vLLM spelling."""
+    variants = [prefix] + [new + prefix[len(old) :] for old, new in VLLM_PREFIXES.items() if prefix.startswith(old)]
+    return re.escape(variants[0]) if len(variants) == 1 else "(?:" + "|".join(map(re.escape, variants)) + ")"
+
+
+def unit_rule(names: list[str]) -> str:
+    """The "+:" rule for linears that share one setting (exported names): their separate names and the fused one
+    vLLM builds (q/k/v -> qkv_proj, gate/up -> gate_up_proj); for MoE experts the whole block, which vLLM fuses
+    into one `experts` module (named under mlp or block_sparse_moe)."""
+    if any(".experts." in n for n in names):
+        layer, _, _ = names[0].partition(".experts.")[0].rpartition(".")
+        return f"+:^{_names(layer)}\\.(?:{'|'.join(MOE_MODULES)})\\.experts(?:\\.|$)"
+    parents = {n.rpartition(".")[0] for n in names}
+    if len(parents) != 1:
+        raise ValueError(f"internal: one GPTQ setting for linears of different modules: {names}")
+    leaves = sorted({n.rpartition(".")[2] for n in names})
+    if frozenset(leaves) in FUSED:
+        leaves.append(FUSED[frozenset(leaves)])
+    return f"+:^{_names(parents.pop())}\\.(?:{'|'.join(leaves)})$"
+
+
+def dynamic_rules(
+    units: list[tuple[list[str], int]], head_bits: int | None, moe: bool, vision: bool, vision_bits: int | None
+) -> dict:
+    """GPTQModel's `dynamic` field: "-:" rules for what stays 16-bit (the projector; the vision tower unless
+    vision_bits; lm_head without --head-bits; the MoE router), then one "+:" rule per unit of linears sharing one
+    width (units: (exported names, bits)), the vision tower's and the head's."""
+    rules: dict[str, dict] = {}
+    if vision:
+        rules[KEEP_PROJECTOR] = {}
+        if vision_bits is None:
+            rules[KEEP_VISION] = {}
+        else:
+            rules["+:" + KEEP_VISION[2:]] = {"bits": vision_bits}
+    if head_bits is None:
+        rules["-:" + HEAD] = {}
+    if moe:
+        rules[rf"-:^(?:model\.)?layers\.\d+\.(?:{'|'.join(MOE_MODULES)})\.gate$"] = {}
+    if head_bits is not None:
+        rules["+:" + HEAD] = {"bits": head_bits}
+    for names, bits in units:
+        rules[unit_rule(names)] = {"bits": bits}
+    return rules
+
+
+def base_bits(widths: list[int]) -> int:
+    """The `bits` field of a mixed folder: its most common width, among 2 and 3 bits when it has any, so that
+    vLLM picks its plain GPTQ kernel (which runs 2/3/4/8) and not Marlin (4/8 only, chosen from `bits`)."""
+    low = [w for w in widths if w in (2, 3)]
+    return Counter(low or widths).most_common(1)[0][0]
+
+
 # Loaders known to misload an export without an error, by architecture: said in the model card and the README.
 SILENT_MISLOADS = {
     "mixtral": (
@@ -77,7 +143,7 @@ VLLM_NOTES = {
 }
 
 
-def loading_notes(fmt: str, arch: str | None, bits: int | None) -> str:
+def loading_notes(fmt: str, arch: str | None, bits: int | None, mixed: bool = False) -> str:
     """The "Loading" section of the model card: exact install lines per loader, and the known misloads."""
     if fmt == "quantkit":
         return "## Loading\n\nThe quantkit format is read by quantkit: `quantkit run DIR`, `quantkit eval DIR`.\n"
@@ -91,11 +157,17 @@ def loading_notes(fmt: str, arch: str | None, bits: int | None) -> str:
         vllm += "plain gptq kernel, which takes float16 only)."
     if arch in VLLM_NOTES:
         vllm += " " + VLLM_NOTES[arch]
+    transformers_line = (
+        "- transformers: `pip install optimum gptqmodel` (transformers loads GPTQ through both), then "
+        f'`{cls}.from_pretrained("DIR")`.'
+    )
+    if mixed:
+        transformers_line = ("- transformers: does not load this mixed-bit folder (its GPTQ path ignores "
+                             "`quantization_config.dynamic` and stops with a size mismatch); use GPTQModel.")
     lines = [
         "- quantkit: `quantkit run DIR` or `quantkit eval DIR`.",
         f"- {gptqmodel}",
-        "- transformers: `pip install optimum gptqmodel` (transformers loads GPTQ through both), then "
-        f'`{cls}.from_pretrained("DIR")`.',
+        transformers_line,
         f"- {vllm}",
     ]
     warning = f"> {SILENT_MISLOADS[arch]}\n\n" if arch in SILENT_MISLOADS else ""
@@ -112,8 +184,10 @@ def model_card(
     bpw: float | None = None,
     rotate: bool = False,
     arch: str | None = None,
+    gptq_bits: int | None = None,
 ) -> str:
-    """README.md for the output folder: the parameter table GPTQ users expect, and how to load the folder."""
+    """README.md for the output folder: the parameter table GPTQ users expect, and how to load the folder.
+    gptq_bits: the `bits` of a mixed GPTQ build's quantization_config (what decides vLLM's kernel)."""
     rows = [
         ("Format", fmt),
         ("Bits", f"{bpw} bpw (mixed)" if bpw else s.bits),
@@ -130,5 +204,5 @@ def model_card(
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     intro = "Quantized with quantkit (GPTQ, calibrated layer by layer)."
-    notes = loading_notes(fmt, arch, None if bpw else s.bits)
+    notes = loading_notes(fmt, arch, gptq_bits or (None if bpw else s.bits), mixed=gptq_bits is not None)
     return f"# {name}\n\n{intro}\n\n| parameter | value |\n|---|---|\n{table}\n\n{notes}"

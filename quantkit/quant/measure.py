@@ -7,6 +7,7 @@ favours the roles that are known to be sensitive (v, o, down), as in ExLlamaV2's
 block's linears are solved with GPTQ on Hessians captured from the float layer, and the error is
 ||y_q - y_f||_F / ||y_f||_F of the block output including the residual stream; the cost is the exact number of
 stored bits (codes, scales, zeros, permutation, segment table, rotation signs).
+With --format gptq the table holds only what GPTQ loaders run (gptq_candidates), costed as the GPTQ tensors.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from quantkit.arch.blocks import BLOCK_ROLES, SENSITIVE, block_of, expert_index, role_of
+from quantkit.formats.gptq import GPTQ_BITS, gptq_stored_bits
 from quantkit.formats.packed import stored_bits_for
 from quantkit.memory import release
 from quantkit.quant.capture import (
@@ -51,8 +53,34 @@ class Candidate:
         return next((segs, g) for r, segs, g in self.roles if r == role)
 
 
-def block_candidates(block: str) -> list[Candidate]:
-    """The candidate table of a block: uniform widths, 10% salient columns one width up, the sensitive roles one
+# Roles that a GPTQ loader fuses (vLLM's qkv_proj and gate_up_proj), so they take one setting.
+GPTQ_SHARED = {"attn": ("q", "k", "v"), "mlp": ("gate", "up")}
+
+
+def gptq_candidates(block: str, moe: bool = False) -> list[Candidate]:
+    """What a GPTQ loader can run: every role uniform 2/3/4/8 bits at the run's group size, q/k/v one width and
+    gate/up one width (o and down free); an MoE block takes one width for all its experts (vLLM's FusedMoE has one
+    quantization method per layer)."""
+    roles = BLOCK_ROLES[block]
+    if moe and block == "mlp":
+        return [Candidate(f"gptq {b}", tuple((r, ((b, 1.0),), None) for r in roles)) for b in GPTQ_BITS]
+    shared = GPTQ_SHARED[block]
+    return [
+        Candidate(f"gptq {a}/{b}", tuple((r, ((a if r in shared else b, 1.0),), None) for r in roles))
+        for a in GPTQ_BITS
+        for b in GPTQ_BITS
+    ]
+
+
+def block_candidates(block: str, fmt: str = "quantkit", moe: bool = False) -> list[Candidate]:
+    """The candidate table of a block for the output format (moe: the block is a sparse MoE's experts)."""
+    if fmt == "gptq":
+        return gptq_candidates(block, moe)
+    return _quantkit_candidates(block)
+
+
+def _quantkit_candidates(block: str) -> list[Candidate]:
+    """The quantkit format's table: uniform widths, 10% salient columns one width up, the sensitive roles one
     width up, and at 2 and 3 bits small groups and per-channel grids (so that even the lowest targets leave the
     allocator a choice: per-channel blocks pay for finer groups elsewhere)."""
     roles = BLOCK_ROLES[block]
@@ -93,8 +121,10 @@ def spec_for_candidate(cand: Candidate, name: str, in_features: int, s: QuantSet
     return LinearSpec(layout_for(segs, in_features, group), group, rotate_seed)
 
 
-def spec_bits(spec: LinearSpec, out_features: int, in_features: int, s: QuantSettings) -> int:
-    """Exact stored bits of a linear quantized with spec (what the allocator budgets)."""
+def spec_bits(spec: LinearSpec, out_features: int, in_features: int, s: QuantSettings, fmt: str = "quantkit") -> int:
+    """Exact stored bits of a linear quantized with spec in fmt (what the allocator budgets)."""
+    if fmt == "gptq":
+        return gptq_stored_bits(out_features, in_features, spec.bits, spec.group_size)
     return stored_bits_for(
         out_features, in_features, spec.bits if isinstance(spec.bits, int) else list(spec.bits), spec.group_size,
         asym=not s.sym, act_order=s.act_order, static_groups=s.static_groups, had_in=spec.rotate_seed is not None,
@@ -141,7 +171,12 @@ def _shared_hessians(accs: dict[str, HessianAccumulator]) -> dict[str, torch.Ten
 
 
 def measure_layer(
-    layer: nn.Module, io: LayerIO, ctx, s: QuantSettings, rotate_seed: Callable[[str], int | None]
+    layer: nn.Module,
+    io: LayerIO,
+    ctx,
+    s: QuantSettings,
+    rotate_seed: Callable[[str], int | None],
+    fmt: str = "quantkit",
 ) -> dict[str, list[dict]]:
     """{"attn": [...], "mlp": [...]}, one {"candidate", "bits", "error"} per candidate, for this layer; io.middle
     keeps the float attention half's outputs (the MLP half's inputs)."""
@@ -152,13 +187,14 @@ def measure_layer(
         hessians = _shared_hessians({n: accs.pop(n) for n in names})
         floats = {n: layer.get_submodule(n).weight.data.clone() for n in names}
         result[block] = []
-        for cand in block_candidates(block):
+        moe = any(expert_index(n) is not None for n in names)
+        for cand in block_candidates(block, fmt, moe):
             bits = 0
             for n in names:
                 linear = layer.get_submodule(n)
                 spec = spec_for_candidate(cand, n, linear.in_features, s, rotate_seed(n))
                 linear.weight.data = solve_linear(floats[n], hessians[n], spec, s).weight.to(floats[n].dtype)
-                bits += spec_bits(spec, linear.out_features, linear.in_features, s)
+                bits += spec_bits(spec, linear.out_features, linear.in_features, s, fmt)
             err = ref = 0.0
             with torch.no_grad():
                 for r in range(io.rows):

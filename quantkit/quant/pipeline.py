@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from quantkit.arch import export_name
-from quantkit.arch.blocks import VISION_EMBED, VISION_LAYERS, block_of
+from quantkit.arch.blocks import VISION_EMBED, VISION_LAYERS, block_of, expert_index, role_of
 from quantkit.calib.rows import build_rows
 from quantkit.calib.sources import load_calibration
 from quantkit.errors import QuantkitError
@@ -38,10 +38,10 @@ from quantkit.model.load import Checkpoint, build_model, unload
 from quantkit.quant.allocate import allocate, reachable_bpw
 from quantkit.quant.capture import LayerIO, LinearSpec, MemoryRows, capture_groups, quantize_layer, solve_linear
 from quantkit.quant.estimate import COUNT_FLOPS, estimate_seconds, human_seconds, measure_rates
-from quantkit.quant.export import build_quantization_config, linear_tensors, model_card
+from quantkit.quant.export import base_bits, build_quantization_config, dynamic_rules, linear_tensors, model_card
 from quantkit.quant.gptq import HessianAccumulator
 from quantkit.quant.job import Job, default_work_dir, discard, exclusive, space_needed
-from quantkit.quant.measure import CANDIDATES_VERSION, block_candidates, measure_layer
+from quantkit.quant.measure import CANDIDATES_VERSION, GPTQ_SHARED, block_candidates, measure_layer
 from quantkit.quant.settings import QuantizeOptions, QuantSettings, check_against_model, check_bpw_reachable
 from quantkit.tokenizer.chat import ChatTokenizer
 
@@ -220,7 +220,9 @@ def _embed(ckpt: Checkpoint, model, job: Job, ids: torch.Tensor, row_shape, devi
     job.finish("embed", wrote_rows=True)
 
 
-def _measurement_fingerprint(ckpt: Checkpoint, ids: torch.Tensor, s: QuantSettings, rotate: bool, dtype) -> dict:
+def _measurement_fingerprint(
+    ckpt: Checkpoint, ids: torch.Tensor, s: QuantSettings, rotate: bool, dtype, fmt: str = "quantkit"
+) -> dict:
     """What a measurement depends on: the model, the rows, the candidate table and the GPTQ settings (not bits)."""
     fingerprint = {
         "source": _source_fingerprint(ckpt),
@@ -228,6 +230,7 @@ def _measurement_fingerprint(ckpt: Checkpoint, ids: torch.Tensor, s: QuantSettin
         "candidates": CANDIDATES_VERSION,
         "rotate": rotate,
         "dtype": str(dtype),
+        **({"format": fmt} if fmt != "quantkit" else {}),
         **asdict(s),
     }
     fingerprint.pop("bits")
@@ -262,7 +265,7 @@ def measure(
 ) -> dict:
     """The measurement pass (see measure.py), resumable in work/measure, saved as work/measurement.json."""
     s, device, dtype = o.settings, o.device, o.torch_dtype
-    fingerprint = _measurement_fingerprint(ckpt, ids, s, o.rotate, dtype)
+    fingerprint = _measurement_fingerprint(ckpt, ids, s, o.rotate, dtype, o.fmt)
     path = work / "measurement.json"
     if path.is_file():
         saved = read_json(path)
@@ -279,7 +282,7 @@ def measure(
         cur, nxt = job.stores(rows, row_shape, dtype)
         io = LayerIO(rows, cur, nxt, device, middle=attn)
         ctx = model.context(0, torch.empty(row_shape, dtype=dtype, device=device))
-        job.finish(f"layer.{i}", None, measure_layer(layer, io, ctx, s, lambda name, i=i: seeds(i, name)), True)
+        job.finish(f"layer.{i}", None, measure_layer(layer, io, ctx, s, lambda name, i=i: seeds(i, name), o.fmt), True)
     data = {"version": 1, "fingerprint": fingerprint, "layers": [job.info(step) for step in layer_steps(n_layers)]}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -287,7 +290,9 @@ def measure(
     return data
 
 
-def load_measurement(path: Path, expected: dict | None = None, n_layers: int | None = None) -> dict:
+def load_measurement(
+    path: Path, expected: dict | None = None, n_layers: int | None = None, fmt: str = "quantkit", shapes=None
+) -> dict:
     """A saved measurement.json; refused when it was made for another model, other settings or is incomplete."""
     data = read_json(path)
     layers = data.get("layers")
@@ -297,7 +302,9 @@ def load_measurement(path: Path, expected: dict | None = None, n_layers: int | N
     for i, layer in enumerate(layers or []):
         for block in ("attn", "mlp"):
             names = {c.get("candidate") for c in (layer or {}).get(block) or [] if isinstance(c, dict)}
-            if not {c.name for c in block_candidates(block)} <= names:
+            moe = shapes is not None and i < len(shapes) and any(
+                expert_index(n) is not None and block_of(n) == block for n in shapes[i])  # fmt: skip
+            if not {c.name for c in block_candidates(block, fmt, moe)} <= names:
                 raise QuantkitError(f"measurement {path}: layer {i} lacks {block} candidates: measure again")
     fp = data.get("fingerprint")
     if expected is not None and fp != expected:
@@ -352,7 +359,8 @@ def quantize(
     """Quantize the HF-layout model in src with GPTQ into dst (see the module docstring).
 
     With bpw, every block's quantization is chosen by measurement and allocation to hit that average over the
-    decoder linears exactly (quantkit format); otherwise every linear gets settings.bits.
+    decoder linears (just under it; in the GPTQ format among uniform 2/3/4/8-bit choices that GPTQ loaders run);
+    otherwise every linear gets settings.bits.
     """
     src, dst = Path(src), Path(dst)
     o = QuantizeOptions(
@@ -369,10 +377,10 @@ def quantize(
     seeds = _rotate_seeds(rotate)
     bpw_range = None
     if bpw is not None:
-        bpw_range = reachable_bpw(shapes, settings, seeds)
+        bpw_range = reachable_bpw(shapes, settings, seeds, fmt)
         check_bpw_reachable(bpw, *bpw_range)
         if measurement is not None:
-            load_measurement(measurement, n_layers=n_layers)
+            load_measurement(measurement, n_layers=n_layers, fmt=fmt, shapes=shapes)
     the_plan = plan(ckpt, model, o, bpw_range)
     work = Path(work_dir or default_work_dir(dst))
     output = OutputFolder(dst, force=force, src=src, work=work)  # validates dst before any work, dry run included
@@ -406,9 +414,11 @@ def quantize(
     if job.next is not None:
         raise QuantkitError(f"internal: quantize job stopped before step {job.next}")
 
-    qcfg = _output_config(ckpt, o, specs, crows.provenance)
+    qcfg = _output_config(ckpt, o, specs, crows.provenance, model.vision_tower is not None)
     def card(size: int) -> str:
-        return model_card(dst.name, fmt, settings, crows.provenance, size, head_bits, bpw, rotate, ckpt.config.arch)
+        gptq_bits = qcfg["bits"] if fmt == "gptq" and bpw is not None else None
+        return model_card(dst.name, fmt, settings, crows.provenance, size, head_bits, bpw, rotate, ckpt.config.arch,
+                          gptq_bits)  # fmt: skip
 
     size = _assemble(ckpt, job, output, qcfg, card, max_shard_size, progress)
     job.cleanup()
@@ -416,9 +426,36 @@ def quantize(
     return the_plan
 
 
-def _output_config(ckpt: Checkpoint, o: QuantizeOptions, specs, provenance: dict) -> dict:
-    """config.json's quantization_config; the quantkit format also lists every linear's bits and group size."""
+def _gptq_units(ckpt: Checkpoint, specs) -> list[tuple[list[str], int]]:
+    """Per layer, the linears that share one GPTQ setting (exported names) and their bits: q/k/v, o, gate/up, down;
+    a MoE layer's experts all together."""
+    units: list[tuple[list[str], int]] = []
+    for i, layer in enumerate(specs):
+        groups: dict[str, list[str]] = {}
+        for n in layer:
+            b = block_of(n)
+            key = "experts" if expert_index(n) is not None else "shared" + b if role_of(n) in GPTQ_SHARED[b] else n
+            groups.setdefault(key, []).append(n)
+        for names in groups.values():
+            widths = {layer[n].bits for n in names}
+            if len(widths) != 1 or not isinstance(next(iter(widths)), int):
+                raise QuantkitError(f"internal: layer {i} {names} do not share one GPTQ width: {widths}")
+            units.append(([_prefix(ckpt, f"layers.{i}.{n}") for n in names], widths.pop()))
+    return units
+
+
+def _output_config(ckpt: Checkpoint, o: QuantizeOptions, specs, provenance: dict, vision: bool = False) -> dict:
+    """config.json's quantization_config; the quantkit format also lists every linear's bits and group size, the
+    GPTQ format carries per-module bits and what stays 16-bit as GPTQModel's `dynamic` rules."""
     qcfg = build_quantization_config(o.fmt, o.settings, provenance, o.head_bits)
+    if o.fmt == "gptq" and (o.bpw is not None or vision):
+        units = _gptq_units(ckpt, specs) if o.bpw is not None else []
+        moe = any(".experts." in n for names, _ in units for n in names)
+        vision_bits = o.settings.bits if o.vision == "quantize" else None
+        qcfg["dynamic"] = dynamic_rules(units, o.head_bits, moe, vision, vision_bits)
+        if units:
+            qcfg["bits"] = base_bits([b for _, b in units])
+            qcfg["quantkit"]["bpw"] = o.bpw
     if o.fmt == "quantkit":
         qcfg["bpw"], qcfg["rotate"] = o.bpw, o.rotate
         qcfg["modules"] = {
@@ -433,12 +470,12 @@ def _allocate(ckpt, model, ids, work: Path, o: QuantizeOptions, shapes, seeds, p
     """--bpw: measure (or reuse --measurement), then choose every block's storage for the target."""
     m_ids = ids[: min(o.measure_rows, o.rows)]
     if o.measurement is not None:
-        expected = _measurement_fingerprint(ckpt, m_ids, o.settings, o.rotate, o.torch_dtype)
-        meas = load_measurement(o.measurement, expected, len(shapes))
+        expected = _measurement_fingerprint(ckpt, m_ids, o.settings, o.rotate, o.torch_dtype, o.fmt)
+        meas = load_measurement(o.measurement, expected, len(shapes), o.fmt, shapes)
     else:
         meas = measure(ckpt, model, m_ids, work, o, progress)
         log(f"measurement: {work / 'measurement.json'} (reuse it with --measurement)")
-    alloc = allocate(meas, shapes, o.bpw, o.settings, seeds)
+    alloc = allocate(meas, shapes, o.bpw, o.settings, seeds, o.fmt)
     log(
         f"allocation: {alloc.bpw:.4f} bits per decoder weight for --bpw {o.bpw} "
         f"({alloc.bits:,} bits, {alloc.bits / 8e9:.3f} GB)"

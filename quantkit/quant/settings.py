@@ -82,12 +82,12 @@ class QuantizeOptions:
             raise QuantkitError(f"--damp must be a fraction from 0 to 1 of mean(diag H), got {s.damp}")
         if self.vision not in VISION_MODES:
             raise QuantkitError(f"--vision must be keep or quantize, got {self.vision!r}")
-        if (self.bpw is not None or self.rotate) and self.fmt != "quantkit":
-            raise QuantkitError("--bpw and --rotate write the quantkit format (--format quantkit)")
+        if self.rotate and self.fmt != "quantkit":
+            raise QuantkitError("--rotate writes the quantkit format (--format quantkit)")
         if self.bpw is not None:
             if not math.isfinite(self.bpw) or self.bpw <= 0:
                 raise QuantkitError(f"--bpw must be a positive number of bits per weight, got {self.bpw}")
-            if s.static_groups:
+            if s.static_groups and self.fmt == "quantkit":
                 raise QuantkitError("--bpw mixes bit widths within a matrix, which needs dynamic groups: drop "
                                     "--static-groups")  # fmt: skip
             if self.measure_rows < 1:

@@ -8,6 +8,7 @@ Each folder is loaded by each peer in float16 on CPU (GPTQModel: BACKEND.TORCH, 
 fp16/bf16; transformers: from_pretrained through optimum + gptqmodel, output_loading_info=True), then cast to float32
 (model.float(): exact for the fp16 scales), so the peer dequantizes and multiplies in fp32. Checked per peer:
   - every linear quantkit quantized is a quantized module of the peer under the same name, and no other;
+  - each such module's bits (GPTQModel resolves them from quantization_config.dynamic) equal quantkit's;
   - weights: each module's dequantize_weight() against ours, worst max|a − b| / max|b|;
   - logits on the same ids: ‖a − b‖ / ‖b‖ and max|a − b| / max|b| below --tol;
   - 16 greedy tokens (one full forward per token, no cache) equal to quantkit's;
@@ -85,12 +86,17 @@ def check(peer: str, folder: str, ours: dict[str, torch.Tensor], tol: float) -> 
                      expected & set(qlinears)), default=float("nan"))  # fmt: skip
     fro, mx = rel(logits, ours["logits"])
     same = int((tokens == ours["greedy"]).sum())
-    row.update(linears=f"{len(expected & set(qlinears))}/{len(expected)}", w=w_err, fro=fro, max=mx,
-               tokens=f"{same}/{new}", report=len(report))  # fmt: skip
+    bits_wrong = sorted(n for n in expected & set(qlinears) if int(qlinears[n].bits) != int(ours[f"bits.{n}"]))
+    widths = sorted({int(ours[f"bits.{n}"]) for n in expected})
+    row.update(bits="/".join(map(str, widths)) if len(widths) > 1 else widths[0], dynamic=len(q.get("dynamic", {})),
+               linears=f"{len(expected & set(qlinears))}/{len(expected)}", bits_equal=len(bits_wrong) == 0, w=w_err,
+               fro=fro, max=mx, tokens=f"{same}/{new}", report=len(report))  # fmt: skip
     ok = not missing and not extra and not report and w_err < tol and fro < tol and mx < tol and same == new
+    ok = ok and not bits_wrong
     if ok:
         return {**row, "status": "PASS", "note": ""}
     note = f"{len(missing)} linears not quantized by the peer (e.g. {missing[:1]})" if missing else ""
+    note += f"; {len(bits_wrong)} linears with other bits (e.g. {bits_wrong[:1]})" if bits_wrong else ""
     note += f"; load report: {len(report)} keys missing/unexpected (e.g. {report[:1]})" if report else ""
     known = (peer, arch) in KNOWN_MISLOADS and bool(report)
     return {**row, "status": "known misload" if known else "FAIL", "note": note.lstrip("; ")}
@@ -116,10 +122,11 @@ def main() -> int:
     for folder, ours in zip(args.pairs[::2], args.pairs[1::2], strict=True):
         rows.append(check(args.peer, folder, load_file(ours), args.tol))
         print(" ".join(f"{k}={fmt(v)}" for k, v in rows[-1].items()), flush=True)
-    cols = ["arch", "bits", "act", "peer", "linears", "w", "fro", "max", "tokens", "report", "status", "note"]
+    cols = ["folder", "arch", "bits", "dynamic", "act", "peer", "linears", "bits_equal", "w", "fro", "max", "tokens",
+            "report", "status", "note"]  # fmt: skip
     print(
-        "\n| arch | bits | act order | loader | quantized linears | weights rel max | logits rel fro "
-        "| logits rel max | greedy tokens equal | load report | result | note |"
+        "\n| folder | arch | bits | dynamic rules | act order | loader | quantized linears | per-module bits = ours "
+        "| weights rel max | logits rel fro | logits rel max | greedy tokens equal | load report | result | note |"
     )
     print("|" + "---|" * len(cols))
     for r in rows:

@@ -6,7 +6,8 @@ Usage: python tests/interop/quantkit_logits.py GPTQ_DIR OUT.safetensors [GPTQ_DI
 For each folder: `load_quantized` (float32, torch backend: exactly what `quantkit run/eval` load) runs random token
 ids [1, T] and continues them greedily for N tokens (one full forward per token, no cache); the weight of every
 quantized linear is dequantized from the exported tensors, W = scales[g_idx]ᵀ·(q − zeros[g_idx]ᵀ) (docs/format.md),
-under the exported module name. Saves {"ids", "logits", "greedy", "weight.<module>" ([out, in])} to OUT (float32).
+under the exported module name. Saves {"ids", "logits", "greedy", "weight.<module>" ([out, in]), "bits.<module>"
+(the bits quantkit allocated, from `dynamic`)} to OUT (float32).
 Run by run_gptqmodel.sh.
 """
 
@@ -20,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from quantkit.formats.gptq import gptq_unpack
+from quantkit.formats.gptq import gptq_unpack, module_bits
 from quantkit.runtime import load_quantized
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
@@ -43,9 +44,11 @@ def reference(folder: Path, out: Path, tokens: int, new: int, seed: int) -> None
             stored.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118
     weights = {}
     for key in sorted(k.removesuffix(".qweight") for k in stored if k.endswith(".qweight")):
-        q, scales, zeros, g_idx = gptq_unpack({p: stored[f"{key}.{p}"] for p in PARTS}, qcfg["bits"], fmt)
+        bits = module_bits(qcfg, key)  # per module from `dynamic` in --bpw builds
+        q, scales, zeros, g_idx = gptq_unpack({p: stored[f"{key}.{p}"] for p in PARTS}, bits, fmt)
         g = g_idx.long()
         weights[f"weight.{key}"] = (scales.float()[g].T * (q - zeros[g].T).float()).contiguous()
+        weights[f"bits.{key}"] = torch.tensor(bits)
     if not weights:
         raise SystemExit(f"{folder}: no quantized linear found")
 

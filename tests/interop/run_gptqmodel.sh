@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Interop check (issues 5, 18): tiny Mistral, Mixtral and Pixtral(-Large) exports from
-# `quantkit quantize --format gptq --bits {3,4,8} --group-size 32 --{,no-}act-order` load in GPTQModel and in
+# Interop check (issues 5, 18, 14): tiny Mistral, Mixtral and Pixtral(-Large) exports from
+# `quantkit quantize --format gptq --bits {3,4,8} --group-size 32 --{,no-}act-order` and mixed-bit
+# `--format gptq --bpw 3.0` builds (per-module bits in `dynamic`, which the peers must report) load in GPTQModel and in
 # transformers (optimum + gptqmodel) on CPU and match quantkit's own loading in fp32: dequantized weights, logits
 # within 1e-3 relative, 16 greedy tokens equal. transformers' known GPTQ Mixtral misload shows as "known misload".
 # Not run in CI: GPTQModel pulls a multi-GB torch build, so it lives in its own venv. Prints a markdown table.
@@ -10,7 +11,7 @@
 # Steps: venv + `pip install gptqmodel optimum` (once); with quantkit's python: synthetic tiny models -> convert ->
 # quantize (3/4/8 bits, act order on/off) -> quantkit's reference (quantkit_logits.py); in the venv:
 # gptqmodel_logits.py. Set PYTHON for quantkit's python (default: python), REBUILD=1 to remake the models,
-# MODELS / BITS / ORDERS to run a subset (e.g. MODELS=mixtral BITS=4). Exits non-zero on failure.
+# MODELS / BITS / ORDERS / BPWS to run a subset (e.g. MODELS=mixtral BITS=4 BPWS=). Exits non-zero on failure.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,6 +21,7 @@ PY="${PYTHON:-python}"
 MODELS="${MODELS:-mistral mixtral pixtral}"
 BITS="${BITS:-3 4 8}"
 ORDERS="${ORDERS:-act noact}"
+BPWS="${BPWS:-3.0}"  # mixed builds: --bpw X --format gptq (per-module bits in quantization_config.dynamic)
 export GPTQMODEL_CPU_WORKERS="${GPTQMODEL_CPU_WORKERS:-2}"
 mkdir -p "$DIR"
 qk() { "$PY" -c 'import sys; from quantkit.cli import main; sys.exit(main(prog_name="quantkit"))' "$@"; }
@@ -54,6 +56,15 @@ for m in $MODELS; do
             fi
             refs+=("$out" "$DIR/$m/ours-b$b-$order.safetensors")
         done
+    done
+    for bpw in $BPWS; do
+        out="$DIR/$m/gptq-bpw$bpw"
+        if [[ ! -f "$out/config.json" ]]; then
+            echo "== quantize $m --bpw $bpw --format gptq"
+            qk quantize "$DIR/$m/hf" "$out" --format gptq --bpw "$bpw" --group-size 32 --act-order \
+                --rows 8 --seq-len 64 --measure-rows 4 --quiet --force
+        fi
+        refs+=("$out" "$DIR/$m/ours-bpw$bpw.safetensors")
     done
     "$PY" "$HERE/quantkit_logits.py" "${refs[@]}"
     pairs+=("${refs[@]}")

@@ -1,0 +1,125 @@
+"""quantize --bpw --format gptq: GPTQ-loadable choices only, bytes on disk at the target, per-module bits in
+GPTQModel's `dynamic` field, and quantkit's own loading of the mixed folder."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections import defaultdict
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from quantkit.cli import main
+from quantkit.formats.gptq import GPTQ_BITS, dynamic_override, module_bits
+
+NUMEL = 8 * (128 * 128 * 2 + 64 * 128 * 2 + 3 * 128 * 256)  # the decoder linears of mistral_gptq_bpw's 8 layers
+ARGS = ["--format", "gptq", "--group-size", "64", "--rows", "4", "--seq-len", "64", "--measure-rows", "2", "--quiet"]
+PARTS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def stored(folder) -> dict[str, dict[str, tuple[list[int], int]]]:
+    """module -> {part: (shape, bytes)} of every GPTQ tensor on disk."""
+    out: dict[str, dict] = defaultdict(dict)
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():  # noqa: SIM118
+                module, _, part = k.rpartition(".")
+                if part in PARTS:
+                    t = st.get_slice(k)
+                    shape = t.get_shape()
+                    size = {"I32": 4, "F16": 2}[t.get_dtype()]
+                    out[module][part] = (shape, size * int(torch.tensor(shape).prod()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_models, tmp_path_factory):
+    src = tiny_models.get("mistral_gptq_bpw")["hf"]
+    root = tmp_path_factory.mktemp("gptqbpw")
+    result = run("quantize", src, root / "fresh3", "--bpw", "3.0", *ARGS)
+    assert result.exit_code == 0, result.output + str(result.exception)
+    measurement = root / "measurement.json"
+    shutil.copy(root / ".fresh3.quantkit-work" / "measurement.json", measurement)
+    return src, root, measurement
+
+
+@pytest.mark.parametrize("target", [2.75, 3.0, 4.0])
+def test_bytes_on_disk_hit_the_target_with_loadable_bits(measured, target):
+    src, root, measurement = measured
+    out = root / f"q{target}"
+    result = run("quantize", src, out, "--bpw", target, "--measurement", measurement, *ARGS)
+    assert result.exit_code == 0, result.output + str(result.exception)
+    tensors = stored(out)
+    assert len(tensors) == 8 * 7 and all(set(p) == set(PARTS) for p in tensors.values())
+    realized = 8 * sum(size for parts in tensors.values() for _, size in parts.values()) / NUMEL
+    assert target - 0.02 <= realized <= target + 1e-9, realized
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "gptq" and qcfg["group_size"] == 64 and qcfg["quantkit"]["bpw"] == target
+    bits = {}
+    for module, parts in tensors.items():
+        b = module_bits(qcfg, module)
+        (k_rows, out_f), (in_f,) = parts["qweight"][0], parts["g_idx"][0]
+        assert b in GPTQ_BITS and k_rows * 32 == in_f * b, module  # the rule's bits are the stored ones
+        assert parts["scales"][0] == [in_f // 64, out_f]  # the run's one group size
+        bits[module] = b
+    for i in range(8):
+        layer = f"model.layers.{i}"
+        assert len({bits[f"{layer}.self_attn.{p}_proj"] for p in "qkv"}) == 1  # vLLM's qkv_proj
+        assert bits[f"{layer}.mlp.gate_proj"] == bits[f"{layer}.mlp.up_proj"]  # vLLM's gate_up_proj
+    assert len(set(bits.values())) > 1  # mixed
+    assert dynamic_override(qcfg["dynamic"], "lm_head") is False
+
+
+def test_mixed_folder_runs_in_quantkit(measured, tmp_path):
+    """eval loads per-module bits from `dynamic` (a folder read with one `bits` for all would be refused: qweight
+    shapes would not match) and stays close to the float model."""
+    src, root, measurement = measured
+    out = tmp_path / "mixed"
+    assert run("quantize", src, out, "--bpw", 3.5, "--measurement", measurement, *ARGS).exit_code == 0
+    result = run("eval", out, "--reference", src, "--rows", "2", "--seq-len", "32", "--json", "--quiet")
+    assert result.exit_code == 0, result.output + str(result.exception)
+    assert 0 < json.loads(result.stdout)["kl_divergence"] < 5
+
+
+def test_moe_block_takes_one_width(tiny_models, tmp_path):
+    src = tiny_models.get("mixtral")["hf"]
+    args = [a if a != "64" else "32" for a in ARGS]
+    out = tmp_path / "moe"
+    result = run("quantize", src, out, "--bpw", 3.0, *args)
+    assert result.exit_code == 0, result.output + str(result.exception)
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    tensors = stored(out)
+    for i in range(2):
+        experts = {module_bits(qcfg, m) for m in tensors if m.startswith(f"model.layers.{i}.mlp.experts.")}
+        assert len(experts) == 1  # gate, up and down of every expert: one FusedMoE setting in vLLM
+        assert module_bits(qcfg, f"model.layers.{i}.block_sparse_moe.experts") == experts.pop()  # vLLM's name
+        assert dynamic_override(qcfg["dynamic"], f"model.layers.{i}.mlp.gate") is False  # the router
+    for m, parts in tensors.items():
+        assert parts["qweight"][0][0] * 32 == parts["g_idx"][0][0] * module_bits(qcfg, m)
+
+
+def test_uniform_pixtral_export_says_what_stays_16_bit(tiny_models, tmp_path):
+    src = tiny_models.get("pixtral_large")["hf"]
+    out = tmp_path / "pix"
+    result = run("quantize", src, out, "--format", "gptq", "--bits", 4, "--group-size", 32, "--rows", 2,
+                 "--seq-len", 32, "--quiet")  # fmt: skip
+    assert result.exit_code == 0, result.output + str(result.exception)
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert all(k.startswith("-:") for k in qcfg["dynamic"])
+    for name in ("model.vision_tower.transformer.layers.0.attention.q_proj", "vision_tower.transformer.layers.0."
+                 "attention.qkv_proj", "model.multi_modal_projector.linear_1", "multi_modal_projector.linear_2",
+                 "lm_head", "language_model.lm_head"):  # fmt: skip
+        assert dynamic_override(qcfg["dynamic"], name) is False, name
+    for module in stored(out):
+        assert module_bits(qcfg, module) == 4 and module.startswith("model.language_model.layers."), module
+    assert not any(re.match(k[2:], "model.language_model.layers.0.self_attn.qkv_proj") for k in qcfg["dynamic"])
+    result = run("eval", out, "--reference", src, "--rows", "2", "--seq-len", "32", "--json", "--quiet")
+    assert result.exit_code == 0, result.output + str(result.exception)
