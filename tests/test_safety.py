@@ -152,7 +152,9 @@ def test_job_state_is_final_before_cleanup_and_a_killed_cleanup_is_recovered(tmp
 def test_concurrent_quantize_one_refused_other_byte_identical(tiny_models, tmp_path):
     """Issue 19's scenario: a second `quantize --bits 4` into the same DST 3 s after the first."""
     src = tiny_models.get("mistral_large")["hf"]
-    args = ["--bits", "4", "--group-size", "32", "--rows", "8", "--seq-len", "256", "--quiet"]
+    # 128 x 512 calibration tokens: ~8 s on an idle 2-core machine (8 x 256 ended before 3 s), so the first run
+    # is still busy when the second starts
+    args = ["--bits", "4", "--group-size", "32", "--rows", "128", "--seq-len", "512", "--quiet"]
     solo, dst = tmp_path / "solo" / "out", tmp_path / "both" / "out"
     solo.parent.mkdir()
     dst.parent.mkdir()
