@@ -17,6 +17,7 @@ ARCH_CLASS = {
     "mistral_large": "MistralForCausalLM",
     "mistral_bpw": "MistralForCausalLM",
     "mistral_odd": "MistralForCausalLM",
+    "mistral_gptq_bpw": "MistralForCausalLM",
     "mixtral": "MixtralForCausalLM",
 }
 
