@@ -9,6 +9,8 @@ divergence and top-1 agreement against the 16-bit model, quantization wall time 
 
 Uniform GPTQ is built at the widths and group sizes that land near 2.5, 3.0 and 4.0 bits per weight (2-bit g32,
 3- and 4-bit per channel) and at g128; each mixed build is made at exactly a uniform build's size (equal bytes).
+GPTQ-format mixed builds (--bpw --format gptq: whole-module widths in GPTQModel's `dynamic` rules, what vLLM
+serves) are made at the g128 uniform builds' sizes and at 3.0 / 4.0 next to the quantkit-format mixed builds.
 All builds are evaluated in one pass over the same held-out rows, so their per-row NLLs pair up: the equal-bytes
 table gives the perplexity difference with its standard error over rows.
 """
@@ -46,6 +48,7 @@ CACHE = Path.home() / ".cache" / "quantkit-bench"
 GROUP = 128
 UNIFORM = ((2, "128"), (2, "32"), (3, "none"), (3, "128"), (4, "none"), (4, "128"))  # (bits, --group-size)
 ROUND_TARGETS = (2.5, 3.0, 3.5, 4.0)
+GPTQ_FORMAT_TARGETS = (3.0, 4.0)  # each next to the quantkit-format mixed build of the same target
 
 
 @dataclass
@@ -156,6 +159,20 @@ def main() -> None:
                 shutil.copy(args.work / f".{out.name}.quantkit-work" / "measurement.json", measurement)
             note = "" if reuse else " (incl. measurement)"
             builds.append(folder_build(f"quantkit mixed --bpw {target:.3f}{tag}{note}", out, seconds, same))
+    # GPTQ-format mixed (per-module 2/3/4/8 bits in `dynamic`, one group size): at the uniform g128 builds' sizes,
+    # and at 3.0 / 4.0 next to the quantkit-format mixed builds of the same target.
+    measurement = args.work / "measurement-gptq.json"
+    measurement.unlink(missing_ok=True)
+    targets = [(u.bpw + 1e-9, u.label) for u in uniform[False] if u.label.endswith(f"g{GROUP} act-order")]
+    targets += [(t, f"quantkit mixed --bpw {t:.3f}") for t in GPTQ_FORMAT_TARGETS]
+    for target, same in targets:
+        out = args.work / f"gptqmixed{target:.3f}"
+        reuse = ["--measurement", measurement] if measurement.is_file() else []
+        seconds = quantkit_cli(hf, out, "--bpw", target, "--format", "gptq", "--group-size", GROUP, *reuse, *q)
+        if not reuse:
+            shutil.copy(args.work / f".{out.name}.quantkit-work" / "measurement.json", measurement)
+        note = "" if reuse else " (incl. measurement)"
+        builds.append(folder_build(f"GPTQ-format mixed --bpw {target:.3f}{note}", out, seconds, same))
 
     es = EvalSettings(str(heldout), rows=args.eval_rows, seq_len=args.eval_seq_len, device="cpu", dtype="float32",
                       backend="torch")  # fmt: skip
@@ -195,9 +212,9 @@ def write_results(args, builds: list[Build], results: dict[str, EvalResult]) -> 
             f"{kl} | {top1} | {'' if b.seconds is None else f'{b.seconds:.0f}'} |"
         )
     pairs = [
-        "| uniform GPTQ build | bpw uniform / mixed | held-out ppl uniform / mixed | mixed vs uniform ppl (%) "
-        "| KL uniform / mixed | top-1 uniform / mixed |",
-        "|---|---|---|---|---|---|",
+        "| build | reference build | bpw reference / build | held-out ppl reference / build "
+        "| build vs reference ppl (%) | KL reference / build | top-1 reference / build |",
+        "|---|---|---|---|---|---|---|",
     ]
     by_label = {b.label: b for b in builds}
     for b in builds:
@@ -206,7 +223,7 @@ def write_results(args, builds: list[Build], results: dict[str, EvalResult]) -> 
         u, ru, rm = by_label[b.same_size_as], results[b.same_size_as], results[b.label]
         diff, se = paired(rm, ru)
         pairs.append(
-            f"| {u.label} | {u.bpw:.3f} / {b.bpw:.3f} | {ru.perplexity:.3f} / {rm.perplexity:.3f} | "
+            f"| {b.label} | {u.label} | {u.bpw:.3f} / {b.bpw:.3f} | {ru.perplexity:.3f} / {rm.perplexity:.3f} | "
             f"{diff:+.2f} ± {se:.2f} | {ru.kl_divergence:.6f} / {rm.kl_divergence:.6f} | "
             f"{ru.top1_agreement:.3f} / {rm.top1_agreement:.3f} |"
         )
@@ -219,8 +236,12 @@ def write_results(args, builds: list[Build], results: dict[str, EvalResult]) -> 
         f"{args.eval_rows} rows x {args.eval_seq_len} tokens of held-out files, the same rows for every build. RTN "
         f"rows are fake-quantized with the GPTQ layout's size; RTN's time is the rounding alone.\n\n"
         + "\n".join(lines)
-        + "\n\n## Equal bytes: mixed --bpw against uniform GPTQ\n\nEach mixed build is made at exactly the uniform "
-        "build's bits per decoder weight (realized size at most equal). The ppl difference is exp(mean over rows of "
+        + "\n\n## Equal bytes: mixed --bpw against uniform GPTQ, and GPTQ-format mixed against quantkit-format\n\n"
+        "Each mixed build is made at exactly its reference build's bits per decoder weight (realized size at most "
+        "equal): a uniform GPTQ build, or for the GPTQ-format mixed builds at 3.0 / 4.0 the quantkit-format mixed "
+        "build of the same target. GPTQ-format mixed builds choose whole-module widths (2/3/4/8 bits, q/k/v and "
+        "gate/up sharing one, one group size, written as `dynamic` rules); quantkit-format ones mix widths within a "
+        "matrix. The ppl difference is exp(mean over rows of "
         "the per-row NLL difference) - 1, with one standard error of that mean over rows (rows from one file "
         "are not independent, so this understates the spread somewhat).\n\n" + "\n".join(pairs) + "\n"
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from native_models import read_safetensors
+from same_output import assert_same_files, one_thread_env
 
 from quantkit.cli import main
 from quantkit.quant.capture import QuantSettings
@@ -176,7 +176,7 @@ main(sys.argv[2:])
 def test_resume_after_kill_is_byte_identical(tiny_models, tmp_path):
     src = tiny_models.get("mistral_large")["hf"]
     args = ["quantize", str(src), "", "--bits", "3", "--group-size", "32", *FAST]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = one_thread_env()
     whole, crashed = tmp_path / "a" / "out", tmp_path / "b" / "out"
     whole.parent.mkdir()
     crashed.parent.mkdir()
@@ -190,8 +190,7 @@ def test_resume_after_kill_is_byte_identical(tiny_models, tmp_path):
     )
     assert second.returncode == 0, second.stderr
     assert "resuming at layer 1/2" in second.stdout + second.stderr
-    for f in sorted(whole.iterdir()):
-        assert f.read_bytes() == (crashed / f.name).read_bytes(), f.name
+    assert_same_files(whole, crashed)
     assert not work.exists()  # the finished job cleaned up after itself
 
     # An unfinished job refuses other settings, and --restart discards it.
@@ -281,8 +280,9 @@ def test_model_card_with_saved_eval(quantized):
     assert run("inspect", src, "--card").exit_code == 1  # a float folder has no card
 
 
-def test_job_steps_are_named_and_a_run_stopped_after_the_head_resumes_from_the_names(tiny_models, tmp_path,
-                                                                                    monkeypatch):  # fmt: skip
+def test_job_steps_are_named_and_a_run_stopped_after_the_head_resumes_from_the_names(
+    tiny_models, tmp_path, monkeypatch, one_thread
+):
     """job.json lists the finished steps by name ("embed", "layer.i", "head"); a rerun picks up after them."""
     from quantkit.quant import job as job_mod
 
@@ -311,8 +311,7 @@ def test_job_steps_are_named_and_a_run_stopped_after_the_head_resumes_from_the_n
     again = run("quantize", src, cut, *args)
     assert again.exit_code == 0, again.output
     assert ran == [] and "resuming at layer 2/2" in again.output  # nothing recomputed
-    for f in sorted(whole.iterdir()):
-        assert f.read_bytes() == (cut / f.name).read_bytes(), f.name
+    assert_same_files(whole, cut)
 
 
 def test_a_work_dir_of_an_older_version_with_numbered_steps_is_refused(tiny_models, tmp_path):

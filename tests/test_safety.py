@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from same_output import assert_same_files, one_thread_env
 
 from quantkit.cli import main
 from quantkit.errors import QuantkitError
@@ -159,11 +160,12 @@ def test_concurrent_quantize_one_refused_other_byte_identical(tiny_models, tmp_p
     solo.parent.mkdir()
     dst.parent.mkdir()
     cmd = [sys.executable, "-m", "quantkit", "quantize", str(src)]
-    subprocess.run([*cmd, str(solo), *args], env=ENV, check=True, capture_output=True)
-    first = subprocess.Popen([*cmd, str(dst), *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = one_thread_env()
+    subprocess.run([*cmd, str(solo), *args], env=env, check=True, capture_output=True)
+    first = subprocess.Popen([*cmd, str(dst), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(3)
     t0 = time.perf_counter()
-    second = subprocess.run([*cmd, str(dst), *args], env=ENV, capture_output=True, text=True, timeout=120)
+    second = subprocess.run([*cmd, str(dst), *args], env=env, capture_output=True, text=True, timeout=120)
     refused_in = time.perf_counter() - t0
     still_running = first.poll() is None
     _, err = first.communicate(timeout=300)
@@ -172,8 +174,7 @@ def test_concurrent_quantize_one_refused_other_byte_identical(tiny_models, tmp_p
     assert second.returncode == 1 and second.stderr.strip().count("\n") == 0, second.stderr
     assert f"is in use by another quantkit run (pid {first.pid})" in second.stderr
     assert refused_in < 60
-    for f in sorted(solo.iterdir()):
-        assert f.read_bytes() == (dst / f.name).read_bytes(), f.name
+    assert_same_files(solo, dst)
     assert sorted(p.name for p in dst.parent.iterdir()) == ["out"]  # no lock, temp folder or work dir left
 
 
@@ -285,7 +286,7 @@ def test_a_10000_pixel_square_image_is_decoded_under_a_budget(tmp_path):
 
 
 @pytest.mark.parametrize("stop_after", ["row stores", "job.json"])
-def test_a_kill_inside_the_final_cleanup_never_sticks(tiny_models, tmp_path, monkeypatch, stop_after):
+def test_a_kill_inside_the_final_cleanup_never_sticks(tiny_models, tmp_path, monkeypatch, stop_after, one_thread):
     """Issue 19: a kill inside the cleanup made every --force rerun crash with FileNotFoundError until --restart."""
     from quantkit.quant import job as job_module
 
@@ -323,8 +324,7 @@ def test_a_kill_inside_the_final_cleanup_never_sticks(tiny_models, tmp_path, mon
     assert work.exists() == (stop_after == "row stores")  # a finished job still holds its layers; no job: cleaned
     forced = run("quantize", src, dst, *args, "--force")
     assert forced.exit_code == 0, forced.output
-    for f in sorted(solo.iterdir()):
-        assert f.read_bytes() == (dst / f.name).read_bytes(), f.name
+    assert_same_files(solo, dst)
     assert sorted(p.name for p in dst.parent.iterdir()) == ["out"]
 
 
