@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from quantkit.cli import main
 from quantkit.formats.gptq import GPTQ_BITS, dynamic_override, module_bits
+from quantkit.serve.server import bits_label
 
 NUMEL = 8 * (128 * 128 * 2 + 64 * 128 * 2 + 3 * 128 * 256)  # the decoder linears of mistral_gptq_bpw's 8 layers
 ARGS = ["--format", "gptq", "--group-size", "64", "--rows", "4", "--seq-len", "64", "--measure-rows", "2", "--quiet"]
@@ -76,6 +77,7 @@ def test_bytes_on_disk_hit_the_target_with_loadable_bits(measured, target):
         assert bits[f"{layer}.mlp.gate_proj"] == bits[f"{layer}.mlp.up_proj"]  # vLLM's gate_up_proj
     assert len(set(bits.values())) > 1  # mixed
     assert dynamic_override(qcfg["dynamic"], "lm_head") is False
+    assert bits_label(qcfg) == f", per-module {'/'.join(map(str, sorted(set(bits.values()))))}-bit"  # serve's line
 
 
 def test_mixed_folder_runs_in_quantkit(measured, tmp_path):

@@ -64,12 +64,23 @@ def serve_in_thread(app, host: str = "127.0.0.1", timeout_s: float = 30) -> Iter
             raise QuantkitError("the server did not stop")
 
 
+def bits_label(qcfg: dict) -> str:
+    """`, 4-bit`, `, per-module 2/3/4-bit` (GPTQ `dynamic` overrides) or `, 3.0 bpw mixed` (quantkit format)."""
+    rules = qcfg.get("dynamic") or {}
+    widths = {o["bits"] for k, o in rules.items() if not k.startswith("-:") and "bits" in o}
+    if widths and qcfg.get("bits"):
+        return f", per-module {'/'.join(map(str, sorted(widths | {qcfg['bits']})))}-bit"
+    if qcfg.get("bpw"):
+        return f", {qcfg['bpw']} bpw mixed"
+    return f", {qcfg['bits']}-bit" if qcfg.get("bits") else ""
+
+
 def describe(model: Transformer, folder: Path, name: str) -> list[str]:
     """Startup lines: the model, the device of each group of parts, the bytes of weights on each device."""
     qcfg = quantization_config(folder)
     kind = f"{qcfg.get('quant_method')} quantized" if qcfg else f"{model.norm.weight.dtype}".replace("torch.", "")
-    if qcfg and qcfg.get("bits"):
-        kind += f", {qcfg['bits']}-bit"
+    if qcfg:
+        kind += bits_label(qcfg)
     t = model.config.text
     lines = [f"model: {name} ({folder}, {kind}, {t.n_layers} layers, context {t.max_seq_len}"
              + (", vision" if model.vision_tower is not None else "") + ")"]  # fmt: skip

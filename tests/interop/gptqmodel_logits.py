@@ -12,6 +12,8 @@ fp16/bf16; transformers: from_pretrained through optimum + gptqmodel, output_loa
   - weights: each module's dequantize_weight() against ours, worst max|a − b| / max|b|;
   - logits on the same ids: ‖a − b‖ / ‖b‖ and max|a − b| / max|b| below --tol;
   - 16 greedy tokens (one full forward per token, no cache) equal to quantkit's;
+  - Pixtral: the vision tower and projector are plain (unquantized) modules of the peer, and the logits of an
+    image + text prompt (pixel_values / image_sizes as transformers takes them) match quantkit's within --tol;
   - the load report (transformers: missing and unexpected keys; a non-empty one is a misload).
 transformers 5 is known to misload a GPTQ Mixtral (its experts are fused 3-D tensors with no GPTQ form: the quantized
 expert tensors end up UNEXPECTED, the fused weights MISSING and random, with no error); that row must show the misload
@@ -82,22 +84,30 @@ def check(peer: str, folder: str, ours: dict[str, torch.Tensor], tol: float) -> 
         torch.nn.Module.float(model)  # transformers refuses .float() on quantized models
         logits = model(input_ids=ids).logits.float()
         tokens = greedy(model, ids, new)[:, ids.shape[1] :]
+        img = float("nan")
+        if "image.logits" in ours:
+            got = model(input_ids=ours["image.ids"], pixel_values=ours["image.pixel_values"],
+                        image_sizes=ours["image.sizes"]).logits.float()  # fmt: skip
+            img = rel(got, ours["image.logits"])[1]
         w_err = max((rel(qlinears[n].dequantize_weight().float().T, ours[f"weight.{n}"])[1] for n in
                      expected & set(qlinears)), default=float("nan"))  # fmt: skip
     fro, mx = rel(logits, ours["logits"])
     same = int((tokens == ours["greedy"]).sum())
     bits_wrong = sorted(n for n in expected & set(qlinears) if int(qlinears[n].bits) != int(ours[f"bits.{n}"]))
+    vision_quantized = sorted(n for n in qlinears if n.split(".")[0] in ("vision_tower", "multi_modal_projector")
+                              or ".vision_tower." in n or ".multi_modal_projector." in n)  # fmt: skip
     widths = sorted({int(ours[f"bits.{n}"]) for n in expected})
     row.update(bits="/".join(map(str, widths)) if len(widths) > 1 else widths[0], dynamic=len(q.get("dynamic", {})),
                linears=f"{len(expected & set(qlinears))}/{len(expected)}", bits_equal=len(bits_wrong) == 0, w=w_err,
-               fro=fro, max=mx, tokens=f"{same}/{new}", report=len(report))  # fmt: skip
+               fro=fro, max=mx, tokens=f"{same}/{new}", report=len(report), image=img)  # fmt: skip
     ok = not missing and not extra and not report and w_err < tol and fro < tol and mx < tol and same == new
-    ok = ok and not bits_wrong
+    ok = ok and not bits_wrong and not vision_quantized and ("image.logits" not in ours or img < tol)
     if ok:
         return {**row, "status": "PASS", "note": ""}
     note = f"{len(missing)} linears not quantized by the peer (e.g. {missing[:1]})" if missing else ""
     note += f"; {len(bits_wrong)} linears with other bits (e.g. {bits_wrong[:1]})" if bits_wrong else ""
     note += f"; load report: {len(report)} keys missing/unexpected (e.g. {report[:1]})" if report else ""
+    note += f"; vision modules quantized by the peer (e.g. {vision_quantized[:1]})" if vision_quantized else ""
     known = (peer, arch) in KNOWN_MISLOADS and bool(report)
     return {**row, "status": "known misload" if known else "FAIL", "note": note.lstrip("; ")}
 
@@ -123,10 +133,11 @@ def main() -> int:
         rows.append(check(args.peer, folder, load_file(ours), args.tol))
         print(" ".join(f"{k}={fmt(v)}" for k, v in rows[-1].items()), flush=True)
     cols = ["folder", "arch", "bits", "dynamic", "act", "peer", "linears", "bits_equal", "w", "fro", "max", "tokens",
-            "report", "status", "note"]  # fmt: skip
+            "image", "report", "status", "note"]  # fmt: skip
     print(
         "\n| folder | arch | bits | dynamic rules | act order | loader | quantized linears | per-module bits = ours "
-        "| weights rel max | logits rel fro | logits rel max | greedy tokens equal | load report | result | note |"
+        "| weights rel max | logits rel fro | logits rel max | greedy tokens equal | image+text logits rel max "
+        "| load report | result | note |"
     )
     print("|" + "---|" * len(cols))
     for r in rows:

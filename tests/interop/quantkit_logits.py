@@ -7,7 +7,9 @@ For each folder: `load_quantized` (float32, torch backend: exactly what `quantki
 ids [1, T] and continues them greedily for N tokens (one full forward per token, no cache); the weight of every
 quantized linear is dequantized from the exported tensors, W = scales[g_idx]ᵀ·(q − zeros[g_idx]ᵀ) (docs/format.md),
 under the exported module name. Saves {"ids", "logits", "greedy", "weight.<module>" ([out, in]), "bits.<module>"
-(the bits quantkit allocated, from `dynamic`)} to OUT (float32).
+(the bits quantkit allocated, from `dynamic`)} to OUT (float32). Vision models (Pixtral) also run an image + text
+prompt: two random images of different sizes as [IMG] rows closed by [IMG_BREAK] / [IMG_END] ids, then text; saved
+as "image.ids", "image.pixel_values" (padded, transformers' layout), "image.sizes" and "image.logits".
 Run by run_gptqmodel.sh.
 """
 
@@ -35,6 +37,27 @@ def greedy(model, ids: torch.Tensor, new: int) -> torch.Tensor:
     return ids
 
 
+IMAGE_SIZES = ((64, 48), (32, 80))  # (height, width) in pixels: 4x3 and 2x5 patches of 16
+
+
+def image_prompt(model, text: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """An image + text prompt for a vision model: ids, our images, and transformers' pixel_values / image_sizes."""
+    img, patch = model.config.image_token_id, model.config.vision.patch_size
+    brk, end = 14, 15  # ordinary token ids to both models: they only separate the rows of [IMG] slots
+    ids = [1]
+    for h, w in IMAGE_SIZES:
+        rows, cols = h // patch, w // patch
+        for r in range(rows):
+            ids += [img] * cols + [end if r == rows - 1 else brk]
+    g = torch.Generator().manual_seed(seed + 1)
+    images = [torch.randn(3, h, w, generator=g) for h, w in IMAGE_SIZES]
+    pixels = torch.zeros(len(images), 3, max(h for h, _ in IMAGE_SIZES), max(w for _, w in IMAGE_SIZES))
+    for i, im in enumerate(images):
+        pixels[i, :, : im.shape[1], : im.shape[2]] = im
+    return {"ids": torch.tensor([ids + text[0, :12].tolist()]), "images": images, "pixel_values": pixels,
+            "sizes": torch.tensor(IMAGE_SIZES)}  # fmt: skip
+
+
 def reference(folder: Path, out: Path, tokens: int, new: int, seed: int) -> None:
     qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
     fmt = qcfg.get("checkpoint_format", "gptq")
@@ -57,9 +80,16 @@ def reference(folder: Path, out: Path, tokens: int, new: int, seed: int) -> None
     with torch.no_grad():
         logits = model(ids).float()
         cont = greedy(model, ids, new)[:, tokens:]
+        vision = {}
+        if model.config.vision is not None:
+            prompt = image_prompt(model, ids, seed)
+            vision = {"image.ids": prompt["ids"], "image.pixel_values": prompt["pixel_values"],
+                      "image.sizes": prompt["sizes"], "image.logits": model(prompt["ids"], prompt["images"]).float()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"ids": ids, "logits": logits.contiguous(), "greedy": cont.contiguous(), **weights}, str(out))
-    print(f"{folder.name}: {len(weights)} quantized linears, logits {list(logits.shape)}, {new} greedy -> {out}")
+    tensors = {"ids": ids, "logits": logits, "greedy": cont, **weights, **vision}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out))
+    extra = " and an image + text prompt" if vision else ""
+    print(f"{folder.name}: {len(weights)} quantized linears, logits {list(logits.shape)}{extra}, {new} greedy -> {out}")
 
 
 def main() -> None:
