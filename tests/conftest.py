@@ -61,3 +61,24 @@ def scene_image(tmp_path_factory) -> Path:
 def tiny_models(tmp_path_factory) -> TinyModels:
     """tiny_models.get(name) -> {reference, native, hf, native_tensors, hf_tensors}; names in native_models.MODELS."""
     return TinyModels(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def fresh_bpw_build():
+    """fresh_bpw_build(src, root, args): a `quantize --bpw 3.0` of src into root/fresh3; returns its
+    measurement.json, kept (copied beside it) so other targets reuse it with --measurement instead of measuring."""
+    return _fresh_bpw_build
+
+
+def _fresh_bpw_build(src: Path, root: Path, args: list[str]) -> Path:
+    import shutil
+
+    from click.testing import CliRunner
+
+    from quantkit.cli import main
+
+    result = CliRunner().invoke(main, ["quantize", str(src), str(root / "fresh3"), "--bpw", "3.0", *map(str, args)])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    measurement = root / "measurement.json"
+    shutil.copy(root / ".fresh3.quantkit-work" / "measurement.json", measurement)
+    return measurement

@@ -7,7 +7,6 @@ weight; the tests use --no-act-order so that 2.5 bpw is reachable.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -36,15 +35,10 @@ def decoder_bpw(folder) -> float:
 
 
 @pytest.fixture(scope="module")
-def measured(tiny_models, tmp_path_factory):
+def measured(tiny_models, tmp_path_factory, fresh_bpw_build):
     """A fresh --bpw 3.0 run; its measurement.json is kept for the other targets."""
-    src = tiny_models.get("mistral_bpw")["hf"]
-    root = tmp_path_factory.mktemp("bpw")
-    result = run("quantize", src, root / "fresh3", "--bpw", "3.0", *ARGS)
-    assert result.exit_code == 0, result.output + str(result.exception)
-    measurement = root / "measurement.json"
-    shutil.copy(root / ".fresh3.quantkit-work" / "measurement.json", measurement)
-    return src, root, measurement
+    src, root = tiny_models.get("mistral_bpw")["hf"], tmp_path_factory.mktemp("bpw")
+    return src, root, fresh_bpw_build(src, root, ARGS)
 
 
 @pytest.mark.parametrize("target", [2.5, 3.0, 4.0, 5.0])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections import defaultdict
 
 import pytest
@@ -42,14 +41,10 @@ def stored(folder) -> dict[str, dict[str, tuple[list[int], int]]]:
 
 
 @pytest.fixture(scope="module")
-def measured(tiny_models, tmp_path_factory):
-    src = tiny_models.get("mistral_gptq_bpw")["hf"]
-    root = tmp_path_factory.mktemp("gptqbpw")
-    result = run("quantize", src, root / "fresh3", "--bpw", "3.0", *ARGS)
-    assert result.exit_code == 0, result.output + str(result.exception)
-    measurement = root / "measurement.json"
-    shutil.copy(root / ".fresh3.quantkit-work" / "measurement.json", measurement)
-    return src, root, measurement
+def measured(tiny_models, tmp_path_factory, fresh_bpw_build):
+    """A fresh --bpw 3.0 run; its measurement.json is kept for the other targets."""
+    src, root = tiny_models.get("mistral_gptq_bpw")["hf"], tmp_path_factory.mktemp("gptqbpw")
+    return src, root, fresh_bpw_build(src, root, ARGS)
 
 
 @pytest.mark.parametrize("target", [2.75, 3.0, 4.0])

@@ -69,6 +69,32 @@ async def internal_error(request: Request, e: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=500)
 
 
+async def collect(request: Request, job: Job, events: asyncio.Queue) -> Usage:
+    """Wait for a non-streamed answer; a client that leaves meanwhile cancels it."""
+    checked = time.monotonic()
+    while True:
+        try:
+            event = await asyncio.wait_for(events.get(), POLL_S)
+        except asyncio.TimeoutError:
+            event = ("wait",)
+        if time.monotonic() - checked >= POLL_S:  # tokens may arrive faster than POLL_S: check by the clock
+            checked = time.monotonic()
+            if await request.is_disconnected():
+                job.cancel()
+                raise APIError("the client disconnected", 499, "client_closed")
+        if event[0] == "done":
+            return event[1]
+        if event[0] == "error":
+            raise APIError(event[1], event[2], kind="server_error" if event[2] >= 500 else "invalid_request_error")
+
+
+def extras(prompt: Prompt, usage: Usage | None) -> tuple[dict, dict]:
+    """vLLM's return_token_ids: prompt ids on the response, generated ids on the choice."""
+    if not prompt.params.return_token_ids:
+        return {}, {}
+    return {"prompt_token_ids": prompt.encoded.input_ids}, ({"token_ids": usage.output_ids} if usage else {})
+
+
 class _API:
     """The endpoints of one loaded model; `context` is its length in tokens. create_app routes to its methods."""
 
@@ -122,30 +148,6 @@ class _API:
                 from None
         return job, events
 
-    async def collect(self, request: Request, job: Job, events: asyncio.Queue) -> Usage:
-        """Wait for a non-streamed answer; a client that leaves meanwhile cancels it."""
-        checked = time.monotonic()
-        while True:
-            try:
-                event = await asyncio.wait_for(events.get(), POLL_S)
-            except asyncio.TimeoutError:
-                event = ("wait",)
-            if time.monotonic() - checked >= POLL_S:  # tokens may arrive faster than POLL_S: check by the clock
-                checked = time.monotonic()
-                if await request.is_disconnected():
-                    job.cancel()
-                    raise APIError("the client disconnected", 499, "client_closed")
-            if event[0] == "done":
-                return event[1]
-            if event[0] == "error":
-                raise APIError(event[1], event[2], kind="server_error" if event[2] >= 500 else "invalid_request_error")
-
-    def extras(self, prompt: Prompt, usage: Usage | None) -> tuple[dict, dict]:
-        """vLLM's return_token_ids: prompt ids on the response, generated ids on the choice."""
-        if not prompt.params.return_token_ids:
-            return {}, {}
-        return {"prompt_token_ids": prompt.encoded.input_ids}, ({"token_ids": usage.output_ids} if usage else {})
-
     def answer_calls(self, prompt: Prompt, output_ids: list[int], text: str) -> list[dict] | None:
         """OpenAI tool_calls when a request with tools got an answer that opens with [TOOL_CALLS]."""
         if not prompt.tools or self.tool_calls_id is None or not output_ids or output_ids[0] != self.tool_calls_id:
@@ -189,7 +191,7 @@ class _API:
                         finish = "tool_calls"
                     else:
                         yield _sse(chunk("".join(held), None))
-                top, choice = self.extras(prompt, usage)
+                top, choice = extras(prompt, usage)
                 last = chunk(None, finish)
                 last["choices"][0].update(choice)
                 yield _sse({**last, **top})
@@ -232,12 +234,12 @@ class _API:
             first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
             return _Stream(self.stream(prompt, job, events, chunk, first), job)
 
-        usage = await self.collect(request, job, events)
+        usage = await collect(request, job, events)
         message, finish = {"role": "assistant", "content": usage.text}, None
         calls = self.answer_calls(prompt, usage.output_ids, usage.text)
         if calls:
             message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
-        top, choice = self.extras(prompt, usage)
+        top, choice = extras(prompt, usage)
         choice = {"index": 0, "message": message, "logprobs": None,
                   "finish_reason": finish or usage.finish_reason, **choice}  # fmt: skip
         return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(usage), **top}
@@ -255,8 +257,8 @@ class _API:
 
             return _Stream(self.stream(prompt, job, events, chunk, None), job)
 
-        usage = await self.collect(request, job, events)
-        top, choice = self.extras(prompt, usage)
+        usage = await collect(request, job, events)
+        top, choice = extras(prompt, usage)
         choice = {"index": 0, "text": usage.text, "logprobs": None,
                   "finish_reason": usage.finish_reason, **choice}  # fmt: skip
         return {**head, "choices": [choice], "usage": _usage(usage), **top}
