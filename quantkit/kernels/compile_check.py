@@ -212,7 +212,19 @@ def compile_one(spec: dict) -> dict:
     return dict(ok=True, seconds=round(time.time() - t0, 1), regs=int(regs.group(1)) if regs else -1,
                 spill=st + ld, stack=stack, shared=ck.metadata.shared + (int(smem.group(1)) if smem else 0),
                 barriers=len(re.findall(r"\bbar\.sync\b", ptx)), local=len(re.findall(r"\b(?:ld|st)\.local\b", ptx)),
-                **instruction_counts(ptx, ck.asm["sass"]))
+                **instruction_counts(ptx, _sass(ck)))
+
+
+def _sass(ck) -> str:
+    """The kernel's SASS (Triton runs cuobjdump / nvdisasm), without their format warnings on stderr."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            return ck.asm["sass"]
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 SASS_CONVERSIONS = ("I2F", "F2F", "F2I", "I2I")  # and their .P / packed forms (I2FP, F2FP, ...)
