@@ -85,26 +85,29 @@ def _f32(v):
 
 
 @triton.jit
-def _dequant(q, z, s, HALF: tl.constexpr, HAS_ZEROS: tl.constexpr):
-    """(q − z) · s, in fp16 when HALF (fp16 activations) and in fp32 otherwise; q and z are integer codes < 2^8.
+def _dequant(q, z, s, dtype: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """(q − z) · s for a tl.dot in dtype: fp16 math for fp16, fp32 math rounded to bf16 for bf16, with no int->float
+    conversions; fp32 keeps them (the bitcasts cost it registers on sm_80: compile_check). q and z are codes < 2^8.
 
-    Both are bit for bit today's fp32 product cast to the dot's dtype: q − z is exact in fp16 and fp32 (2^10 + q and
-    2^10 + z are, and so is their difference), and the fp32 product of an 8-bit integer and an fp16 scale is exact,
-    so rounding it to fp16 once is what the fp16 multiply does. bf16 activations keep the fp32 product and round
-    it to bf16 (a bf16 product of the fp16 scale would round the scale first, which is not the same).
+    All are bit for bit the fp32 product cast to dtype: q − z is exact in fp16 and fp32 (2^10 + q and 2^10 + z are, so
+    is their difference), and the fp32 product of an 8-bit integer and an fp16 scale is exact, so rounding it to
+    fp16 once is what the fp16 multiply does. bf16 keeps the fp32 product: a bf16 product would round the fp16
+    scale to bf16 first, which is not the same.
     """
-    if HALF:
+    if dtype == tl.float16:
         if HAS_ZEROS:
             zh = _f16(z)
         else:
             zh = tl.cast(1024.0 + z, tl.float16)  # a Python float would promote the math to fp32
         return (_f16(q) - zh) * s.to(tl.float16)
-    else:
+    elif dtype == tl.bfloat16:
         if HAS_ZEROS:
             zf = _f32(z)
         else:
             zf = 8388608.0 + z
-        return (_f32(q) - zf) * s.to(tl.float32)
+        return ((_f32(q) - zf) * s.to(tl.float32)).to(tl.bfloat16)
+    else:
+        return (q - z).to(tl.float32) * s.to(tl.float32)
 
 
 @triton.jit
@@ -205,15 +208,14 @@ def _qmm(
                 else:
                     z = SYM_ZERO
             x_k_mask = offs_k < K_valid
-            if BLOCK_M == 1:
-                w = _dequant(q, z, s, False, HAS_ZEROS)  # [BLOCK_K, BLOCK_N]
+            if BLOCK_M == 1:  # the int->float bitcasts here cost registers (compile_check): plain conversions
+                w = (q - z).to(tl.float32) * s.to(tl.float32)  # [BLOCK_K, BLOCK_N]
                 xv = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=x_k_mask, other=0.0)  # pid_m < M: grid is M rows
                 acc += tl.sum(xv.to(tl.float32)[:, None] * w, axis=0)[None, :]
             else:
                 x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
                 xt = tl.load(x_ptrs, mask=m_mask[:, None] & x_k_mask[None, :], other=0.0, eviction_policy="evict_last")
-                w = _dequant(q, z, s, xt.dtype == tl.float16, HAS_ZEROS)
-                acc = tl.dot(xt, w.to(xt.dtype), acc, input_precision=PRECISION)
+                acc = tl.dot(xt, _dequant(q, z, s, xt.dtype, HAS_ZEROS), acc, input_precision=PRECISION)
     o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     o_mask = m_mask[:, None] & n_mask[None, :]
     if FIXUP:
