@@ -27,6 +27,7 @@ from test_packed import random_packed  # noqa: E402
 
 from quantkit.formats import dequantize, from_gptq, hadamard  # noqa: E402
 from quantkit.formats.gptq import gptq_pack  # noqa: E402
+from quantkit.formats.packed import dequantize_kernel_order  # noqa: E402
 from quantkit.kernels import quant_matmul  # noqa: E402
 from quantkit.kernels.autotune import tune  # noqa: E402
 from quantkit.kernels.config import device_slug, load_config, pick  # noqa: E402
@@ -99,6 +100,38 @@ def test_mixed_segments(layout, gs, act, sym, n, k, launch):
     for m in (1, 17) if launch != "gemv" else (1,):
         for dtype in (torch.float16, torch.float32):
             check(pl, LAUNCHES[launch], m, dtype)
+
+
+# (bits or segments, group size, sym, N, K): every width 2-8, zero points or not, per-row scale gathers (G < BLOCK_K),
+# one scale row per tile, per channel, mixed segments; K = 200 pads the last segment, N = 40 / 72 has a tail
+EXACT = [(bits, (32, 64, 128, None)[i % 4], i % 2 == 0, (40, 72)[i % 2], 256) for i, bits in enumerate(range(2, 9))] + [
+    ([(8, 32), (5, 64), (2, 160)], 32, False, 40, 256),
+    ([(6, 128), (4, 128)], 128, True, 72, 256),
+    ([(4, 64), (3, 136)], 64, False, 72, 200),
+]
+
+# the tl.dot paths (BLOCK_M > 1) with split-K and not, both unpack modes, scales per tile and gathered per row
+EXACT_LAUNCHES = [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, split_k=2, unpack="reshape"),
+                  dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, split_k=1, unpack="index")]
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits,gs,sym,n,k", EXACT)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_dequantized_weights_are_the_fp32_product_rounded_once(bits, gs, sym, n, k, dtype):
+    """The tl.dot paths dequantize without int->float conversions, in fp16 for fp16 activations; the result must be
+    bit for bit s · (q − z) computed in fp32 and cast to the activation dtype. With x = I every output is one
+    weight (the other terms of its sum are exact zeros), so the output is the dequantized matrix itself. Scales
+    span 2^-16 .. 2^8 so that products round, and some are fp16 subnormals."""
+    pl, _ = random_packed(n, k, bits, gs, sym=sym, seed=k + n + len(str(bits)))
+    g = torch.Generator().manual_seed(n)
+    pl.scales.copy_(torch.exp2(torch.rand(pl.scales.shape, generator=g) * 24 - 16) * (1 + torch.rand(1, generator=g)))
+    want = dequantize_kernel_order(pl)[:, :k].T.to(dtype)  # [K, N]
+    x = torch.eye(k, dtype=dtype).to(DEV)
+    for launch in EXACT_LAUNCHES:
+        y = triton_matmul(x, pl.to(DEV), launch=launch).cpu()
+        diff = y != want
+        assert not diff.any(), f"{launch}: {int(diff.sum())} of {y.numel()} differ: {y[diff][:4]} vs {want[diff][:4]}"
 
 
 @needs_kernels

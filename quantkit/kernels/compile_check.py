@@ -211,7 +211,35 @@ def compile_one(spec: dict) -> dict:
     ptx = ck.asm["ptx"]
     return dict(ok=True, seconds=round(time.time() - t0, 1), regs=int(regs.group(1)) if regs else -1,
                 spill=st + ld, stack=stack, shared=ck.metadata.shared + (int(smem.group(1)) if smem else 0),
-                barriers=len(re.findall(r"\bbar\.sync\b", ptx)), local=len(re.findall(r"\b(?:ld|st)\.local\b", ptx)))
+                barriers=len(re.findall(r"\bbar\.sync\b", ptx)), local=len(re.findall(r"\b(?:ld|st)\.local\b", ptx)),
+                **instruction_counts(ptx, _sass(ck)))
+
+
+def _sass(ck) -> str:
+    """The kernel's SASS (Triton runs cuobjdump / nvdisasm), without their format warnings on stderr."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            return ck.asm["sass"]
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+SASS_CONVERSIONS = ("I2F", "F2F", "F2I", "I2I")  # and their .P / packed forms (I2FP, F2FP, ...)
+
+
+def instruction_counts(ptx: str, sass: str) -> dict:
+    """Static instruction counts that show what dequantization costs: PTX cvt.* and packed-half (f16x2/bf16x2) math,
+    SASS conversion-unit ops, and totals. The K loop is emitted once (not unrolled), so a change inside it moves
+    these counts by its per-step cost."""
+    ops = re.findall(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.]*)\b[^:\n]*;", ptx, re.M)
+    sass_ops = [line.split()[1 if line.split()[0].startswith("@") else 0]
+                for line in (row.split("\t", 1)[1] for row in sass.splitlines() if "\t" in row) if line.strip()]
+    return dict(ptx=len(ops), cvt=sum(o.startswith("cvt.") for o in ops),
+                f16x2=sum(bool(re.search(r"\.b?f16x2$", o)) and not o.startswith(("cvt.", "mov.")) for o in ops),
+                sass=len(sass_ops), xu=sum(o.startswith(SASS_CONVERSIONS) for o in sass_ops))
 
 
 def kernel_name(spec: dict) -> str:
@@ -294,14 +322,16 @@ def usable(path: str, m: int, cands: list[dict], arch: int, bits: Iterable[int] 
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'arch':<6}{'kernel':<58}{'path':<13}{'regs':>5}{'spill':>7}{'smem':>8}{'bar':>5}  {'sweeps':<30}problems"
+    head = (f"{'arch':<6}{'kernel':<58}{'path':<13}{'regs':>5}{'spill':>7}{'smem':>8}{'bar':>5}{'cvt':>5}{'f16x2':>6}"
+            f"{'ptx':>6}{'xu':>5}{'sass':>6}  {'sweeps':<30}problems")
     lines = [head, "-" * len(head)]
     for r in rows:
         res = r["result"]
         if res["ok"]:
             lines.append(
                 f"sm_{r['arch']:<3}{r['name']:<58}{'/'.join(r['paths']):<13}{res['regs']:>5}{res['spill']:>7}"
-                f"{res['shared']:>8}{res['barriers']:>5}  {','.join(r['sweeps'])[:29]:<30}{' '.join(r['problems'])}"
+                f"{res['shared']:>8}{res['barriers']:>5}{res['cvt']:>5}{res['f16x2']:>6}{res['ptx']:>6}{res['xu']:>5}"
+                f"{res['sass']:>6}  {','.join(r['sweeps'])[:29]:<30}{' '.join(r['problems'])}"
             )
         else:
             lines.append(f"sm_{r['arch']:<3}{r['name']:<58}{'/'.join(r['paths']):<13} ERROR {res['error'][:150]}")

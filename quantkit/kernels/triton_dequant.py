@@ -72,6 +72,45 @@ def _plane(
 
 
 @triton.jit
+def _f16(v):
+    """1024 + v as fp16 for integers 0 ≤ v < 1024, with no conversion instruction: 0x6400 is 1024.0 in fp16 and
+    its 10 mantissa bits count units, so OR-ing v into them adds it exactly (Marlin's / FasterTransformer's trick)."""
+    return (v | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _f32(v):
+    """2^23 + v as fp32 for integers 0 ≤ v < 2^23, with no conversion instruction (0x4B000000 is 2^23, ulp 1)."""
+    return (v | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dequant(q, z, s, dtype: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """(q − z) · s for a tl.dot in dtype: fp16 math for fp16, fp32 math rounded to bf16 for bf16, with no int->float
+    conversions; fp32 (exact FMA dot, small tiles: 8 conversions a step) keeps them. q and z are codes < 2^8.
+
+    All are bit for bit the fp32 product cast to dtype: q − z is exact in fp16 and fp32 (2^10 + q and 2^10 + z are, so
+    is their difference), and the fp32 product of an 8-bit integer and an fp16 scale is exact, so rounding it to
+    fp16 once is what the fp16 multiply does. bf16 keeps the fp32 product: a bf16 product would round the fp16
+    scale to bf16 first, which is not the same.
+    """
+    if dtype == tl.float16:
+        if HAS_ZEROS:
+            zh = _f16(z)
+        else:
+            zh = tl.cast(1024.0 + z, tl.float16)  # a Python float would promote the math to fp32
+        return (_f16(q) - zh) * s.to(tl.float16)
+    elif dtype == tl.bfloat16:
+        if HAS_ZEROS:
+            zf = _f32(z)
+        else:
+            zf = 8388608.0 + z
+        return ((_f32(q) - zf) * s.to(tl.float32)).to(tl.bfloat16)
+    else:
+        return (q - z).to(tl.float32) * s.to(tl.float32)
+
+
+@triton.jit
 def _gemv_words(x_ptr, p_ptr, s_ptr, z_ptr, k0, k_hi, K_valid, offs_n, n_mask, N, W: tl.constexpr,
                 SYM_ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
     """One K step of a single-plane GEMV, [1, BLOCK_N]: codes stay [words, codes per word, BLOCK_N] as unpacked
@@ -155,7 +194,7 @@ def _qmm(
                 q |= _plane(p2_ptr, k0, k_hi, offs_n, n_mask, N, W2, W0 + W1, RESHAPE, BLOCK_K, BLOCK_N)
             if TILE_SCALES:
                 g = k0 // GROUP
-                s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0)[None, :]
                 if HAS_ZEROS:
                     z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)[None, :]
                 else:
@@ -163,20 +202,20 @@ def _qmm(
             else:
                 g_offs = (offs_k // GROUP)[:, None] * N + offs_n[None, :]
                 g_mask = (offs_k < k_hi)[:, None] & n_mask[None, :]
-                s = tl.load(s_ptr + g_offs, mask=g_mask, other=0.0).to(tl.float32)
+                s = tl.load(s_ptr + g_offs, mask=g_mask, other=0.0)
                 if HAS_ZEROS:
                     z = tl.load(z_ptr + g_offs, mask=g_mask, other=0).to(tl.int32)
                 else:
                     z = SYM_ZERO
-            w = (q - z).to(tl.float32) * s  # [BLOCK_K, BLOCK_N]
             x_k_mask = offs_k < K_valid
-            if BLOCK_M == 1:
+            if BLOCK_M == 1:  # the int->float bitcasts here cost registers (compile_check): plain conversions
+                w = (q - z).to(tl.float32) * s.to(tl.float32)  # [BLOCK_K, BLOCK_N]
                 xv = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=x_k_mask, other=0.0)  # pid_m < M: grid is M rows
                 acc += tl.sum(xv.to(tl.float32)[:, None] * w, axis=0)[None, :]
             else:
                 x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
                 xt = tl.load(x_ptrs, mask=m_mask[:, None] & x_k_mask[None, :], other=0.0, eviction_policy="evict_last")
-                acc = tl.dot(xt, w.to(xt.dtype), acc, input_precision=PRECISION)
+                acc = tl.dot(xt, _dequant(q, z, s, xt.dtype, HAS_ZEROS), acc, input_precision=PRECISION)
     o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     o_mask = m_mask[:, None] & n_mask[None, :]
     if FIXUP:
