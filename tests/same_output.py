@@ -15,10 +15,11 @@ def one_thread_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), **ONE_THREAD_ENV, **extra}
 
 
-def assert_same_files(expected: Path, actual: Path) -> None:
-    """Every file of `expected` exists in `actual` with the same bytes; a differing shard names its tensors."""
+def assert_same_files(expected: Path, actual: Path, pattern: str = "*") -> None:
+    """Every file of `expected` (matching pattern) exists in `actual` with the same bytes; a differing shard names
+    its tensors."""
     expected, actual = Path(expected), Path(actual)
-    names = sorted(p.name for p in expected.iterdir() if p.is_file())
+    names = sorted(p.name for p in expected.glob(pattern) if p.is_file())
     missing = [n for n in names if not (actual / n).is_file()]
     assert not missing, f"{actual} lacks {missing}"
     for name in names:

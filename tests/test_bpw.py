@@ -63,7 +63,7 @@ def test_measurement_reuse_matches_a_fresh_measurement(measured):
     src, root, measurement = measured
     out = root / "reused3"
     assert run("quantize", src, out, "--bpw", "3.0", "--measurement", measurement, *ARGS).exit_code == 0
-    assert_same_files(root / "fresh3", out)
+    assert_same_files(root / "fresh3", out, "*.safetensors")  # the model cards name their folders
 
 
 def test_allocation_is_deterministic(measured):
