@@ -3,7 +3,8 @@
 # `quantkit quantize --format gptq --bits {3,4,8} --group-size 32 --{,no-}act-order` and mixed-bit
 # `--format gptq --bpw 3.0` builds (per-module bits in `dynamic`, which the peers must report) load in GPTQModel and in
 # transformers (optimum + gptqmodel) on CPU and match quantkit's own loading in fp32: dequantized weights, logits
-# within 1e-3 relative, 16 greedy tokens equal. transformers' known GPTQ Mixtral misload shows as "known misload".
+# within 1e-3 relative, 16 greedy tokens equal; Pixtral also on an image + text prompt, its vision tower left 16-bit.
+# transformers' known GPTQ Mixtral misload shows as "known misload", its refusal of mixed-bit folders as "known refusal".
 # Not run in CI: GPTQModel pulls a multi-GB torch build, so it lives in its own venv. Prints a markdown table.
 #
 #   bash tests/interop/run_gptqmodel.sh          # everything under ~/.cache/quantkit-interop (or $QK_INTEROP_DIR)
