@@ -10,9 +10,9 @@ from pathlib import Path
 ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def one_thread_env(**extra: str) -> dict[str, str]:
+def one_thread_env() -> dict[str, str]:
     """os.environ with the project on PYTHONPATH and one compute thread, for byte-identity subprocesses."""
-    return {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), **ONE_THREAD_ENV, **extra}
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), **ONE_THREAD_ENV}
 
 
 def assert_same_files(expected: Path, actual: Path, pattern: str = "*") -> None:
