@@ -98,6 +98,22 @@ def folder_build(label: str, folder: Path, seconds: float | None, same_size_as: 
     return Build(label, folder, realized(folder), folder_size(folder), seconds, same_size_as)
 
 
+def mixed_builds(work: Path, hf: Path, targets, label: str, folder: str, extra: list, measurement: Path) -> list:
+    """`--bpw` builds at each (target, same_size_as): the first measures (timed with it), the rest reuse its
+    measurement.json. label and folder are format strings taking the target."""
+    measurement.unlink(missing_ok=True)  # measured afresh in every run
+    builds = []
+    for target, same in targets:
+        out = work / folder.format(target)
+        reuse = ["--measurement", measurement] if measurement.is_file() else []
+        seconds = quantkit_cli(hf, out, "--bpw", target, "--group-size", GROUP, *extra, *reuse)
+        if not reuse:
+            shutil.copy(work / f".{out.name}.quantkit-work" / "measurement.json", measurement)
+        note = "" if reuse else " (incl. measurement)"
+        builds.append(folder_build(label.format(target) + note, out, seconds, same))
+    return builds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=CACHE / "bench-model", help="train_bench_model.py's output")
@@ -147,32 +163,16 @@ def main() -> None:
     # Rotation signs cost 8 bits per input feature, so rotated builds are matched with the rotated uniform builds.
     for rotate in (False, True):
         tag, extra, suffix = (" --rotate", ["--rotate"], "-rot") if rotate else ("", [], "")
-        measurement = args.work / f"measurement{suffix}.json"
-        measurement.unlink(missing_ok=True)  # measured afresh in every run (and timed in its first build)
         targets = [(u.bpw + 1e-9, u.label) for u in uniform[rotate]]  # exact bpw, float slack
         targets += [] if rotate else [(t, None) for t in ROUND_TARGETS]
-        for target, same in targets:
-            out = args.work / f"mixed{target:.3f}{suffix}"
-            reuse = ["--measurement", measurement] if measurement.is_file() else []
-            seconds = quantkit_cli(hf, out, "--bpw", target, "--group-size", GROUP, *extra, *reuse, *q)
-            if not reuse:
-                shutil.copy(args.work / f".{out.name}.quantkit-work" / "measurement.json", measurement)
-            note = "" if reuse else " (incl. measurement)"
-            builds.append(folder_build(f"quantkit mixed --bpw {target:.3f}{tag}{note}", out, seconds, same))
+        builds += mixed_builds(args.work, hf, targets, "quantkit mixed --bpw {:.3f}" + tag, f"mixed{{:.3f}}{suffix}",
+                               [*extra, *q], args.work / f"measurement{suffix}.json")  # fmt: skip
     # GPTQ-format mixed (per-module 2/3/4/8 bits in `dynamic`, one group size): at the uniform g128 builds' sizes,
     # and at 3.0 / 4.0 next to the quantkit-format mixed builds of the same target.
-    measurement = args.work / "measurement-gptq.json"
-    measurement.unlink(missing_ok=True)
     targets = [(u.bpw + 1e-9, u.label) for u in uniform[False] if u.label.endswith(f"g{GROUP} act-order")]
     targets += [(t, f"quantkit mixed --bpw {t:.3f}") for t in GPTQ_FORMAT_TARGETS]
-    for target, same in targets:
-        out = args.work / f"gptqmixed{target:.3f}"
-        reuse = ["--measurement", measurement] if measurement.is_file() else []
-        seconds = quantkit_cli(hf, out, "--bpw", target, "--format", "gptq", "--group-size", GROUP, *reuse, *q)
-        if not reuse:
-            shutil.copy(args.work / f".{out.name}.quantkit-work" / "measurement.json", measurement)
-        note = "" if reuse else " (incl. measurement)"
-        builds.append(folder_build(f"GPTQ-format mixed --bpw {target:.3f}{note}", out, seconds, same))
+    builds += mixed_builds(args.work, hf, targets, "GPTQ-format mixed --bpw {:.3f}", "gptqmixed{:.3f}",
+                           ["--format", "gptq", *q], args.work / "measurement-gptq.json")  # fmt: skip
 
     es = EvalSettings(str(heldout), rows=args.eval_rows, seq_len=args.eval_seq_len, device="cpu", dtype="float32",
                       backend="torch")  # fmt: skip
