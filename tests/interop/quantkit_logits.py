@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +26,9 @@ from safetensors.torch import save_file
 
 from quantkit.formats.gptq import gptq_unpack, module_bits
 from quantkit.runtime import load_quantized
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from native_models import image_prompt as image_prompt_ids  # noqa: E402  (tests/: 16-pixel patches, as here)
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -42,19 +46,15 @@ IMAGE_SIZES = ((64, 48), (32, 80))  # (height, width) in pixels: 4x3 and 2x5 pat
 
 def image_prompt(model, text: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
     """An image + text prompt for a vision model: ids, our images, and transformers' pixel_values / image_sizes."""
-    img, patch = model.config.image_token_id, model.config.vision.patch_size
-    brk, end = 14, 15  # ordinary token ids to both models: they only separate the rows of [IMG] slots
-    ids = [1]
-    for h, w in IMAGE_SIZES:
-        rows, cols = h // patch, w // patch
-        for r in range(rows):
-            ids += [img] * cols + [end if r == rows - 1 else brk]
+    # [IMG_BREAK] / [IMG_END] are ordinary token ids to both models: they only separate the rows of [IMG] slots
+    tokens = {"img": model.config.image_token_id, "brk": 14, "end": 15}
+    ids = image_prompt_ids(IMAGE_SIZES, tokens, text[0, :12].tolist())
     g = torch.Generator().manual_seed(seed + 1)
     images = [torch.randn(3, h, w, generator=g) for h, w in IMAGE_SIZES]
     pixels = torch.zeros(len(images), 3, max(h for h, _ in IMAGE_SIZES), max(w for _, w in IMAGE_SIZES))
     for i, im in enumerate(images):
         pixels[i, :, : im.shape[1], : im.shape[2]] = im
-    return {"ids": torch.tensor([ids + text[0, :12].tolist()]), "images": images, "pixel_values": pixels,
+    return {"ids": torch.tensor([ids]), "images": images, "pixel_values": pixels,
             "sizes": torch.tensor(IMAGE_SIZES)}  # fmt: skip
 
 
