@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from quantkit.calib.rows import CalibRows, build_rows
+from quantkit.calib.rows import CalibRows, tokenized_rows
 from quantkit.calib.sources import load_calibration
 from quantkit.errors import QuantkitError
 from quantkit.eval import EvalResult, evaluate
@@ -47,14 +47,7 @@ def eval_rows(folder: Path, s: EvalSettings) -> CalibRows:
         raise QuantkitError(f"--seq-len {s.seq_len} is longer than the model's context of {context} tokens")
     tok = ChatTokenizer.from_folder(folder)
     calib = load_calibration(s.dataset, split=s.split, text_field=s.text_field)
-    return build_rows(
-        calib,
-        encode=lambda text: [tok.bos_id, *tok.encode_text(text)],
-        rows=s.rows,
-        seq_len=s.seq_len,
-        seed=s.seed,
-        encode_chat=lambda messages, tools: tok.encode_chat(messages, tools).input_ids,
-    )
+    return tokenized_rows(tok, calib, s.rows, s.seq_len, s.seed)
 
 
 def logits_fn(model: Transformer):

@@ -134,6 +134,11 @@ def format_card(r: dict, path: Path) -> str:
     return "| parameter | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
+def _damp(value: object) -> str | None:
+    """GPTQ's `damp_percent` is a fraction of the mean Hessian diagonal despite its name: say so, not `%`."""
+    return None if value is None else f"{value} (fraction of the mean Hessian diagonal)"
+
+
 def card_rows(r: dict, path: Path) -> list[tuple[str, object]]:
     """The rows TheBloke-style cards carry: bits, head bits, group size, act order, damp, dataset, rows x seq len,
     size, and the eval figures when `quantkit eval --save` left an eval.json in the folder."""
@@ -154,7 +159,7 @@ def card_rows(r: dict, path: Path) -> list[tuple[str, object]]:
         ("Group size", qc.get("group_size")),
         ("Act order", qc.get("act_order", qc.get("desc_act"))),
         ("Hadamard rotation", bool(qc.get("rotate"))),
-        ("Damp %", qc.get("damp_percent")),
+        ("Damp", _damp(qc.get("damp_percent"))),
         ("Dataset", calib.get("dataset")),
         ("Rows x seq len", f"{calib.get('rows')} x {calib.get('seq_len')}"),
         ("Size", f"{r['size_bytes'] / 1e9:.2f} GB"),

@@ -123,7 +123,7 @@ def quantized_prepare(qcfg: dict, backend: str = "auto") -> Callable[[Transforme
             prefix = ckpt.key(f"{name}.weight").removesuffix(".weight")
             infos = groups.get(prefix, {})
             taken.add(prefix)
-            if "weight" not in infos and not infos.keys() & QUANT_MARKERS[method]:
+            if ckpt.source(f"{name}.weight") not in ckpt.index.infos and not infos.keys() & QUANT_MARKERS[method]:
                 bare.append(prefix)
             module = _packed_module(qcfg, backend, prefix, infos, ckpt.index)
             if module is not None:

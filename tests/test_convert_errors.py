@@ -136,3 +136,11 @@ def test_dry_run_and_inspect(src, tmp_path):
 
 def test_inspect_bad_folder(tmp_path):
     assert_error(run("inspect", tmp_path / "nothing"), "is not a folder", tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("size", ["0", "0GB", "0.0001B"])
+def test_zero_max_shard_size_is_refused_as_quantize_refuses_it(src, tmp_path, size):
+    """0 once planned one tensor per shard; convert now refuses it with quantize's message, dry run or not."""
+    for extra in ([], ["--dry-run"]):
+        result = run("convert", src, tmp_path / "dst", "--max-shard-size", size, *extra)
+        assert_error(result, f"--max-shard-size must be positive, got '{size}'", tmp_path / "dst")

@@ -82,3 +82,23 @@ def test_quantize_enospc_in_the_work_dir_is_one_line_and_no_output(tiny_models, 
     line = one_line(run("quantize", src, dst, "--work-dir", fs / "work", *FAST), "No space left on device")
     assert str(fs / "work") in line and "was not written" in line
     assert not dst.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_convert_enospc_copying_a_file_names_the_dst_file_and_dst_free_space(tiny_models, small_fs, monkeypatch):
+    """A copy's OSError names the source first (shutil.copyfile: filename=src, filename2=dst): the message must
+    name the file being written at DST and quote DST's free space, not the source's."""
+    import shutil
+
+    fs = small_fs("64k")  # room for config.json and the like, not for the tokenizer file copied from SRC
+    src = tiny_models.get("mistral_large")["native"]
+    monkeypatch.setattr("quantkit.io.writer.check_space", lambda needs: None)  # as if the disk filled up later
+    monkeypatch.setattr("quantkit.convert.pipeline.write_sharded", lambda *a, **kw: None)  # the shards take no room
+    monkeypatch.setattr("quantkit.convert.pipeline.write_tokenizer_files",  # its last step: copy the tokenizer file
+                        lambda info, out, vision: shutil.copyfile(info.path, out / info.path.name))  # fmt: skip
+    line = one_line(run("convert", src, fs / "out", "--quiet"), "No space left on device", "nothing was written")
+    written = re.search(r"failed writing (\S+): ", line).group(1)
+    assert written.startswith(f"{fs}/.out.tmp-") and written.endswith("/tokenizer.model.v3") and str(src) not in line
+    number, unit = re.search(r"; ([\d.]+) (B|KB|MB|GB|TB) free now\)", line).groups()
+    free = float(number) * 1000 ** ["B", "KB", "MB", "GB", "TB"].index(unit)
+    assert free <= 64 * 1024 < shutil.disk_usage(src).free  # DST's small file system, not the source's
+    assert list(fs.iterdir()) == []

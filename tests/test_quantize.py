@@ -70,6 +70,8 @@ def test_gptq_export_matches_spec(quantized):
     rel = (deq - w).norm() / w.norm()
     assert 0 < rel < 0.2, rel
     assert (outs[4] / "tokenizer.model.v3").is_file() and (outs[4] / "README.md").read_text().count("| Bits | 4 |")
+    readme = (outs[4] / "README.md").read_text()  # damp is a fraction: no `%` beside 0.01
+    assert "| Damp | 0.01 (fraction of the mean Hessian diagonal) |" in readme and "Damp %" not in readme
 
 
 def test_dry_run_prints_plan_writes_nothing_and_sizes_the_output(quantized, tmp_path):
@@ -273,6 +275,7 @@ def test_model_card_with_saved_eval(quantized):
     card = run("inspect", outs[4], "--card").output
     assert "| Format | gptq |" in card and "| Group size | 32 |" in card and "| Act order | True |" in card
     assert "| Rows x seq len | 4 x 64 |" in card
+    assert "| Damp | 0.01 (fraction of the mean Hessian diagonal) |" in card and "Damp %" not in card
     assert f"| Perplexity | {figures['perplexity']:.4f} " in card and f"{figures['kl_divergence']:.5f}" in card
     assert f"| Top-1 agreement | {figures['top1_agreement']:.2%} |" in card  # the unit `quantkit eval` prints
     rows = json.loads(run("inspect", outs[4], "--card", "--json").output)  # --json applies to the card too

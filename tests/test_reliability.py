@@ -274,7 +274,7 @@ def _(m, tmp):
     return [m["hf"], tmp / "out", "--bits", "9", *G32], m["hf"], tmp / "out"
 
 
-@case("quantize-group-size-100", "quantize", "--group-size must be 32, 64, 128 or none")
+@case("quantize-group-size-100", "quantize", "--group-size must be auto, 32, 64, 128 or none")
 def _(m, tmp):
     return [m["hf"], tmp / "out", "--group-size", "100", *FAST], m["hf"], tmp / "out"
 

@@ -235,8 +235,8 @@ def test_kv_cache_capacity_follows_free_gpu_memory(monkeypatch):
 def test_stop_note_names_the_context_or_the_memory_limit():
     model = SimpleNamespace(config=SimpleNamespace(text=SimpleNamespace(max_seq_len=100)))
     sampling = Sampling(max_new_tokens=10)
-    assert stop_note(model, Generation([1] * 90, [5] * 10, 1.0, 1.0, 100), sampling, eos_id=2) == ""
-    assert stop_note(model, Generation([1] * 30, [5, 2], 1.0, 1.0, 40), sampling, eos_id=2) == ""
-    assert "context of 100" in stop_note(model, Generation([1] * 95, [5] * 5, 1.0, 1.0, 100), sampling, eos_id=2)
-    note = stop_note(model, Generation([1] * 30, [5] * 4, 1.0, 1.0, 34), sampling, eos_id=2)
+    assert stop_note(model, Generation([1] * 90, [5] * 10, 1.0, 1.0, 100), sampling, stop_ids={2}) == ""
+    assert stop_note(model, Generation([1] * 30, [5, 2], 1.0, 1.0, 40), sampling, stop_ids={2}) == ""
+    assert "context of 100" in stop_note(model, Generation([1] * 95, [5] * 5, 1.0, 1.0, 100), sampling, stop_ids={2})
+    note = stop_note(model, Generation([1] * 30, [5] * 4, 1.0, 1.0, 34), sampling, stop_ids={2})
     assert "stopped at 34 tokens" in note and "free GPU memory" in note

@@ -210,14 +210,15 @@ def test_models_and_health(served):
 PROMPTS = [f"Question number {i}: what is {i} plus {i}?" for i in range(8)]
 
 
-def concurrent_answers(client, requests: list[dict]) -> list[str]:
-    """Stream each request from its own thread, all at once; the answers' texts in order."""
-    results: dict[int, str] = {}
+def concurrent_streams(client, requests: list[dict]) -> list[tuple]:
+    """Stream each request from its own thread, all at once; collect_stream's result for each, in order."""
+    results: dict[int, tuple] = {}
     errors: list[BaseException] = []
 
     def worker(i: int) -> None:
         try:
-            results[i] = collect_stream(chat(client, stream=True, **requests[i]))[0]
+            stream = chat(client, stream=True, stream_options={"include_usage": True}, **requests[i])
+            results[i] = collect_stream(stream)
         except BaseException as e:  # reported below: an exception in a thread would otherwise pass silently
             errors.append(e)
 
@@ -230,16 +231,35 @@ def concurrent_answers(client, requests: list[dict]) -> list[str]:
     return [results.get(i) for i in range(len(requests))]
 
 
+def concurrent_answers(client, requests: list[dict]) -> list[str]:
+    """Stream each request from its own thread, all at once; the answers' texts in order."""
+    return [r[0] if r else None for r in concurrent_streams(client, requests)]
+
+
 def test_eight_concurrent_streams_each_get_their_lone_answer(served):
-    """Batched: the eight decode together (steps of up to 8 rows) and each gets exactly its lone answer; a seeded
-    sampled request among them too."""
+    """Batched: the eight decode together (steps of up to 8 rows) and each greedy one gets exactly its lone answer.
+
+    A seeded sampled request rides along; batched logits differ from lone ones in the last bits, so its tokens may
+    differ from its lone run: it is checked for what holds exactly (it finishes, its length and usage agree, its
+    ids are valid), and its seed for giving identical tokens when run alone twice."""
     _, url, client, engine = served
     requests = [dict(messages=[{"role": "user", "content": p}], max_tokens=6 + i % 3) for i, p in enumerate(PROMPTS)]
-    requests[5] = dict(requests[5], temperature=0.8, top_p=0.9, seed=7)
-    alone = [chat(client, **r).choices[0].message.content for r in requests]
-    assert len(set(alone)) > 1  # different prompts, different answers: a mix-up would show
+    sampled = 5
+    requests[sampled] = dict(requests[sampled], temperature=0.8, top_p=0.9, seed=7)
+    alone = [chat(client, **r).choices[0] for r in requests]
+    texts = [c.message.content for c in alone]
+    assert len(set(texts)) > 1  # different prompts, different answers: a mix-up would show
+    again = chat(client, **requests[sampled]).choices[0]  # same seed, same (lone) batch: the same draws
+    assert extra(again, "token_ids") == extra(alone[sampled], "token_ids") and again.message.content == texts[sampled]
     before = health(url)
-    assert concurrent_answers(client, requests) == alone
+    streams = concurrent_streams(client, requests)
+    greedy = [i for i in range(len(requests)) if i != sampled]
+    assert [streams[i][0] for i in greedy] == [texts[i] for i in greedy]
+    _, finishes, (usage, last) = streams[sampled]
+    ids, max_tokens = extra(last, "token_ids"), requests[sampled]["max_tokens"]
+    ended = ids[-1] in engine.end_ids  # the end token is counted, as `quantkit run --json` does
+    assert finishes == ["stop" if ended else "length"] and (ended or len(ids) == max_tokens) and len(ids) <= max_tokens
+    assert usage.completion_tokens == len(ids) and all(0 <= t < engine.tokenizer.vocab_size for t in ids)
     after = health(url)
     assert after["max_batch"] == 8 and after["batched_steps"] > before["batched_steps"]
     assert after["max_batch_seen"] > 1 and not after["kv_cache_allocated"]

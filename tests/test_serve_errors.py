@@ -154,3 +154,18 @@ def test_a_failing_batch_fails_its_requests_with_a_500_and_the_worker_lives(serv
     assert status["failed"] >= 1 and not status["kv_cache_allocated"] and status["running"] is None
     response = httpx.post(server + CHAT, json=body, headers=AUTH, timeout=TIMEOUT_S)
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 5
+
+
+def test_missing_serve_extra_names_the_install_from_the_checkout(monkeypatch, tmp_path):
+    """`quantkit` on PyPI is someone else's package: the hint must install the extra from this checkout."""
+    import sys
+
+    from quantkit.errors import QuantkitError
+    from quantkit.serve.server import serve
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # `import uvicorn` now raises ImportError, as when missing
+    with pytest.raises(QuantkitError) as e:
+        serve(tmp_path)
+    message = str(e.value)
+    assert "uvicorn is missing" in message and 'pip install -e ".[serve]"' in message
+    assert "quantkit[serve]" not in message

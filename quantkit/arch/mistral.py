@@ -23,12 +23,13 @@ class Entry:
     shape: tuple[str, ...]
     rope_heads: str | None = None  # dimension name holding the head count for the q/k permutation
     bias: bool = False  # the multimodal projector biases, present or not depending on the checkpoint
+    untied: bool = False  # only when the embeddings are not tied (params.json `tied_embeddings`)
 
 
 TEXT = [
     Entry("tok_embeddings.weight", "model.embed_tokens.weight", ("vocab", "dim")),
     Entry("norm.weight", "model.norm.weight", ("dim",)),
-    Entry("output.weight", "lm_head.weight", ("vocab", "dim")),
+    Entry("output.weight", "lm_head.weight", ("vocab", "dim"), untied=True),
     Entry("layers.{L}.attention_norm.weight", "model.layers.{L}.input_layernorm.weight", ("dim",)),
     Entry("layers.{L}.ffn_norm.weight", "model.layers.{L}.post_attention_layernorm.weight", ("dim",)),
     Entry("layers.{L}.attention.wq.weight", "model.layers.{L}.self_attn.q_proj.weight", ("q_dim", "dim"), "heads"),
@@ -152,6 +153,12 @@ register(
         export_names=MIXTRAL_EXPORT_NAMES,
     )  # fmt: skip
 )
+# The Llama decoder is Mistral's without a sliding window: HF folders of it (SmolLM2, Llama 2/3 fine-tunes) load and
+# quantize as they are; it matches no params.json (a native checkpoint converts to MistralForCausalLM).
+register(
+    Arch("llama", "LlamaForCausalLM", "llama", "", (("text", TEXT), ("text", DENSE_MLP)), text_model_type="llama",
+         matches=lambda params: False)
+)  # fmt: skip
 register(
     Arch(
         "pixtral",
@@ -203,6 +210,12 @@ TEXT_DEFAULTS = {
         "sliding_window": 4096,
         "max_position_embeddings": 131072,
     },
+    "llama": {
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "sliding_window": None,
+        "max_position_embeddings": 2048,
+    },
     "mixtral": {
         "num_key_value_heads": 8,
         "rms_norm_eps": 1e-5,
@@ -248,6 +261,7 @@ def model_dims(params: dict) -> dict[str, int]:
         "q_dim": heads * head_dim,
         "kv_dim": kv_heads * head_dim,
         "L": config_int(params, "n_layers"),
+        "tied": int(bool(params.get("tied_embeddings"))),
     }
     if params.get("moe"):
         d["experts"] = d["E"] = config_int(params["moe"], "num_experts", "params.json moe")

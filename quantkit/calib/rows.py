@@ -124,3 +124,19 @@ def build_rows(
         "sources": per_source,
     }
     return CalibRows(ids, provenance)
+
+
+def tokenized_rows(tok, calib: Calibration, rows: int, seq_len: int, seed: int) -> CalibRows:
+    """build_rows with a model's tokenizer (ChatTokenizer or HubTokenizer): plain documents as raw prompts (BOS as
+    the model expects), chats through its chat template. A hub template may not render the bundled Mistral-format
+    tool chats (content None beside tool_calls, say): such a chat is calibrated as its plain text instead."""
+
+    def encode_chat(messages: list[dict], tools: list[dict] | None) -> list[int]:
+        try:
+            return tok.encode_chat(messages, tools).input_ids
+        except QuantkitError:
+            if tok.info.kind != "hf":
+                raise
+            return tok.encode_raw(chat_as_text(Document(messages=messages, tools=tools)))
+
+    return build_rows(calib, encode=tok.encode_raw, rows=rows, seq_len=seq_len, seed=seed, encode_chat=encode_chat)

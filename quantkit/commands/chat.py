@@ -80,7 +80,7 @@ def check_images(paths: list[Path], has_vision: bool, folder: Path) -> list[Path
 
 def answer(model: Transformer, tokenizer: ChatTokenizer, encoded: Encoded, sampling: Sampling, as_json: bool) -> str:
     """Stream one answer to an encoded conversation, print speeds (or one JSON object); returns the answer text."""
-    stream = TextStream(tokenizer, {tokenizer.eos_id}, echo=not as_json)
+    stream = TextStream(tokenizer, tokenizer.stop_ids, echo=not as_json)
     result: Generation = generate(
         model,
         encoded.input_ids,
@@ -89,7 +89,7 @@ def answer(model: Transformer, tokenizer: ChatTokenizer, encoded: Encoded, sampl
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         seed=sampling.seed,
-        stop_ids=[tokenizer.eos_id],
+        stop_ids=sorted(tokenizer.stop_ids),
         on_token=stream,
         decode="auto" if sampling.graph else "eager",
     )
@@ -107,7 +107,7 @@ def answer(model: Transformer, tokenizer: ChatTokenizer, encoded: Encoded, sampl
     else:
         click.echo(stream.text[len(stream.printed) :])
         n_in, n_out = len(result.input_ids), len(result.output_ids)
-        note = stop_note(model, result, sampling, tokenizer.eos_id)
+        note = stop_note(model, result, sampling, tokenizer.stop_ids)
         speed = f"{result.decode_tokens_per_s:.1f} tok/s"
         if roofline:
             gb = roofline["weight_bytes_per_token"] / 1e9
@@ -198,9 +198,11 @@ def run(
     as_json: bool = False,
     progress: bool = True,
     load: Loader = load_model,
+    raw: bool = False,
 ) -> None:
-    """Load FOLDER (a converted model with its tokenizer) with `load` and answer --prompt, or chat without one."""
-    from quantkit.tokenizer.chat import ChatTokenizer
+    """Load FOLDER (a converted model with its tokenizer) with `load` and answer --prompt, or chat without one.
+    `raw`: the prompt is plain text for the model to continue (no chat template), as /v1/completions takes it."""
+    from quantkit.tokenizer.chat import ChatTokenizer, Encoded
 
     folder = Path(folder)
     config = load_model_config(folder)
@@ -208,8 +210,11 @@ def run(
     tokenizer = ChatTokenizer.from_folder(folder)
     encoded = None
     if prompt is not None:  # encoded and checked before loading: a 124B model takes minutes to load
-        messages = ([{"role": "system", "content": system}] if system else []) + [user_message(prompt, images)]
-        encoded = tokenizer.encode_chat(messages)
+        if raw:
+            encoded = Encoded(tokenizer.encode_raw(prompt), [], prompt)
+        else:
+            messages = [{"role": "system", "content": system}] if system else []
+            encoded = tokenizer.encode_chat([*messages, user_message(prompt, images)])
         n, context = len(encoded.input_ids), config.text.max_seq_len
         if n > context:
             raise QuantkitError(f"the prompt is {n} tokens, longer than the model's context of {context} tokens")

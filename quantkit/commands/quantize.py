@@ -9,8 +9,9 @@ import click
 from quantkit.errors import QuantkitError
 
 
-def _group_size(value: str) -> int | None:
-    return None if value.lower() in ("none", "-1", "0") else int(value)
+def _group_size(value: str) -> int | str | None:
+    v = value.lower()
+    return None if v in ("none", "-1", "0") else v if v == "auto" else int(v)
 
 
 @click.command()
@@ -21,7 +22,13 @@ def _group_size(value: str) -> int | None:
 @click.option("--measurement", type=click.Path(path_type=Path), help="Reuse a measurement.json for --bpw.")
 @click.option("--measure-rows", type=int, default=16, show_default=True, help="Calibration rows measured for --bpw.")
 @click.option("-b", "--bits", type=int, default=4, show_default=True, help="Bits per weight (2-8).")
-@click.option("--group-size", default="128", show_default=True, help="32, 64, 128 or none (per channel).")
+@click.option(
+    "--group-size",
+    default="auto",
+    show_default=True,
+    help="auto (128, else the largest of 64 / 32 that divides every quantized width, else none), 32, 64, "
+    "128 or none (per channel).",
+)
 @click.option("--act-order/--no-act-order", default=True, show_default=True, help="Quantize columns by salience.")
 @click.option("--static-groups", is_flag=True, help="With act order, fix the group grids up front.")
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grids.")
@@ -73,7 +80,7 @@ def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement:
     try:
         gs = _group_size(group_size)
     except ValueError:
-        raise QuantkitError(f"--group-size must be 32, 64, 128 or none, got {group_size}") from None
+        raise QuantkitError(f"--group-size must be auto, 32, 64, 128 or none, got {group_size}") from None
     settings = QuantSettings(bits=bits, group_size=gs, sym=sym, act_order=act_order, static_groups=static_groups,
                              damp=damp, clip=clip)  # fmt: skip
     fmt = fmt or ("quantkit" if bpw is not None or rotate else "gptq")

@@ -14,6 +14,11 @@ from quantkit.errors import QuantkitError
 @click.option("--prompt", help="Answer this prompt and exit. Without it: an interactive chat on stdin.")
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image file (repeatable).")
 @click.option("--system", help="System prompt.")
+@click.option(
+    "--raw",
+    is_flag=True,
+    help="Continue --prompt as plain text: no chat template (BOS as the model's tokenizer adds it); for base models.",
+)
 @click.option("--max-new-tokens", default=512, show_default=True, type=int, help="At least 1.")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 is greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
@@ -57,6 +62,7 @@ def run_command(
     prompt: str | None,
     images: tuple[Path, ...],
     system: str | None,
+    raw: bool,
     max_new_tokens: int,
     temperature: float,
     top_p: float,
@@ -76,8 +82,10 @@ def run_command(
     from quantkit.model.generate import Sampling
     from quantkit.runtime import load_any
 
+    if raw and (prompt is None or images or system is not None):
+        raise QuantkitError("--raw continues a --prompt as plain text: it needs --prompt and takes no --image/--system")
     if max_new_tokens < 1:
         raise QuantkitError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     sampling = Sampling(max_new_tokens, temperature, top_p, seed, graph)
     load = partial(load_any, backend=backend, keep_dense=keep_dequantized)
-    run(model, prompt, list(images), system, sampling, device, dtype, as_json, progress=not quiet, load=load)
+    run(model, prompt, list(images), system, sampling, device, dtype, as_json, progress=not quiet, load=load, raw=raw)

@@ -51,7 +51,7 @@ def text_config(arch: Arch, params: dict, dims: dict[str, int], bos_id: int, eos
         "sliding_window": _sliding_window(params),
         "vocab_size": dims["vocab"],
         "attention_dropout": 0.0,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": bool(dims.get("tied")),
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
         "torch_dtype": dtype,

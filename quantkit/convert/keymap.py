@@ -31,11 +31,13 @@ class TensorMap:
 
 
 def expand(arch: Arch, dims: dict[str, int]) -> list[TensorMap]:
-    """All tensors the architecture expects for these dimensions, in table order."""
+    """All tensors the architecture expects for these dimensions, in table order (no lm_head when tied)."""
     out = []
     for part, table in arch.tables:
         prefix = arch.text_prefix if part == "text" else ""
         for e in table:
+            if e.untied and dims.get("tied"):
+                continue
             keys = _PLACEHOLDER.findall(e.native)
             for values in itertools.product(*(range(dims[k]) for k in keys)):
                 subs = dict(zip(keys, values, strict=True))

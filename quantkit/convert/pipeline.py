@@ -24,7 +24,7 @@ from quantkit.errors import QuantkitError
 from quantkit.io.checkpoint import NATIVE_INDEX, native_weight_files, read_json
 from quantkit.io.claim import Claim
 from quantkit.io.reader import DTYPE_NAMES, DTYPES, TensorIndex, TensorInfo, load_tensor
-from quantkit.io.writer import OutputFolder, TensorSpec, parse_size, plan_shards, write_json, write_sharded
+from quantkit.io.writer import OutputFolder, TensorSpec, parse_shard_size, plan_shards, write_json, write_sharded
 from quantkit.tokenizer.hf import write_tokenizer_files
 from quantkit.tokenizer.source import TokenizerInfo, check_against_params, find_tokenizer_file, read_tokenizer_info
 
@@ -161,7 +161,7 @@ def plan_conversion(
         image_token_id=_image_token_id(params, tokenizer) if arch.has_vision else None,
         projector_bias=bias,
     )
-    shards = plan_shards(specs, parse_size(max_shard_size))
+    shards = plan_shards(specs, parse_shard_size(max_shard_size))  # 0 refused, as quantize does
     return ConvertPlan(arch, params, config, maps, sources, specs, shards, bias, tokenizer, dict(part_params))
 
 

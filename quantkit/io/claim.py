@@ -164,16 +164,27 @@ def check_space(needs: dict[Path, int]) -> None:
             )
 
 
+def _existing(folder: Path) -> Path:
+    """folder or its nearest existing parent: the run's temporary folder is gone by the time the error is told."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
 def os_error_message(e: OSError, action: str, need: int | None = None) -> str:
-    """One line for an OSError during writing: the path, the reason, and for a full disk the space needed."""
-    path = e.filename or "?"
+    """One line for an OSError during writing: the path, the reason, and for a full disk the space needed.
+
+    A copy (shutil.copyfile) names its source as filename and the file it writes as filename2: the one written is
+    the one to name, and its file system's free space the one to quote."""
+    path = e.filename2 or e.filename or "?"
     msg = f"{action} failed writing {path}: {e.strerror or e}"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         owners = [f for f in _planned if str(path).startswith(f.rstrip("/") + "/")]
         if need is None and owners:
             need = _planned[max(owners, key=len)]
         try:
-            free = shutil.disk_usage(Path(path).parent if e.filename else ".").free
+            free = shutil.disk_usage(_existing(Path(path).parent) if path != "?" else ".").free
         except OSError:
             free = None
         if need is not None:

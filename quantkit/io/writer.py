@@ -51,6 +51,14 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * base**power)
 
 
+def parse_shard_size(text: str | int) -> int:
+    """--max-shard-size as bytes; 0 would plan one tensor per shard (thousands of files), so it is refused."""
+    size = parse_size(text)
+    if size < 1:
+        raise QuantkitError(f"--max-shard-size must be positive, got {text!r}")
+    return size
+
+
 def plan_shards(specs: Iterable[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
     """Greedy, order-preserving split into shards of at most max_bytes; a tensor is never split."""
     shards: list[list[TensorSpec]] = [[]]

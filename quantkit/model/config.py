@@ -39,6 +39,7 @@ class TextConfig:
     n_experts: int = 0
     top_k: int = 0
     hidden_act: str = "silu"
+    tie_word_embeddings: bool = False  # lm_head is the embedding matrix (no lm_head tensor on disk)
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class VisionConfig:
 class ModelConfig:
     """A whole model: its architecture, the text decoder and, for Pixtral, vision tower and projector settings."""
 
-    arch: str  # "mistral", "mixtral" or "pixtral"
+    arch: str  # "mistral", "llama", "mixtral" or "pixtral"
     text: TextConfig
     vision: VisionConfig | None = None
     image_token_id: int | None = None
@@ -110,19 +111,22 @@ def _need(cfg: dict, key: str, where: str):
 
 
 def text_config(cfg: dict, model_type: str, where: str = "config.json") -> TextConfig:
-    """Parse a Mistral or Mixtral text config (top level, or Llava's text_config)."""
+    """Parse a Mistral, Llama or Mixtral text config (top level, or Llava's text_config)."""
     if model_type not in TEXT_DEFAULTS:
-        raise QuantkitError(f"{where}: text model type {model_type!r} is not supported (mistral or mixtral)")
+        raise QuantkitError(f"{where}: text model type {model_type!r} is not supported ({', '.join(TEXT_DEFAULTS)})")
     d = {**TEXT_DEFAULTS[model_type], **{k: v for k, v in cfg.items() if v is not None or k == "sliding_window"}}
     dim, heads = config_int(d, "hidden_size", where), config_int(d, "num_attention_heads", where)
     if d.get("hidden_act", "silu") != "silu":
         raise QuantkitError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (silu)")
+    for bias in ("attention_bias", "mlp_bias"):
+        if d.get(bias):
+            raise QuantkitError(f"{where}: {bias} is not supported (Mistral's decoder has no linear biases)")
     window = d.get("sliding_window")
     return TextConfig(
         dim=dim,
         n_layers=config_int(d, "num_hidden_layers", where),
         n_heads=heads,
-        n_kv_heads=config_int(d, "num_key_value_heads", where),
+        n_kv_heads=config_int(d, "num_key_value_heads", where, default=heads),
         head_dim=config_int(d, "head_dim", where, default=dim // heads),
         ffn_dim=config_int(d, "intermediate_size", where),
         vocab_size=config_int(d, "vocab_size", where),
@@ -132,6 +136,7 @@ def text_config(cfg: dict, model_type: str, where: str = "config.json") -> TextC
         sliding_window=int(window) if window is not None else None,
         n_experts=int(d["num_local_experts"]) if model_type == "mixtral" else 0,
         top_k=int(d["num_experts_per_tok"]) if model_type == "mixtral" else 0,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
     )
 
 

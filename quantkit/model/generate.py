@@ -284,10 +284,10 @@ def generate(
     return Generation(list(input_ids), output, t1 - t0, t2 - t1, total)
 
 
-def stop_note(model: Transformer, result: Generation, sampling: Sampling, eos_id: int) -> str:
+def stop_note(model: Transformer, result: Generation, sampling: Sampling, stop_ids: set[int]) -> str:
     """Why an answer ended before max_new_tokens without an end token: the context, or the KV cache memory allows."""
     n_out = len(result.output_ids)
-    if n_out >= sampling.max_new_tokens or result.output_ids[-1] == eos_id:
+    if n_out >= sampling.max_new_tokens or result.output_ids[-1] in stop_ids:
         return ""
     context = model.config.text.max_seq_len
     if result.cache_len >= context:

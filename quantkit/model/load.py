@@ -43,6 +43,14 @@ class Checkpoint:
         key = self.config.checkpoint_key(name)
         return export_name(self.config.arch, key) if self.current_names else key
 
+    def source(self, name: str) -> str:
+        """The tensor that holds parameter `name`: its key, except that with tied embeddings and no
+        lm_head.weight on disk (a 16-bit head) the head reads the embedding matrix."""
+        tied = self.config.text.tie_word_embeddings
+        if name == "lm_head.weight" and tied and self.key(name) not in self.index.infos:
+            return self.key("embed_tokens.weight")
+        return self.key(name)
+
     def load(self, model: nn.Module, name: str = "", device: torch.device | str = "cpu", dtype=None) -> nn.Module:
         """Materialize submodule `name` of model (e.g. "layers.3", "" for all) from disk on device; returns it.
 
@@ -53,7 +61,7 @@ class Checkpoint:
         prefix = f"{name}." if name else ""
         state = {}
         for pname, current in module.state_dict(keep_vars=True).items():
-            key = self.key(prefix + pname)
+            key = self.source(prefix + pname)
             info = self.index.infos.get(key)
             if info is None:
                 raise QuantkitError(f"{self.folder.name}: tensor {key} is missing from the checkpoint")
@@ -69,12 +77,12 @@ class Checkpoint:
 
     def unused(self, model: nn.Module) -> list[str]:
         """Checkpoint tensors that no parameter of model maps to."""
-        used = {self.key(n) for n in model.state_dict(keep_vars=True)}
+        used = {self.source(n) for n in model.state_dict(keep_vars=True)}
         return sorted(k for k in self.index.infos if k not in used)
 
     def missing(self, model: nn.Module) -> list[str]:
         """Tensors that model needs and the checkpoint lacks."""
-        return sorted(k for n in model.state_dict(keep_vars=True) if (k := self.key(n)) not in self.index.infos)
+        return sorted(k for n in model.state_dict(keep_vars=True) if (k := self.source(n)) not in self.index.infos)
 
 
 def name_list(names: list[str]) -> str:

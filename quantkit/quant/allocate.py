@@ -21,9 +21,10 @@ import numpy as np
 from quantkit.arch.blocks import block_of, expert_index
 from quantkit.errors import QuantkitError
 from quantkit.quant.capture import LinearSpec, QuantSettings
-from quantkit.quant.measure import block_candidates, spec_bits, spec_for_candidate
+from quantkit.quant.measure import block_candidates, probe_candidate, spec_bits, spec_for_candidate
 
 RESOLUTION = 20_000
+BLOCKS = ("attn", "mlp")
 
 
 @dataclass
@@ -127,6 +128,17 @@ def reachable_bpw(
     return lo / numel, hi / numel
 
 
+def predicted_kl(measurement: dict, layer: int, block: str, errors: list[float], probe_error: float) -> list[float]:
+    """What each candidate of a block costs the model end to end: the KL its probe measured at the logits, scaled by
+    the square of the candidate's local error relative to the probe's (KL grows with the square of a small
+    perturbation of the logits). Measurements without a probe (synthetic tables) keep the local errors."""
+    probe = measurement.get("probe")
+    if probe is None or probe_error <= 0:
+        return list(errors)
+    kl = max(probe["kl"][layer][BLOCKS.index(block)], 0.0)
+    return [kl * (e / probe_error) ** 2 for e in errors]
+
+
 def allocate(
     measurement: dict,
     shapes: list[dict[str, tuple[int, int]]],
@@ -142,7 +154,8 @@ def allocate(
     errors, bits = [], []
     for li, b in blocks:
         entries = {e["candidate"]: e for e in measurement["layers"][li][b]}
-        errors.append([entries[c.name]["error"] for c in cands[li, b]])
+        errors.append(predicted_kl(measurement, li, b, [entries[c.name]["error"] for c in cands[li, b]],
+                                   entries[probe_candidate(cands[li, b]).name]["error"]))  # fmt: skip
         bits.append([entries[c.name]["bits"] for c in cands[li, b]])
     lo, hi = sum(min(x) for x in bits) / numel, sum(max(x) for x in bits) / numel
     if not lo <= target_bpw <= hi:

@@ -185,18 +185,23 @@ def model_card(
     rotate: bool = False,
     arch: str | None = None,
     gptq_bits: int | None = None,
+    group_why: str | None = None,
 ) -> str:
     """README.md for the output folder: the parameter table GPTQ users expect, and how to load the folder.
-    gptq_bits: the `bits` of a mixed GPTQ build's quantization_config (what decides vLLM's kernel)."""
+    gptq_bits: the `bits` of a mixed GPTQ build's quantization_config (what decides vLLM's kernel).
+    group_why: why --group-size auto did not choose 128 (so a card of auto -> 128 equals one of --group-size 128)."""
+    group = s.group_size or "none (per channel)"
+    if group_why:
+        group = f"{s.group_size or 'none, per channel'} (auto: {group_why})"
     rows = [
         ("Format", fmt),
         ("Bits", f"{bpw} bpw (mixed)" if bpw else s.bits),
         ("Hadamard rotation", rotate),
         ("Head bits", head_bits or 16),
-        ("Group size", s.group_size or "none (per channel)"),
+        ("Group size", group),
         ("Act order", s.act_order),
         ("Symmetric", s.sym),
-        ("Damp %", s.damp),
+        ("Damp", f"{s.damp} (fraction of the mean Hessian diagonal)"),  # a fraction, not a percent
         ("Dataset", calibration.get("dataset")),
         ("Rows x seq len", f"{calibration.get('rows')} x {calibration.get('seq_len')}"),
         ("Size", f"{size_bytes / 1e9:.2f} GB"),

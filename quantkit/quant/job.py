@@ -225,11 +225,14 @@ class Job:
             os.fsync(f.fileno())
         os.replace(tmp, self.dir / "job.json")
 
-    def stores(self, rows: int, row_shape: tuple[int, ...], dtype: torch.dtype) -> tuple[RowStore, RowStore]:
-        """(current, next): the store holding the finished layers' output, and the one to write."""
+    def stores(
+        self, rows: int, row_shape: tuple[int, ...], dtype: torch.dtype, name: str = "hidden"
+    ) -> tuple[RowStore, RowStore]:
+        """(current, next): the store holding the finished layers' output, and the one to write (a killed step
+        leaves the current one intact). Stores of other names flip with the hidden states."""
         cur = self.state.get("current", "a")
         nxt = "b" if cur == "a" else "a"
-        return self.store(f"hidden-{cur}", rows, row_shape, dtype), self.store(f"hidden-{nxt}", rows, row_shape, dtype)
+        return self.store(f"{name}-{cur}", rows, row_shape, dtype), self.store(f"{name}-{nxt}", rows, row_shape, dtype)
 
     def store(self, name: str, rows: int, row_shape: tuple[int, ...], dtype: torch.dtype) -> RowStore:
         """A row store of this job: in the work dir, or in the offload dir under a name unique to the job."""

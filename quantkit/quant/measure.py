@@ -36,7 +36,8 @@ from quantkit.quant.gptq import HessianAccumulator
 BASE_BITS = (2, 3, 4, 5, 6, 7, 8)
 SALIENT_FRACTION = 0.1
 PER_CHANNEL = 0  # a candidate's group size meaning one scale per output row (no groups)
-CANDIDATES_VERSION = 2
+CANDIDATES_VERSION = 3  # 3: the end-to-end probe (measurement.json "probe")
+PROBE_ROWS, PROBE_TOKENS = 2, 512  # each block's probe stream: the first tokens of the first rows
 
 Segments = tuple[tuple[int, float], ...]  # ((bits, fraction of columns), ...), most salient first
 
@@ -113,6 +114,8 @@ def layout_for(segments: Segments, in_features: int, group: int | None) -> int |
 
 
 def spec_for_candidate(cand: Candidate, name: str, in_features: int, s: QuantSettings, rotate_seed: int | None):
+    """A candidate's spec for one linear. A fixed group (g32) that does not divide in_features takes the run's
+    size instead, which does (settings.check_against_model; --group-size auto resolved to it, else none)."""
     segs, g = cand.for_role(role_of(name))
     if g == PER_CHANNEL:
         group = None
@@ -170,6 +173,12 @@ def _shared_hessians(accs: dict[str, HessianAccumulator]) -> dict[str, torch.Ten
     return {n: by_acc[id(a)] if id(a) in by_acc else by_acc.setdefault(id(a), a.hessian()) for n, a in accs.items()}
 
 
+def probe_candidate(candidates: list[Candidate]) -> Candidate:
+    """The setting a block is probed at end to end: every role uniform 3 bits at the run's group size, a width
+    where quantization error is large enough to read at the logits and every format has a candidate."""
+    return next(c for c in candidates if all(segs == ((3, 1.0),) and g is None for _, segs, g in c.roles))
+
+
 def measure_layer(
     layer: nn.Module,
     io: LayerIO,
@@ -177,9 +186,14 @@ def measure_layer(
     s: QuantSettings,
     rotate_seed: Callable[[str], int | None],
     fmt: str = "quantkit",
+    probe: Callable[[str, int, torch.Tensor], None] | None = None,
+    probe_rows: int = 0,
 ) -> dict[str, list[dict]]:
     """{"attn": [...], "mlp": [...]}, one {"candidate", "bits", "error"} per candidate, for this layer; io.middle
-    keeps the float attention half's outputs (the MLP half's inputs)."""
+    keeps the float attention half's outputs (the MLP half's inputs).
+
+    probe(block, r, h): for the first probe_rows rows, the layer's output with only this block quantized at its
+    probe candidate (the other half float), which the caller carries to the logits to weigh this block's errors."""
     accs = _hessians(layer, io, ctx)
     result: dict[str, list[dict]] = {}
     for block in ("attn", "mlp"):
@@ -188,7 +202,9 @@ def measure_layer(
         floats = {n: layer.get_submodule(n).weight.data.clone() for n in names}
         result[block] = []
         moe = any(expert_index(n) is not None for n in names)
-        for cand in block_candidates(block, fmt, moe):
+        candidates = block_candidates(block, fmt, moe)
+        probed = probe_candidate(candidates) if probe is not None else None
+        for cand in candidates:
             bits = 0
             for n in names:
                 linear = layer.get_submodule(n)
@@ -205,6 +221,11 @@ def measure_layer(
                     err += float((y.float() - y_f.float().to(y.device)).pow(2).sum())
                     ref += float(y_f.float().pow(2).sum())
             result[block].append({"candidate": cand.name, "bits": bits, "error": (err / ref) ** 0.5})
+            if cand is probed:
+                with torch.no_grad():
+                    for r in range(min(probe_rows, io.rows)):
+                        h = layer.attn_block(io.read(r), ctx) if block == "attn" else io.middle.read(r)
+                        probe(block, r, layer.mlp_block(h))
         for n in names:
             layer.get_submodule(n).weight.data = floats[n]
         del hessians, floats

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from quantkit.arch import export_name
 from quantkit.arch.blocks import VISION_EMBED, VISION_LAYERS, block_of, expert_index, role_of
-from quantkit.calib.rows import build_rows
+from quantkit.calib.rows import tokenized_rows
 from quantkit.calib.sources import load_calibration
 from quantkit.errors import QuantkitError
 from quantkit.formats.gptq import gptq_stored_bits
@@ -41,8 +41,23 @@ from quantkit.quant.estimate import COUNT_FLOPS, estimate_seconds, human_seconds
 from quantkit.quant.export import base_bits, build_quantization_config, dynamic_rules, linear_tensors, model_card
 from quantkit.quant.gptq import HessianAccumulator
 from quantkit.quant.job import Job, default_work_dir, discard, exclusive, space_needed
-from quantkit.quant.measure import CANDIDATES_VERSION, GPTQ_SHARED, block_candidates, measure_layer
-from quantkit.quant.settings import QuantizeOptions, QuantSettings, check_against_model, check_bpw_reachable
+from quantkit.quant.measure import (
+    CANDIDATES_VERSION,
+    GPTQ_SHARED,
+    PROBE_ROWS,
+    PROBE_TOKENS,
+    block_candidates,
+    measure_layer,
+)
+from quantkit.quant.settings import (
+    AUTO,
+    QuantizeOptions,
+    QuantSettings,
+    check_against_model,
+    check_bpw_reachable,
+    group_size_words,
+    resolve_group_size,
+)
 from quantkit.tokenizer.chat import ChatTokenizer
 
 
@@ -63,11 +78,13 @@ class QuantPlan:
     work_bytes: int = 0  # the work dir's peak: finished layers (at most the output) and the hidden-state row stores
     seconds: float | None = None  # expected time (dry run only: quant/estimate.py)
     time_basis: str = ""
+    group_choice: str = ""  # how --group-size auto resolved, in words ("" when the size was given)
 
     def summary(self) -> str:
         return "\n".join(
             [
                 f"format: {self.fmt}; {self.bits}",
+                *([f"group size: {self.group_choice}"] if self.group_choice else []),
                 f"calibration: {self.calibration}",
                 f"decoder layers: {self.layers}",
                 f"quantized parameters: {self.quantized_params:,}; kept 16-bit: {self.kept_params:,}",
@@ -174,14 +191,7 @@ def _source_fingerprint(ckpt: Checkpoint) -> str:
 def _calibration(ckpt: Checkpoint, dataset, split, text_field, rows, seq_len, seed):
     tok = ChatTokenizer.from_folder(ckpt.folder)
     calib = load_calibration(dataset, split=split, text_field=text_field)
-    return build_rows(
-        calib,
-        encode=lambda text: [tok.bos_id, *tok.encode_text(text)],
-        rows=rows,
-        seq_len=seq_len,
-        seed=seed,
-        encode_chat=lambda messages, tools: tok.encode_chat(messages, tools).input_ids,
-    )
+    return tokenized_rows(tok, calib, rows, seq_len, seed)
 
 
 def _repeat_note(provenance: dict) -> str | None:
@@ -278,16 +288,49 @@ def measure(
     attn = job.store("attn", rows, row_shape, dtype)
     seeds = _rotate_seeds(o.rotate)
     names = [f"layers.{i}" for i in range(n_layers)]
+    p_rows, p_shape = min(PROBE_ROWS, rows), (1, min(PROBE_TOKENS, ids.shape[1]), row_shape[2])
+    p_ctx = model.context(0, torch.empty(p_shape, dtype=dtype, device=device))
     for i, layer in _layers(ckpt, model, job, names, device, dtype, "measure", progress):
         cur, nxt = job.stores(rows, row_shape, dtype)
+        p_cur, p_nxt = job.stores(2 * n_layers * p_rows, p_shape, dtype, name="probe")
+        with torch.no_grad():  # the earlier blocks' probe streams go on through this (float) layer
+            for j in range(2 * i * p_rows):
+                p_nxt.write(j, layer(p_cur.read(j).to(device), p_ctx))
+
+        def probe(block: str, r: int, h: torch.Tensor, i: int = i, out=p_nxt) -> None:
+            out.write((2 * i + (block == "mlp")) * p_rows + r, h[:, : p_shape[1]])
+
         io = LayerIO(rows, cur, nxt, device, middle=attn)
         ctx = model.context(0, torch.empty(row_shape, dtype=dtype, device=device))
-        job.finish(f"layer.{i}", None, measure_layer(layer, io, ctx, s, lambda name, i=i: seeds(i, name), o.fmt), True)
-    data = {"version": 1, "fingerprint": fingerprint, "layers": [job.info(step) for step in layer_steps(n_layers)]}
+        info = measure_layer(layer, io, ctx, s, lambda name, i=i: seeds(i, name), o.fmt, probe, p_rows)
+        job.finish(f"layer.{i}", None, info, True)
+    kl = _probe_kl(ckpt, model, job, rows, row_shape, p_rows, p_shape, device, dtype)
+    data = {"version": 2, "fingerprint": fingerprint, "layers": [job.info(step) for step in layer_steps(n_layers)],
+            "probe": {"rows": p_rows, "tokens": p_shape[1], "kl": kl}}  # fmt: skip
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
     return data
+
+
+def _probe_kl(ckpt, model, job: Job, rows: int, row_shape, p_rows: int, p_shape, device, dtype) -> list[list[float]]:
+    """Per layer [attn, mlp]: the mean KL divergence (nats per token) at the logits between the float model and the
+    model with only that block quantized at its probe candidate, on the probe rows' first tokens."""
+    n_layers = ckpt.config.text.n_layers
+    cur, _ = job.stores(rows, row_shape, dtype)
+    p_cur, _ = job.stores(2 * n_layers * p_rows, p_shape, dtype, name="probe")
+    ckpt.load(model, "norm", device, dtype)
+    ckpt.load(model, "lm_head", device, dtype)
+    total = [0.0] * (2 * n_layers)
+    with torch.no_grad():
+        for r in range(p_rows):
+            ref = torch.log_softmax(model.head(cur.read(r)[:, : p_shape[1]].to(device)).float(), -1)
+            for b in range(2 * n_layers):
+                logp = torch.log_softmax(model.head(p_cur.read(b * p_rows + r).to(device)).float(), -1)
+                total[b] += float((ref.exp() * (ref - logp)).sum(-1).mean()) / p_rows
+    unload(model.lm_head)
+    unload(model.norm)
+    return [total[2 * i : 2 * i + 2] for i in range(n_layers)]
 
 
 def load_measurement(
@@ -299,6 +342,9 @@ def load_measurement(
     if n_layers is not None and (not isinstance(layers, list) or len(layers) != n_layers):
         found = len(layers) if isinstance(layers, list) else 0
         raise QuantkitError(f"measurement {path} covers {found} layers, the model has {n_layers}: measure again")
+    probe = data.get("probe") or {}
+    if layers and not (isinstance(probe.get("kl"), list) and len(probe["kl"]) == len(layers)):
+        raise QuantkitError(f"measurement {path} has no end-to-end probe (an older quantkit made it): measure again")
     for i, layer in enumerate(layers or []):
         for block in ("attn", "mlp"):
             names = {c.get("candidate") for c in (layer or {}).get(block) or [] if isinstance(c, dict)}
@@ -371,7 +417,14 @@ def quantize(
         raise QuantkitError(f"no config.json in {src}: quantize takes a converted (Hugging Face layout) folder")
     ckpt = Checkpoint(src)
     model = build_model(ckpt.config)
-    check_against_model(o, read_json(src / "config.json"), _checked_shapes(model, o))
+    checked = _checked_shapes(model, o)
+    group_choice, group_why = "", None
+    if settings.group_size == AUTO:  # resolved once, here: job, measurement and config all see the concrete size
+        g, group_why = resolve_group_size(checked)
+        settings = replace(settings, group_size=g)
+        o = replace(o, settings=settings)
+        group_choice = group_size_words(g, group_why)
+    check_against_model(o, read_json(src / "config.json"), checked)
     n_layers = ckpt.config.text.n_layers
     shapes = [_linear_shapes(model, i) for i in range(n_layers)]
     seeds = _rotate_seeds(rotate)
@@ -381,12 +434,14 @@ def quantize(
         check_bpw_reachable(bpw, *bpw_range)
         if measurement is not None:
             load_measurement(measurement, n_layers=n_layers, fmt=fmt, shapes=shapes)
-    the_plan = plan(ckpt, model, o, bpw_range)
+    the_plan = replace(plan(ckpt, model, o, bpw_range), group_choice=group_choice)
     work = Path(work_dir or default_work_dir(dst))
     output = OutputFolder(dst, force=force, src=src, work=work)  # validates dst before any work, dry run included
     if dry_run:
         return _with_time(the_plan, model, o, shapes, ckpt.config.text)
     check_space(space_needed(dst, work, offload_dir, the_plan.output_bytes, rows, seq_len, ckpt.config.text.dim))
+    if group_choice:
+        log(f"group size: {group_choice}")
     map_large_blocks()
     crows = _calibration(ckpt, dataset, split, text_field, rows, seq_len, seed)
     ids = crows.ids  # [rows, seq_len]
@@ -418,7 +473,7 @@ def quantize(
     def card(size: int) -> str:
         gptq_bits = qcfg["bits"] if fmt == "gptq" and bpw is not None else None
         return model_card(dst.name, fmt, settings, crows.provenance, size, head_bits, bpw, rotate, ckpt.config.arch,
-                          gptq_bits)  # fmt: skip
+                          gptq_bits, group_why)  # fmt: skip
 
     size = _assemble(ckpt, job, output, qcfg, card, max_shard_size, progress)
     job.cleanup()
@@ -448,7 +503,8 @@ def _output_config(ckpt: Checkpoint, o: QuantizeOptions, specs, provenance: dict
     """config.json's quantization_config; the quantkit format also lists every linear's bits and group size, the
     GPTQ format carries per-module bits and what stays 16-bit as GPTQModel's `dynamic` rules."""
     qcfg = build_quantization_config(o.fmt, o.settings, provenance, o.head_bits)
-    if o.fmt == "gptq" and (o.bpw is not None or vision):
+    head_width = o.head_bits not in (None, o.settings.bits)  # loaders take the head's width from `dynamic` only
+    if o.fmt == "gptq" and (o.bpw is not None or vision or head_width):
         units = _gptq_units(ckpt, specs) if o.bpw is not None else []
         moe = any(".experts." in n for names, _ in units for n in names)
         vision_bits = o.settings.bits if o.vision == "quantize" else None
@@ -592,6 +648,10 @@ def _assemble(
             infos += sorted(packed.pop(prefix), key=lambda x: x.name)
         else:
             infos.append(replace(info, name=rename(name)))
+    head = rename(ckpt.config.checkpoint_key("lm_head.weight")).removesuffix(".weight")
+    untie = ckpt.config.text.tie_word_embeddings and head in packed  # a quantized head of tied embeddings
+    if untie:
+        infos += sorted(packed.pop(head), key=lambda x: x.name)
     if packed:
         raise QuantkitError(f"internal: quantized tensors with no source weight: {sorted(packed)[:3]}")
     by_name = {i.name: i for i in infos}
@@ -602,6 +662,9 @@ def _assemble(
         write_sharded(tmp, shards, lambda s: load_tensor(by_name[s.name]), on_bytes=bar.update)
         config = read_json(ckpt.folder / "config.json")
         config["quantization_config"] = qcfg
+        if untie:  # the head now has tensors of its own; tied loaders would overwrite them with the embeddings
+            (config.get("text_config") or config)["tie_word_embeddings"] = False
+            config["tie_word_embeddings"] = False
         write_json(tmp / "config.json", config)
         for f in ckpt.folder.iterdir():
             if f.is_file() and f.suffix != ".safetensors" and f.name not in (HF_INDEX, "config.json", "README.md"):

@@ -4,7 +4,8 @@ QuantSettings are the GPTQ knobs (what a measurement and a job depend on); Quant
 `QuantizeOptions.check()` refuses bad arguments (types, ranges, NaN/inf, devices, sizes) without reading the model;
 `check_against_model` refuses what only the model can tell (group sizes that do not divide its features, a --bpw
 outside the range its shapes reach under the cost model, an already-quantized source, a measurement of another
-length). Both raise QuantkitError with one line.
+length). Both raise QuantkitError with one line. `resolve_group_size` turns --group-size auto into the concrete size
+the model's shapes allow, before any work, so everything after it (job, measurement, config) sees a number.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from quantkit.io.writer import parse_size
 from quantkit.model.config import CONFIG_DTYPES
 
 FORMATS = ("gptq", "quantkit")
-GROUP_SIZES = (32, 64, 128, None)
+AUTO = "auto"
+GROUP_SIZES = (AUTO, 32, 64, 128, None)
 VISION_MODES = ("keep", "quantize")
 
 
@@ -30,7 +32,7 @@ class QuantSettings:
     """The GPTQ knobs users know from published GPTQ releases."""
 
     bits: int = 4
-    group_size: int | None = 128
+    group_size: int | str | None = 128  # AUTO is resolved by resolve_group_size before any work
     sym: bool = True
     act_order: bool = True
     static_groups: bool = False
@@ -77,7 +79,7 @@ class QuantizeOptions:
         if self.head_bits is not None and not (isinstance(self.head_bits, int) and 2 <= self.head_bits <= 8):
             raise QuantkitError(f"--head-bits must be between 2 and 8, got {self.head_bits}")
         if s.group_size not in GROUP_SIZES:
-            raise QuantkitError(f"--group-size must be 32, 64, 128 or none, got {s.group_size}")
+            raise QuantkitError(f"--group-size must be auto, 32, 64, 128 or none, got {s.group_size}")
         if not (isinstance(s.damp, int | float) and math.isfinite(s.damp) and 0 <= s.damp <= 1):
             raise QuantkitError(f"--damp must be a fraction from 0 to 1 of mean(diag H), got {s.damp}")
         if self.vision not in VISION_MODES:
@@ -142,6 +144,23 @@ def check_against_model(o: QuantizeOptions, config: dict, shapes: dict[str, tupl
             raise QuantkitError(f"--group-size {g} does not divide {name}'s {in_f} input features")
         if o.fmt == "gptq" and (in_f % 32 or out_f % 32):
             raise QuantkitError(f"the GPTQ format needs features divisible by 32; {name} is [{out_f}, {in_f}]")
+
+
+def resolve_group_size(shapes: dict[str, tuple[int, int]]) -> tuple[int | None, str]:
+    """--group-size auto: the largest of 128 / 64 / 32 that divides every quantized linear's input features, else
+    None (per channel), so that the default works on any model; returns it and why, for the log and the card."""
+    blocker = ""
+    for g in (128, 64, 32):
+        name, in_f = next(((n, i) for n, (_, i) in shapes.items() if i % g), (None, 0))
+        if name is None:
+            return g, blocker
+        blocker = f"{g} does not divide {name}'s {in_f} input features"
+    return None, blocker
+
+
+def group_size_words(g: int | None, why: str) -> str:
+    """How auto resolved, for the log and the dry run: "auto -> 64 (128 does not divide ...)"."""
+    return f"auto -> {g or 'none, per channel'}" + (f" ({why})" if why else "")
 
 
 def check_bpw_reachable(bpw: float, lo: float, hi: float) -> None:

@@ -119,7 +119,7 @@ class Engine:
         if max_batch < 1:
             raise QuantkitError("max_batch must be at least 1")
         self.model, self.tokenizer, self.max_queue, self.max_batch = model, tokenizer, max_queue, max_batch
-        self.end_ids = {tokenizer.eos_id}
+        self.end_ids = set(tokenizer.stop_ids)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()

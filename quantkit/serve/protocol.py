@@ -139,12 +139,12 @@ def parse_chat(body: dict, tokenizer: ChatTokenizer, context: int) -> Prompt:
 
 
 def parse_completion(body: dict, tokenizer: ChatTokenizer, context: int) -> Prompt:
-    """A /v1/completions body: a raw prompt (BOS + the text, no chat template) or a list of token ids."""
+    """A /v1/completions body: a raw prompt (as `quantkit run --raw` encodes it, no chat template) or token ids."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        ids = [tokenizer.bos_id] + tokenizer.encode_text(prompt)
+        ids = tokenizer.encode_raw(prompt)
     elif isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
         if not all(0 <= i < tokenizer.vocab_size for i in prompt):
             raise APIError(f"prompt token ids must be from 0 to {tokenizer.vocab_size - 1}", param="prompt")

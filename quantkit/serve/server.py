@@ -124,8 +124,9 @@ def serve(
         from quantkit.serve.app import create_app
         from quantkit.serve.engine import Engine
     except ImportError as e:
+        # the install from the checkout: `quantkit` on PyPI is an unrelated project
         raise QuantkitError(f"quantkit serve needs the serve extra ({e.name} is missing): "
-                            "pip install 'quantkit[serve]'") from None  # fmt: skip
+                            "pip install -e \".[serve]\" in the quantkit checkout") from None  # fmt: skip
     folder = Path(folder)
     config = load_model_config(folder)
     tokenizer = ChatTokenizer.from_folder(folder)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from itertools import groupby
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from quantkit.tokenizer.conversation import parse_messages, parse_tools, rules_f
 from quantkit.tokenizer.image import image_token_ids, preprocess_image
 from quantkit.tokenizer.render import render
 from quantkit.tokenizer.source import TokenizerInfo, find_tokenizer_file, read_tokenizer_info
+
+if TYPE_CHECKING:
+    from quantkit.tokenizer.hub import HubTokenizer
 
 
 @lru_cache(maxsize=2)
@@ -52,15 +56,20 @@ class ChatTokenizer:
             raise QuantkitError(f"{info.path.name} supports images but lacks [IMG], [IMG_BREAK] or [IMG_END]")
 
     @classmethod
-    def from_folder(cls, folder: Path) -> ChatTokenizer:
-        """Load the native tokenizer file (tekken.json / tokenizer.model.v*) of a converted or native folder."""
+    def from_folder(cls, folder: Path) -> ChatTokenizer | HubTokenizer:
+        """The native tokenizer file (tekken.json / tokenizer.model.v*) of a converted or native folder; else the
+        folder's tokenizer.json and chat template (a HubTokenizer, same interface), as hub folders ship them."""
         folder = Path(folder)
         if not folder.is_dir():
             raise QuantkitError(f"model folder not found: {folder}")
         path = find_tokenizer_file(folder)
-        if path is None:
-            raise QuantkitError(f"no tokenizer in {folder} (expected tekken.json or tokenizer.model.v*)")
-        return cls(read_tokenizer_info(path))
+        if path is not None:
+            return cls(read_tokenizer_info(path))
+        if (folder / "tokenizer.json").is_file():
+            from quantkit.tokenizer.hub import HubTokenizer
+
+            return HubTokenizer(folder)
+        raise QuantkitError(f"no tokenizer in {folder} (expected tekken.json, tokenizer.model.v* or tokenizer.json)")
 
     @property
     def vocab_size(self) -> int:
@@ -73,6 +82,11 @@ class ChatTokenizer:
     @property
     def eos_id(self) -> int:
         return self.info.specials["</s>"]
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """Ids that end an answer."""
+        return {self.eos_id}
 
     @property
     def image_token_id(self) -> int | None:
@@ -91,6 +105,10 @@ class ChatTokenizer:
         if self.info.kind == "spm":
             return self._sp.encode(text)
         return self._bpe.encode(text, add_special_tokens=False).ids
+
+    def encode_raw(self, text: str) -> list[int]:
+        """A plain-text prompt or document: BOS, then the text (mistral-common's encode with bos=True)."""
+        return [self.bos_id, *self.encode_text(text)]
 
     def decode(self, ids: list[int]) -> str:
         """Text of the ids with special tokens left out (mistral-common's default policy)."""
