@@ -129,9 +129,30 @@ def format_report(r: dict) -> str:
 
 
 def format_card(r: dict, path: Path) -> str:
-    """The card_rows as a markdown table."""
+    """The card_rows as a markdown table, then for --bpw builds the per-layer allocation table."""
     rows = card_rows(r, path)
-    return "| parameter | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    card = "| parameter | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    layers = allocation_rows(r)
+    if layers:
+        card += "\n\n| layer | bits per weight | predicted KL attn | predicted KL mlp | share of the predicted loss |\n"
+        card += "|---|---|---|---|---|\n" + "\n".join(
+            f"| {i} | {bpw:.2f} | {attn:.4g} | {mlp:.4g} | {share:.1%} |" for i, bpw, attn, mlp, share in layers
+        )
+    return card
+
+
+def allocation_rows(r: dict) -> list[tuple[int, float, float, float, float]]:
+    """(layer, realized bpw, predicted KL of its attention and MLP blocks, share of the total) of a --bpw build:
+    where the allocator spent bits and how much loss it expects from each layer."""
+    qc = r.get("quantization_config") or {}
+    alloc = qc.get("allocation") or (qc.get("quantkit") or {}).get("allocation")
+    q = r.get("quantized") or {}
+    if not alloc or not q.get("layer_bpw"):
+        return []
+    kl = alloc["predicted_kl"]
+    total = sum(v for layer in kl for v in layer.values()) or 1.0
+    return [(i, bpw, kl[i].get("attn", 0.0), kl[i].get("mlp", 0.0), sum(kl[i].values()) / total)
+            for i, bpw in q["layer_bpw"].items() if i < len(kl)]  # fmt: skip
 
 
 def _damp(value: object) -> str | None:

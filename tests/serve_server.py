@@ -12,18 +12,24 @@ from quantkit.model.config import load_model_config
 from quantkit.runtime import load_any
 from quantkit.serve.app import create_app
 from quantkit.serve.engine import Engine
-from quantkit.serve.server import serve_in_thread
+from quantkit.serve.server import context_limit, kv_budget, serve_in_thread
 from quantkit.tokenizer.chat import ChatTokenizer
 
 
 @contextmanager
 def running_server(folder: Path, name: str = "tiny", api_key: str | None = None, max_queue: int = 64,
-                   max_batch: int = 8):
-    """Yields (base_url, engine); the server and its worker are stopped on exit."""
+                   max_batch: int = 8, media: Path | None = None, kv_cache_memory: str | None = None,
+                   prefill_chunk: int | None = 512):  # fmt: skip
+    """Yields (base_url, engine); the server and its worker are stopped on exit. The KV budget and the context
+    limit are set as `quantkit serve` sets them."""
     tokenizer = ChatTokenizer.from_folder(folder)
     model = load_any(folder, device="cpu", backend="torch", progress=False)
-    engine = Engine(model, tokenizer, max_queue, max_batch)
-    app = create_app(engine, name, load_model_config(folder).text.max_seq_len, api_key)
+    _, tokens = kv_budget(model, kv_cache_memory)
+    context = load_model_config(folder).text.max_seq_len
+    limit = context_limit(context, tokens, None)
+    engine = Engine(model, tokenizer, max_queue, max_batch, tokens, prefill_chunk)
+    label = "the model's context" if limit == context else "the server's max model len"
+    app = create_app(engine, name, limit, api_key, media, label)
     try:
         with serve_in_thread(app) as url:
             yield url, engine

@@ -1,6 +1,7 @@
-"""Quantized exports carry the module names current loaders expect (issue 18), quantkit loads both those and the
-legacy names, refuses folders whose quantized tensors would leave layers uninitialized, and writes processor files
-only for models with a vision tower.
+"""`--export-names gptqmodel` exports carry the module names GPTQModel and transformers 5 use (issue 18; the default
+`vllm` naming is checked in tests/test_vllm_names.py), quantkit loads both those and the legacy (vLLM) names,
+refuses folders whose quantized tensors would leave layers uninitialized, and writes processor files only for models
+with a vision tower.
 
 References: transformers 5's own module names (LlavaForConditionalGeneration's state_dict, Mixtral's fused experts
 and its checkpoint conversion mapping). GPTQModel's names are checked by loading in tests/interop (own venv).
@@ -67,7 +68,8 @@ def exports(tiny_models, tmp_path_factory, one_thread):
     out = {}
     for model, fmt in (("mixtral", "gptq"), ("mixtral", "quantkit"), ("pixtral_12b", "gptq")):
         dst = root / f"{model}-{fmt}"
-        result = cli("quantize", tiny_models.get(model)["hf"], dst, "--format", fmt, "--bits", "4", *FAST)
+        result = cli("quantize", tiny_models.get(model)["hf"], dst, "--format", fmt, "--bits", "4", *FAST,
+                     "--export-names", "gptqmodel")
         assert result.exit_code == 0, result.output + str(result.exception)
         out[model, fmt] = dst
     return out

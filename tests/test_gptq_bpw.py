@@ -95,10 +95,12 @@ def test_moe_block_takes_one_width(tiny_models, tmp_path):
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     tensors = stored(out)
     for i in range(2):
-        experts = {module_bits(qcfg, m) for m in tensors if m.startswith(f"model.layers.{i}.mlp.experts.")}
-        assert len(experts) == 1  # gate, up and down of every expert: one FusedMoE setting in vLLM
-        assert module_bits(qcfg, f"model.layers.{i}.block_sparse_moe.experts") == experts.pop()  # vLLM's name
-        assert dynamic_override(qcfg["dynamic"], f"model.layers.{i}.mlp.gate") is False  # the router
+        experts = {module_bits(qcfg, m) for m in tensors if m.startswith(f"model.layers.{i}.block_sparse_moe.experts.")}
+        assert len(experts) == 1  # w1, w2 and w3 of every expert: one FusedMoE setting in vLLM
+        assert module_bits(qcfg, f"model.layers.{i}.block_sparse_moe.experts") == next(iter(experts))  # vLLM's name
+        assert module_bits(qcfg, f"model.layers.{i}.mlp.experts.0.gate_proj") == experts.pop()  # GPTQModel's
+        for router in (f"model.layers.{i}.block_sparse_moe.gate", f"model.layers.{i}.mlp.gate"):
+            assert dynamic_override(qcfg["dynamic"], router) is False
     for m, parts in tensors.items():
         assert parts["qweight"][0][0] * 32 == parts["g_idx"][0][0] * module_bits(qcfg, m)
 
@@ -116,7 +118,8 @@ def test_uniform_pixtral_export_says_what_stays_16_bit(tiny_models, tmp_path):
                  "lm_head", "language_model.lm_head"):  # fmt: skip
         assert dynamic_override(qcfg["dynamic"], name) is False, name
     for module in stored(out):
-        assert module_bits(qcfg, module) == 4 and module.startswith("model.language_model.layers."), module
-    assert not any(re.match(k[2:], "model.language_model.layers.0.self_attn.qkv_proj") for k in qcfg["dynamic"])
+        assert module_bits(qcfg, module) == 4 and module.startswith("language_model.model.layers."), module
+    for name in ("model.language_model.layers.0.self_attn.q_proj", "language_model.model.layers.0.self_attn.qkv_proj"):
+        assert not any(re.match(k[2:], name) for k in qcfg["dynamic"])
     result = run("eval", out, "--reference", src, "--rows", "2", "--seq-len", "32", "--json", "--quiet")
     assert result.exit_code == 0, result.output + str(result.exception)

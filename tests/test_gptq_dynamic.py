@@ -9,7 +9,8 @@ Both loaders decide a module by the first rule whose regex re.match-es its name;
 Names: GPTQModel loads through transformers (separate q/k/v, gate/up, per-expert linears; Llava under
 `model.language_model.`); vLLM fuses q/k/v into qkv_proj, gate/up into gate_up_proj, a layer's experts into one
 FusedMoE `experts` (Mixtral: under `block_sparse_moe`), and names Llava's parts `language_model.model.`,
-`language_model.lm_head`, `vision_tower.`, `multi_modal_projector.`.
+`language_model.lm_head`, `vision_tower.`, `multi_modal_projector.`. The folder's names are either naming
+(`--export-names vllm`, the default, or `gptqmodel`): the rules, the same for both, must match each.
 """
 
 from __future__ import annotations
@@ -60,10 +61,10 @@ def vllm_bits(qcfg: dict, name: str):
 
 
 def vllm_name(exported: str, arch: str) -> str:
-    """The prefix vLLM gives the module holding this exported linear (fused where vLLM fuses)."""
+    """The prefix vLLM gives the module holding this exported linear, in either naming (fused where vLLM fuses)."""
     parent, _, leaf = exported.rpartition(".")
-    if expert_index(exported) is not None:  # model.layers.N.mlp.experts.E.x -> model.layers.N.block_sparse_moe.experts
-        return exported.partition(".mlp.experts.")[0] + ".block_sparse_moe.experts"
+    if expert_index(exported) is not None:  # model.layers.N.{mlp,block_sparse_moe}.experts.E.x -> ...block_sparse_moe
+        return re.sub(r"\.(?:mlp|block_sparse_moe)\.experts\..*$", ".block_sparse_moe.experts", exported)
     name = f"{parent}.{FUSED.get(leaf, leaf)}" if parent else leaf
     if arch == "pixtral":
         for old, new in (("model.language_model.", "language_model.model."), ("lm_head", "language_model.lm_head"),
@@ -94,17 +95,18 @@ def synthetic_measurement(shapes, s: QuantSettings, seed: int = 0) -> dict:
     return {"layers": layers}
 
 
-def real_build(model_name: str, target: float = 3.0) -> dict:
-    """The real layout's allocation at target bpw and its quantization_config, plus every name to check."""
+def real_build(model_name: str, target: float = 3.0, names: str = "vllm") -> dict:
+    """The real layout's allocation at target bpw and its quantization_config, plus every name to check (in the
+    export's naming, `names`)."""
     params, _, _ = REAL[model_name]
     plan = plan_conversion(params, as_infos(native_tensor_list(params)))
     cfg = parse_config(plan.config)
     model = build_model(cfg)
-    ckpt = SimpleNamespace(config=cfg, key=lambda n: export_name(cfg.arch, cfg.checkpoint_key(n)))
+    ckpt = SimpleNamespace(config=cfg, key=lambda n: export_name(cfg.arch, cfg.checkpoint_key(n), names))
     shapes = [_linear_shapes(model, i) for i in range(len(model.layers))]
     s = QuantSettings(bits=4, group_size=128, act_order=True)
     alloc = allocate(synthetic_measurement(shapes, s), shapes, target, s, lambda i, n: None, "gptq")
-    o = QuantizeOptions(settings=s, fmt="gptq", bpw=target)
+    o = QuantizeOptions(settings=s, fmt="gptq", bpw=target, export_names=names)
     qcfg = _output_config(ckpt, o, alloc.specs, {}, model.vision_tower is not None)
     modules = {ckpt.key(f"layers.{i}.{n}.weight").removesuffix(".weight"): sp.bits
                for i, layer in enumerate(alloc.specs) for n, sp in layer.items()}  # fmt: skip
@@ -121,9 +123,10 @@ def real_build(model_name: str, target: float = 3.0) -> dict:
     return dict(arch=cfg.arch, qcfg=qcfg, modules=modules, kept=kept, alloc=alloc)
 
 
+@pytest.mark.parametrize("names", ["vllm", "gptqmodel"])
 @pytest.mark.parametrize("model_name", MODELS)
-def test_every_module_gets_the_allocated_bits_in_both_loaders(model_name):
-    b = real_build(model_name)
+def test_every_module_gets_the_allocated_bits_in_both_loaders(model_name, names):
+    b = real_build(model_name, names=names)
     qcfg, arch, alloc = b["qcfg"], b["arch"], b["alloc"]
     assert 3.0 - 0.02 <= alloc.bpw <= 3.0  # at real scale too
     n_layers = len(alloc.specs)
@@ -148,6 +151,14 @@ def test_every_module_gets_the_allocated_bits_in_both_loaders(model_name):
     # the base `bits` routes vLLM: plain GPTQ kernel when any module has 2/3 bits, Marlin only for 4/8-bit builds
     widths = set(b["modules"].values())
     assert (qcfg["bits"] in (2, 3)) == bool(widths & {2, 3})
+
+
+@pytest.mark.parametrize("model_name", [MODELS[0], MODELS[2]])
+def test_both_namings_get_one_set_of_rules(model_name):
+    """Llava's and Mixtral's names differ between the namings; the rules, written for both, do not."""
+    vllm, gptqmodel = (real_build(model_name, names=n) for n in ("vllm", "gptqmodel"))
+    assert set(vllm["modules"]) != set(gptqmodel["modules"])
+    assert vllm["qcfg"] == gptqmodel["qcfg"]
 
 
 @pytest.mark.parametrize(

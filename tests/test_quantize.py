@@ -247,10 +247,10 @@ def test_vision_quantize(tiny_models, tmp_path):
     result = run("quantize", src, quant, "--vision", "quantize", *args)
     assert result.exit_code == 0, result.output + str(result.exception)
     t = read_safetensors(quant)
-    assert "model.vision_tower.transformer.layers.1.feed_forward.down_proj.qmeta" in t
-    assert "model.vision_tower.transformer.layers.1.feed_forward.down_proj.weight" not in t
-    assert "model.vision_tower.patch_conv.weight" in t and "model.multi_modal_projector.linear_1.weight" in t
-    assert not any(k.startswith("model.vision_tower.") and k.endswith(".qmeta") for k in read_safetensors(keep))
+    assert "vision_tower.transformer.layers.1.feed_forward.down_proj.qmeta" in t  # the default (vLLM) names
+    assert "vision_tower.transformer.layers.1.feed_forward.down_proj.weight" not in t
+    assert "vision_tower.patch_conv.weight" in t and "multi_modal_projector.linear_1.weight" in t
+    assert not any(k.startswith("vision_tower.") and k.endswith(".qmeta") for k in read_safetensors(keep))
     model = load_any(quant, "cpu", "float32", "torch", progress=False, fuse=False)  # every linear on its own
     vision_q = [n for n, m in model.vision_tower.named_modules() if isinstance(m, QuantLinear)]
     assert len(vision_q) == 2 * 7

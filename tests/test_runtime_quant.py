@@ -69,7 +69,8 @@ def dequantized_float_model(src: Path, folder: Path) -> nn.Module:
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
-        prefix = export_name(model.config.arch, model.config.checkpoint_key(f"{name}.weight")).removesuffix(".weight")
+        key = model.config.checkpoint_key(f"{name}.weight")
+        prefix = export_name(model.config.arch, key, "vllm").removesuffix(".weight")  # the default naming
         if f"{prefix}.qmeta" in t:
             mod.weight.data = dequantize(from_tensors(prefix, t))
         elif f"{prefix}.qweight" in t:
@@ -185,7 +186,7 @@ def test_decode_bytes_count_every_stored_decoder_tensor(builds):
     folder = builds["quantkit4"]
     model = load_quantized(folder, dtype="float32", progress=False, fuse=False)  # fused: one perm for q/k/v
     t = read_safetensors(folder)
-    decode = ("model.language_model.layers.", "model.language_model.norm.", "lm_head.")
+    decode = ("language_model.model.layers.", "language_model.model.norm.", "language_model.lm_head.")
     cast = ("norm.weight", "lm_head.weight")  # float parameters, loaded as float32; quantized tensors as stored
     expected = sum(
         v.numel() * (4 if k.endswith(cast) else v.element_size()) for k, v in t.items() if k.startswith(decode)

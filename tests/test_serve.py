@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -66,9 +68,10 @@ def folders(tiny_models, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module", params=["float", "quantized"])
-def served(request, folders, one_thread):
+def served(request, folders, scene_image, one_thread):
+    """The server, with --allowed-local-media-path the scene image's folder."""
     folder = folders[request.param]
-    with running_server(folder, name="tiny-pixtral") as (url, engine):
+    with running_server(folder, name="tiny-pixtral", media=scene_image.parent) as (url, engine):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
         yield folder, url, client, engine
 
@@ -158,20 +161,14 @@ def test_tools_render_as_quantkit_tokenize(served, tmp_path):
 
 
 def test_an_answer_opening_with_tool_calls_is_returned_as_tool_calls(served, monkeypatch):
-    """The model's [TOOL_CALLS] + JSON (as Mistral models write it) is scripted in place of generate()'s tokens."""
-    import quantkit.serve.engine as engine_module
+    """The model's [TOOL_CALLS] + JSON (as Mistral models write it) is scripted in place of the sampled tokens."""
+    from quantkit.model.generate import Batch
 
     folder, _, client, engine = served
     tokenizer = engine.tokenizer
     call = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
     script = [tokenizer.info.specials["[TOOL_CALLS]"], *tokenizer.encode_text(json.dumps(call)), tokenizer.eos_id]
-
-    def scripted(model, input_ids, images=None, *, on_token, **kw):
-        for token in script:
-            on_token(token)
-
-    monkeypatch.setattr(engine_module, "generate", scripted)
-    monkeypatch.setattr(engine, "max_batch", 1)  # the one-at-a-time path calls generate(); the worker is idle here
+    monkeypatch.setattr(Batch, "_pick", lambda self, row, logits: script[len(row.output_ids)])
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     choice = chat(client, messages, tools=TOOLS, max_tokens=len(script)).choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -187,6 +184,168 @@ def test_an_answer_opening_with_tool_calls_is_returned_as_tool_calls(served, mon
     assert finishes == ["tool_calls"] and [d.function.name for d in deltas] == ["get_weather"]
     without_tools = chat(client, messages, max_tokens=len(script)).choices[0]  # no tools offered: plain text
     assert without_tools.message.content == json.dumps(call) and not without_tools.message.tool_calls
+
+
+def test_local_images_are_read_only_inside_the_allowed_folder(served, scene_image, tmp_path):
+    """--allowed-local-media-path: a path, file:// URI, relative path or symlink that resolves inside the folder
+    gives `quantkit run`'s answer; a symlink or relative path leading out of it, /etc/passwd, another file, a
+    folder and a missing file all get one and the same 400."""
+    from quantkit.tokenizer.image import LOCAL_MEDIA_REFUSED
+
+    folder, _, client, _ = served
+    ref = run_json(folder, PROMPT, [scene_image], max_new_tokens=6)
+    root = scene_image.parent
+    outside = tmp_path / "outside.png"
+    shutil.copy(scene_image, outside)
+    link_out, link_in = root / f"out-{tmp_path.name}.png", root / f"in-{tmp_path.name}.png"
+    link_out.symlink_to(outside)
+    link_in.symlink_to(scene_image)
+    inside = [str(scene_image), scene_image.as_uri(), scene_image.name, str(link_in)]
+    refused = [str(link_out), os.path.relpath(outside, root), "/etc/passwd", str(outside), outside.as_uri(), str(root),
+               str(root / "missing.png"), "missing.png"]  # fmt: skip
+    for url in inside:
+        content = [{"type": "text", "text": PROMPT}, {"type": "image_url", "image_url": {"url": url}}]
+        response = chat(client, [{"role": "user", "content": content}], max_tokens=6)
+        assert extra(response, "prompt_token_ids") == ref["input_ids"], url
+        assert extra(response.choices[0], "token_ids") == ref["output_ids"], url
+    errors = []
+    for url in refused:
+        content = [{"type": "text", "text": PROMPT}, {"type": "image_url", "image_url": {"url": url}}]
+        with pytest.raises(openai.BadRequestError) as e:
+            chat(client, [{"role": "user", "content": content}], max_tokens=6)
+        errors.append((e.value.status_code, e.value.body["message"]))
+    assert set(errors) == {(400, LOCAL_MEDIA_REFUSED)}, errors
+
+
+TWO_TOOLS = [*TOOLS, {"type": "function", "function": {"name": "get_time", "description": "City time",
+                                                      "parameters": CITY}}]  # fmt: skip
+
+
+def test_tool_choice_required_or_named_always_gives_a_call(served):
+    """On random weights the model would rarely call a tool: the forced opening makes every answer one, of an
+    allowed function (any of the two for "required", the named one), streamed or not."""
+    _, _, client, _ = served
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_time"}}
+    seen = set()
+    for i in range(20):
+        for tool_choice, allowed in (("required", {"get_weather", "get_time"}), (named, {"get_time"})):
+            choice = client.chat.completions.create(model="tiny-pixtral", messages=messages, tools=TWO_TOOLS,
+                                                    tool_choice=tool_choice, max_tokens=24, temperature=1.0,
+                                                    seed=i).choices[0]  # fmt: skip
+            assert choice.finish_reason == "tool_calls" and choice.message.content is None, (i, tool_choice)
+            (call,) = choice.message.tool_calls
+            assert call.function.name in allowed and isinstance(call.function.arguments, str)
+            seen.add(call.function.name)
+    assert seen <= {"get_weather", "get_time"}
+    deltas = []
+    for chunk in client.chat.completions.create(model="tiny-pixtral", messages=messages, tools=TWO_TOOLS,
+                                                tool_choice=named, max_tokens=24, stream=True):  # fmt: skip
+        for c in chunk.choices:
+            deltas += c.delta.tool_calls or []
+            assert not c.delta.content
+    assert [d.function.name for d in deltas] == ["get_time"]
+    auto = chat(client, messages, tools=TWO_TOOLS, max_tokens=24)  # "auto": whatever the model writes
+    assert auto.choices[0].finish_reason in ("length", "stop", "tool_calls")
+
+
+def test_a_repeated_prompt_reuses_the_cached_prefix(served):
+    _, url, client, _ = served
+    messages = [{"role": "user", "content": "Tell me about the numbers " + " ".join(map(str, range(60)))}]
+    first = chat(client, messages)
+    before = health(url)
+    again = chat(client, messages)
+    after = health(url)
+    n = len(extra(first, "prompt_token_ids"))
+    assert after["prefix_cached_tokens"] - before["prefix_cached_tokens"] >= (n - 1) // 16 * 16 > 0
+    assert extra(again.choices[0], "token_ids") == extra(first.choices[0], "token_ids")  # greedy
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def test_kv_cache_follows_the_tokens_in_use_not_the_context(folders, one_thread):
+    """The model's context is 131,072 tokens; a streamed "hi" without max_tokens may run to it, but the cache
+    holds only the tokens it has, so memory while it streams stays near idle."""
+    from quantkit.model.config import load_model_config
+
+    folder = folders["float"]
+    assert load_model_config(folder).text.max_seq_len == 131072
+    with running_server(folder, name="tiny-pixtral") as (url, engine):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+        chat(client, [{"role": "user", "content": "warm up"}], max_tokens=4)
+        idle = rss_bytes()
+        stream = client.chat.completions.create(model="tiny-pixtral", messages=[{"role": "user", "content": "hi"}],
+                                                stream=True)  # fmt: skip
+        for chunks, _ in enumerate(stream, 1):
+            if chunks == 64:
+                break
+        during, status = rss_bytes(), health(url)
+        stream.close()
+        print(f"RSS idle {idle / 1e6:.0f} MB, while streaming 'hi' {during / 1e6:.0f} MB; KV pool "
+              f"{status['kv_cache_pool_tokens']} tokens of a {status['kv_cache_budget_tokens']}-token budget")
+        assert status["kv_cache_allocated"] and status["kv_cache_pool_tokens"] <= 2048
+        assert during <= 1.5 * idle
+        wait_for(url, lambda s: not s["kv_cache_allocated"])
+
+
+def test_kv_budget_refuses_what_cannot_fit_and_preempts_what_can(folders, one_thread):
+    """A 256-token KV budget on a 131,072-token model: the context is capped to it, a longer request is a 400
+    context_length_exceeded, and requests that together outgrow it take turns (the youngest is preempted and
+    prefilled again) and all finish."""
+    with running_server(folders["float"], name="tiny-pixtral", kv_cache_memory=str(256 * 1024)) as (url, engine):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+        assert client.models.list().data[0].model_extra["max_model_len"] == 256
+        with pytest.raises(openai.BadRequestError) as e:
+            chat(client, [{"role": "user", "content": "word " * 400}], max_tokens=2)
+        assert e.value.code == "context_length_exceeded" and "max model len of 256" not in e.value.body["message"]
+        assert "the server's max model len is 256 tokens" in e.value.body["message"]
+        requests = [dict(messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=150) for i in range(4)]
+        for (_, finishes, (usage, _)), r in zip(concurrent_streams(client, requests), requests, strict=True):
+            assert finishes in (["length"], ["stop"]) and usage.completion_tokens <= r["max_tokens"]
+            assert finishes == ["stop"] or usage.completion_tokens == r["max_tokens"]
+        status = health(url)
+        print(f"preempted {status['preempted']} times; KV pool {status['kv_cache_pool_tokens']} tokens")
+        assert status["kv_cache_pool_tokens"] <= 256 and not status["kv_cache_allocated"] and status["failed"] == 0
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(folders, one_thread):
+    """A 2,000-token prompt joins a running request: prefilled whole, the running one gets no decode step until the
+    prompt is in; with --prefill-chunk 64 it gets one after each of the ~31 chunks (counted, not timed)."""
+    import queue
+
+    from quantkit.model.generate import Sampling
+    from quantkit.runtime import load_any
+    from quantkit.serve.engine import Engine, Job
+    from quantkit.tokenizer.chat import ChatTokenizer
+
+    model = load_any(folders["float"], device="cpu", backend="torch", progress=False)
+    tokenizer = ChatTokenizer.from_folder(folders["float"])
+    long_ids = [tokenizer.bos_id, *(1000 + i % 5000 for i in range(1999))]
+    steps = {}
+    for chunk in (None, 64):
+        engine, events = Engine(model, tokenizer, prefill_chunk=chunk), queue.Queue()
+        try:
+            running = Job(tokenizer.encode_raw("Count"), [], Sampling(max_new_tokens=100000), events.put)
+            engine.submit(running)
+            assert events.get(timeout=TIMEOUT_S)[0] == "first"
+            before = engine.status()["decode_steps"]
+            finished: queue.Queue = queue.Queue()
+            engine.submit(Job(long_ids, [], Sampling(max_new_tokens=1), finished.put))
+            for _ in range(5):  # first, text, done
+                kind = finished.get(timeout=TIMEOUT_S)[0]
+                if kind in ("done", "error"):
+                    break
+            assert kind == "done"
+            steps[chunk] = engine.status()["decode_steps"] - before
+            running.cancel()
+        finally:
+            engine.close()
+    assert steps[None] <= 1 and steps[64] >= 2000 // 64 - 2, steps
 
 
 def test_completions_on_the_chat_prompt_ids_give_the_chat_answer(served):
@@ -272,7 +431,7 @@ def test_max_batch_1_answers_concurrent_clients_one_at_a_time(folders, one_threa
         alone = [chat(client, **r).choices[0].message.content for r in requests]
         assert concurrent_answers(client, requests) == alone
         status = health(url)
-        assert status["max_batch"] == 1 and status["decode_steps"] == 0 and status["completed"] == 8
+        assert status["max_batch"] == 1 and status["max_batch_seen"] == 1 and status["completed"] == 8
 
 
 def test_client_closing_mid_stream_stops_its_generation(served):
@@ -342,6 +501,8 @@ def test_serve_command_starts_reports_and_stops(folders, tmp_path):
     assert "device cpu: layers 0-1" in text and "GB of weights on cpu" in text
     assert f"serving at http://127.0.0.1:{port}/v1" in text
     assert "batch: up to 8 requests decoded together" in text
+    assert "KV cache: budget" in text and "max model len 131072 (context 131072)" in text
+    assert "local images: none (data: URIs only)" in text
 
 
 def test_serve_refuses_a_busy_port_before_loading(folders):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 
 import pytest
 
@@ -69,8 +70,8 @@ CASES = [
      "invalid base64"),
     ("remote image URL", "POST", CHAT, chat_body(messages=image_part("https://example.com/cat.png")), AUTH, 400,
      "remote image URLs are not supported"),
-    ("missing image file", "POST", CHAT, chat_body(messages=image_part("/nonexistent/cat.png")), AUTH, 400,
-     "image file not found"),
+    ("local image file", "POST", CHAT, chat_body(messages=image_part("/nonexistent/cat.png")), AUTH, 400,
+     "local image files are not allowed"),
     ("wrong API key", "POST", CHAT, chat_body(), {"Authorization": "Bearer wrong"}, 401, "API key"),
     ("no API key", "GET", "/v1/models", None, {}, 401, "API key"),
     ("temperature out of range", "POST", CHAT, chat_body(temperature=5), AUTH, 400, "'temperature'"),
@@ -128,6 +129,24 @@ def test_openai_client_raises_its_own_error_types(server):
     assert e.value.code == "context_length_exceeded"
 
 
+def test_local_image_paths_get_one_refusal_without_the_flag(server, scene_image, tmp_path):
+    """Without --allowed-local-media-path no local file is read: a PNG that exists, its file:// URI, a relative
+    path to it, a symlink, /etc/passwd and a missing file get the same 400, so nothing tells which files exist."""
+    from quantkit.tokenizer.image import LOCAL_MEDIA_REFUSED
+
+    link = tmp_path / "link.png"
+    link.symlink_to(scene_image)
+    urls = [str(scene_image), scene_image.as_uri(), os.path.relpath(scene_image), str(link), "/etc/passwd",
+            str(tmp_path / "missing.png")]  # fmt: skip
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, timeout=TIMEOUT_S, max_retries=0)
+    errors = []
+    for url in urls:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=image_part(url), max_tokens=2)
+        errors.append((e.value.status_code, e.value.body["message"], e.value.body["param"]))
+    assert set(errors) == {(400, LOCAL_MEDIA_REFUSED, "messages")}, errors
+
+
 @pytest.mark.parametrize("where", ["quantkit.model.generate.Batch.step", "quantkit.serve.engine.TextState.add"])
 def test_a_failing_batch_fails_its_requests_with_a_500_and_the_worker_lives(server, monkeypatch, where):
     """A bug or an out-of-memory in a decode step (or in the text handling after it) fails the requests in the
@@ -169,3 +188,29 @@ def test_missing_serve_extra_names_the_install_from_the_checkout(monkeypatch, tm
     message = str(e.value)
     assert "uvicorn is missing" in message and 'pip install -e ".[serve]"' in message
     assert "quantkit[serve]" not in message
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-model-len", "200000"], "--max-model-len 200000 is more than the model's context of 131072 tokens"),
+    (["--kv-cache-memory", "lots"], "cannot parse size 'lots'"),
+    (["--allowed-local-media-path", "/nonexistent/folder"], "/nonexistent/folder is not a folder"),
+])  # fmt: skip
+def test_serve_refuses_bad_kv_and_media_options_before_loading(tiny_models, args, message):
+    from click.testing import CliRunner
+
+    from quantkit.cli import main
+
+    folder = tiny_models.get("pixtral_12b")["hf"]
+    result = CliRunner().invoke(main, ["serve", str(folder), "--device", "cpu", "--port", "0", *args])
+    assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_kv_budget_and_context_limit():
+    from quantkit.errors import QuantkitError
+    from quantkit.serve.server import context_limit, kv_share
+
+    assert kv_share(None) is None and kv_share("0.5") == 0.5 and kv_share("1") == 1.0 and kv_share("2GB") is None
+    assert context_limit(131072, 4096, None) == 4096 and context_limit(1000, 4096, None) == 1000
+    assert context_limit(131072, 4096, 2048) == 2048
+    with pytest.raises(QuantkitError, match="does not fit in the KV cache budget of 4096 tokens"):
+        context_limit(131072, 4096, 8192)

@@ -101,21 +101,26 @@ class Arch:
     text_model_type: str = "mistral"
     max_positions: int = 131072  # when params.json gives no max_seq_len
     matches: Callable[[dict], bool] = field(default=lambda params: True, compare=False)
-    export_names: tuple[tuple[str, str], ...] = ()  # (legacy prefix, current prefix): see the *_EXPORT_NAMES below
+    export_names: tuple[tuple[str, str], ...] = ()  # (vLLM's prefix, GPTQModel's prefix): see *_EXPORT_NAMES below
 
     @property
     def has_vision(self) -> bool:
         return any(part == "vision" for part, _ in self.tables)
 
 
-# Quantized exports are named as current loaders expect, not as `convert` writes (the legacy on-disk names that
-# transformers' save_pretrained still produces and our module names mirror). Each pair rewrites a legacy tensor-name
-# prefix into the current one; `{L}` / `{E}` match any layer / expert index. Checked against the libraries:
-# - GPTQModel 7.7 (models/definitions/mixtral.py) quantizes `mlp.experts.{E}.{gate,up,down}_proj` with the router
-#   at `mlp.gate`, and refuses a GPTQ Mixtral without them ("Missing required quantized weights");
-# - GPTQModel (definitions/llava.py) and transformers 5 (LlavaForConditionalGeneration) hold Llava as
-#   `model.language_model.*`, `model.vision_tower.*`, `model.multi_modal_projector.*` and `lm_head`; GPTQModel
-#   refuses a GPTQ Pixtral under the legacy `language_model.model.*`.
+# Quantized exports carry one of two namings (`quantkit quantize --export-names`), per architecture a list of
+# (vLLM's prefix, GPTQModel's prefix) pairs; `{L}` / `{E}` match any layer / expert index. Mistral and Llama have none:
+# every loader takes the same names. Checked against the libraries' source (tests/test_vllm_names.py replays vLLM's):
+# - `vllm` (the default) is what vLLM 0.34 and SGLang 0.5.23 load by name, and what `convert` writes (transformers'
+#   legacy save_pretrained names, which our module names mirror): Mixtral's `block_sparse_moe.experts.E.w1/w2/w3` and
+#   `block_sparse_moe.gate` (vLLM and SGLang map experts with ckpt names "w1"/"w2"/"w3", as in mistralai's own repo and
+#   TheBloke's GPTQ branches), Llava's `language_model.model.*` / `language_model.lm_head`, `vision_tower.*`,
+#   `multi_modal_projector.*` (SGLang's LlavaForConditionalGeneration routes on these prefixes only);
+# - `gptqmodel` is GPTQModel 7.7's and transformers 5's: Mixtral as `mlp.experts.E.gate_proj/up_proj/down_proj` with
+#   the router at `mlp.gate` (GPTQModel refuses a GPTQ Mixtral without them: "Missing required quantized weights"),
+#   Llava as `model.language_model.*`, `lm_head`, `model.vision_tower.*`, `model.multi_modal_projector.*` (GPTQModel
+#   refuses a GPTQ Pixtral under the legacy names; vLLM's Llava hf_to_vllm_mapper maps these to its own).
+EXPORT_NAMINGS = ("vllm", "gptqmodel")
 MIXTRAL_EXPORT_NAMES = (
     ("model.layers.{L}.block_sparse_moe.gate.", "model.layers.{L}.mlp.gate."),
     ("model.layers.{L}.block_sparse_moe.experts.{E}.w1.", "model.layers.{L}.mlp.experts.{E}.gate_proj."),
@@ -173,18 +178,22 @@ register(
 
 
 @cache
-def _export_patterns(arch: str) -> tuple[tuple[re.Pattern, str], ...]:
-    """The arch's (legacy prefix, current prefix) templates as anchored regexes and their replacements."""
+def _export_patterns(arch: str, names: str) -> tuple[tuple[re.Pattern, str], ...]:
+    """The arch's prefixes in the other naming as anchored regexes, with their replacements in `names`."""
+    if names not in EXPORT_NAMINGS:
+        raise QuantkitError(f"unknown export naming {names!r} (choose from {', '.join(EXPORT_NAMINGS)})")
     out = []
-    for legacy, current in ARCHS[arch].export_names:
-        pattern = re.escape(legacy).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{E\}", r"(?P<E>\d+)")
-        out.append((re.compile(pattern), current.replace("{L}", r"\g<L>").replace("{E}", r"\g<E>")))
+    for vllm, gptqmodel in ARCHS[arch].export_names:
+        old, new = (vllm, gptqmodel) if names == "gptqmodel" else (gptqmodel, vllm)
+        pattern = re.escape(old).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{E\}", r"(?P<E>\d+)")
+        out.append((re.compile(pattern), new.replace("{L}", r"\g<L>").replace("{E}", r"\g<E>")))
     return tuple(out)
 
 
-def export_name(arch: str, key: str) -> str:
-    """A checkpoint tensor name as written in quantized exports (current loaders' names); others pass unchanged."""
-    for pattern, repl in _export_patterns(arch):
+def export_name(arch: str, key: str, names: str = "gptqmodel") -> str:
+    """A tensor name, in either naming, as written under `names` (EXPORT_NAMINGS); others pass unchanged. The default
+    maps legacy names to GPTQModel's, which is how Checkpoint tells a folder in GPTQModel's naming."""
+    for pattern, repl in _export_patterns(arch, names):
         if pattern.match(key):
             return pattern.sub(repl, key, count=1)
     return key

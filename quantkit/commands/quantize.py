@@ -51,6 +51,14 @@ def _group_size(value: str) -> int | str | None:
     "per-module 2/3/4/8 bits in GPTQModel's `dynamic` rules); quantkit (default for --bpw / --rotate): our own, "
     "mixed bits within a matrix.",
 )
+@click.option(
+    "--export-names",
+    type=click.Choice(["vllm", "gptqmodel"]),
+    default="vllm",
+    show_default=True,
+    help="Tensor names of the export where loaders differ (Mixtral experts, Llava parts): vllm (what vLLM and SGLang "
+    "load, the hub's own names) or gptqmodel (what GPTQModel loads). Mistral and Llama get the same names either way.",
+)
 @click.option("-c", "--dataset", help="A datasets hub name or local .jsonl/.parquet/.txt (default: bundled mix).")
 @click.option("--split", default="train", show_default=True, help="Hub dataset split.")
 @click.option("--text-field", default="text", show_default=True, help="Column holding the text.")
@@ -72,7 +80,8 @@ def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement:
              split: str,
              text_field: str, rows: int, seq_len: int, seed: int, work_dir: Path | None, offload_dir: Path | None,
              restart: bool, device: str,
-             dtype: str | None, max_shard_size: str, dry_run: bool, force: bool, quiet: bool) -> None:  # fmt: skip
+             dtype: str | None, max_shard_size: str, dry_run: bool, force: bool, quiet: bool,
+             export_names: str) -> None:  # fmt: skip
     """Quantize a converted model SRC with GPTQ, layer by layer, into DST (resumable: rerun after a crash)."""
     from quantkit.quant.pipeline import quantize as run_quantize
     from quantkit.quant.settings import QuantSettings
@@ -90,7 +99,7 @@ def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement:
         text_field=text_field, rows=rows, seq_len=seq_len, seed=seed, work_dir=work_dir, offload_dir=offload_dir,
         restart=restart,
         force=force, dry_run=dry_run, device=device, dtype=dtype, max_shard_size=max_shard_size,
-        progress=not quiet, log=click.echo,
+        export_names=export_names, progress=not quiet, log=click.echo,
     )  # fmt: skip
     if dry_run:
         click.echo(plan.summary())

@@ -21,11 +21,25 @@ import click
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=1), help="Waiting requests.")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 64),
               help="Requests decoded together (continuous batching); 1: one request at a time.")
+@click.option("--max-model-len", type=click.IntRange(min=1),
+              help="Most prompt + answer tokens of a request (default: the model's context, capped to the KV budget).")
+@click.option("--kv-cache-memory", metavar="SIZE|SHARE",
+              help="KV cache budget for all requests together: a size (2GB, 512MiB) or a share of the memory "
+                   "available after loading (0.5) [default: 0.9 of free GPU memory; 0.5 of available RAM on CPU].")
+@click.option("--prefill-chunk", default=512, show_default=True, type=click.IntRange(min=0),
+              help="Most prompt tokens prefilled between two decode steps (0: a prompt is prefilled whole).")
+@click.option("--no-prefix-cache", is_flag=True, help="Do not reuse the KV cache of earlier prompts' leading tokens.")
+@click.option("--allowed-local-media-path", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder whose image files requests may name by path or file:// URI (default: none: data: URIs).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def serve_command(model: Path, host: str, port: int, device: str, dtype: str, backend: str, api_key: str | None,
-                  served_model_name: str | None, max_queue: int, max_batch: int, quiet: bool) -> None:  # fmt: skip
+                  served_model_name: str | None, max_queue: int, max_batch: int, max_model_len: int | None,
+                  kv_cache_memory: str | None, prefill_chunk: int, no_prefix_cache: bool,
+                  allowed_local_media_path: Path | None, quiet: bool) -> None:  # fmt: skip
     """Serve a converted or quantized model folder MODEL over an OpenAI-compatible HTTP API (text and images)."""
     from quantkit.serve.server import serve
 
     serve(model, host, port, device, dtype, backend, api_key, served_model_name, max_queue, progress=not quiet,
-          max_batch=max_batch)
+          max_batch=max_batch, allowed_local_media_path=allowed_local_media_path, max_model_len=max_model_len,
+          kv_cache_memory=kv_cache_memory, prefill_chunk=prefill_chunk,
+          prefix_cache=not no_prefix_cache)  # fmt: skip

@@ -10,19 +10,23 @@ context stops generation with a message instead of an out-of-memory crash.
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.model.modules import inv_freq
-from quantkit.model.text import Transformer, batch_context, static_context
+from quantkit.model.text import PagedKVCache, Transformer, batch_context, layer_context, static_context
 
 DECODE_MODES = ("auto", "eager", "static", "graph")
 KV_FRACTION = 0.9  # share of a GPU's free memory (after the weights) the KV cache may take; the rest: activations
+BLOCK = 16  # positions per block of a Batch's KV cache
+GROW_BLOCKS = 64  # a Batch's cache grows by at least this many blocks (or a quarter of its size) at a time
 
 
 @dataclass
@@ -295,17 +299,51 @@ def stop_note(model: Transformer, result: Generation, sampling: Sampling, stop_i
     return f", stopped at {result.cache_len} tokens: the KV cache that fits in free GPU memory"
 
 
+def kv_token_bytes(model: Transformer) -> int:
+    """Bytes of KV cache one position takes (keys and values of every layer)."""
+    t = model.config.text
+    return sum(2 * t.n_kv_heads * t.head_dim * layer.input_layernorm.weight.element_size() for layer in model.layers)
+
+
+class Prefixes:
+    """Token sequences an answer must open with, one of them (a forced tool call): which ids may come next."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]]):
+        self.sequences = [list(s) for s in sequences if s]
+
+    def allowed(self, done: Sequence[int]) -> list[int] | None:
+        """The ids allowed after `done` (the answer so far); None once a whole sequence is done (free from there)."""
+        n, done = len(done), list(done)
+        live = [s for s in self.sequences if s[:n] == done[: len(s)]]
+        if not live or any(len(s) <= n for s in live):
+            return None
+        return sorted({s[n] for s in live})
+
+
 @dataclass
 class Row:
-    """One request in a Batch: its KV cache row, its prompt and tokens so far, and how it samples and stops."""
+    """One request in a Batch: its slot and KV cache blocks, its prompt and tokens so far, how it samples and stops."""
 
     row: int
     input_ids: list[int]
     sampling: Sampling
     stop_ids: frozenset[int]
-    total: int  # positions it may fill: prompt plus max_new_tokens, capped by the context and the cache
+    total: int  # positions it may fill: prompt plus max_new_tokens, capped by the context and the KV budget
     generator: torch.Generator | None
     output_ids: list[int]
+    prefixes: Prefixes | None = None  # the answer must open with one of these sequences
+    images: list[torch.Tensor] = field(default_factory=list)
+    features: torch.Tensor | None = None  # the images' projected features, computed at the first prefill chunk
+    blocks: list[int] = field(default_factory=list)  # its KV cache blocks, in position order
+    written: int = 0  # positions whose keys and values are in its blocks
+    cached: int = 0  # of those, positions taken from the prefix cache
+    hashes: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks, in order
+    preempted: int = 0  # times its blocks were taken back for older requests (it prefills again)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The ids whose keys and values the cache must hold before the next decode step."""
+        return self.input_ids + self.output_ids[:-1]
 
     @property
     def pos(self) -> int:
@@ -313,50 +351,184 @@ class Row:
         return len(self.input_ids) + len(self.output_ids) - 1
 
     @property
+    def prefilling(self) -> bool:
+        """Its prompt (or, after a preemption, prompt and answer so far) is not all in the cache yet."""
+        return not self.output_ids or self.written < self.pos
+
+    @property
     def done(self) -> bool:
-        return (self.output_ids[-1] in self.stop_ids or len(self.output_ids) >= self.sampling.max_new_tokens
-                or self.pos >= self.total)  # fmt: skip
+        return bool(self.output_ids) and (self.output_ids[-1] in self.stop_ids or self.pos >= self.total
+                                          or len(self.output_ids) >= self.sampling.max_new_tokens)  # fmt: skip
 
 
 class Batch:
-    """Continuous batching: requests join (prefilled alone into a free row of a shared KV cache) and leave between
-    decode steps; each step runs every active request's last token as one [B, 1] forward, each row at its own
-    position behind its own mask, and samples each row as generate() does (same host-side sampling, own seed).
+    """Continuous batching over a paged KV cache: requests join (admit), are prefilled chunk by chunk (prefill) and
+    leave (remove) between decode steps; each step runs every decoding request's last token as one [B, 1] forward,
+    each row at its own position behind its own mask, and samples each row as generate() does (same host-side
+    sampling, own seed). So a request's tokens are those generate() gives it alone, whatever else is in the batch
+    (greedy: exactly; the linears see B rows instead of one).
 
-    So a request's tokens are those generate() gives it alone, whatever else is in the batch (greedy: exactly; the
-    linears see B rows instead of one). The cache has max_batch rows and grows in length when a longer request
-    joins (capped by the context and, on GPUs, by free memory); close() frees it.
+    The cache is blocks of BLOCK positions shared by all rows (PagedKVCache): a request holds the blocks its tokens
+    fill, so memory follows the tokens in use, not the context; the pool grows by chunks up to max_tokens (None: no
+    cap on the CPU, free memory on GPUs) and is freed by close(). When it is full, a request that needs a block
+    takes the blocks of the youngest requests (preempted: they prefill again later, their tokens kept), or waits.
+    With prefix_cache, full blocks of finished prompts (no images) stay until their room is needed, and a prompt
+    that starts with the same tokens uses them instead of computing them again.
     """
 
-    def __init__(self, model: Transformer, max_batch: int, chunk_size: int = 512):
+    def __init__(self, model: Transformer, max_batch: int, chunk_size: int = 512, max_tokens: int | None = None,
+                 prefix_cache: bool = False):  # fmt: skip
         self.model, self.max_batch, self.chunk_size = model, max_batch, chunk_size
+        self.max_blocks = None if max_tokens is None else max_tokens // BLOCK
+        self.prefix_cache = prefix_cache
         self.device = model.embed_tokens.weight.device
         t = model.config.text
         self.inv_freqs = inv_freq(t.head_dim, t.rope_theta).to(self.device)
         self.dtype = model.norm.weight.dtype
-        self.cache_len = 0
         self.rows: list[Row] = []
         self.free = list(range(max_batch))
         self.steps = self.batched_steps = 0  # decode steps, and those with more than one row
+        self.preemptions = 0
+        self._reset()
 
-    def _grow(self, need: int) -> int:
-        """Make the cache hold at least need positions per row if it can; returns the length it holds."""
-        if need <= self.cache_len:
-            return self.cache_len
-        room = cache_capacity(self.model, self.max_batch)
-        new = need if room is None else min(need, room)  # the old cache is still there while the new one fills
-        if self.cache_len == 0:
-            self.model.setup_caches(self.max_batch, new)
-        elif new > self.cache_len:
-            for layer in self.model.layers:
-                layer.self_attn.kv_cache.resize(new)
-        self.cache_len = max(self.cache_len, new)
-        return self.cache_len
+    def _reset(self) -> None:
+        self.n_blocks = 0  # blocks in the pool
+        self.cache_len = 0  # the most positions a row of this cache may fill
+        self.free_blocks: list[int] = []  # a heap: the lowest free block first
+        self.refs: dict[int, int] = {}  # block -> rows holding it
+        self.by_hash: dict[bytes, int] = {}  # prefix-cache key -> block
+        self.hash_of: dict[int, bytes] = {}
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks no row holds, least recently used first
 
-    @torch.inference_mode()
-    def add(self, input_ids: Sequence[int], images: Sequence[torch.Tensor] | None, sampling: Sampling,
-            stop_ids: Sequence[int] = ()) -> Row:  # fmt: skip
-        """Prefill a request into a free row; its first token is in output_ids (check .done before stepping)."""
+    @property
+    def max_tokens(self) -> int | None:
+        return None if self.max_blocks is None else self.max_blocks * BLOCK
+
+    @property
+    def used_blocks(self) -> int:
+        return len(self.refs)
+
+    @property
+    def cached_blocks(self) -> int:
+        return len(self.evictable)
+
+    def room(self) -> int | None:
+        """Blocks a request could still get: free, grown or evicted (None: no cap)."""
+        cap = self._cap()
+        return None if cap is None else cap - self.used_blocks
+
+    def _cap(self) -> int | None:
+        if self.max_blocks is not None:
+            return self.max_blocks
+        room = cache_capacity(self.model)
+        return None if room is None else self.n_blocks + room // BLOCK
+
+    def fits(self, n: int) -> bool:
+        """Whether a free slot and room for an n-token prompt are there now."""
+        room = self.room()
+        return bool(self.free) and (room is None or room >= -(-n // BLOCK))
+
+    def _grow(self, need: int) -> None:
+        """Grow the pool by at least `need` blocks as far as the cap allows (by chunks: a quarter of its size or
+        GROW_BLOCKS, whichever is more, so a long prompt copies the pool a few times, not once per block)."""
+        cap = self._cap()
+        new = self.n_blocks + max(need, self.n_blocks // 4, GROW_BLOCKS)
+        new = new if cap is None else min(new, cap)
+        if new <= self.n_blocks:
+            return
+        t = self.model.config.text
+        for layer in self.model.layers:
+            attn, w = layer.self_attn, layer.input_layernorm.weight
+            if isinstance(attn.kv_cache, PagedKVCache):
+                attn.kv_cache.grow(new)
+            else:
+                attn.kv_cache = PagedKVCache(new, BLOCK, t.n_kv_heads, t.head_dim, w.dtype, w.device)
+        for b in range(self.n_blocks, new):
+            heapq.heappush(self.free_blocks, b)
+        self.n_blocks = new
+
+    def _take(self, row: Row, n: int) -> bool:
+        """Give row n more blocks: free ones, then cached prefixes (least recently used first), then a grown pool
+        (so memory follows the tokens in use); False if there are not n."""
+        while len(self.free_blocks) < n and self.evictable:
+            block, _ = self.evictable.popitem(last=False)
+            del self.by_hash[self.hash_of.pop(block)]
+            heapq.heappush(self.free_blocks, block)
+        if len(self.free_blocks) < n:
+            self._grow(n - len(self.free_blocks))
+        if len(self.free_blocks) < n:
+            return False
+        for _ in range(n):
+            block = heapq.heappop(self.free_blocks)
+            self.refs[block] = 1
+            row.blocks.append(block)
+        return True
+
+    def _reserve(self, row: Row, end: int) -> bool:
+        """Blocks for row's positions up to end, taking them from younger rows if need be; False: it must wait."""
+        need = -(-end // BLOCK) - len(row.blocks)
+        if need <= 0 or self._take(row, need):
+            return True
+        for victim in reversed(self.rows[self.rows.index(row) + 1 :]):
+            if victim.blocks:
+                self._release(victim)
+                victim.written = victim.cached = 0
+                victim.preempted += 1
+                self.preemptions += 1
+                if self._take(row, need):
+                    return True
+        return False
+
+    def _release(self, row: Row) -> None:
+        """Give back row's blocks: full ones of a cacheable row are kept for the prefix cache."""
+        self._register(row)
+        for block in row.blocks:
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                del self.refs[block]
+                if block in self.hash_of:
+                    self.evictable[block] = None
+                else:
+                    heapq.heappush(self.free_blocks, block)
+        row.blocks = []
+
+    def _cacheable(self, row: Row) -> bool:
+        return self.prefix_cache and not row.images
+
+    def _hashes(self, row: Row, n_blocks: int) -> list[bytes]:
+        """Prefix-cache keys of row's first n_blocks full blocks: each hashes the one before it and its ids."""
+        tokens = row.input_ids + row.output_ids
+        while len(row.hashes) < n_blocks:
+            i = len(row.hashes)
+            ids = tokens[i * BLOCK : (i + 1) * BLOCK]
+            parent = row.hashes[-1] if row.hashes else b""
+            row.hashes.append(hashlib.sha256(parent + b",".join(str(t).encode() for t in ids)).digest())
+        return row.hashes[:n_blocks]
+
+    def _register(self, row: Row) -> None:
+        """Offer row's written full blocks to the prefix cache."""
+        if not self._cacheable(row):
+            return
+        for key, block in zip(self._hashes(row, row.written // BLOCK), row.blocks, strict=False):
+            if key not in self.by_hash and block not in self.hash_of:
+                self.by_hash[key], self.hash_of[block] = block, key
+
+    def _lookup(self, row: Row) -> None:
+        """Start row from cached blocks of the same leading tokens (all but its last prompt token)."""
+        if not self._cacheable(row):
+            return
+        for key in self._hashes(row, (len(row.tokens) - 1) // BLOCK):
+            block = self.by_hash.get(key)
+            if block is None:
+                break
+            self.evictable.pop(block, None)
+            self.refs[block] = self.refs.get(block, 0) + 1
+            row.blocks.append(block)
+        row.written = row.cached = len(row.blocks) * BLOCK
+
+    def admit(self, input_ids: Sequence[int], images: Sequence[torch.Tensor] | None, sampling: Sampling,
+              stop_ids: Sequence[int] = (), prefixes: Prefixes | None = None) -> Row:  # fmt: skip
+        """Give a request a free row; prefill() then fills its cache (check .prefilling and .done)."""
         n, context = len(input_ids), self.model.config.text.max_seq_len
         if not self.free:
             raise QuantkitError(f"the batch already holds {self.max_batch} requests")
@@ -364,58 +536,132 @@ class Batch:
             raise QuantkitError("the prompt is empty")
         if n > context:
             raise QuantkitError(f"the prompt is {n} tokens, longer than the model's context of {context} tokens")
+        if self.max_tokens is not None and n > self.max_tokens:
+            raise QuantkitError(f"the prompt is {n} tokens, more than the KV cache budget of {self.max_tokens}")
         if sampling.max_new_tokens < 1:
             raise QuantkitError("max_new_tokens must be at least 1")
-        held = self._grow(min(n + sampling.max_new_tokens, context))
-        if held < n:
-            raise QuantkitError(f"the KV cache of a {n}-token prompt does not fit in free GPU memory "
-                                f"(room for {held})")  # fmt: skip
+        total = min(n + sampling.max_new_tokens, context, self.max_tokens or context)
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-        row = Row(self.free[0], list(input_ids), sampling, frozenset(stop_ids),
-                  min(n + sampling.max_new_tokens, context, held), generator, [])  # fmt: skip
-        logits = prefill(self.model, input_ids, images, self.chunk_size, row=row.row)
-        row.output_ids.append(sample(logits, sampling.temperature, sampling.top_p, generator))
-        self.free.pop(0)
+        row = Row(self.free.pop(0), list(input_ids), sampling, frozenset(stop_ids), total, generator, [], prefixes,
+                  list(images or []))  # fmt: skip
         self.rows.append(row)
+        self.cache_len = max(self.cache_len, total)
+        return row
+
+    def add(self, input_ids: Sequence[int], images: Sequence[torch.Tensor] | None, sampling: Sampling,
+            stop_ids: Sequence[int] = (), prefixes: Prefixes | None = None) -> Row:  # fmt: skip
+        """Admit a request and prefill it whole; its first token is in output_ids (check .done before stepping)."""
+        row = self.admit(input_ids, images, sampling, stop_ids, prefixes)
+        try:
+            if not self.prefill(row):
+                raise QuantkitError(f"no room in the KV cache for a {len(row.input_ids)}-token prompt now")
+        except BaseException:
+            self.remove(row)
+            raise
         return row
 
     @torch.inference_mode()
+    def prefill(self, row: Row, max_tokens: int | None = None) -> bool:
+        """Put up to max_tokens (None: all) more of row's tokens in the cache, in chunks of chunk_size; when the
+        prompt is in, sample its first token. True when the row is ready to decode; False when it still prefills
+        (max_tokens reached, or no block is free: it waits for older requests)."""
+        m, tokens = self.model, row.tokens
+        if row.written == 0 and not row.blocks:
+            self._lookup(row)
+        if row.images and row.features is None:
+            row.features = m.image_features(row.images)  # [N, D]
+            slots = sum(t == m.config.image_token_id for t in row.input_ids)
+            if slots != row.features.shape[0]:
+                raise QuantkitError(f"the prompt has {slots} image tokens but the images give {row.features.shape[0]}")
+        end = len(tokens) if max_tokens is None else min(len(tokens), row.written + max_tokens)
+        h = None
+        while row.written < end:
+            start = row.written
+            stop = min(end, start + self.chunk_size)
+            if not self._reserve(row, stop):
+                return False
+            ids = torch.tensor([tokens[start:stop]], device=self.device)  # [1, T]
+            if row.features is not None:
+                done = sum(t == m.config.image_token_id for t in tokens[:start])
+                h = m.embed(ids, features=row.features[done : done + int((ids == m.config.image_token_id).sum())])
+            else:
+                h = m.embed_tokens(ids)  # [1, T, D]
+            ctx = layer_context(m.config.text, start, stop - start, h.dtype, h.device)
+            positions = range(start, stop)
+            slots = [row.blocks[p // BLOCK] * BLOCK + p % BLOCK for p in positions]
+            table = row.blocks[: -(-stop // BLOCK)]
+            ctx = replace(ctx, slots=torch.tensor(slots, device=self.device),
+                          table=torch.tensor([table], device=self.device))  # fmt: skip
+            for layer in m.layers:
+                h = layer(h.to(layer.input_layernorm.weight.device), ctx.on(layer.input_layernorm.weight.device))
+            row.written = stop
+        if row.written < len(tokens):
+            return False
+        if not row.output_ids:
+            if h is None:  # cannot happen: the prefix cache always leaves the last prompt token to run
+                raise QuantkitError("nothing of the prompt was run")
+            row.output_ids.append(self._pick(row, m.head(h[:, -1:])[0, -1]))
+            self._register(row)
+        return True
+
+    def _pick(self, row: Row, logits: torch.Tensor) -> int:
+        """The row's next token from its logits [V]: sampled as generate() does, among the allowed ids if forced."""
+        allowed = row.prefixes.allowed(row.output_ids) if row.prefixes is not None else None
+        if allowed is not None:
+            if len(allowed) == 1:
+                return allowed[0]
+            keep = torch.tensor(allowed, device=logits.device)
+            logits = torch.full_like(logits, float("-inf")).index_copy_(0, keep, logits[keep])
+        s = row.sampling
+        return sample(logits, s.temperature, s.top_p, row.generator)
+
+    @torch.inference_mode()
     def remove(self, row: Row) -> None:
-        """The request leaves: its cache row is zeroed (see KVCache) and free for the next one."""
+        """The request leaves: its blocks go back (full ones to the prefix cache) and its slot is free."""
+        if row.blocks:
+            self._release(row)
         self.rows.remove(row)
-        for layer in self.model.layers:
-            cache = layer.self_attn.kv_cache
-            cache.k[row.row].zero_()
-            cache.v[row.row].zero_()
         self.free.append(row.row)
         self.free.sort()
 
     @torch.inference_mode()
     def step(self) -> list[Row]:
-        """One decode token for every row that is not done; returns those rows (each with one more output id)."""
-        rows = [r for r in self.rows if not r.done]
+        """One decode token for every prefilled row that is not done (and has, or can get, a block for it);
+        returns those rows (each with one more output id)."""
+        rows = []
+        for r in [r for r in self.rows if not r.prefilling and not r.done]:  # oldest first: they may preempt
+            if not r.prefilling and self._reserve(r, r.pos + 1):  # (a row preempted just now prefills again)
+                rows.append(r)
         if not rows:
             return []
         m = self.model
+        key_len = max(r.pos for r in rows) + 1
+        width = -(-key_len // BLOCK)
         tokens = torch.tensor([[r.output_ids[-1]] for r in rows], device=self.device)  # [B, 1]
         pos = torch.tensor([r.pos for r in rows], device=self.device)  # [B]
-        index = torch.tensor([r.row for r in rows], device=self.device)  # [B]
-        ctx = batch_context(m.config.text, pos, index, self.inv_freqs, max(r.pos for r in rows) + 1, self.dtype)
+        ctx = batch_context(m.config.text, pos, None, self.inv_freqs, key_len, self.dtype)
+        slots = [r.blocks[r.pos // BLOCK] * BLOCK + r.pos % BLOCK for r in rows]
+        table = [r.blocks[:width] + [0] * (width - len(r.blocks[:width])) for r in rows]  # padding: masked
+        ctx = replace(ctx, slots=torch.tensor(slots, device=self.device),
+                      table=torch.tensor(table, device=self.device))  # fmt: skip
         h = m.embed_tokens(tokens)  # [B, 1, D]
         for layer in m.layers:
             device = layer.input_layernorm.weight.device
             h = layer(h.to(device), ctx.on(device))
         logits = m.head(h)[:, -1]  # [B, V]
-        greedy = logits.argmax(-1).tolist()
         for i, r in enumerate(rows):
-            s = r.sampling
-            token = greedy[i] if s.temperature <= 0 else sample(logits[i], s.temperature, s.top_p, r.generator)
-            r.output_ids.append(token)
+            r.written = r.pos + 1
+            r.output_ids.append(self._pick(r, logits[i]))
         self.steps += 1
         self.batched_steps += len(rows) > 1
         return rows
 
+    def release_idle(self) -> None:
+        """With no request left, free the cache's memory unless it holds prefixes to reuse."""
+        if not self.rows and not self.evictable:
+            self.close()
+
     def close(self) -> None:
-        """Free the KV cache."""
+        """Free the KV cache (the prefix cache with it)."""
         self.model.clear_caches()
-        self.cache_len = 0
+        self._reset()

@@ -38,6 +38,8 @@ class LayerContext:
     _moved: dict = field(default_factory=dict, repr=False)
     pos: torch.Tensor | None = None  # static decode: positions [T] on the device; keys are the whole cache
     rows: torch.Tensor | None = None  # KV cache rows of the batch's rows (None: rows 0..B-1); with pos: pos is [B]
+    slots: torch.Tensor | None = None  # PagedKVCache: where each new token's k, v go [B * T] (block * size + offset)
+    table: torch.Tensor | None = None  # PagedKVCache: each row's blocks in position order [B, n_blocks]
 
     def on(self, device: torch.device) -> LayerContext:
         """The same context on another device (layers split across GPUs); copies are made once and kept."""
@@ -47,8 +49,10 @@ class LayerContext:
             mask = None if self.mask is None else self.mask.to(device)
             pos = None if self.pos is None else self.pos.to(device)
             rows = None if self.rows is None else self.rows.to(device)
+            slots = None if self.slots is None else self.slots.to(device)
+            table = None if self.table is None else self.table.to(device)
             moved = replace(self, cos=self.cos.to(device), sin=self.sin.to(device), mask=mask, pos=pos, rows=rows,
-                            _moved={})  # fmt: skip
+                            slots=slots, table=table, _moved={})  # fmt: skip
             self._moved[device] = moved
         return self._moved[device]
 
@@ -161,6 +165,45 @@ class KVCache(nn.Module):
             n = min(max_len, old.shape[2])
             new[:, :, :n] = old[:, :, :n]
             setattr(self, name, new)
+
+
+class PagedKVCache(nn.Module):
+    """One layer's keys and values in blocks of `block` positions that the requests of a batch share:
+    [n_blocks, block, kv_heads, head_dim]. A request holds a list of blocks (its table); its position p lives in
+    block table[p // block] at offset p % block, so memory follows the tokens requests really hold and a block a
+    request frees serves the next one. Grown (never past the budget the caller keeps) with grow()."""
+
+    def __init__(self, n_blocks: int, block: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+        super().__init__()
+        shape = (n_blocks, block, kv_heads, head_dim)
+        # zeroed: masked slots are multiplied by a zero attention weight, which NaN garbage would survive
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.k.shape[0]
+
+    def grow(self, n_blocks: int) -> None:
+        """Hold n_blocks blocks, keeping what is written (a new tensor, then the copy: one layer at a time, so
+        the transient is one layer's old cache)."""
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(n_blocks, *old.shape[1:])
+            n = min(n_blocks, old.shape[0])
+            new[:n] = old[:n]
+            setattr(self, name, new)
+
+    def update(self, ctx: LayerContext, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, KV, T, hd] to ctx.slots; return each row's keys and values [B, KV, S, hd] gathered from
+        its blocks: positions [key_start, start + T) for a prefill chunk (B = 1), [0, mask width) for a decode
+        step (ctx.pos set; the mask hides what a row has not written)."""
+        b, kv, t, hd = k.shape
+        for cache, new in ((self.k, k), (self.v, v)):
+            cache.view(-1, kv, hd).index_copy_(0, ctx.slots, new.transpose(1, 2).reshape(b * t, kv, hd))
+        lo, hi = (0, ctx.mask.shape[-1]) if ctx.pos is not None else (ctx.key_start, ctx.start + t)
+        keys, values = (c[ctx.table].flatten(1, 2)[:, lo:hi].transpose(1, 2) for c in (self.k, self.v))
+        return keys, values
 
 
 class Attention(nn.Module):

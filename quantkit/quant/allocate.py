@@ -1,4 +1,11 @@
-"""Allocation for --bpw: one candidate per block minimizing the total measured error under an exact bit budget.
+"""Allocation for --bpw: one candidate per block minimizing the predicted end-to-end loss under an exact bit budget.
+
+The loss of a candidate is predicted from two measurements (measure.py): its local error (the block's relative
+output error on float inputs) and the block's probes, the KL divergence at the model's logits with only that block
+quantized uniformly at 2, 3 and 4 bits. Local errors alone mislead: a block whose output is a small change to a
+large residual stream shows a small relative error however much the model depends on it. The probes give each
+block its own curve of KL against local error (log-log, through the three points), read at each candidate's
+error; blocks add up (independent perturbations).
 
 The budget is target_bpw × (number of decoder linear weights), and costs are the exact stored bits of each candidate
 (codes, scales, zeros, permutations, segment tables, rotation signs). The choice is a knapsack solved by dynamic
@@ -13,6 +20,7 @@ instead (one that does not raise the measured error), largest error drop per bit
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -21,7 +29,7 @@ import numpy as np
 from quantkit.arch.blocks import block_of, expert_index
 from quantkit.errors import QuantkitError
 from quantkit.quant.capture import LinearSpec, QuantSettings
-from quantkit.quant.measure import block_candidates, probe_candidate, spec_bits, spec_for_candidate
+from quantkit.quant.measure import block_candidates, probe_candidates, spec_bits, spec_for_candidate
 
 RESOLUTION = 20_000
 BLOCKS = ("attn", "mlp")
@@ -36,6 +44,7 @@ class Allocation:
     numel: int
     target_bpw: float
     choices: list[dict[str, str]]  # per layer: block -> candidate name
+    predicted: list[dict[str, float]]  # per layer: block -> the predicted KL of its choice (local error without probe)
 
     @property
     def bpw(self) -> float:
@@ -128,15 +137,33 @@ def reachable_bpw(
     return lo / numel, hi / numel
 
 
-def predicted_kl(measurement: dict, layer: int, block: str, errors: list[float], probe_error: float) -> list[float]:
-    """What each candidate of a block costs the model end to end: the KL its probe measured at the logits, scaled by
-    the square of the candidate's local error relative to the probe's (KL grows with the square of a small
-    perturbation of the logits). Measurements without a probe (synthetic tables) keep the local errors."""
+def predicted_kl(measurement: dict, layer: int, block: str, errors: list[float], probe_errors: list[float]) -> list:
+    """What each candidate of a block costs the model end to end: the block's KL curve, read at the candidate's
+    local error. The curve goes through the probes (local error, KL at the logits) and is a straight line between
+    them in log-log; beyond the last probes it keeps the slope of the nearest segment, at least 2 (a small
+    perturbation of the logits costs KL with its square). Measurements without probes (synthetic tables) keep the
+    local errors."""
     probe = measurement.get("probe")
-    if probe is None or probe_error <= 0:
+    if probe is None:
         return list(errors)
-    kl = max(probe["kl"][layer][BLOCKS.index(block)], 0.0)
-    return [kl * (e / probe_error) ** 2 for e in errors]
+    points = sorted((e, kl) for e, kl in zip(probe_errors, probe["kl"][layer][BLOCKS.index(block)], strict=True)
+                    if e > 0 and kl > 0)  # fmt: skip
+    if not points:
+        return list(errors)
+    logs = [(math.log(e), math.log(kl)) for e, kl in points]
+    slopes = [max((b[1] - a[1]) / (b[0] - a[0]), 0.0) if b[0] > a[0] else 2.0 for a, b in itertools.pairwise(logs)]
+    out = []
+    for e in errors:
+        if e <= 0:
+            out.append(0.0)
+            continue
+        x = math.log(e)
+        k = min(max(sum(x > lx for lx, _ in logs) - 1, 0), len(logs) - 1)  # the probe at or below x
+        slope = slopes[min(k, len(slopes) - 1)] if slopes else 2.0
+        if x < logs[0][0] or x > logs[-1][0] or not slopes:
+            slope = max(slope, 2.0)
+        out.append(math.exp(logs[k][1] + slope * (x - logs[k][0])))
+    return out
 
 
 def allocate(
@@ -154,8 +181,8 @@ def allocate(
     errors, bits = [], []
     for li, b in blocks:
         entries = {e["candidate"]: e for e in measurement["layers"][li][b]}
-        errors.append(predicted_kl(measurement, li, b, [entries[c.name]["error"] for c in cands[li, b]],
-                                   entries[probe_candidate(cands[li, b]).name]["error"]))  # fmt: skip
+        probes = [entries[c.name]["error"] for c in probe_candidates(cands[li, b])]
+        errors.append(predicted_kl(measurement, li, b, [entries[c.name]["error"] for c in cands[li, b]], probes))
         bits.append([entries[c.name]["bits"] for c in cands[li, b]])
     lo, hi = sum(min(x) for x in bits) / numel, sum(max(x) for x in bits) / numel
     if not lo <= target_bpw <= hi:
@@ -179,11 +206,13 @@ def allocate(
 
     specs: list[dict[str, LinearSpec]] = [{} for _ in shapes]
     choices: list[dict[str, str]] = [{} for _ in shapes]
+    predicted: list[dict[str, float]] = [{} for _ in shapes]
     slopes = []
     used = 0
     for k, ((li, b), c) in enumerate(zip(blocks, picks, strict=True)):
         cand = cands[li, b][c]
         choices[li][b] = cand.name
+        predicted[li][b] = errors[k][c]
         for name, (o, i) in shapes[li].items():
             if block_of(name) == b:
                 specs[li][name] = spec_for_candidate(cand, name, i, s, rotate_seed(li, name))
@@ -193,7 +222,7 @@ def allocate(
         slopes.append((gain, li, b))
 
     if fmt == "gptq":
-        return Allocation(specs, used, numel, target_bpw, choices)
+        return Allocation(specs, used, numel, target_bpw, choices, predicted)
     for _gain, li, b in sorted(slopes, key=lambda t: (-t[0], t[1], t[2])):  # fill, steepest blocks first
         names = sorted(n for n in shapes[li] if block_of(n) == b)
         progress = True
@@ -207,4 +236,4 @@ def allocate(
                 delta = spec_bits(new, o, i, s) - spec_bits(specs[li][name], o, i, s)
                 if used + delta <= budget:
                     specs[li][name], used, progress = new, used + delta, True
-    return Allocation(specs, used, numel, target_bpw, choices)
+    return Allocation(specs, used, numel, target_bpw, choices, predicted)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.arch.blocks import block_kind, expert_index
+from quantkit.arch.blocks import block_kind, block_of, expert_index
 from quantkit.formats.hadamard import block_size, random_signs, rotate
 from quantkit.memory import release
 from quantkit.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize
@@ -52,9 +52,12 @@ class Solved:
         return w if self.had_in is None else rotate(w, self.had_in, self.had_in_block, transpose=True)
 
 
-def solve_linear(W: torch.Tensor, H: torch.Tensor, spec: LinearSpec, s: QuantSettings) -> Solved:
+def solve_linear(
+    W: torch.Tensor, H: torch.Tensor, spec: LinearSpec, s: QuantSettings, factors: dict | None = None
+) -> Solved:
     """GPTQ for one linear; with a rotation, quantize W R against Rᵀ H R (R = diag(signs)·Hadamard, orthogonal),
-    which spreads outlier input channels over whole blocks so that no single column dominates a group."""
+    which spreads outlier input channels over whole blocks so that no single column dominates a group.
+    factors: gptq_quantize's cache of H's factorization, for solving one linear with one rotation repeatedly."""
     signs, block = None, 0
     if spec.rotate_seed is not None:
         block = block_size(W.shape[1])
@@ -63,7 +66,7 @@ def solve_linear(W: torch.Tensor, H: torch.Tensor, spec: LinearSpec, s: QuantSet
         H = rotate(rotate(H, signs, block).T, signs, block)  # Rᵀ H R
     res = gptq_quantize(
         W, H, list(spec.bits) if not isinstance(spec.bits, int) else spec.bits, spec.group_size, sym=s.sym,
-        act_order=s.act_order, static_groups=s.static_groups, damp=s.damp, clip=s.clip,
+        act_order=s.act_order, static_groups=s.static_groups, damp=s.damp, clip=s.clip, factors=factors,
     )  # fmt: skip
     return Solved(res, signs, block)
 
@@ -129,6 +132,9 @@ class LayerIO:
     def read_out(self, r: int) -> torch.Tensor:
         return self.outputs.read(r)
 
+    def read_middle(self, r: int) -> torch.Tensor:
+        return self.middle.read(r).to(self.device)
+
     def write_out(self, r: int, t: torch.Tensor) -> None:
         self.outputs.write(r, t)
 
@@ -159,12 +165,17 @@ def attach_hessians(
 
 
 def _capture(
-    layer: nn.Module, names: list[str], rows: int, read: RowFn, ctx, write: Callable | None = None
+    layer: nn.Module, names: list[str], rows: int, read: RowFn, forward: Callable, write: Callable | None = None
 ) -> dict[str, HessianAccumulator]:
-    """Run all rows through layer (writing its outputs if asked), accumulating one Hessian per input site."""
+    """Run all rows through forward (the layer or one half of it; writing its outputs if asked), accumulating one
+    Hessian per input site of the named linears."""
     accs, hooks = attach_hessians(layer, names)
     try:
-        _run_rows(layer, rows, read, ctx, write)
+        with torch.no_grad():
+            for r in range(rows):
+                y = forward(read(r))
+                if write is not None:
+                    write(r, y)
     finally:
         for h in hooks:
             h.remove()
@@ -205,13 +216,25 @@ def quantize_layer(
 
     The float layer's outputs are written to the output store during the first capture pass (the layer is still
     unquantized then), and replaced by the quantized layer's outputs at the end, which also gives the output error
-    without a second copy of the layer's weights.
+    without a second copy of the layer's weights. With io.middle (a decoder layer), later groups run only the half
+    they need: once the attention linears are solved, the attention half's outputs go to io.middle, and the MLP
+    groups and the final pass start from there instead of running attention again.
     """
     rows, read = io.rows, io.read
     report = LayerReport()
     total_tokens = 0
+    halves, middle_done = io.middle is not None, False
+    full = lambda x: layer(x, ctx)  # noqa: E731
     for k, names in enumerate(capture_groups(layer)):
-        accs = _capture(layer, names, rows, read, ctx, io.write_out if k == 0 else None)
+        forward, source = full, read
+        if halves and k > 0 and block_of(names[0]) == "attn":
+            forward = lambda x: layer.attn_block(x, ctx)  # noqa: E731
+        elif halves and k > 0:
+            if not middle_done:
+                _capture(layer, [], rows, read, lambda x: layer.attn_block(x, ctx), io.middle.write)
+                middle_done = True
+            forward, source = layer.mlp_block, io.read_middle
+        accs = _capture(layer, names, rows, source, forward, io.write_out if k == 0 else None)
         experts = {e for n in names if (e := expert_index(n)) is not None}
         if experts:
             moe = layer.get_submodule(block_kind(layer).moe)
@@ -241,7 +264,7 @@ def quantize_layer(
     err, ref = 0.0, 0.0
     with torch.no_grad():
         for r in range(rows):
-            y = layer(read(r), ctx)
+            y = layer.mlp_block(io.read_middle(r)) if middle_done else layer(read(r), ctx)
             y_f = io.read_out(r).to(y.device)
             err += float((y.float() - y_f.float()).pow(2).sum())
             ref += float(y_f.float().pow(2).sum())

@@ -60,10 +60,12 @@ def build_quantization_config(fmt: str, s: QuantSettings, calibration: dict, hea
     }
 
 
-# Where vLLM's module names differ from the exported (transformers) ones: Llava's hf_to_vllm_mapper. Rules match both.
-VLLM_PREFIXES = {"model.language_model.": "language_model.model."}
+# The two spellings of Llava's text model: GPTQModel's / transformers 5's, and vLLM's module names (its
+# hf_to_vllm_mapper maps the first to the second), which `--export-names vllm` also writes. Rules match both, whichever
+# naming the folder has, so one set of rules serves the folder's names, GPTQModel's and vLLM's modules.
+SPELLINGS = ("model.language_model.", "language_model.model.")
 FUSED = {frozenset(("q_proj", "k_proj", "v_proj")): "qkv_proj", frozenset(("gate_proj", "up_proj")): "gate_up_proj"}
-MOE_MODULES = ("mlp", "block_sparse_moe")  # transformers/GPTQModel's and vLLM's name of Mixtral's MoE module
+MOE_MODULES = ("mlp", "block_sparse_moe")  # GPTQModel's and vLLM's (and `--export-names vllm`) Mixtral MoE module
 # Parts a Llava folder keeps 16-bit, in transformers' (`model.vision_tower`) and vLLM's (`vision_tower`) names.
 KEEP_VISION = r"-:^(?:model\.)?vision_tower\."
 KEEP_PROJECTOR = r"-:^(?:model\.)?multi_modal_projector\."
@@ -71,13 +73,15 @@ HEAD = r"^(?:language_model\.)?lm_head$"
 
 
 def _names(prefix: str) -> str:
-    """A regex for the exported module path prefix and its vLLM spelling."""
-    variants = [prefix] + [new + prefix[len(old) :] for old, new in VLLM_PREFIXES.items() if prefix.startswith(old)]
-    return re.escape(variants[0]) if len(variants) == 1 else "(?:" + "|".join(map(re.escape, variants)) + ")"
+    """A regex for a module path prefix in either spelling (SPELLINGS, in that order whichever one prefix has)."""
+    old = next((sp for sp in SPELLINGS if prefix.startswith(sp)), None)
+    if old is None:
+        return re.escape(prefix)
+    return "(?:" + "|".join(re.escape(sp + prefix[len(old) :]) for sp in SPELLINGS) + ")"
 
 
 def unit_rule(names: list[str]) -> str:
-    """The "+:" rule for linears that share one setting (exported names): their separate names and the fused one
+    """The "+:" rule for linears that share one setting (either naming): their separate names and the fused one
     vLLM builds (q/k/v -> qkv_proj, gate/up -> gate_up_proj); for MoE experts the whole block, which vLLM fuses
     into one `experts` module (named under mlp or block_sparse_moe)."""
     if any(".experts." in n for n in names):
@@ -128,35 +132,56 @@ SILENT_MISLOADS = {
     "mixtral": (
         "**Do not load this Mixtral GPTQ folder with transformers.** transformers 5 fuses Mixtral's experts into "
         "3-D tensors that have no GPTQ form: it reports the quantized expert tensors as UNEXPECTED and the fused ones "
-        "as MISSING, initializes them at random and raises no error, so the output is garbage. Use GPTQModel "
-        "(checked: same weights and greedy tokens as quantkit) or `quantkit run`; for vLLM see below."
+        "as MISSING, initializes them at random and raises no error, so the output is garbage. Use `quantkit run`, "
+        "GPTQModel (on an `--export-names gptqmodel` export; checked: same weights and greedy tokens as quantkit) or "
+        "vLLM (see below)."
     ),
 }
-VLLM_NOTES = {
-    "mixtral": (
-        "vLLM's Mixtral loader (vllm/model_executor/models/mixtral.py) reads the expert names "
-        "`block_sparse_moe.experts.E.w1/w2/w3`; this folder uses GPTQModel's `mlp.experts.E.gate_proj/up_proj/"
-        "down_proj` and `mlp.gate`, which that loader does not map (read from its source, not run here)."
+# Which loaders take the tensor names of each naming (`--export-names`, quantkit.arch EXPORT_NAMINGS) where they
+# differ; vLLM 0.34 and SGLang 0.5.23 read from their source (tests/test_vllm_names.py), GPTQModel 7.7 run (interop).
+NAMING_NOTES = {
+    ("mixtral", "vllm"): (
+        "Tensor names (`--export-names vllm`, the default): Mixtral's own `block_sparse_moe.experts.E.w1/w2/w3` and "
+        "`block_sparse_moe.gate`, which vLLM's and SGLang's Mixtral loaders map (read from their source, not run "
+        "here). GPTQModel does not load them: for GPTQModel, quantize with `--export-names gptqmodel`."
     ),
-    "pixtral": "vLLM's Llava loader maps these names (`model.language_model.*`, `lm_head`) to its own (from its "
-    "source, not run here).",
+    ("mixtral", "gptqmodel"): (
+        "Tensor names (`--export-names gptqmodel`): GPTQModel's `mlp.experts.E.gate_proj/up_proj/down_proj` and "
+        "`mlp.gate`, which vLLM's and SGLang's Mixtral loaders do not map: for them, quantize with "
+        "`--export-names vllm` (the default)."
+    ),
+    ("pixtral", "vllm"): (
+        "Tensor names (`--export-names vllm`, the default): `language_model.model.*`, `language_model.lm_head`, "
+        "`vision_tower.*`, `multi_modal_projector.*`, which vLLM's and SGLang's Llava loaders take (read from their "
+        "source, not run here). GPTQModel does not load them: for GPTQModel, quantize with `--export-names gptqmodel`."
+    ),
+    ("pixtral", "gptqmodel"): (
+        "Tensor names (`--export-names gptqmodel`): `model.language_model.*`, `lm_head`, `model.vision_tower.*`, "
+        "`model.multi_modal_projector.*`, which GPTQModel and transformers load and vLLM's Llava loader maps to its "
+        "own (read from its source); SGLang's Llava loader does not: for SGLang, quantize with `--export-names vllm` "
+        "(the default)."
+    ),
 }
+SAME_NAMES = "Tensor names: the same under `--export-names vllm` and `gptqmodel`; the loaders above take them."
 
 
-def loading_notes(fmt: str, arch: str | None, bits: int | None, mixed: bool = False) -> str:
-    """The "Loading" section of the model card: exact install lines per loader, and the known misloads."""
+def loading_notes(fmt: str, arch: str | None, bits: int | None, mixed: bool = False, names: str = "vllm") -> str:
+    """The "Loading" section of the model card: exact install lines per loader, the known misloads, and which
+    loaders take this folder's tensor names."""
     if fmt == "quantkit":
         return "## Loading\n\nThe quantkit format is read by quantkit: `quantkit run DIR`, `quantkit eval DIR`.\n"
     cls = "AutoModelForImageTextToText" if arch == "pixtral" else "AutoModelForCausalLM"
     gptqmodel = 'GPTQModel: `pip install gptqmodel`, then `GPTQModel.load("DIR")`.'
     if arch == "pixtral":
         gptqmodel += " Its Llava loader also builds the image processor: PixtralProcessor needs torchvision."
+    if (arch, names) in (("mixtral", "vllm"), ("pixtral", "vllm")):
+        gptqmodel = "GPTQModel: not under this folder's names; it loads an `--export-names gptqmodel` export."
     vllm = "vLLM: `pip install vllm`, then `vllm serve DIR`."
     if bits in (2, 3):
         vllm = "vLLM: `pip install vllm`, then `vllm serve DIR --dtype float16` (2- and 3-bit GPTQ runs on vLLM's "
         vllm += "plain gptq kernel, which takes float16 only)."
-    if arch in VLLM_NOTES:
-        vllm += " " + VLLM_NOTES[arch]
+    if (arch, names) == ("mixtral", "gptqmodel"):
+        vllm = "vLLM: not under this folder's names; it loads an `--export-names vllm` export (the default)."
     transformers_line = (
         "- transformers: `pip install optimum gptqmodel` (transformers loads GPTQ through both), then "
         f'`{cls}.from_pretrained("DIR")`.'
@@ -171,7 +196,8 @@ def loading_notes(fmt: str, arch: str | None, bits: int | None, mixed: bool = Fa
         f"- {vllm}",
     ]
     warning = f"> {SILENT_MISLOADS[arch]}\n\n" if arch in SILENT_MISLOADS else ""
-    return "## Loading\n\n" + warning + "\n".join(lines) + "\n"
+    naming = NAMING_NOTES.get((arch, names), SAME_NAMES)
+    return "## Loading\n\n" + warning + "\n".join(lines) + f"\n\n{naming}\n"
 
 
 def model_card(
@@ -186,10 +212,12 @@ def model_card(
     arch: str | None = None,
     gptq_bits: int | None = None,
     group_why: str | None = None,
+    names: str = "vllm",
 ) -> str:
     """README.md for the output folder: the parameter table GPTQ users expect, and how to load the folder.
     gptq_bits: the `bits` of a mixed GPTQ build's quantization_config (what decides vLLM's kernel).
-    group_why: why --group-size auto did not choose 128 (so a card of auto -> 128 equals one of --group-size 128)."""
+    group_why: why --group-size auto did not choose 128 (so a card of auto -> 128 equals one of --group-size 128).
+    names: the export's naming (--export-names), for which loaders take it."""
     group = s.group_size or "none (per channel)"
     if group_why:
         group = f"{s.group_size or 'none, per channel'} (auto: {group_why})"
@@ -209,5 +237,5 @@ def model_card(
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     intro = "Quantized with quantkit (GPTQ, calibrated layer by layer)."
-    notes = loading_notes(fmt, arch, gptq_bits or (None if bpw else s.bits), mixed=gptq_bits is not None)
+    notes = loading_notes(fmt, arch, gptq_bits or (None if bpw else s.bits), gptq_bits is not None, names)
     return f"# {name}\n\n{intro}\n\n| parameter | value |\n|---|---|\n{table}\n\n{notes}"

@@ -198,22 +198,23 @@ def _inverse_cholesky(
     """Upper Cholesky factor U of (Hk + damp·mean(diag Hk)·I)⁻¹ for Hk = _working_hessian(H, perm, dead), raising
     damp by damp_step until it factorizes.
 
-    Memory matters here (Pixtral-Large's down_proj H is 3.3 GB): besides H at most two H-sized tensors are alive
-    at a time (Hk and L, then L and L⁻ᵀL⁻¹, then that and U); a retry rebuilds Hk from H.
+    One factorization and one triangular inverse, not GPTQ's usual three steps (Cholesky, inverse, Cholesky of
+    the inverse): with J the order reversal, J Hk J = M Mᵀ (M lower) gives Hk = Ũ Ũᵀ with Ũ = J M J upper, so
+    Hk⁻¹ = Ũ⁻ᵀ Ũ⁻¹ and U = Ũ⁻¹ = J M⁻¹ J. Memory matters here (Pixtral-Large's down_proj H is 3.3 GB): besides H
+    at most two H-sized tensors are alive at a time; a retry rebuilds Hk from H.
     """
     d = damp
     while d <= max_damp + 1e-12:
-        Hk = _working_hessian(H, perm, dead)
+        Hk = _working_hessian(H, perm, dead).flip(0, 1)
         diag = Hk.diagonal()
         diag += d * float(diag.mean())
-        L, info = torch.linalg.cholesky_ex(Hk)
+        M, info = torch.linalg.cholesky_ex(Hk)
         del Hk, diag
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            del Hinv
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
+            eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+            U = torch.linalg.solve_triangular(M, eye, upper=False).flip(0, 1)
+            del M, eye
+            if bool(torch.isfinite(U.diagonal()).all()):
                 return U, d
         d += damp_step
     raise QuantkitError(f"Hessian is not positive definite even with damping {max_damp:g} × mean(diag H)")
@@ -235,8 +236,12 @@ def gptq_quantize(
     clip_max_shrink: float = 0.8,
     clip_norm: float = 2.4,
     block_size: int = 128,
+    factors: dict | None = None,
 ) -> GPTQResult:
     """Quantize W [out, in] against the input Hessian H [in, in] with GPTQ (lazy-batch blocks of block_size columns).
+
+    factors: a dict kept by the caller for one H (and act_order), where the damped inverse-Hessian factor is kept
+    between calls: solving one linear at several widths (the --bpw measurement) factorizes its H once.
 
     act_order quantizes columns by decreasing diag(H) so the most active inputs are fixed first while the most
     error can still be compensated. Without static_groups the groups are then consecutive in that order and g_idx
@@ -274,42 +279,53 @@ def gptq_quantize(
     perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
     if perm is not None:
         Wk = Wk[:, perm]
-    U, damp_used = _inverse_cholesky(H0, perm, dead, damp, damp_step, max_damp)
+    if factors is not None and "U" in factors:
+        U, damp_used = factors["U"], factors["damp"]
+    else:
+        U, damp_used = _inverse_cholesky(H0, perm, dead, damp, damp_step, max_damp)
+        if factors is not None:
+            factors.update(U=U, damp=damp_used)
 
     # Column k of the permuted matrix belongs to group gpos[k]: consecutive in quantization order unless the groups
     # were fixed up front (static or per-channel), where it is the group of the original column.
     orig = perm if perm is not None else torch.arange(n_in, device=dev)
     dynamic = group_size is not None and not static_groups
     gpos = torch.arange(n_in, device=dev) // gs if dynamic else orig // gs  # [in]
-    codes = torch.zeros(n_out, n_in, dtype=torch.uint8, device=dev)  # permuted order
-    deq = torch.zeros(n_out, n_in, dtype=torch.float32, device=dev)
+    # The solve runs on transposed [in, out] copies: a column of W is then one contiguous row, so the per-column
+    # updates below stream through memory instead of striding across it (most of the CPU time of a quantize run).
+    WkT = Wk.T.contiguous()
+    del Wk
+    codes = torch.zeros(n_in, n_out, dtype=torch.uint8, device=dev)  # [in, out], permuted order
+    deq = torch.zeros(n_in, n_out, dtype=torch.float32, device=dev)
     bs = gs * max(1, block_size // gs) if dynamic else block_size  # dynamic groups never straddle blocks
     group_of = gpos.tolist()
+    diag_u = U.diagonal().tolist()
 
     for b1 in range(0, n_in, bs):
         b2 = min(b1 + bs, n_in)
-        W1 = Wk[:, b1:b2].clone()  # [out, nb]
-        E1 = torch.zeros_like(W1)
+        W1 = WkT[b1:b2].clone()  # [nb, out]
+        E1 = torch.empty_like(W1)
         U1 = U[b1:b2, b1:b2]
         for i in range(b2 - b1):
             col = b1 + i
             g = group_of[col]
             maxq = col_maxq[col]
             if dynamic and col % gs == 0:
-                scales[g], zeros[g] = _find_params(W1[:, i : i + gs], maxq, sym, *clip_args)
-            w = W1[:, i]
+                scales[g], zeros[g] = _find_params(W1[i : i + gs].T, maxq, sym, *clip_args)
+            w = W1[i]
             q, dq = _quant(w, scales[g], zeros[g], maxq)
-            codes[:, col] = q
-            deq[:, col] = dq
-            err = (w - dq) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            E1[:, i] = err
-        Wk[:, b2:] -= E1 @ U[b1:b2, b2:]
-    del U, Wk, W1, E1, U1  # before the loss and the un-permuting, which need room of their own
+            codes[col] = q
+            deq[col] = dq
+            err = torch.sub(w, dq, out=E1[i]).div_(diag_u[col])
+            W1[i + 1 :] -= U1[i, i + 1 :].unsqueeze(1) * err.unsqueeze(0)
+        WkT[b2:] -= U[b1:b2, b2:].T @ E1
+    del U, WkT, W1, E1, U1  # before the loss and the un-permuting, which need room of their own
 
+    codes, deq = codes.T, deq.T  # [out, in] views
     if perm is not None:
         inv = torch.argsort(perm)
         codes, deq, gpos = codes[:, inv], deq[:, inv], gpos[inv]
+    codes, deq = codes.contiguous(), deq.contiguous()
     loss, rel = proxy_loss(W0, deq, H0)
     return GPTQResult(
         q=codes,

@@ -87,8 +87,9 @@ def remove_stale(work: Path, log) -> int:
 
 def space_needed(dst: Path, work: Path, offload: Path | None, output: int, rows: int, seq_len: int, dim: int):
     """Bytes a quantize run writes, by folder: the output beside DST, and in the work dir the finished layers (at
-    most the output's size) and the hidden-state row stores (two, plus one for measurement; float32 at most)."""
-    stores = 3 * rows * seq_len * dim * 4
+    most the output's size) and the hidden-state row stores (two, the attention half's outputs, plus one for
+    measurement; float32 at most)."""
+    stores = 4 * rows * seq_len * dim * 4
     work = Path(work)
     have = size_of(work) if work.is_dir() else 0
     if offload is None:

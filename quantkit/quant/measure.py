@@ -36,8 +36,11 @@ from quantkit.quant.gptq import HessianAccumulator
 BASE_BITS = (2, 3, 4, 5, 6, 7, 8)
 SALIENT_FRACTION = 0.1
 PER_CHANNEL = 0  # a candidate's group size meaning one scale per output row (no groups)
-CANDIDATES_VERSION = 3  # 3: the end-to-end probe (measurement.json "probe")
-PROBE_ROWS, PROBE_TOKENS = 2, 512  # each block's probe stream: the first tokens of the first rows
+CANDIDATES_VERSION = 4  # 4: end-to-end probes at 2, 3 and 4 bits (measurement.json "probe")
+SOLVE_CACHE = 4  # solved weights kept per block, in multiples of the block's own weights (GPTQ widths: 4 each)
+ERROR_ROWS = 4  # rows a candidate's block output error is read on (the Hessians use every measurement row)
+PROBE_ROWS, PROBE_TOKENS = 1, 256  # each block's probe streams: the first tokens of the first rows
+PROBE_BITS = (2, 3, 4)  # the uniform widths each block is probed at
 
 Segments = tuple[tuple[int, float], ...]  # ((bits, fraction of columns), ...), most salient first
 
@@ -173,10 +176,12 @@ def _shared_hessians(accs: dict[str, HessianAccumulator]) -> dict[str, torch.Ten
     return {n: by_acc[id(a)] if id(a) in by_acc else by_acc.setdefault(id(a), a.hessian()) for n, a in accs.items()}
 
 
-def probe_candidate(candidates: list[Candidate]) -> Candidate:
-    """The setting a block is probed at end to end: every role uniform 3 bits at the run's group size, a width
-    where quantization error is large enough to read at the logits and every format has a candidate."""
-    return next(c for c in candidates if all(segs == ((3, 1.0),) and g is None for _, segs, g in c.roles))
+def probe_candidates(candidates: list[Candidate]) -> list[Candidate]:
+    """The settings a block is probed at end to end: every role uniform PROBE_BITS at the run's group size (every
+    format has them). Several widths, because KL does not grow with one power of the local error: 2-bit errors
+    cost far more than a square law fitted at 3 bits predicts."""
+    return [next(c for c in candidates if all(segs == ((b, 1.0),) and g is None for _, segs, g in c.roles))
+            for b in PROBE_BITS]  # fmt: skip
 
 
 def measure_layer(
@@ -186,14 +191,15 @@ def measure_layer(
     s: QuantSettings,
     rotate_seed: Callable[[str], int | None],
     fmt: str = "quantkit",
-    probe: Callable[[str, int, torch.Tensor], None] | None = None,
+    probe: Callable[[str, int, int, torch.Tensor], None] | None = None,
     probe_rows: int = 0,
 ) -> dict[str, list[dict]]:
     """{"attn": [...], "mlp": [...]}, one {"candidate", "bits", "error"} per candidate, for this layer; io.middle
     keeps the float attention half's outputs (the MLP half's inputs).
 
-    probe(block, r, h): for the first probe_rows rows, the layer's output with only this block quantized at its
-    probe candidate (the other half float), which the caller carries to the logits to weigh this block's errors."""
+    probe(block, k, r, h): for the first probe_rows rows, the layer's output with only this block quantized at its
+    k-th probe candidate (the other half float), which the caller carries to the logits to weigh this block's
+    errors."""
     accs = _hessians(layer, io, ctx)
     result: dict[str, list[dict]] = {}
     for block in ("attn", "mlp"):
@@ -203,17 +209,27 @@ def measure_layer(
         result[block] = []
         moe = any(expert_index(n) is not None for n in names)
         candidates = block_candidates(block, fmt, moe)
-        probed = probe_candidate(candidates) if probe is not None else None
+        probed = probe_candidates(candidates) if probe is not None else []
+        solved: dict[tuple[str, LinearSpec], torch.Tensor] = {}  # candidates share settings per linear: solve once
+        room = SOLVE_CACHE * sum(w.numel() * w.element_size() for w in floats.values())
+        factors: dict[tuple[int, int | None], dict] = {}  # one factorization per Hessian and rotation
         for cand in candidates:
             bits = 0
             for n in names:
                 linear = layer.get_submodule(n)
                 spec = spec_for_candidate(cand, n, linear.in_features, s, rotate_seed(n))
-                linear.weight.data = solve_linear(floats[n], hessians[n], spec, s).weight.to(floats[n].dtype)
+                weight = solved.pop((n, spec), None)
+                if weight is None:
+                    factor = factors.setdefault((id(hessians[n]), spec.rotate_seed), {})
+                    weight = solve_linear(floats[n], hessians[n], spec, s, factor).weight.to(floats[n].dtype)
+                    room -= weight.numel() * weight.element_size()
+                    while room < 0:  # drop the least recently used
+                        room += (old := solved.pop(next(iter(solved)))).numel() * old.element_size()
+                solved[n, spec] = linear.weight.data = weight
                 bits += spec_bits(spec, linear.out_features, linear.in_features, s, fmt)
             err = ref = 0.0
             with torch.no_grad():
-                for r in range(io.rows):
+                for r in range(min(io.rows, ERROR_ROWS)):
                     if block == "attn":
                         y, y_f = layer.attn_block(io.read(r), ctx), io.middle.read(r)
                     else:
@@ -221,13 +237,13 @@ def measure_layer(
                     err += float((y.float() - y_f.float().to(y.device)).pow(2).sum())
                     ref += float(y_f.float().pow(2).sum())
             result[block].append({"candidate": cand.name, "bits": bits, "error": (err / ref) ** 0.5})
-            if cand is probed:
+            if cand in probed:
                 with torch.no_grad():
                     for r in range(min(probe_rows, io.rows)):
                         h = layer.attn_block(io.read(r), ctx) if block == "attn" else io.middle.read(r)
-                        probe(block, r, layer.mlp_block(h))
+                        probe(block, probed.index(cand), r, layer.mlp_block(h))
         for n in names:
             layer.get_submodule(n).weight.data = floats[n]
-        del hessians, floats
+        del hessians, floats, solved, factors
         release()
     return result

@@ -44,6 +44,7 @@ from quantkit.quant.job import Job, default_work_dir, discard, exclusive, space_
 from quantkit.quant.measure import (
     CANDIDATES_VERSION,
     GPTQ_SHARED,
+    PROBE_BITS,
     PROBE_ROWS,
     PROBE_TOKENS,
     block_candidates,
@@ -159,7 +160,7 @@ def plan(ckpt: Checkpoint, model, o: QuantizeOptions, bpw_range: tuple[float, fl
     work = layer_bytes + 3 * largest_in**2 * 4 + 3 * largest * 4 + 4 * o.seq_len * max(t.ffn_dim, t.dim) * 4
     ram_base = 500_000_000  # Python, torch and the row being read
     ram, dev = (ram_base + work, 0) if o.device == "cpu" else (ram_base + layer_bytes, work)
-    stores = 3 * o.rows * o.seq_len * t.dim * 4  # as space_needed counts them
+    stores = 4 * o.rows * o.seq_len * t.dim * 4  # as space_needed counts them
     return QuantPlan(t.n_layers, quantized, kept, output, ram, dev, o.device, o.fmt, words, _calibration_words(o),
                      output + stores)  # fmt: skip
 
@@ -207,9 +208,10 @@ def _repeat_note(provenance: dict) -> str | None:
     )
 
 
-def _prefix(ckpt: Checkpoint, model_name: str) -> str:
-    """The output folder's name for one of our modules: current loaders' names (quantkit.arch export_name)."""
-    return export_name(ckpt.config.arch, ckpt.key(model_name + ".weight")).removesuffix(".weight")
+def _prefix(ckpt: Checkpoint, model_name: str, names: str = "gptqmodel") -> str:
+    """The name of one of our modules in an export's naming (quantkit.arch export_name). Job files and the `dynamic`
+    rules' units use GPTQModel's (the rules match both namings); _assemble renames to the requested one."""
+    return export_name(ckpt.config.arch, ckpt.key(model_name + ".weight"), names).removesuffix(".weight")
 
 
 def _rotate_seeds(rotate: bool) -> Callable[[int, str], int | None]:
@@ -290,15 +292,16 @@ def measure(
     names = [f"layers.{i}" for i in range(n_layers)]
     p_rows, p_shape = min(PROBE_ROWS, rows), (1, min(PROBE_TOKENS, ids.shape[1]), row_shape[2])
     p_ctx = model.context(0, torch.empty(p_shape, dtype=dtype, device=device))
+    streams = 2 * len(PROBE_BITS) * p_rows  # per layer: each block at each probe width, each probe row
     for i, layer in _layers(ckpt, model, job, names, device, dtype, "measure", progress):
         cur, nxt = job.stores(rows, row_shape, dtype)
-        p_cur, p_nxt = job.stores(2 * n_layers * p_rows, p_shape, dtype, name="probe")
+        p_cur, p_nxt = job.stores(streams * n_layers, p_shape, dtype, name="probe")
         with torch.no_grad():  # the earlier blocks' probe streams go on through this (float) layer
-            for j in range(2 * i * p_rows):
+            for j in range(streams * i):
                 p_nxt.write(j, layer(p_cur.read(j).to(device), p_ctx))
 
-        def probe(block: str, r: int, h: torch.Tensor, i: int = i, out=p_nxt) -> None:
-            out.write((2 * i + (block == "mlp")) * p_rows + r, h[:, : p_shape[1]])
+        def probe(block: str, k: int, r: int, h: torch.Tensor, i: int = i, out=p_nxt) -> None:
+            out.write(((2 * i + (block == "mlp")) * len(PROBE_BITS) + k) * p_rows + r, h[:, : p_shape[1]])
 
         io = LayerIO(rows, cur, nxt, device, middle=attn)
         ctx = model.context(0, torch.empty(row_shape, dtype=dtype, device=device))
@@ -306,31 +309,32 @@ def measure(
         job.finish(f"layer.{i}", None, info, True)
     kl = _probe_kl(ckpt, model, job, rows, row_shape, p_rows, p_shape, device, dtype)
     data = {"version": 2, "fingerprint": fingerprint, "layers": [job.info(step) for step in layer_steps(n_layers)],
-            "probe": {"rows": p_rows, "tokens": p_shape[1], "kl": kl}}  # fmt: skip
+            "probe": {"rows": p_rows, "tokens": p_shape[1], "bits": list(PROBE_BITS), "kl": kl}}  # fmt: skip
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
     return data
 
 
-def _probe_kl(ckpt, model, job: Job, rows: int, row_shape, p_rows: int, p_shape, device, dtype) -> list[list[float]]:
-    """Per layer [attn, mlp]: the mean KL divergence (nats per token) at the logits between the float model and the
-    model with only that block quantized at its probe candidate, on the probe rows' first tokens."""
-    n_layers = ckpt.config.text.n_layers
+def _probe_kl(ckpt, model, job: Job, rows: int, row_shape, p_rows: int, p_shape, device, dtype) -> list:
+    """Per layer [attn, mlp], per probe width: the mean KL divergence (nats per token) at the logits between the
+    float model and the model with only that block quantized at that width, on the probe rows' first tokens."""
+    n_layers, n_probes = ckpt.config.text.n_layers, len(PROBE_BITS)
     cur, _ = job.stores(rows, row_shape, dtype)
-    p_cur, _ = job.stores(2 * n_layers * p_rows, p_shape, dtype, name="probe")
+    p_cur, _ = job.stores(2 * n_probes * p_rows * n_layers, p_shape, dtype, name="probe")
     ckpt.load(model, "norm", device, dtype)
     ckpt.load(model, "lm_head", device, dtype)
-    total = [0.0] * (2 * n_layers)
+    total = [0.0] * (2 * n_layers * n_probes)
     with torch.no_grad():
         for r in range(p_rows):
             ref = torch.log_softmax(model.head(cur.read(r)[:, : p_shape[1]].to(device)).float(), -1)
-            for b in range(2 * n_layers):
+            for b in range(len(total)):
                 logp = torch.log_softmax(model.head(p_cur.read(b * p_rows + r).to(device)).float(), -1)
                 total[b] += float((ref.exp() * (ref - logp)).sum(-1).mean()) / p_rows
     unload(model.lm_head)
     unload(model.norm)
-    return [total[2 * i : 2 * i + 2] for i in range(n_layers)]
+    per_block = [total[k : k + n_probes] for k in range(0, len(total), n_probes)]
+    return [per_block[2 * i : 2 * i + 2] for i in range(n_layers)]
 
 
 def load_measurement(
@@ -399,6 +403,7 @@ def quantize(
     device: str = "auto",
     dtype: str | None = None,
     max_shard_size: str = "5GB",
+    export_names: str = "vllm",
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> QuantPlan:
@@ -411,7 +416,7 @@ def quantize(
     src, dst = Path(src), Path(dst)
     o = QuantizeOptions(
         settings, fmt, head_bits, bpw, rotate, measurement, measure_rows, vision, dataset, split, text_field, rows,
-        seq_len, seed, work_dir, offload_dir, restart, force, dry_run, device, dtype, max_shard_size,
+        seq_len, seed, work_dir, offload_dir, restart, force, dry_run, device, dtype, max_shard_size, export_names,
     ).check()  # fmt: skip
     if not (src / "config.json").is_file():
         raise QuantkitError(f"no config.json in {src}: quantize takes a converted (Hugging Face layout) folder")
@@ -450,8 +455,9 @@ def quantize(
     if restart:
         discard(work)
     if bpw is not None:
-        specs = _allocate(ckpt, model, ids, work, o, shapes, seeds, progress, log)
+        specs, predicted = _allocate(ckpt, model, ids, work, o, shapes, seeds, progress, log)
     else:
+        predicted = None
         specs = [{n: LinearSpec(settings.bits, settings.group_size, seeds(i, n)) for n in layer}
                  for i, layer in enumerate(shapes)]  # fmt: skip
     steps = job_steps(n_layers, head_bits is not None, vision == "quantize")
@@ -469,13 +475,13 @@ def quantize(
     if job.next is not None:
         raise QuantkitError(f"internal: quantize job stopped before step {job.next}")
 
-    qcfg = _output_config(ckpt, o, specs, crows.provenance, model.vision_tower is not None)
+    qcfg = _output_config(ckpt, o, specs, crows.provenance, model.vision_tower is not None, predicted)
     def card(size: int) -> str:
         gptq_bits = qcfg["bits"] if fmt == "gptq" and bpw is not None else None
         return model_card(dst.name, fmt, settings, crows.provenance, size, head_bits, bpw, rotate, ckpt.config.arch,
-                          gptq_bits, group_why)  # fmt: skip
+                          gptq_bits, group_why, export_names)  # fmt: skip
 
-    size = _assemble(ckpt, job, output, qcfg, card, max_shard_size, progress)
+    size = _assemble(ckpt, job, output, qcfg, card, max_shard_size, progress, export_names)
     job.cleanup()
     log(f"wrote {dst} ({size / 1e9:.3f} GB)")
     return the_plan
@@ -499,9 +505,12 @@ def _gptq_units(ckpt: Checkpoint, specs) -> list[tuple[list[str], int]]:
     return units
 
 
-def _output_config(ckpt: Checkpoint, o: QuantizeOptions, specs, provenance: dict, vision: bool = False) -> dict:
+def _output_config(
+    ckpt: Checkpoint, o: QuantizeOptions, specs, provenance: dict, vision: bool = False, predicted=None
+) -> dict:
     """config.json's quantization_config; the quantkit format also lists every linear's bits and group size, the
-    GPTQ format carries per-module bits and what stays 16-bit as GPTQModel's `dynamic` rules."""
+    GPTQ format carries per-module bits and what stays 16-bit as GPTQModel's `dynamic` rules. A --bpw build also
+    records the allocator's predicted KL per layer and block (`allocation`, shown by `inspect --card`)."""
     qcfg = build_quantization_config(o.fmt, o.settings, provenance, o.head_bits)
     head_width = o.head_bits not in (None, o.settings.bits)  # loaders take the head's width from `dynamic` only
     if o.fmt == "gptq" and (o.bpw is not None or vision or head_width):
@@ -515,14 +524,19 @@ def _output_config(ckpt: Checkpoint, o: QuantizeOptions, specs, provenance: dict
     if o.fmt == "quantkit":
         qcfg["bpw"], qcfg["rotate"] = o.bpw, o.rotate
         qcfg["modules"] = {
-            _prefix(ckpt, f"layers.{i}.{n}"): {"bits": sp.bits, "group_size": sp.group_size}
+            _prefix(ckpt, f"layers.{i}.{n}", o.export_names): {"bits": sp.bits, "group_size": sp.group_size}
             for i, layer in enumerate(specs)
             for n, sp in layer.items()
+        }
+    if predicted is not None:
+        (qcfg if o.fmt == "quantkit" else qcfg["quantkit"])["allocation"] = {
+            "objective": "predicted KL: each block's KL probed at 2/3/4 bits, interpolated in its local error",
+            "predicted_kl": [{b: round(v, 6) for b, v in layer.items()} for layer in predicted],
         }
     return qcfg
 
 
-def _allocate(ckpt, model, ids, work: Path, o: QuantizeOptions, shapes, seeds, progress, log) -> list[dict]:
+def _allocate(ckpt, model, ids, work: Path, o: QuantizeOptions, shapes, seeds, progress, log):
     """--bpw: measure (or reuse --measurement), then choose every block's storage for the target."""
     m_ids = ids[: min(o.measure_rows, o.rows)]
     if o.measurement is not None:
@@ -532,11 +546,12 @@ def _allocate(ckpt, model, ids, work: Path, o: QuantizeOptions, shapes, seeds, p
         meas = measure(ckpt, model, m_ids, work, o, progress)
         log(f"measurement: {work / 'measurement.json'} (reuse it with --measurement)")
     alloc = allocate(meas, shapes, o.bpw, o.settings, seeds, o.fmt)
+    total = sum(v for layer in alloc.predicted for v in layer.values())
     log(
         f"allocation: {alloc.bpw:.4f} bits per decoder weight for --bpw {o.bpw} "
-        f"({alloc.bits:,} bits, {alloc.bits / 8e9:.3f} GB)"
+        f"({alloc.bits:,} bits, {alloc.bits / 8e9:.3f} GB), predicted KL {total:.4g}"
     )
-    return alloc.specs
+    return alloc.specs, alloc.predicted
 
 
 def _job_settings(ckpt: Checkpoint, o: QuantizeOptions, ids: torch.Tensor, specs) -> dict:
@@ -562,10 +577,12 @@ def _quantize_decoder(ckpt, model, job: Job, ids, o: QuantizeOptions, specs, sha
     for i, layer in _layers(ckpt, model, job, names, device, dtype, "quantize", progress):
         t0 = time.perf_counter()
         cur, nxt = job.stores(rows, row_shape, dtype)
+        middle = job.store("attn", rows, row_shape, dtype)
         ctx = model.context(0, torch.empty(row_shape, dtype=dtype, device=device))
         tensors: dict[str, torch.Tensor] = {}
         emit = _emitter(ckpt, o.fmt, names[i], tensors)
-        report = quantize_layer(layer, LayerIO(rows, cur, nxt, device), ctx, o.settings, specs[i].__getitem__, emit)
+        io = LayerIO(rows, cur, nxt, device, middle=middle)
+        report = quantize_layer(layer, io, ctx, o.settings, specs[i].__getitem__, emit)
         layer_bits = sum(t.numel() * t.element_size() * 8 for t in tensors.values())  # what inspect counts
         avg = layer_bits / sum(out * k for out, k in shapes[i].values())
         info = {"bpw": avg, "rel_error": report.rel_error, "starved_experts": report.starved}
@@ -633,10 +650,13 @@ def _assemble(
     card: Callable[[int], str],
     max_shard_size: str,
     progress: bool,
+    names: str = "vllm",
 ) -> int:
     """Write the output folder: source tensors in order, each quantized weight replaced by its packed tensors, and
-    the model card for the output's size; all inside the temporary folder, so DST appears complete or not at all."""
-    rename = partial(export_name, ckpt.config.arch)
+    the model card for the output's size; all inside the temporary folder, so DST appears complete or not at all.
+    Tensors are renamed into the `names` naming here only (job files keep one naming), so a resumed job may take
+    another --export-names."""
+    rename = partial(export_name, ckpt.config.arch, names=names)
     packed: dict[str, list[TensorInfo]] = {}
     for path in job.step_files():
         for name, info in read_header(path)[0].items():

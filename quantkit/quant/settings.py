@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from quantkit.arch.mistral import EXPORT_NAMINGS
 from quantkit.errors import QuantkitError
 from quantkit.formats.gptq import GPTQ_BITS
 from quantkit.io.writer import parse_size
@@ -66,6 +67,7 @@ class QuantizeOptions:
     device: str = "auto"
     dtype: str | None = None
     max_shard_size: str = "5GB"
+    export_names: str = "vllm"  # whose tensor names the export carries (quantkit.arch EXPORT_NAMINGS)
 
     def check(self) -> QuantizeOptions:
         """Refuse bad arguments; returns self with the device resolved (auto -> cuda when there is one, else cpu)."""
@@ -82,6 +84,8 @@ class QuantizeOptions:
             raise QuantkitError(f"--group-size must be auto, 32, 64, 128 or none, got {s.group_size}")
         if not (isinstance(s.damp, int | float) and math.isfinite(s.damp) and 0 <= s.damp <= 1):
             raise QuantkitError(f"--damp must be a fraction from 0 to 1 of mean(diag H), got {s.damp}")
+        if self.export_names not in EXPORT_NAMINGS:
+            raise QuantkitError(f"--export-names must be {' or '.join(EXPORT_NAMINGS)}, got {self.export_names!r}")
         if self.vision not in VISION_MODES:
             raise QuantkitError(f"--vision must be keep or quantize, got {self.vision!r}")
         if self.rotate and self.fmt != "quantkit":

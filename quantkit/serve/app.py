@@ -16,14 +16,17 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from quantkit.model.generate import Prefixes
+from quantkit.serve import protocol
 from quantkit.serve.engine import Busy, Engine, Job, Usage
-from quantkit.serve.protocol import APIError, Prompt, parse_chat, parse_completion, tool_calls
+from quantkit.serve.protocol import APIError, Limits, Prompt, parse_chat, parse_completion, tool_calls
 
 log = logging.getLogger("quantkit.serve")
 POLL_S = 0.5  # how often a non-streaming request checks whether its client is still there
@@ -96,10 +99,10 @@ def extras(prompt: Prompt, usage: Usage | None) -> tuple[dict, dict]:
 
 
 class _API:
-    """The endpoints of one loaded model; `context` is its length in tokens. create_app routes to its methods."""
+    """The endpoints of one loaded model within `limits`. create_app routes to its methods."""
 
-    def __init__(self, engine: Engine, model_name: str, context: int, api_key: str | None):
-        self.engine, self.model_name, self.context, self.api_key = engine, model_name, context, api_key
+    def __init__(self, engine: Engine, model_name: str, limits: Limits, api_key: str | None):
+        self.engine, self.model_name, self.limits, self.api_key = engine, model_name, limits, api_key
         self.tokenizer = engine.tokenizer
         self.created = int(time.time())
         self.tool_calls_id = self.tokenizer.info.specials.get("[TOOL_CALLS]")
@@ -127,7 +130,7 @@ class _API:
         if body.get("model") not in (None, self.model_name):
             raise APIError(f"the model {body['model']!r} does not exist; this server serves {self.model_name!r}", 404,
                            "model_not_found", "model")  # fmt: skip
-        prompt = await run_in_threadpool(parse, body, self.tokenizer, self.context)
+        prompt = await run_in_threadpool(parse, body, self.tokenizer, self.limits)
         if prompt.encoded.images and not self.has_vision:
             raise APIError(f"{self.model_name} is a text-only model: it takes no images", param="messages")
         return prompt
@@ -140,7 +143,8 @@ class _API:
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         e = prompt.encoded
-        job = Job(e.input_ids, e.images, prompt.params.sampling, emit, prompt.params.stop)
+        job = Job(e.input_ids, e.images, prompt.params.sampling, emit, prompt.params.stop,
+                  prefixes=self.prefixes(prompt))  # fmt: skip
         try:
             self.engine.submit(job)
         except Busy as b:
@@ -148,11 +152,32 @@ class _API:
                 from None
         return job, events
 
-    def answer_calls(self, prompt: Prompt, output_ids: list[int], text: str) -> list[dict] | None:
-        """OpenAI tool_calls when a request with tools got an answer that opens with [TOOL_CALLS]."""
-        if not prompt.tools or self.tool_calls_id is None or not output_ids or output_ids[0] != self.tool_calls_id:
+    def prefixes(self, prompt: Prompt) -> Prefixes | None:
+        """A forced tool call (tool_choice "required" or a named function): the answer must open with [TOOL_CALLS]
+        and the JSON of a call of one of the allowed functions up to its arguments' "{", as vLLM forces it."""
+        if not prompt.forced:
             return None
-        return tool_calls(text)
+        if self.tool_calls_id is None:
+            raise APIError("this model's tokenizer has no [TOOL_CALLS] token: tool_choice cannot force a call",
+                           param="tool_choice")  # fmt: skip
+        encode = self.tokenizer.encode_text
+        sequences = [[self.tool_calls_id, *encode(protocol.forced_prefix(n))] for n in prompt.forced]
+        longest = max(map(len, sequences))
+        if prompt.params.sampling.max_new_tokens <= longest:
+            raise APIError(f"max_tokens must be over {longest} for a forced tool call", param="max_tokens")
+        return Prefixes(sequences)
+
+    def opens_call(self, prompt: Prompt, output_ids: list[int]) -> bool:
+        """A request with tools got an answer that opens with [TOOL_CALLS]."""
+        return bool(prompt.tools and output_ids) and self.tool_calls_id is not None \
+            and output_ids[0] == self.tool_calls_id  # fmt: skip
+
+    def answer_calls(self, prompt: Prompt, output_ids: list[int], text: str) -> list[dict] | None:
+        """OpenAI tool_calls for an answer that opens_call; a forced call is one even when its JSON is not whole."""
+        if not self.opens_call(prompt, output_ids):
+            return None
+        calls = tool_calls(text)
+        return protocol.forced_calls(text, prompt.forced) if calls is None and prompt.forced else calls
 
     async def stream(
         self,
@@ -169,7 +194,7 @@ class _API:
         while True:
             event = await events.get()
             if event[0] == "first":
-                held = [] if self.answer_calls(prompt, [event[1]], "[]") is not None else None
+                held = [] if self.opens_call(prompt, [event[1]]) else None
             elif event[0] == "text":
                 if held is None:
                     yield _sse(chunk(event[1], None))
@@ -183,7 +208,7 @@ class _API:
                 usage: Usage = event[1]
                 finish = usage.finish_reason
                 if held is not None:
-                    calls = tool_calls("".join(held))
+                    calls = self.answer_calls(prompt, usage.output_ids, "".join(held))
                     if calls:
                         delta = chunk(None, None)
                         delta["choices"][0]["delta"] = {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
@@ -216,7 +241,7 @@ class _API:
 
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "quantkit",
-                "max_model_len": self.context}  # fmt: skip
+                "max_model_len": self.limits.context}  # fmt: skip
 
     async def chat_completions(self, request: Request):
         prompt = await self.prepare(request, parse_chat)
@@ -264,9 +289,11 @@ class _API:
         return {**head, "choices": [choice], "usage": _usage(usage), **top}
 
 
-def create_app(engine: Engine, model_name: str, context: int, api_key: str | None = None) -> FastAPI:
-    """The app for one loaded model; `context` is its length in tokens."""
-    api = _API(engine, model_name, context, api_key)
+def create_app(engine: Engine, model_name: str, context: int, api_key: str | None = None, media: Path | None = None,
+               context_label: str = "the model's context") -> FastAPI:  # fmt: skip
+    """The app for one loaded model; `context` is the most tokens of prompt and answer a request may have (called
+    context_label in errors); local image files are read only inside `media` (None: none)."""
+    api = _API(engine, model_name, Limits(context, context_label, media), api_key)
     app = FastAPI(title="quantkit", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(HTTPException, http_error)

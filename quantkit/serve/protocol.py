@@ -11,10 +11,12 @@ import json
 import random
 import string
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from quantkit.errors import QuantkitError
 from quantkit.model.generate import Sampling
 from quantkit.tokenizer.chat import ChatTokenizer, Encoded
+from quantkit.tokenizer.image import local_media
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
 _ID_CHARS = string.ascii_letters + string.digits  # mistral tool-call ids: 9 of these
@@ -50,6 +52,17 @@ class Prompt:
     encoded: Encoded
     params: Params
     tools: bool = False  # the prompt offers tools: an answer opening with [TOOL_CALLS] is parsed as tool calls
+    forced: list[str] | None = None  # tool_choice "required" or a named function: the answer must call one of these
+
+
+@dataclass
+class Limits:
+    """What the server lets a request use: `context` tokens of prompt and answer (the model's context, or less:
+    --max-model-len, the KV cache budget), what that limit is called in errors, and the local image folder."""
+
+    context: int
+    label: str = "the model's context"
+    media: Path | None = None  # --allowed-local-media-path; None: no local image files
 
 
 def _number(body: dict, key: str, default, lo: float, hi: float, integer: bool = False):
@@ -72,20 +85,21 @@ def _stop(value: object) -> list[str]:
     return stops
 
 
-def parse_params(body: dict, prompt_len: int, context: int) -> Params:
+def parse_params(body: dict, prompt_len: int, limits: Limits) -> Params:
     """Sampling and answer settings; max_tokens defaults to the rest of the context, as OpenAI's does."""
+    context, label = limits.context, limits.label
     room = context - prompt_len
     if room < 1:
         raise APIError(
-            f"the prompt is {prompt_len} tokens, the model's context is {context} tokens: no room for an answer",
+            f"the prompt is {prompt_len} tokens, {label} is {context} tokens: no room for an answer",
             code="context_length_exceeded", param="messages",
         )  # fmt: skip
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, key, room, 1, float("inf"), integer=True)
     if prompt_len + max_tokens > context:
         raise APIError(
-            f"the prompt ({prompt_len} tokens) plus {key} ({max_tokens}) exceeds the model's context of {context} "
-            "tokens", code="context_length_exceeded", param=key,
+            f"the prompt ({prompt_len} tokens) plus {key} ({max_tokens}) exceeds {label} of {context} tokens",
+            code="context_length_exceeded", param=key,
         )  # fmt: skip
     _number(body, "n", 1, 1, 1, integer=True)  # one choice per request
     if body.get("logprobs"):
@@ -109,6 +123,17 @@ def parse_params(body: dict, prompt_len: int, context: int) -> Params:
                   bool(body.get("return_token_ids")))  # fmt: skip
 
 
+def forced_names(tools: list | None, tool_choice: object) -> list[str] | None:
+    """The functions an answer must call: every offered one for "required" / "any", the named one; else None."""
+    if tool_choice not in ("required", "any") and not isinstance(tool_choice, dict):
+        return None
+    names = [(t.get("function") or {}).get("name") for t in tools or [] if isinstance(t, dict)]
+    names = [n for n in names if isinstance(n, str)]
+    if not names:
+        raise APIError(f"tool_choice {tool_choice!r} needs tools", param="tool_choice")
+    return names
+
+
 def select_tools(tools: object, tool_choice: object) -> list | None:
     """The tools the chat template renders: all of them for "auto"/"required"/"any", none for "none", the named
     one for {"type": "function", "function": {"name": ...}} (mistral-common has no tool_choice in the prompt)."""
@@ -126,19 +151,22 @@ def select_tools(tools: object, tool_choice: object) -> list | None:
     return chosen
 
 
-def parse_chat(body: dict, tokenizer: ChatTokenizer, context: int) -> Prompt:
-    """A /v1/chat/completions body -> prompt ids through the chat template (images and tools included)."""
+def parse_chat(body: dict, tokenizer: ChatTokenizer, limits: Limits) -> Prompt:
+    """A /v1/chat/completions body -> prompt ids through the chat template (images and tools included); local
+    image paths only as limits.media allows."""
     if "messages" not in body:
         raise APIError("'messages' is required", param="messages", code="missing_required_parameter")
     tools = select_tools(body.get("tools"), body.get("tool_choice"))
+    forced = forced_names(tools, body.get("tool_choice"))
     try:
-        encoded = tokenizer.encode_chat(body["messages"], tools)
+        with local_media(limits.media):
+            encoded = tokenizer.encode_chat(body["messages"], tools)
     except QuantkitError as e:
         raise APIError(str(e), param="messages") from None
-    return Prompt(encoded, parse_params(body, len(encoded.input_ids), context), bool(tools))
+    return Prompt(encoded, parse_params(body, len(encoded.input_ids), limits), bool(tools), forced)
 
 
-def parse_completion(body: dict, tokenizer: ChatTokenizer, context: int) -> Prompt:
+def parse_completion(body: dict, tokenizer: ChatTokenizer, limits: Limits) -> Prompt:
     """A /v1/completions body: a raw prompt (as `quantkit run --raw` encodes it, no chat template) or token ids."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -153,7 +181,7 @@ def parse_completion(body: dict, tokenizer: ChatTokenizer, context: int) -> Prom
         raise APIError("'prompt' must be a string, a list of one string, or a list of token ids", param="prompt")
     if body.get("echo"):
         raise APIError("'echo' is not supported by this server", param="echo")
-    return Prompt(Encoded(ids, [], ""), parse_params(body, len(ids), context))
+    return Prompt(Encoded(ids, [], ""), parse_params(body, len(ids), limits))
 
 
 def tool_calls(text: str) -> list[dict] | None:
@@ -173,3 +201,25 @@ def tool_calls(text: str) -> list[dict] | None:
         out.append({"id": call_id, "type": "function", "function": {
             "name": c["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}})  # fmt: skip
     return out
+
+
+def forced_prefix(name: str) -> str:
+    """The text a forced call of `name` opens with (after [TOOL_CALLS]), as Mistral models write calls."""
+    return f'[{{"name": {json.dumps(name)}, "arguments": {{'
+
+
+def forced_calls(text: str, names: list[str]) -> list[dict] | None:
+    """The call in a forced answer (one that opens with forced_prefix(name)) whose text is not a whole JSON list,
+    e.g. cut by max_tokens: the name, and the arguments as far as they are a JSON object, else as written (OpenAI's
+    arguments are a string that may not be valid JSON)."""
+    for name in names:
+        head = forced_prefix(name)
+        if text.startswith(head):
+            rest = text[len(head) - 1 :]  # from the arguments' "{"
+            try:
+                args = json.dumps(json.JSONDecoder().raw_decode(rest)[0])
+            except json.JSONDecodeError:
+                args = rest
+            call_id = "".join(random.choices(_ID_CHARS, k=9))
+            return [{"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}]
+    return None

@@ -1,13 +1,14 @@
 """`quantkit serve`: load a converted or quantized folder once, then answer OpenAI-style requests over HTTP.
 
 Everything that can be checked before the (possibly minutes-long) load is: the folder, its tokenizer, that the
-web extra is installed and that the port is free. Startup prints the model, where its parts went, the memory they
-take and the URL.
+web extra is installed, that the port is free, the local media folder and the KV cache options. Startup prints the
+model, where its parts went, the memory they take, the KV cache budget in tokens and the URL.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import threading
 import time
@@ -20,11 +21,12 @@ import click
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.io.writer import parse_size
 from quantkit.model.config import load_model_config
-from quantkit.model.generate import warm_up
+from quantkit.model.generate import BLOCK, KV_FRACTION, kv_token_bytes, warm_up
 from quantkit.model.load import model_parts
 from quantkit.model.text import Transformer
-from quantkit.runtime import load_any, quantization_config
+from quantkit.runtime import available_memory, load_any, quantization_config
 from quantkit.tokenizer.chat import ChatTokenizer
 
 
@@ -104,6 +106,57 @@ def describe(model: Transformer, folder: Path, name: str) -> list[str]:
     return lines
 
 
+CPU_KV_FRACTION = 0.5  # default KV cache budget on the CPU: this share of the memory available after loading
+
+
+def kv_share(memory: str | None) -> float | None:
+    """--kv-cache-memory as a share of the available memory ("0.5"), or None when it is a size (or not given);
+    a size that does not parse is an error here, before the model loads."""
+    if memory is None:
+        return None
+    if re.fullmatch(r"\s*(0?\.\d+|1(\.0*)?)\s*", memory):
+        return float(memory)
+    parse_size(memory)
+    return None
+
+
+def kv_budget(model: Transformer, memory: str | None = None) -> tuple[int, int]:
+    """(bytes, tokens) of the KV cache budget: `memory` as a size ("2GB", "512MiB") or a share of the memory
+    available now on the model's devices ("0.5"); default: KV_FRACTION of free GPU memory, CPU_KV_FRACTION of
+    the host's available memory. Tokens are whole cache blocks; the cache takes memory only as requests use it."""
+    t = model.config.text
+    per_token: dict[torch.device, int] = {}
+    for layer in model.layers:
+        w = layer.input_layernorm.weight
+        per_token[w.device] = per_token.get(w.device, 0) + 2 * t.n_kv_heads * t.head_dim * w.element_size()
+    fraction = kv_share(memory)
+    if memory is None:
+        fraction = KV_FRACTION if all(d.type == "cuda" for d in per_token) else CPU_KV_FRACTION
+    if fraction is None:
+        size = parse_size(memory)
+        tokens = size // kv_token_bytes(model)
+    else:
+        tokens = min(int(available_memory(d) * fraction) // b for d, b in per_token.items())
+        size = tokens * kv_token_bytes(model)
+    tokens = tokens // BLOCK * BLOCK
+    if tokens < BLOCK:
+        raise QuantkitError(f"a KV cache budget of {size / 1e9:.3f} GB holds no {BLOCK}-token block of this model")
+    return size, tokens
+
+
+def context_limit(context: int, budget_tokens: int, max_model_len: int | None) -> int:
+    """Prompt plus answer tokens a request may have: --max-model-len, else the model's context capped to the KV
+    cache budget (one request must fit in it alone)."""
+    if max_model_len is None:
+        return min(context, budget_tokens)
+    if max_model_len > context:
+        raise QuantkitError(f"--max-model-len {max_model_len} is more than the model's context of {context} tokens")
+    if max_model_len > budget_tokens:
+        raise QuantkitError(f"--max-model-len {max_model_len} does not fit in the KV cache budget of {budget_tokens} "
+                            "tokens: raise --kv-cache-memory or lower --max-model-len")  # fmt: skip
+    return max_model_len
+
+
 def serve(
     folder: Path,
     host: str = "127.0.0.1",
@@ -116,6 +169,11 @@ def serve(
     max_queue: int = 64,
     progress: bool = True,
     max_batch: int = 8,
+    allowed_local_media_path: Path | None = None,
+    max_model_len: int | None = None,
+    kv_cache_memory: str | None = None,
+    prefill_chunk: int = 512,
+    prefix_cache: bool = True,
 ) -> None:
     """Load FOLDER and serve it until interrupted."""
     try:
@@ -128,7 +186,16 @@ def serve(
         raise QuantkitError(f"quantkit serve needs the serve extra ({e.name} is missing): "
                             "pip install -e \".[serve]\" in the quantkit checkout") from None  # fmt: skip
     folder = Path(folder)
+    media = None
+    if allowed_local_media_path is not None:
+        media = Path(allowed_local_media_path).resolve()
+        if not media.is_dir():
+            raise QuantkitError(f"--allowed-local-media-path {allowed_local_media_path} is not a folder")
     config = load_model_config(folder)
+    if max_model_len is not None and max_model_len > config.text.max_seq_len:
+        raise QuantkitError(f"--max-model-len {max_model_len} is more than the model's context of "
+                            f"{config.text.max_seq_len} tokens")  # fmt: skip
+    kv_share(kv_cache_memory)
     tokenizer = ChatTokenizer.from_folder(folder)
     _check_port(host, port)
     name = served_model_name or folder.resolve().name
@@ -137,15 +204,23 @@ def serve(
         warm_up(model, tokenizer.bos_id)
     for line in describe(model, folder, name):
         click.echo(line, err=True)
-    engine = Engine(model, tokenizer, max_queue, max_batch)
-    app = create_app(engine, name, config.text.max_seq_len, api_key)
+    budget, tokens = kv_budget(model, kv_cache_memory)
+    context = context_limit(config.text.max_seq_len, tokens, max_model_len)
+    click.echo(f"KV cache: budget {budget / 1e9:.2f} GB = {tokens} tokens for all requests together (taken in "
+               f"blocks of {BLOCK} as requests use them); max model len {context} (context {config.text.max_seq_len})"
+               + ("" if prefix_cache else "; no prefix cache"), err=True)  # fmt: skip
+    engine = Engine(model, tokenizer, max_queue, max_batch, tokens, prefill_chunk or None, prefix_cache)
+    label = "the model's context" if context == config.text.max_seq_len else "the server's max model len"
+    app = create_app(engine, name, context, api_key, media, label)
     log = logging.getLogger("quantkit.serve")
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s:     quantkit: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    click.echo(f"batch: up to {max_batch} requests decoded together" if max_batch > 1 else
-               "batch: one request at a time", err=True)  # fmt: skip
+    click.echo((f"batch: up to {max_batch} requests decoded together" if max_batch > 1 else
+                "batch: one request at a time") + (f"; prompts prefilled in chunks of up to {prefill_chunk} tokens "
+               "between decode steps" if prefill_chunk else "; prompts prefilled whole"), err=True)  # fmt: skip
+    click.echo(f"local images: files inside {media}" if media else "local images: none (data: URIs only)", err=True)
     click.echo(f"serving at http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

@@ -11,7 +11,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
+import stat
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -25,8 +30,44 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+# Which local files load_image may open: ANY_FILE (`quantkit run` / `tokenize`: the user's own files), or, inside
+# `with local_media(root)` (the server), only regular files within root (None: no local file at all).
+ANY_FILE = object()
+_LOCAL_MEDIA: ContextVar[object] = ContextVar("quantkit_local_media", default=ANY_FILE)
+LOCAL_MEDIA_REFUSED = ("local image files are not allowed here: send images as data: URIs (a server reads only files "
+                       "inside its --allowed-local-media-path folder)")  # fmt: skip
+
+
+@contextmanager
+def local_media(root: Path | None) -> Iterator[None]:
+    """Within the block, load_image opens a local path (plain, file:// or relative to root) only when it resolves,
+    symlinks followed, to a regular file inside root; root None: no local path at all. Every refused path gets
+    the same error, whether it exists or not, so a client cannot probe which files the server has."""
+    token = _LOCAL_MEDIA.set(None if root is None else Path(root).resolve())
+    try:
+        yield
+    finally:
+        _LOCAL_MEDIA.reset(token)
+
+
+def _open_allowed(url: str, root: Path | None) -> Image.Image:
+    """Open url if local_media(root) lets it be read, else the one refusal. The resolved path is opened without
+    following a symlink, so a file swapped for one after the check is refused too."""
+    if root is not None:
+        try:
+            path = (root / (unquote(urlparse(url).path) if url.startswith("file://") else url)).resolve(strict=True)
+            if path.is_relative_to(root):
+                with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)), "rb") as f:
+                    if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                        return _open(f, str(path))
+        except (OSError, ValueError, RuntimeError):  # missing, unreadable, a symlink loop, a NUL byte
+            pass
+    raise QuantkitError(LOCAL_MEDIA_REFUSED)
+
+
 def load_image(url: str, base_dir: Path | None = None) -> Image.Image:
-    """Open an image given as a local path (relative to base_dir), a file:// URI or a data: URI."""
+    """Open an image given as a local path (relative to base_dir), a file:// URI or a data: URI (local paths only as
+    local_media allows, when it is in force)."""
     if not isinstance(url, str) or not url:
         raise QuantkitError("image_url must be a non-empty string")
     if url.startswith("data:"):
@@ -40,6 +81,9 @@ def load_image(url: str, base_dir: Path | None = None) -> Image.Image:
         return _open(io.BytesIO(raw), "data: URI")
     if url.startswith(("http://", "https://")):
         raise QuantkitError(f"remote image URLs are not supported, download the file first: {url[:80]}")
+    root = _LOCAL_MEDIA.get()
+    if root is not ANY_FILE:
+        return _open_allowed(url, root)
     path = Path(unquote(urlparse(url).path)) if url.startswith("file://") else Path(url)
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Interop check (issues 5, 18, 14): tiny Mistral, Mixtral and Pixtral(-Large) exports from
 # `quantkit quantize --format gptq --bits {3,4,8} --group-size 32 --{,no-}act-order` and mixed-bit
-# `--format gptq --bpw 3.0` builds (per-module bits in `dynamic`, which the peers must report) load in GPTQModel and in
+# `--format gptq --bpw 3.0` builds (per-module bits in `dynamic`, which the peers must report), and a hub-style Llama
+# folder with tied embeddings (tests/hub_models.py, `--bits 4 --group-size 32`), load in GPTQModel and in
 # transformers (optimum + gptqmodel) on CPU and match quantkit's own loading in fp32: dequantized weights, logits
 # within 1e-3 relative, 16 greedy tokens equal; Pixtral also on an image + text prompt, its vision tower left 16-bit.
+# Mixtral and Pixtral are exported with `--export-names gptqmodel` (GPTQModel refuses the default vLLM names of both);
+# Mistral and Llama names are the same under either naming.
 # transformers' known GPTQ Mixtral misload shows as "known misload", its refusal of mixed-bit folders as "known refusal".
 # Not run in CI: GPTQModel pulls a multi-GB torch build, so it lives in its own venv. Prints a markdown table.
 #
@@ -19,7 +22,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 DIR="${QK_INTEROP_DIR:-$HOME/.cache/quantkit-interop}"
 VENV="$DIR/venv"
 PY="${PYTHON:-python}"
-MODELS="${MODELS:-mistral mixtral pixtral}"
+MODELS="${MODELS:-mistral mixtral pixtral llama}"
 BITS="${BITS:-3 4 8}"
 ORDERS="${ORDERS:-act noact}"
 BPWS="${BPWS:-3.0}"  # mixed builds: --bpw X --format gptq (per-module bits in quantization_config.dynamic)
@@ -38,13 +41,32 @@ data="$("$PY" -c 'import mistral_common, pathlib; print(pathlib.Path(mistral_com
 declare -A PRESET=([mistral]=tiny-mistral [mixtral]=tiny-mixtral [pixtral]=tiny-pixtral-large)
 declare -A TOK=([mistral]=mistral_instruct_tokenizer_240323.model.v3 [mixtral]=mistral_instruct_tokenizer_240323.model.v3
                 [pixtral]=mistral_instruct_tokenizer_241114.model.v7m1)
+declare -A NAMES=([mistral]=vllm [mixtral]=gptqmodel [pixtral]=gptqmodel [llama]=vllm)  # --export-names per model
 pairs=()
 for m in $MODELS; do
     [[ "${REBUILD:-0}" == 1 ]] && rm -rf "$DIR/$m"
     mkdir -p "$DIR/$m"
+    refs=()
+    if [[ $m == llama ]]; then  # a hub folder as transformers saves it: quantized as it is, no convert
+        # stored in bfloat16 as hub checkpoints are: the peers hold 16-bit weights in float16, which would round a
+        # float32 folder's embeddings and norms (1.1e-3 relative on the logits, measured) but not bfloat16 ones
+        hub='import sys, torch, transformers; sys.path.insert(0, sys.argv[1]); import hub_models
+f = hub_models.build_tiny_llama(sys.argv[2])
+transformers.AutoModelForCausalLM.from_pretrained(f, dtype=torch.bfloat16).save_pretrained(f)'
+        [[ -d "$DIR/$m/hf" ]] || "$PY" -c "$hub" "$HERE/.." "$DIR/$m/hf"
+        out="$DIR/$m/gptq-b4-act"
+        if [[ ! -f "$out/config.json" ]]; then
+            echo "== quantize $m 4 bits (hub folder, tied embeddings)"
+            qk quantize "$DIR/$m/hf" "$out" --bits 4 --format gptq --group-size 32 --rows 4 --seq-len 128 \
+                --export-names "${NAMES[$m]}" --quiet --force
+        fi
+        refs+=("$out" "$DIR/$m/ours-b4-act.safetensors")
+        "$PY" "$HERE/quantkit_logits.py" "${refs[@]}"
+        pairs+=("${refs[@]}")
+        continue
+    fi
     [[ -d "$DIR/$m/native" ]] || "$PY" -m quantkit.synthetic "${PRESET[$m]}" "$DIR/$m/native" --tokenizer "$data/${TOK[$m]}"
     [[ -d "$DIR/$m/hf" ]] || qk convert "$DIR/$m/native" "$DIR/$m/hf" --quiet
-    refs=()
     for b in $BITS; do
         for order in $ORDERS; do
             out="$DIR/$m/gptq-b$b-$order"
@@ -53,7 +75,7 @@ for m in $MODELS; do
             if [[ ! -f "$out/config.json" ]]; then
                 echo "== quantize $m $b bits $flag"
                 qk quantize "$DIR/$m/hf" "$out" --format gptq --bits "$b" --group-size 32 "$flag" \
-                    --rows 8 --seq-len 64 --quiet --force
+                    --export-names "${NAMES[$m]}" --rows 8 --seq-len 64 --quiet --force
             fi
             refs+=("$out" "$DIR/$m/ours-b$b-$order.safetensors")
         done
@@ -63,7 +85,7 @@ for m in $MODELS; do
         if [[ ! -f "$out/config.json" ]]; then
             echo "== quantize $m --bpw $bpw --format gptq"
             qk quantize "$DIR/$m/hf" "$out" --format gptq --bpw "$bpw" --group-size 32 --act-order \
-                --rows 8 --seq-len 64 --measure-rows 4 --quiet --force
+                --export-names "${NAMES[$m]}" --rows 8 --seq-len 64 --measure-rows 4 --quiet --force
         fi
         refs+=("$out" "$DIR/$m/ours-bpw$bpw.safetensors")
     done
