@@ -192,15 +192,13 @@ def prefill(
     input_ids: Sequence[int],
     images: Sequence[torch.Tensor] | None = None,
     chunk_size: int = 512,
-    row: int | None = None,
 ) -> torch.Tensor:
-    """Run a prompt (and its images, once) through the model in chunks, filling the KV cache (its row `row` if
-    given, else row 0); returns the last position's logits [V]."""
+    """Run a prompt (and its images, once) through the model in chunks, filling the KV cache's row 0; returns the
+    last position's logits [V]."""
     n = len(input_ids)
-    rows = None if row is None else torch.tensor([row], device=model.embed_tokens.weight.device)
     h = model.embed(torch.tensor([list(input_ids)]), images)  # [1, n, D]
     for s in range(0, n, chunk_size):
-        out = model.run_layers(h[:, s : s + chunk_size], start=s, rows=rows)  # [1, chunk, D]
+        out = model.run_layers(h[:, s : s + chunk_size], start=s)  # [1, chunk, D]
     return model.head(out[:, -1:])[0, -1]
 
 
@@ -639,7 +637,7 @@ class Batch:
         width = -(-key_len // BLOCK)
         tokens = torch.tensor([[r.output_ids[-1]] for r in rows], device=self.device)  # [B, 1]
         pos = torch.tensor([r.pos for r in rows], device=self.device)  # [B]
-        ctx = batch_context(m.config.text, pos, None, self.inv_freqs, key_len, self.dtype)
+        ctx = batch_context(m.config.text, pos, self.inv_freqs, key_len, self.dtype)
         slots = [r.blocks[r.pos // BLOCK] * BLOCK + r.pos % BLOCK for r in rows]
         table = [r.blocks[:width] + [0] * (width - len(r.blocks[:width])) for r in rows]  # padding: masked
         ctx = replace(ctx, slots=torch.tensor(slots, device=self.device),

@@ -37,7 +37,6 @@ class LayerContext:
     is_causal: bool
     _moved: dict = field(default_factory=dict, repr=False)
     pos: torch.Tensor | None = None  # static decode: positions [T] on the device; keys are the whole cache
-    rows: torch.Tensor | None = None  # KV cache rows of the batch's rows (None: rows 0..B-1); with pos: pos is [B]
     slots: torch.Tensor | None = None  # PagedKVCache: where each new token's k, v go [B * T] (block * size + offset)
     table: torch.Tensor | None = None  # PagedKVCache: each row's blocks in position order [B, n_blocks]
 
@@ -48,11 +47,10 @@ class LayerContext:
         if device not in self._moved:
             mask = None if self.mask is None else self.mask.to(device)
             pos = None if self.pos is None else self.pos.to(device)
-            rows = None if self.rows is None else self.rows.to(device)
             slots = None if self.slots is None else self.slots.to(device)
             table = None if self.table is None else self.table.to(device)
-            moved = replace(self, cos=self.cos.to(device), sin=self.sin.to(device), mask=mask, pos=pos, rows=rows,
-                            slots=slots, table=table, _moved={})  # fmt: skip
+            moved = replace(self, cos=self.cos.to(device), sin=self.sin.to(device), mask=mask, pos=pos, slots=slots,
+                            table=table, _moved={})  # fmt: skip
             self._moved[device] = moved
         return self._moved[device]
 
@@ -94,10 +92,10 @@ def static_context(
 
 
 def batch_context(
-    cfg: TextConfig, pos: torch.Tensor, rows: torch.Tensor, inv_freqs: torch.Tensor, key_len: int, dtype: torch.dtype
+    cfg: TextConfig, pos: torch.Tensor, inv_freqs: torch.Tensor, key_len: int, dtype: torch.dtype
 ) -> LayerContext:
-    """One decode query per batch row, at its own position pos [B], using KV cache row rows [B] (batched decode of
-    requests of different lengths). Keys are cache positions [0, key_len); each row's mask hides what it has not
+    """One decode query per batch row, at its own position pos [B] (batched decode of requests of different
+    lengths). Keys are cache positions [0, key_len); each row's mask hides what it has not
     written (or has slid out of its window), so rows of any length share one attention call.
     """
     freqs = pos[:, None].float() * inv_freqs  # [B, hd/2]
@@ -106,8 +104,7 @@ def batch_context(
     mask = keys <= pos[:, None]  # [B, S]
     if cfg.sliding_window is not None:
         mask &= keys > pos[:, None] - cfg.sliding_window
-    return LayerContext(0, emb.cos().to(dtype), emb.sin().to(dtype), 0, mask[:, None, None, :], False, pos=pos,
-                        rows=rows)  # fmt: skip
+    return LayerContext(0, emb.cos().to(dtype), emb.sin().to(dtype), 0, mask[:, None, None, :], False, pos=pos)
 
 
 class KVCache(nn.Module):
@@ -128,8 +125,6 @@ class KVCache(nn.Module):
         (ctx.mask hides the slots not written yet).
         """
         b, _, t, _ = k.shape
-        if ctx.rows is not None:
-            return self._update_rows(ctx, k, v)
         if ctx.pos is not None:
             self.k[:b].index_copy_(2, ctx.pos, k)
             self.v[:b].index_copy_(2, ctx.pos, v)
@@ -140,31 +135,6 @@ class KVCache(nn.Module):
         self.k[:b, :, ctx.start : end] = k
         self.v[:b, :, ctx.start : end] = v
         return self.k[:b, :, ctx.key_start : end], self.v[:b, :, ctx.key_start : end]
-
-    def _update_rows(self, ctx: LayerContext, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same for batch rows kept in cache rows ctx.rows: a prefill at ctx.start, or one decode token per row
-        at its position ctx.pos [B] (keys: the first ctx.mask.shape[-1] cache positions of each row)."""
-        rows = ctx.rows
-        if ctx.pos is not None:
-            self.k[rows, :, ctx.pos] = k[:, :, 0]
-            self.v[rows, :, ctx.pos] = v[:, :, 0]
-            n = ctx.mask.shape[-1]
-            return self.k[rows, :, :n], self.v[rows, :, :n]
-        end = ctx.start + k.shape[2]
-        if end > self.k.shape[2]:
-            raise QuantkitError(f"KV cache holds {self.k.shape[2]} positions; position {end - 1} does not fit")
-        self.k[rows, :, ctx.start : end] = k
-        self.v[rows, :, ctx.start : end] = v
-        return self.k[rows, :, ctx.key_start : end], self.v[rows, :, ctx.key_start : end]
-
-    def resize(self, max_len: int) -> None:
-        """Hold max_len positions per row, keeping what is written (a longer request joined the batch)."""
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros(*old.shape[:2], max_len, old.shape[3])
-            n = min(max_len, old.shape[2])
-            new[:, :, :n] = old[:, :, :n]
-            setattr(self, name, new)
 
 
 class PagedKVCache(nn.Module):
@@ -367,11 +337,9 @@ class Transformer(nn.Module):
         """The LayerContext for hidden states h [B, T, D] whose first token sits at position start."""
         return layer_context(self.config.text, start, h.shape[1], h.dtype, h.device)
 
-    def run_layers(self, h: torch.Tensor, start: int = 0, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """All decoder layers on h [B, T, D] at positions [start, start + T), in KV cache rows `rows` [B] if given."""
+    def run_layers(self, h: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """All decoder layers on h [B, T, D] at positions [start, start + T)."""
         ctx = self.context(start, h)
-        if rows is not None:
-            ctx = replace(ctx, rows=rows)
         for layer in self.layers:
             device = layer.input_layernorm.weight.device
             h = layer(h.to(device), ctx.on(device))
