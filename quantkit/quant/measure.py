@@ -8,6 +8,10 @@ block's linears are solved with GPTQ on Hessians captured from the float layer, 
 ||y_q - y_f||_F / ||y_f||_F of the block output including the residual stream; the cost is the exact number of
 stored bits (codes, scales, zeros, permutation, segment table, rotation signs).
 With --format gptq the table holds only what GPTQ loaders run (gptq_candidates), costed as the GPTQ tensors.
+Errors are read on the first ERROR_ROWS rows; each linear is solved once per distinct setting, from one
+factorization of its Hessian. Each block is also probed at PROBE_BITS: its output with only that block quantized
+goes to the caller, which carries it to the logits (quant/pipeline.py `measure`), so that the allocator can weigh
+local errors by what they cost the model end to end (allocate.py `predicted_kl`).
 """
 
 from __future__ import annotations
