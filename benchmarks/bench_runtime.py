@@ -7,11 +7,19 @@ of 1 + N tokens (the prefill plus N decode steps), each the best of --repeats ru
 shared machine every side sees the same background load and the ratios stay meaningful. --no-dense adds the
 quantized model without kept weights (dequantizing on every forward), the path before the weights were kept.
 Run: python benchmarks/bench_runtime.py [--layers 8 --dim 512 --prompt-len 256 --new-tokens 64 --threads 2]
+
+--real GPTQ_FOLDER --float FLOAT_FOLDER times a real model instead (default 1 thread, greedy): quantkit's float
+model against transformers (fp32), and the GPTQ folder in quantkit (bf16: the int4 CPU kernel; fp32: the exact
+kept-weight path) against GPTQModel on the same folder (bf16, each --peer-backend, run in its venv by
+benchmarks/peer_decode.py and driven over a pipe, so its runs alternate with quantkit's like the others):
+    python benchmarks/bench_runtime.py --real /tmp/rt-bench/gptqmodel4g64 --float /tmp/realmodel/smollm2-hf
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +31,15 @@ from quantkit.kernels.qlinear import QuantLinear
 from quantkit.model import generate, load_model
 from quantkit.model.modules import swap_linears
 from quantkit.quant.gptq import rtn_quantize
-from quantkit.runtime import keep_dequantized
+from quantkit.runtime import keep_dequantized, load_quantized
+
+PEER_SCRIPT = Path(__file__).resolve().with_name("peer_decode.py")
+VENV = Path.home() / ".cache/quantkit-interop/venv"
+TEXT = (  # the --real prompt, repeated up to --prompt-len tokens: greedy text agrees more across dtypes than noise
+    "The printing press changed how knowledge moved through Europe. Before it, books were copied by hand, slowly "
+    "and at great cost, so few people owned any. Within fifty years of its invention, millions of volumes had been "
+    "printed, and ideas that once took decades to spread could cross the continent in months. "
+)
 
 
 def build_folder(folder: Path, args: argparse.Namespace):
@@ -82,18 +98,115 @@ def measure(runs: dict, prompt_len: int, new_tokens: int, repeats: int) -> dict[
     return {n: (prompt_len / p, new_tokens / max(f - p, 1e-9)) for n, (p, f) in best.items()}
 
 
+class Peer:
+    """GPTQModel on a GPTQ folder in its venv (benchmarks/peer_decode.py); peer(ids, k) generates k tokens greedily."""
+
+    def __init__(self, folder: Path, backend: str, threads: int, venv: Path = VENV) -> None:
+        cmd = [str(venv / "bin/python"), str(PEER_SCRIPT), str(folder), "--backend", backend]
+        cmd += ["--threads", str(threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)  # fmt: skip
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        """The script's next JSON line (GPTQModel logs to stdout too)."""
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"GPTQModel exited with {self.proc.wait()} (run {PEER_SCRIPT.name} by hand to see why)")
+
+    def __call__(self, ids: list[int], k: int) -> list[int]:
+        self.proc.stdin.write(json.dumps({"ids": ids, "k": k}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()["tokens"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def print_table(speeds: dict[str, tuple[float, float]], ratios: list[tuple[str, str, str]]) -> None:
+    print(f"{'':50}{'prefill tok/s':>15}{'decode tok/s':>15}")
+    for name, (pre, dec) in speeds.items():
+        print(f"{name:50}{pre:15.1f}{dec:15.1f}")
+    for label, a, b in ratios:
+        print(f"{label:50}{speeds[a][0] / speeds[b][0]:15.2f}{speeds[a][1] / speeds[b][1]:15.2f}")
+
+
+def real_model(args: argparse.Namespace) -> None:
+    """quantkit vs transformers (float) and vs GPTQModel (the same GPTQ folder) on a real model, alternating."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(args.float)(TEXT * args.prompt_len, return_tensors="pt").input_ids
+    ids = ids[:, : args.prompt_len]
+    prompt = ids[0].tolist()
+    ours = load_model(args.float, device="cpu", dtype="float32", progress=False)
+    reference = AutoModelForCausalLM.from_pretrained(args.float, dtype=torch.float32).eval()
+    reference.generation_config.eos_token_id = None
+    quant = {d: load_quantized(args.real, "cpu", d, "torch", progress=False) for d in ("bfloat16", "float32")}
+    packed = sum(m.int4_bytes > 0 for m in quant["bfloat16"].modules() if isinstance(m, QuantLinear))
+    peers = {f"GPTQModel {b}": Peer(args.real, b, args.threads) for b in args.peer_backend}
+
+    def ours_fn(model):
+        return lambda k: generate(model, prompt, max_new_tokens=k).output_ids
+
+    def run_reference(k: int) -> list[int]:
+        with torch.inference_mode():
+            out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
+                                     do_sample=False)  # fmt: skip
+        return out[0, args.prompt_len :].tolist()
+
+    runs = {"quantkit float (fp32)": ours_fn(ours), "transformers float (fp32)": run_reference}
+    runs |= {"quantkit 4-bit (bf16, int4 kernel)": ours_fn(quant["bfloat16"])}
+    runs |= {"quantkit 4-bit (fp32, kept weights)": ours_fn(quant["float32"])}
+    runs |= {f"{name} (bf16)": (lambda k, peer=peer: peer(prompt, k)) for name, peer in peers.items()}
+    assert runs["quantkit float (fp32)"](8) == run_reference(8), "float tokens differ from transformers"
+    tokens = {name: run(1 + args.new_tokens) for name, run in runs.items()}  # also a first warm-up
+    speeds = measure(runs, args.prompt_len, args.new_tokens, args.repeats)
+    for peer in peers.values():
+        peer.close()
+
+    info = next(iter(peers.values())).info if peers else {}
+    print(f"model: {args.real} (GPTQ; quantkit's int4 path on {packed} linears), float: {args.float}")
+    kernels = ", ".join(f"{name}: {'/'.join(peer.info['kernel'])}" for name, peer in peers.items())
+    print(f"CPU, {args.threads} thread(s), torch {torch.__version__}; GPTQModel {info.get('gptqmodel')} (torch "
+          f"{info.get('torch')}): {kernels}")  # fmt: skip
+    print(f"greedy, prompt {args.prompt_len} tokens of English text, {args.new_tokens} decode tokens, best of "
+          f"{args.repeats} alternating runs; decode tok/s = N / (time(1 + N tokens) - time(1 token))")  # fmt: skip
+    q16 = "quantkit 4-bit (bf16, int4 kernel)"
+    ratios = [("float: quantkit / transformers", "quantkit float (fp32)", "transformers float (fp32)")]
+    ratios += [(f"4-bit: quantkit bf16 / {n}", q16, f"{n} (bf16)") for n in peers]
+    ratios += [(f"4-bit: quantkit fp32 / {n}", "quantkit 4-bit (fp32, kept weights)", f"{n} (bf16)") for n in peers]
+    print_table(speeds, ratios)
+    same = {n: sum(a == b for a, b in zip(t, tokens[q16], strict=True)) for n, t in tokens.items() if n != q16}
+    print(f"tokens equal to {q16} among the first {1 + args.new_tokens}: {same}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, help="default 256 (32 with --real)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", type=int, help="default: torch's (1 with --real)")
     p.add_argument("--bits", type=int, default=4, help="bits of the quantized model (RTN, group 128)")
     p.add_argument("--no-dense", action="store_true", help="also time the quantized model without kept weights")
+    p.add_argument("--real", type=Path, help="a GPTQ folder of a real model: time it against GPTQModel")
+    p.add_argument("--float", type=Path, help="with --real: the float folder it was quantized from")
+    p.add_argument("--peer-backend", action="append", help="with --real: GPTQModel backend(s) (auto, gptq_torch_aten, "
+                   "torch, ...); default auto and gptq_torch_aten")  # fmt: skip
     args = p.parse_args()
+    real = args.real is not None
+    if real and args.float is None:
+        p.error("--real needs --float (the float folder, for the float comparison)")
+    args.peer_backend = args.peer_backend or ["auto", "gptq_torch_aten"]
+    args.threads = args.threads or (1 if real else torch.get_num_threads())
+    args.prompt_len = args.prompt_len or (32 if real else 256)
     torch.set_num_threads(args.threads)
+    if real:
+        real_model(args)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         reference = build_folder(Path(tmp), args)

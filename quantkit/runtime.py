@@ -26,7 +26,7 @@ from quantkit.formats.packed import FORMAT_VERSION
 from quantkit.io.checkpoint import read_json
 from quantkit.io.reader import DTYPES, TensorInfo
 from quantkit.kernels import BACKENDS, resolve_backend
-from quantkit.kernels.qlinear import GPTQLinear, QuantLinear
+from quantkit.kernels.qlinear import INT4_DTYPE, GPTQLinear, QuantLinear
 from quantkit.model.load import Checkpoint, load_model, name_list, parse_devices
 from quantkit.model.modules import swap_linears
 from quantkit.model.text import Transformer
@@ -164,6 +164,7 @@ def load_quantized(
 
     keep_dense: linears on the torch backend keep their dequantized weight while it fits (see keep_dequantized).
     fuse: q/k/v and gate/up run as one matmul each where their packed layouts match (see fuse_projections).
+    A bf16 model on CPU decodes its 4-bit linears on aten's int4 kernel (see pack_int4).
     """
     qcfg = quantization_config(folder)
     if not qcfg:
@@ -174,6 +175,7 @@ def load_quantized(
     set_backend(model, backend)
     if fuse:
         fuse_projections(model)
+    pack_int4(model)
     if keep_dense:
         keep_dequantized(model)
     return model
@@ -241,6 +243,15 @@ def available_memory(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def pack_int4(model: nn.Module, enabled: bool = True) -> int:
+    """In a bf16 model, let 4-bit torch-backend linears on the CPU keep the repack of aten's int4 kernel
+    (QuantLinear.keep_int4), which decode steps read instead of a kept bf16 weight: decoding is memory-bound there,
+    and the repack is a quarter of its size. Returns how many keep one; enabled=False drops them."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear) and not getattr(m, "pending", False)]
+    return sum(m.keep_int4(enabled and dtype == INT4_DTYPE) for m in linears)
 
 
 def keep_dequantized(model: nn.Module, enabled: bool = True, fraction: float = DENSE_FRACTION) -> int:

@@ -19,7 +19,7 @@ from quantkit.cli import main
 from quantkit.errors import QuantkitError
 from quantkit.formats.gptq import gptq_pack
 from quantkit.formats.packed import dequantize, from_tensors
-from quantkit.kernels.qlinear import GPTQLinear, QuantLinear, gptq_to_packed
+from quantkit.kernels.qlinear import GPTQLinear, QuantLinear, gptq_to_packed, int4_kernel_available
 from quantkit.model import roofline
 from quantkit.model.generate import KV_FRACTION, Generation, Sampling, cache_capacity, stop_note
 from quantkit.model.load import load_model
@@ -104,6 +104,20 @@ def test_quantized_logits_equal_dequantized_float_model(builds, scene_image, nam
     scale = expected.abs().max().item()
     assert (got - expected).abs().max().item() < 1e-5 * scale
     assert (got - unquantized).abs().max().item() > 1e-3 * scale  # the quantized weights really are in use
+
+
+@pytest.mark.skipif(not int4_kernel_available(), reason="aten's int4 CPU kernel is not vectorized here")
+def test_bf16_gptq_folder_decodes_on_the_int4_kernel(builds):
+    """A bf16 model on CPU runs its 4-bit GPTQ linears (here with group size 32 and a 4-bit head) on aten's int4
+    kernel; its logits stay within bf16 error of the dequantized float model's."""
+    model = load_quantized(builds["gptq4"], device="cpu", dtype="bfloat16", backend="torch", progress=False)
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 2 * 4 + 1 and all(m.int4_bytes > 0 for m in linears)  # qkv, o, gate_up, down; head
+    ids = torch.tensor([[1, 17, 300, 4096, 77]])  # 5 rows: the int4 kernel, not the kept bf16 weights
+    with torch.no_grad():
+        got = model(ids).float()
+        expected = dequantized_float_model(builds["float"], builds["gptq4"])(ids)
+    assert (got - expected).abs().max().item() < 3e-2 * expected.abs().max().item()
 
 
 @pytest.mark.parametrize("name", ["quantkit4", "quantkit3"])

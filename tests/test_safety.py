@@ -151,11 +151,11 @@ def test_job_state_is_final_before_cleanup_and_a_killed_cleanup_is_recovered(tmp
 
 @pytest.mark.reliability
 def test_concurrent_quantize_one_refused_other_byte_identical(tiny_models, tmp_path):
-    """Issue 19's scenario: a second `quantize --bits 4` into the same DST 3 s after the first."""
+    """Issue 19's scenario: a second `quantize --bits 4` into the same DST while the first holds it."""
     src = tiny_models.get("mistral_large")["hf"]
-    # 128 x 512 calibration tokens: ~8 s on an idle 2-core machine (8 x 256 ended before 3 s), so the first run
-    # is still busy when the second starts
-    args = ["--bits", "4", "--group-size", "32", "--rows", "128", "--seq-len", "512", "--quiet"]
+    # 512 x 512 calibration tokens: ~8 s of work after taking the lock on an idle 2-core machine (128 x 512 ended
+    # within 2 s once quantize got faster), so the first run is still busy when the second has been refused
+    args = ["--bits", "4", "--group-size", "32", "--rows", "512", "--seq-len", "512", "--quiet"]
     solo, dst = tmp_path / "solo" / "out", tmp_path / "both" / "out"
     solo.parent.mkdir()
     dst.parent.mkdir()
@@ -163,7 +163,9 @@ def test_concurrent_quantize_one_refused_other_byte_identical(tiny_models, tmp_p
     env = one_thread_env()
     subprocess.run([*cmd, str(solo), *args], env=env, check=True, capture_output=True)
     first = subprocess.Popen([*cmd, str(dst), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(3)
+    lock, deadline = dst.parent / f".{dst.name}.lock", time.monotonic() + 60
+    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:  # the first run holds DST
+        time.sleep(0.01)
     t0 = time.perf_counter()
     second = subprocess.run([*cmd, str(dst), *args], env=env, capture_output=True, text=True, timeout=120)
     refused_in = time.perf_counter() - t0

@@ -2,22 +2,111 @@
 
 GPTQLinear loads a GPTQ-format linear (qweight, qzeros, scales, g_idx) and repacks itself into a QuantLinear as soon
 as its tensors arrive, so GPTQ checkpoints run through the same kernels.
+
+On CPU, 4-bit linears with bf16 activations can run on aten's packed int4 kernel (int4_pack / int4_matmul): decoding
+is memory-bound there, and the kernel reads 0.5 byte per weight where a kept dequantized weight costs 2 (bf16) or 4.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from quantkit.errors import QuantkitError
+from quantkit.formats import hadamard
+from quantkit.formats.bits import unpack_bits
 from quantkit.formats.gptq import from_gptq
-from quantkit.formats.packed import PackedLinear, Segment, dequantize, from_tensors, to_tensors
+from quantkit.formats.packed import (
+    PackedLinear,
+    Segment,
+    dequantize,
+    from_tensors,
+    to_tensors,
+    zero_points,
+)
 from quantkit.kernels import BACKENDS, reference_matmul, resolve_backend
+from quantkit.kernels.reference import kernel_input
 
 CONVERT_ELEMENTS = 1 << 24  # weights repacked per slice of a GPTQ linear: bounds the conversion's scratch memory
+INT4_GROUPS = (256, 128, 64, 32)  # the group sizes aten's CPU int4 kernel takes
+INT4_DTYPE = torch.bfloat16  # the only activation dtype that kernel vectorizes on x86 (fp16 and fp32 run scalar code)
+INT4_ROWS = 8  # up to this many rows the int4 kernel beats a kept bf16 weight; above, prefill uses the kept weight
+
+
+@dataclass
+class Int4Pack:
+    """A linear in the layout of aten's CPU int4 kernel: W[n, k] = (q − 8)·s + o per group, o = (8 − zero)·s."""
+
+    weight: torch.Tensor  # uint8, from _convert_weight_to_int4pack_for_cpu of the codes [N_pad, K_pad]
+    scales_and_zeros: torch.Tensor  # bf16 [K_pad / group, N_pad, 2]: (s, o)
+    group: int  # a divisor of the linear's group size in INT4_GROUPS (its scales repeated when smaller)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.scales_and_zeros))
+
+
+def int4_kernel_available() -> bool:
+    """aten's CPU int4 ops exist and run vectorized code here (AVX2 / AVX512; elsewhere they are far slower)."""
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and torch.backends.cpu.get_cpu_capability() in (
+        "AVX2",
+        "AVX512",
+    )
+
+
+def int4_group(pl: PackedLinear) -> int | None:
+    """The group size int4_pack gives pl, or None when the kernel cannot run it (not one 4-bit segment, a group size
+    that is no multiple of 32, not on the CPU)."""
+    if pl.device.type != "cpu" or pl.layout != [(4, pl.padded_in_features)]:
+        return None
+    return next((g for g in INT4_GROUPS if pl.group_size % g == 0), None)
+
+
+def int4_pack(pl: PackedLinear) -> Int4Pack:
+    """pl's codes and grid repacked for aten's CPU int4 kernel (int4_group(pl) must not be None).
+
+    Output features are padded to a multiple of 16 (the kernel's requirement) with zero codes and scales. The kernel
+    dequantizes (q − 8)·s + o in fp32 from bf16 s and o, so o = (8 − zero)·s reproduces s·(q − zero). Codes are
+    repacked in slices of 64·j output features (the kernel packs blocks of 64 or 32 independently), which bounds the
+    scratch memory by CONVERT_ELEMENTS codes.
+    """
+    g = int4_group(pl)
+    if g is None:
+        raise QuantkitError(f"no int4 CPU kernel for layout {pl.layout}, group size {pl.group_size} on {pl.device}")
+    n, pad = pl.out_features, -pl.out_features % 16
+    plane = pl.segments[0].planes[0]  # int32 [K_pad / 8, N]
+    step = max(64, CONVERT_ELEMENTS // pl.padded_in_features // 64 * 64)
+    parts = []
+    for n0 in range(0, n, step):
+        codes = unpack_bits(plane[:, n0 : n0 + step], 4, dim=0).T  # int32 [rows, K_pad]
+        codes = F.pad(codes, (0, 0, 0, pad if n0 + step >= n else 0)).contiguous()
+        parts.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+    weight = torch.cat(parts)
+    s = pl.scales.float().repeat_interleave(pl.group_size // g, dim=0)  # [K_pad / g, N]
+    z = zero_points(pl).repeat_interleave(pl.group_size // g, dim=0)
+    sz = F.pad(torch.stack([s, (8 - z) * s], dim=-1), (0, 0, 0, pad))  # [K_pad / g, N_pad, 2]
+    return Int4Pack(weight, sz.to(INT4_DTYPE).contiguous(), g)
+
+
+def int4_matmul(x: torch.Tensor, pl: PackedLinear, pack: Int4Pack) -> torch.Tensor:
+    """reference_matmul's data flow (rotate, gather by perm, multiply, un-rotate, bias) with the product on aten's
+    int4 kernel; x is bf16 [..., K], y bf16 [..., N] (fp32 accumulation, rounded once to bf16)."""
+    k, n = pl.in_features, pl.out_features
+    lead = x.shape[:-1]
+    x2 = kernel_input(x.reshape(-1, k), pl, fast=True)
+    if pl.padded_in_features > k:
+        x2 = F.pad(x2, (0, pl.padded_in_features - k))  # padding columns have code 0: any x works
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), pack.weight, pack.group, pack.scales_and_zeros)
+    y = y[:, :n]
+    if pl.had_out is not None:
+        y = hadamard.rotate(y.float(), pl.had_out, pl.had_out_block, transpose=True).to(x.dtype)
+    if pl.bias is not None:
+        y = y + pl.bias.to(x.dtype)
+    return y.reshape(*lead, n)
 
 
 class QuantLinear(nn.Module):
@@ -31,7 +120,8 @@ class QuantLinear(nn.Module):
     The backend is resolved once per device (not on every forward). On the torch backend, `keep_dense(dtype)` keeps
     the dequantized weight next to the codes, so a forward is one F.linear instead of a dequantization: that is what
     makes CPU decoding as fast as the float model (the caller decides whether the memory is there; see
-    quantkit.runtime.keep_dequantized).
+    quantkit.runtime.keep_dequantized). `keep_int4()` adds the int4 kernel's repack for bf16 activations on CPU:
+    decode steps (up to INT4_ROWS rows) then read 0.5 byte per weight instead of the kept weight's 2.
     """
 
     def __init__(self, packed: PackedLinear, backend: str = "auto") -> None:
@@ -46,6 +136,7 @@ class QuantLinear(nn.Module):
         self._packed: PackedLinear | None = None
         self._resolved: str | None = None
         self._dense: torch.Tensor | None = None
+        self._int4: Int4Pack | None = None
 
     @classmethod
     def from_tensors(cls, prefix: str, tensors: dict[str, torch.Tensor], backend: str = "auto") -> QuantLinear:
@@ -66,12 +157,14 @@ class QuantLinear(nn.Module):
         self._packed = None
         self._resolved = None
         self._dense = None if self._dense is None or self._dense.device == device else self._dense.to(device)
+        self._int4 = None if device.type != "cpu" else self._int4
         return self
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._packed = None
         self._dense = None
+        self._int4 = None
 
     def set_backend(self, backend: str) -> None:
         """Switch backend ("auto", "triton", "torch"); resolved against the buffers' device right away."""
@@ -81,6 +174,7 @@ class QuantLinear(nn.Module):
         self._resolved = resolve_backend(backend, self.scales.device)
         if self._resolved != "torch":
             self._dense = None
+            self._int4 = None
 
     @property
     def resolved_backend(self) -> str:
@@ -104,8 +198,23 @@ class QuantLinear(nn.Module):
     def has_dense(self) -> bool:
         return self._dense is not None
 
+    def keep_int4(self, enabled: bool = True) -> bool:
+        """Repack for aten's CPU int4 kernel, used for bf16 activations on the torch backend (False: drop it);
+        returns whether the repack is kept (the kernel cannot take every layout: see int4_group)."""
+        ok = enabled and self.resolved_backend == "torch" and int4_kernel_available()
+        self._int4 = int4_pack(self.packed) if ok and int4_group(self.packed) is not None else None
+        return self._int4 is not None
+
+    @property
+    def int4_bytes(self) -> int:
+        """Bytes the int4 repack takes (0 without one)."""
+        return 0 if self._int4 is None else self._int4.nbytes
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.resolved_backend == "torch":
+            few_rows = self._dense is None or x.numel() <= INT4_ROWS * self.in_features  # decode, not prefill
+            if self._int4 is not None and x.dtype == INT4_DTYPE and few_rows:
+                return int4_matmul(x, self.packed, self._int4)
             w = self._dense
             if w is not None and w.dtype == x.dtype and w.device == x.device:
                 b = self.packed.bias
@@ -236,6 +345,7 @@ class GPTQLinear(QuantLinear):
         self._packed = None
         self._resolved = None
         self._dense = None
+        self._int4 = None
         self.pending = True
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:

@@ -8,7 +8,6 @@ tekken.json, and special and image token ids come from the tokenizer file, never
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 from itertools import groupby
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.tokenizer.backend import build_tekken
 from quantkit.tokenizer.conversation import parse_messages, parse_tools, rules_for
+from quantkit.tokenizer.encoded import Encoded
 from quantkit.tokenizer.image import image_token_ids, preprocess_image
 from quantkit.tokenizer.render import render
 from quantkit.tokenizer.source import TokenizerInfo, find_tokenizer_file, read_tokenizer_info
@@ -31,13 +31,6 @@ if TYPE_CHECKING:
 def _tekken_encoder(path: str, size: int, mtime_ns: int):
     """Building the BPE from tekken.json takes seconds; reuse it while the file is unchanged."""
     return build_tekken(Path(path), None)
-
-
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    images: list[torch.Tensor]  # [3, H, W] float32 each, in prompt order
-    text: str  # the prompt with special tokens visible; each image shows as one [IMG], as in the HF template
 
 
 class ChatTokenizer:

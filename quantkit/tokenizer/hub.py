@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
-from quantkit.tokenizer.chat import Encoded
+from quantkit.tokenizer.encoded import Encoded
 from quantkit.tokenizer.source import TokenizerInfo
 
 
