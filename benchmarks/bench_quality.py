@@ -42,6 +42,8 @@ from quantkit.quant.pipeline import _calibration
 from quantkit.runtime import load_any
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_real import BEGIN as REAL_BEGIN  # noqa: E402
+from bench_real import END as REAL_END  # noqa: E402
 from peer import run_gptqmodel  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "quantkit-bench"
@@ -228,8 +230,12 @@ def write_results(args, builds: list[Build], results: dict[str, EvalResult]) -> 
             f"{ru.top1_agreement:.3f} / {rm.top1_agreement:.3f} |"
         )
     command = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
+    old = args.out.read_text() if args.out.is_file() else ""
+    kept = ""  # bench_real.py's section (the real model's table) stays on top
+    if REAL_BEGIN in old and REAL_END in old:
+        kept = old[old.index(REAL_BEGIN) : old.index(REAL_END) + len(REAL_END)] + "\n\n"
     args.out.write_text(
-        f"# Quality per byte on the benchmark model\n\nProduced by `{command.strip()}` on {date.today()} "
+        kept + f"# Quality per byte on the benchmark model\n\nProduced by `{command.strip()}` on {date.today()} "
         f"({platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}).\n\n"
         f"Model: {args.model} (see benchmarks/train_bench_model.py). Calibration: the bundled mix, "
         f"{args.calib_rows} rows x {args.calib_seq_len} tokens, the same rows for every quantizer. Held-out: "
