@@ -19,7 +19,7 @@ import torch
 from quantkit.arch.mistral import EXPORT_NAMINGS
 from quantkit.errors import QuantkitError
 from quantkit.formats.gptq import GPTQ_BITS
-from quantkit.io.writer import parse_size
+from quantkit.io.writer import parse_shard_size
 from quantkit.model.config import CONFIG_DTYPES
 
 FORMATS = ("gptq", "quantkit")
@@ -101,8 +101,7 @@ class QuantizeOptions:
         for name, value in (("--rows", self.rows), ("--seq-len", self.seq_len)):
             if value < 1:
                 raise QuantkitError(f"{name} must be at least 1, got {value}")
-        if parse_size(self.max_shard_size) < 1:
-            raise QuantkitError(f"--max-shard-size must be positive, got {self.max_shard_size!r}")
+        parse_shard_size(self.max_shard_size)
         if self.dtype is not None and self.dtype not in CONFIG_DTYPES:
             raise QuantkitError(f"--dtype must be one of {', '.join(CONFIG_DTYPES)}, got {self.dtype!r}")
         return replace(self, device=resolve_device(self.device))
