@@ -21,6 +21,7 @@ import argparse
 import ast
 import hashlib
 import json
+import math
 import os
 import platform
 import resource
@@ -57,7 +58,7 @@ END = "<!-- bench_real.py: end -->"
 CALIB = "calib_data/prose_en.txt"  # relative: commands run from the repo root
 GROUP = 64  # 128 does not divide SmolLM2's width 576
 BITS = (4, 3)
-TARGETS = (2.5, 3.0, 3.5, 4.0)
+TARGETS = (2.5, 3.0, 3.5, 4.0, 4.5)
 STAGES = ("baseline", "bpw")
 HELDOUT = "heldout-pydoc-topics.jsonl"
 
@@ -153,19 +154,32 @@ def existing(folder: Path) -> Build | None:
 
 
 def bpw_builds(work: Path, model: Path, calib_args: list, fresh: bool, build: bool) -> list[Build | None]:
-    """--bpw at each target in both formats; the first target of a format measures, the rest reuse its
-    measurement.json via --measurement. With build False, only the builds already in work are returned."""
+    """--bpw at each target in both formats (and in the quantkit format with --rotate at 3.0), and in the GPTQ
+    format at the exact sizes of the uniform GPTQ builds (which must not lose to them). The first build of a
+    variant measures, the rest reuse its measurement.json via --measurement. With build False, only the builds
+    already in work are returned."""
+    uniform = [math.ceil(describe(work / f"gptq{b}g{GROUP}")["quantized"]["decoder_bpw"] * 1e6) / 1e6
+               for b in BITS if (work / f"gptq{b}g{GROUP}" / "config.json").is_file()]  # fmt: skip
+    variants = [
+        ("quantkit", [], TARGETS),
+        ("gptq", [], (*TARGETS, *sorted(uniform))),
+        ("quantkit", ["--rotate"], (3.0,)),
+    ]
     builds = []
-    for fmt in ("quantkit", "gptq"):
-        measurement = work / f"measurement-{fmt}.json"
-        for i, target in enumerate(TARGETS):
-            name = f"bpw{target}-{fmt}"
+    for fmt, extra, targets in variants:
+        tag = fmt + "".join(f"-{a.strip('-')}" for a in extra)
+        measurement = work / f"measurement-{tag}.json"
+        for i, target in enumerate(targets):
+            name = f"bpw{target:g}-{tag}"
             if not build:
                 builds.append(existing(work / name))
                 continue
             reuse = ["--measurement", measurement] if i else []
-            args = ["--bpw", target, "--format", fmt, "--group-size", GROUP, *calib_args, *reuse]
-            label = f"quantkit --bpw {target} --format {fmt}" + ("" if i else " (incl. measurement)")
+            args = ["--bpw", f"{target:g}", "--format", fmt, *extra, "--group-size", GROUP, *calib_args, *reuse]
+            label = f"quantkit --bpw {target:g} --format {fmt}{''.join(' ' + a for a in extra)}"
+            if target in uniform:
+                label += " (uniform GPTQ's size)"
+            label += "" if i else " (incl. measurement)"
             # the first target measures again when there is no measurement to hand to the others
             builds.append(quantkit_build(work, name, label, model, args, fresh or not (i or measurement.is_file())))
             made = work / f".{name}.quantkit-work" / "measurement.json"

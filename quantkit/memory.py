@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _name = ctypes.util.find_library("c")
 _libc = ctypes.CDLL(_name) if _name else None
@@ -25,8 +27,21 @@ def map_large_blocks(threshold: int = 4 << 20) -> None:
         _mallopt(M_MMAP_THRESHOLD, threshold)
 
 
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Move what is alive now (modules, the tokenizer, the model's skeleton) out of the collector's sight for the
+    block, so that release() only scans what the block allocates: a full collection over transformers' and the
+    tokenizer's ~0.2-1M objects took 60-140 ms, 8% of a --bpw run that calls it twice per layer."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def release() -> None:
-    """Collect garbage and return free heap pages to the OS (cheap: a few ms)."""
+    """Collect garbage and return free heap pages to the OS (a few ms inside frozen_heap)."""
     gc.collect()
     if _malloc_trim is not None:
         _malloc_trim(0)

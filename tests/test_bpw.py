@@ -142,3 +142,25 @@ def test_the_lowest_target_builds_and_runs(measured, tmp_path):
     result = run("eval", out, "--reference", src, "--rows", "2", "--seq-len", "32", "--json", "--quiet")
     assert result.exit_code == 0, result.output + str(result.exception)
     assert 0 < json.loads(result.stdout)["kl_divergence"] < 5
+
+
+def test_a_mix_must_predict_a_clear_gain_over_the_widest_uniform_build_that_fits():
+    """Two blocks, candidates uniform 3 / uniform 4 / a mixed one: the mix is kept only when it predicts at least
+    UNIFORM_MARGIN less KL than the widest uniform build within the budget (here uniform 3-bit)."""
+    from quantkit.quant.allocate import UNIFORM_MARGIN, _uniform_instead
+    from quantkit.quant.measure import Candidate
+
+    def cand(name, *widths):
+        return Candidate(name, tuple((r, ((w, 1.0),), None) for r, w in zip(("q", "o"), widths, strict=True)))
+
+    row = [cand("3", 3, 3), cand("4", 4, 4), cand("3/4", 3, 4)]
+    bits = [[300, 400, 350]] * 2
+    budget = 700  # uniform 3 fits (600), uniform 4 does not (800)
+    for saving, expect_uniform in ((UNIFORM_MARGIN / 2, True), (UNIFORM_MARGIN * 2, False)):
+        mix = 1.0 - saving
+        errors = [[1.0, 0.1, mix], [1.0, 0.1, mix]]
+        kept = _uniform_instead([2, 2], [row, row], bits, errors, budget)
+        assert (kept is not None) == expect_uniform, (saving, kept)
+        if kept is not None:
+            assert kept[0] == 3 and kept[2] == [0, 0] and kept[1] == pytest.approx(2 * mix)
+    assert _uniform_instead([2, 2], [row, row], bits, [[1.0, 0.1, 0.99]] * 2, 599) is None  # no uniform fits

@@ -5,6 +5,7 @@ and as a Mistral-native checkpoint. convert -> quantize -> run -> eval on them, 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -81,24 +82,37 @@ def test_run_raw_equals_transformers_and_the_pipeline_runs(smol, tmp_path, one_t
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "quantkit"])
-def test_bpw_is_not_worse_than_the_uniform_build_of_its_size(smol, tmp_path, one_thread, fmt):
-    """The allocator's objective must predict end-to-end loss: at the bytes of uniform 3-bit GPTQ, a --bpw build's
-    KL on held-out text is at most 5% above the uniform build's (on two layers the two can land on nearly the same
-    widths; the local-error objective it replaced was 2x worse on the full model)."""
+def test_bpw_is_not_worse_than_the_uniform_build_of_equal_or_smaller_size(smol, tmp_path, one_thread, fmt):
+    """The allocator's objective must predict end-to-end loss: a --bpw build's KL on held-out text is not above
+    that of the uniform GPTQ build of equal or smaller size, at uniform 3-bit's bytes, between 3 and 4 bits, and at
+    uniform 4-bit's bytes (the local-error objective it replaced was 2x worse than uniform on the full model; a mix
+    that predicted 2% less KL than uniform 4-bit measured 12% more before allocate.UNIFORM_MARGIN)."""
     import bench_real
 
     hf, _ = smol
     calib = ["--dataset", bench_real.REPO / "calib_data" / "prose_en.txt", "--rows", 8, "--seq-len", 256, "--quiet"]
-    uniform, mixed = tmp_path / "u3", tmp_path / "mixed"
-    cli("quantize", hf, uniform, "--bits", 3, "--format", "gptq", *calib)
-    size = json.loads(cli("inspect", uniform, "--json"))["quantized"]["decoder_bpw"]
-    cli("quantize", hf, mixed, "--bpw", f"{size:.4f}", "--format", fmt, *calib)
-    assert json.loads(cli("inspect", mixed, "--json"))["quantized"]["decoder_bpw"] <= size
     heldout = tmp_path / "heldout.jsonl"
     bench_real.write_heldout(heldout)
+
+    def bpw(folder: Path) -> float:  # rounded up: a target rounded down would not fit the uniform build
+        return math.ceil(json.loads(cli("inspect", folder, "--json"))["quantized"]["decoder_bpw"] * 1e6) / 1e6
 
     def kl(folder: Path) -> float:
         report = cli("eval", folder, "--reference", hf, "--dataset", heldout, "--rows", 4, "--seq-len", 256, "--quiet")
         return float(next(line for line in report.splitlines() if line.startswith("KL divergence")).split()[2])
 
-    assert kl(mixed) <= 1.05 * kl(uniform)
+    uniform = {}
+    for bits in (3, 4):
+        cli("quantize", hf, tmp_path / f"u{bits}", "--bits", bits, "--format", "gptq", *calib)
+        uniform[bits] = (bpw(tmp_path / f"u{bits}"), kl(tmp_path / f"u{bits}"))
+    assert uniform[3][1] > uniform[4][1]
+    measurement = tmp_path / ".m3.quantkit-work" / "measurement.json"
+    between = (uniform[3][0] + uniform[4][0]) / 2
+    for name, target, against in (("m3", uniform[3][0], 3), ("mid", between, 3), ("m4", uniform[4][0], 4)):
+        reuse = ["--measurement", tmp_path / "measurement.json"] if name != "m3" else []
+        cli("quantize", hf, tmp_path / name, "--bpw", f"{target:.6f}", "--format", fmt, *calib, *reuse)
+        if name == "m3":
+            (tmp_path / "measurement.json").write_bytes(measurement.read_bytes())
+        assert bpw(tmp_path / name) <= target
+        size, worst = uniform[against]
+        assert kl(tmp_path / name) <= worst * 1.005, (name, kl(tmp_path / name), worst)

@@ -42,9 +42,10 @@ SALIENT_FRACTION = 0.1
 PER_CHANNEL = 0  # a candidate's group size meaning one scale per output row (no groups)
 CANDIDATES_VERSION = 4  # 4: end-to-end probes at 2, 3 and 4 bits (measurement.json "probe")
 SOLVE_CACHE = 4  # solved weights kept per block, in multiples of the block's own weights (GPTQ widths: 4 each)
-ERROR_ROWS = 4  # rows a candidate's block output error is read on (the Hessians use every measurement row)
-PROBE_ROWS, PROBE_TOKENS = 1, 256  # each block's probe streams: the first tokens of the first rows
+ERROR_ROWS = 2  # rows a candidate's block output error is read on (the Hessians use every measurement row)
+PROBE_ROWS, PROBE_TOKENS = 1, 128  # each block's probe streams: the first tokens of the first rows
 PROBE_BITS = (2, 3, 4)  # the uniform widths each block is probed at
+LAST_ROLES = ("o", "down")  # a dense half-layer's last linear: x + o_proj(attention), h + down_proj(act)
 
 Segments = tuple[tuple[int, float], ...]  # ((bits, fraction of columns), ...), most salient first
 
@@ -180,12 +181,38 @@ def _shared_hessians(accs: dict[str, HessianAccumulator]) -> dict[str, torch.Ten
     return {n: by_acc[id(a)] if id(a) in by_acc else by_acc.setdefault(id(a), a.hessian()) for n, a in accs.items()}
 
 
+def uniform_width(cand: Candidate) -> int | None:
+    """b when the candidate stores every role uniformly at b bits with the run's group size, else None."""
+    widths = {segs[0][0] if len(segs) == 1 and g is None else None for _, segs, g in cand.roles}
+    return widths.pop() if len(widths) == 1 else None
+
+
 def probe_candidates(candidates: list[Candidate]) -> list[Candidate]:
     """The settings a block is probed at end to end: every role uniform PROBE_BITS at the run's group size (every
     format has them). Several widths, because KL does not grow with one power of the local error: 2-bit errors
     cost far more than a square law fitted at 3 bits predicts."""
-    return [next(c for c in candidates if all(segs == ((b, 1.0),) and g is None for _, segs, g in c.roles))
-            for b in PROBE_BITS]  # fmt: skip
+    return [next(c for c in candidates if uniform_width(c) == b) for b in PROBE_BITS]
+
+
+def _block_output(layer: nn.Module, block: str, io: LayerIO, r: int, ctx, last: str | None, specs, shared: dict):
+    """(quantized, float) output of row r's half-layer. A dense half is x + last(z) (o_proj or down_proj), and
+    candidates that differ only in the last linear's setting see the same z: it is kept from the first of them
+    (candidates come ordered that way) so the others skip the attention or gate/up. Same result, bit for bit."""
+    x, y_f = (io.read(r), io.middle.read(r)) if block == "attn" else (io.middle.read(r), io.read_out(r))
+    key = tuple((n, sp) for n, sp in specs.items() if n != last)
+    if last is not None and shared["key"] == key and r < len(shared["inputs"]):
+        return x + layer.get_submodule(last)(shared["inputs"][r]), y_f
+    if shared["key"] != key:
+        shared["key"], shared["inputs"] = key, []
+    hook = None
+    if last is not None and r == len(shared["inputs"]):
+        hook = layer.get_submodule(last).register_forward_pre_hook(lambda _, args: shared["inputs"].append(args[0]))
+    try:
+        y = layer.attn_block(x, ctx) if block == "attn" else layer.mlp_block(x)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return y, y_f
 
 
 def measure_layer(
@@ -217,11 +244,13 @@ def measure_layer(
         solved: dict[tuple[str, LinearSpec], torch.Tensor] = {}  # candidates share settings per linear: solve once
         room = SOLVE_CACHE * sum(w.numel() * w.element_size() for w in floats.values())
         factors: dict[tuple[int, int | None], dict] = {}  # one factorization per Hessian and rotation
+        last = None if moe else next(n for n in names if role_of(n) in LAST_ROLES)
+        shared: dict = {"key": None, "inputs": []}  # the last linear's inputs under the other linears' settings
         for cand in candidates:
-            bits = 0
+            bits, specs = 0, {}
             for n in names:
                 linear = layer.get_submodule(n)
-                spec = spec_for_candidate(cand, n, linear.in_features, s, rotate_seed(n))
+                spec = specs[n] = spec_for_candidate(cand, n, linear.in_features, s, rotate_seed(n))
                 weight = solved.pop((n, spec), None)
                 if weight is None:
                     factor = factors.setdefault((id(hessians[n]), spec.rotate_seed), {})
@@ -232,20 +261,16 @@ def measure_layer(
                 solved[n, spec] = linear.weight.data = weight
                 bits += spec_bits(spec, linear.out_features, linear.in_features, s, fmt)
             err = ref = 0.0
+            n_err, n_probe = min(io.rows, ERROR_ROWS), min(probe_rows, io.rows) if cand in probed else 0
             with torch.no_grad():
-                for r in range(min(io.rows, ERROR_ROWS)):
-                    if block == "attn":
-                        y, y_f = layer.attn_block(io.read(r), ctx), io.middle.read(r)
-                    else:
-                        y, y_f = layer.mlp_block(io.middle.read(r)), io.read_out(r)
-                    err += float((y.float() - y_f.float().to(y.device)).pow(2).sum())
-                    ref += float(y_f.float().pow(2).sum())
+                for r in range(max(n_err, n_probe)):
+                    y, y_f = _block_output(layer, block, io, r, ctx, last, specs, shared)
+                    if r < n_err:
+                        err += float((y.float() - y_f.float().to(y.device)).pow(2).sum())
+                        ref += float(y_f.float().pow(2).sum())
+                    if r < n_probe:
+                        probe(block, probed.index(cand), r, layer.mlp_block(y) if block == "attn" else y)
             result[block].append({"candidate": cand.name, "bits": bits, "error": (err / ref) ** 0.5})
-            if cand in probed:
-                with torch.no_grad():
-                    for r in range(min(probe_rows, io.rows)):
-                        h = layer.attn_block(io.read(r), ctx) if block == "attn" else io.middle.read(r)
-                        probe(block, probed.index(cand), r, layer.mlp_block(h))
         for n in names:
             layer.get_submodule(n).weight.data = floats[n]
         del hessians, floats, solved, factors
