@@ -196,3 +196,25 @@ def test_bad_arguments(layer):
         rtn_quantize(W, 4, group_size=100)
     with pytest.raises(QuantkitError, match="Hessian shape"):
         gptq_quantize(W, H[:128, :128], 4)
+
+
+@pytest.mark.parametrize(
+    "group_size, sym, act_order, clip, static_groups",
+    [(64, True, True, False, False), (None, False, True, True, False), (32, False, False, False, True)],
+)
+def test_several_widths_in_one_pass_equal_one_solve_each(group_size, sym, act_order, clip, static_groups):
+    """gptq_quantize_widths stacks W once per width: each width matches its own solve (equal on this machine; the
+    block update's matmul is wider, so another BLAS may round a few codes differently: compared with a margin)."""
+    from quantkit.quant.gptq import gptq_quantize_widths
+
+    torch.manual_seed(0)
+    W = torch.randn(48, 128)
+    X = torch.randn(512, 128) * torch.rand(128) * 3
+    H = X.T @ X
+    kw = dict(sym=sym, act_order=act_order, clip=clip, static_groups=static_groups)
+    many = gptq_quantize_widths(W, H, [2, 3, 4, 8], group_size, **kw)
+    for bits, got in zip([2, 3, 4, 8], many, strict=True):
+        one = gptq_quantize(W, H, bits, group_size, **kw)
+        assert got.bits == bits and int(got.q.max()) <= 2**bits - 1 and torch.equal(got.g_idx, one.g_idx)
+        assert got.loss == pytest.approx(one.loss, rel=1e-3)
+        assert (got.q == one.q).float().mean() > 0.99, bits

@@ -360,7 +360,9 @@ def test_dry_run_expected_time_is_within_a_loose_factor_of_the_real_run(tiny_mod
 
 
 def test_expected_time_grows_with_rows_sequence_and_measurement():
-    from quantkit.quant.estimate import Rates, estimate_seconds
+    from dataclasses import replace
+
+    from quantkit.quant.estimate import MeasureWork, Rates, estimate_seconds
 
     rates = Rates(matmul=1e11, cholesky=1e10, column=2e-4, element=1e-9, op=1e-5, fsync=1e-3, collect=0.05)
     shapes = [{"a.q": (256, 256), "a.k": (64, 256), "a.v": (64, 256), "a.o": (256, 256), "m.up": (512, 256),
@@ -375,6 +377,13 @@ def test_expected_time_grows_with_rows_sequence_and_measurement():
     row_part = est(rows=16) - base  # what 8 more rows cost: the same again for 8 more
     assert est(rows=24) - est(rows=16) == pytest.approx(row_part, rel=1e-6)
     block_of = lambda n: "attn" if n[0] == "a" else "mlp"  # noqa: E731
-    measured = est(measure_rows=4, candidates={"attn": 10, "mlp": 10}, block_of=block_of)
-    assert measured > base + 10 * 4 * 6 * 256 * rates.column  # 10 candidate solves of every linear, at least
+    role_of = lambda n: n.split(".")[1]  # noqa: E731
+    work = MeasureWork(rows=4, error_rows=2, candidates={"attn": 16, "mlp": 16},
+                       settings={"attn": {"q": 4, "k": 4, "v": 4, "o": 4}, "mlp": {"up": 4, "down": 4}},
+                       fronts={"attn": 4, "mlp": 4}, last={"attn": "o", "mlp": "down"}, probes=3, probe_tokens=128,
+                       head=(1000, 256))  # fmt: skip
+    measured = est(measure=work, block_of=block_of, role_of=role_of)
+    assert measured > base + 4 * 4 * 6 * 256 * rates.column  # 4 solves of every linear, at least
+    more = replace(work, settings={b: {r: 8 for r in roles} for b, roles in work.settings.items()})
+    assert est(measure=more, block_of=block_of, role_of=role_of) > measured
     assert est(head=(1000, 256)) > base

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit.arch.blocks import block_kind, block_of, expert_index
+from quantkit.errors import QuantkitError
 from quantkit.formats.hadamard import block_size, random_signs, rotate
 from quantkit.memory import release
-from quantkit.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize
+from quantkit.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize_widths
 from quantkit.quant.settings import QuantSettings
 
 STARVED_FRACTION = 0.1  # an expert with < 10% of the tokens uniform routing would give it is "starved"
@@ -58,17 +59,28 @@ def solve_linear(
     """GPTQ for one linear; with a rotation, quantize W R against Rᵀ H R (R = diag(signs)·Hadamard, orthogonal),
     which spreads outlier input channels over whole blocks so that no single column dominates a group.
     factors: gptq_quantize's cache of H's factorization, for solving one linear with one rotation repeatedly."""
+    return solve_linear_widths(W, H, [spec], s, factors)[0]
+
+
+def solve_linear_widths(
+    W: torch.Tensor, H: torch.Tensor, specs: list[LinearSpec], s: QuantSettings, factors: dict | None = None
+) -> list[Solved]:
+    """solve_linear for specs that differ only in their uniform width (or one spec), in one GPTQ pass."""
+    spec = specs[0]
+    if any((sp.group_size, sp.rotate_seed) != (spec.group_size, spec.rotate_seed) for sp in specs):
+        raise QuantkitError("internal: widths solved together must share group size and rotation")
     signs, block = None, 0
     if spec.rotate_seed is not None:
         block = block_size(W.shape[1])
         signs = random_signs(W.shape[1], spec.rotate_seed)
         W = rotate(W, signs, block)  # W R
         H = rotate(rotate(H, signs, block).T, signs, block)  # Rᵀ H R
-    res = gptq_quantize(
-        W, H, list(spec.bits) if not isinstance(spec.bits, int) else spec.bits, spec.group_size, sym=s.sym,
-        act_order=s.act_order, static_groups=s.static_groups, damp=s.damp, clip=s.clip, factors=factors,
+    widths = [list(sp.bits) if not isinstance(sp.bits, int) else sp.bits for sp in specs]
+    results = gptq_quantize_widths(
+        W, H, widths, spec.group_size, sym=s.sym, act_order=s.act_order, static_groups=s.static_groups,
+        damp=s.damp, clip=s.clip, factors=factors,
     )  # fmt: skip
-    return Solved(res, signs, block)
+    return [Solved(res, signs, block) for res in results]
 
 
 @dataclass

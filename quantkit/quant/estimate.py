@@ -3,7 +3,10 @@
 Work: every capture pass runs the calibration rows through every decoder layer (2 FLOPs per weight per token, plus
 attention), feeds one Hessian per input site (2·tokens·in² FLOPs), and GPTQ solves every linear (a Cholesky
 factorization and inverse, ~in³ FLOPs, the lazy-batch updates, ~2·out·in² FLOPs, and a Python step per column);
---bpw first measures every block candidate on --measure-rows rows. Rates: a timed matmul and Cholesky on the
+--bpw first measures (MeasureWork, as measure.py does it): one float pass over --measure-rows rows with its Hessians,
+one factorization per linear and one solve per distinct setting, each candidate's half-layer output on the error rows
+(the part before o/down once per distinct setting of it), and the probe streams carried through the later layers
+to the head. Rates: a timed matmul and Cholesky on the
 device (the matmul at the shape of one calibration row through a projection, capped), two timed small GPTQ solves
 (per-column and per-element cost), a timed tiny op (per-op overhead), a timed fsync (the row stores sync every row
 they write) and a timed garbage collection (the run frees memory after every solve), all taken on the spot in about
@@ -93,12 +96,31 @@ def measure_rates(device: str, dtype: torch.dtype, s: QuantSettings, row: tuple[
     return Rates(matmul, cholesky, column, element, op, fsync, collect)
 
 
-def solve_seconds(out_f: int, in_f: int, r: Rates, block: int = 128) -> float:
-    """One GPTQ solve of a [out_f, in_f] linear: factorization, block updates, and the per-column steps."""
-    factor = (4 / 3) * in_f**3 / r.cholesky  # cholesky + inverse + cholesky of the inverse
+@dataclass(frozen=True)
+class MeasureWork:
+    """What the --bpw measurement does (measure.py), per block kind ("attn", "mlp")."""
+
+    rows: int  # measurement rows: one float pass and the Hessians
+    error_rows: int  # rows each candidate's output error is read on
+    candidates: dict[str, int]  # candidates per block
+    settings: dict[str, dict[str, int]]  # per block, per role: distinct settings (one solve each)
+    fronts: dict[str, int]  # per block: distinct settings of the roles before the last linear (o, down)
+    last: dict[str, str]  # per block: the last linear's role
+    probes: int  # probe streams per block (widths x rows)
+    probe_tokens: int
+    head: tuple[int, int]  # (vocab, dim): every probe stream ends in the head
+
+
+def factor_seconds(in_f: int, r: Rates) -> float:
+    """One factorization of a linear's damped Hessian (Cholesky and a triangular inverse, ~in³ FLOPs as counted)."""
+    return (4 / 3) * in_f**3 / r.cholesky
+
+
+def solve_seconds(out_f: int, in_f: int, r: Rates, block: int = 128, factor: bool = True) -> float:
+    """One GPTQ solve of a [out_f, in_f] linear: factorization (unless cached), block updates, per-column steps."""
     update = 2 * out_f * in_f**2 / r.matmul
     columns = in_f * r.column + out_f * in_f * min(block, in_f) / 2 * r.element
-    return factor + update + columns
+    return (factor_seconds(in_f, r) if factor else 0.0) + update + columns
 
 
 def layer_pass_seconds(rows: int, seq_len: int, params: int, attn_dim: int, r: Rates, part: float = 1.0) -> float:
@@ -118,33 +140,52 @@ def estimate_seconds(
     attn_dim: int,
     rates: Rates,
     head: tuple[int, int] | None = None,
-    measure_rows: int | None = None,
-    candidates: dict[str, int] | None = None,
+    measure: MeasureWork | None = None,
     block_of: Callable[[str], str] | None = None,
+    role_of: Callable[[str], str] | None = None,
 ) -> float:
     """Seconds for the decoder (and the head when given): per layer, len(groups) capture passes and one output pass,
-    the Hessians and one solve per linear; with measure_rows, first one float pass and, per block candidate, the
-    block's solves and a half-layer pass on the measurement rows."""
+    the Hessians and one solve per linear; with measure, first the measurement (MeasureWork)."""
     total = 0.0
-    for layer in shapes:
+    for i, layer in enumerate(shapes):
         params = sum(o * i for o, i in layer.values())
         sites = {(g, name.rpartition(".")[0]): layer[name][1] for g, grp in enumerate(groups) for name in grp}
         hessian_per_token = sum(2 * in_f**2 for in_f in sites.values()) / rates.matmul
-        solves = {name: solve_seconds(o, i, rates) for name, (o, i) in layer.items()}
         total += (len(groups) + 1) * layer_pass_seconds(rows, seq_len, params, attn_dim, rates)
-        total += rows * seq_len * hessian_per_token + sum(solves.values()) + (len(sites) + 1) * rates.collect
-        if measure_rows:
-            total += layer_pass_seconds(measure_rows, seq_len, params, attn_dim, rates)
-            total += measure_rows * seq_len * hessian_per_token + 3 * rates.collect
-            for block, n in (candidates or {}).items():
-                names = [name for name in layer if block_of(name) == block]
-                half = sum(layer[name][0] * layer[name][1] for name in names)
-                total += n * sum(solves[name] for name in names)
-                attn = attn_dim if block == "attn" else 0
-                total += n * layer_pass_seconds(measure_rows, seq_len, half, attn, rates, part=0.5)
+        total += rows * seq_len * hessian_per_token + sum(solve_seconds(o, i, rates) for o, i in layer.values())
+        total += (len(sites) + 1) * rates.collect
+        if measure is not None:
+            total += _measure_layer_seconds(layer, len(shapes) - 1 - i, measure, seq_len, attn_dim, params,
+                                            hessian_per_token, rates, block_of, role_of)  # fmt: skip
+    if measure is not None:
+        vocab, dim = measure.head
+        streams = 2 * len(shapes) * measure.probes
+        total += streams * (2 * measure.probe_tokens * vocab * dim / rates.matmul + 4 * rates.op)
     if head is not None:
-        vocab, dim = head
-        total += 2 * rows * seq_len * dim**2 / rates.matmul + solve_seconds(vocab, dim, rates) + 2 * rates.collect
+        vocab_rows, dim = head
+        total += 2 * rows * seq_len * dim**2 / rates.matmul + solve_seconds(vocab_rows, dim, rates) + 2 * rates.collect
+    return total
+
+
+def _measure_layer_seconds(layer, later: int, m: MeasureWork, seq_len, attn_dim, params, hessian_per_token, rates,
+                           block_of, role_of) -> float:  # fmt: skip
+    """One layer's share of the measurement; later: the layers after it, which its probe streams go through."""
+    total = layer_pass_seconds(m.rows, seq_len, params, attn_dim, rates)
+    total += m.rows * seq_len * hessian_per_token + 2 * rates.collect
+    for block, n in m.candidates.items():
+        names = [name for name in layer if block_of(name) == block]
+        roles = {name: role_of(name) for name in names}
+        for name in names:
+            o, i = layer[name]
+            total += factor_seconds(i, rates)
+            total += m.settings[block].get(roles[name], 1) * solve_seconds(o, i, rates, factor=False)
+        last = sum(o * i for name, (o, i) in layer.items() if name in roles and roles[name] == m.last[block])
+        front = sum(o * i for name, (o, i) in layer.items() if name in roles) - last
+        attn = attn_dim if block == "attn" else 0
+        total += layer_pass_seconds(m.error_rows, seq_len, m.fronts[block] * front, attn * m.fronts[block], rates, 0.5)
+        total += layer_pass_seconds(m.error_rows, seq_len, n * last, 0, rates, 0.5)
+    # this layer's probe streams (a row of probe_tokens tokens each) go on through every later layer
+    total += 2 * m.probes * later * layer_pass_seconds(1, m.probe_tokens, params, attn_dim, rates)
     return total
 
 

@@ -129,7 +129,10 @@ def column_bits(bits: int | Sequence[tuple[int, int]], n_in: int, group_size: in
     return [b for b, n in layout for _ in range(n)]
 
 
-def _grid(x: torch.Tensor, maxq: int, sym: bool, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+MaxQ = int | torch.Tensor  # the largest code: one for all rows, or per row (float [out]) when widths are stacked
+
+
+def _grid(x: torch.Tensor, maxq: MaxQ, sym: bool, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero [out] covering the range of x [out, k] (times shrink); the scale is rounded to fp16."""
     xmin = x.min(dim=1).values.clamp(max=0) * shrink  # [out]
     xmax = x.max(dim=1).values.clamp(min=0) * shrink  # [out]
@@ -141,8 +144,8 @@ def _grid(x: torch.Tensor, maxq: int, sym: bool, shrink: float = 1.0) -> tuple[t
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
     scale = ((xmax - xmin) / maxq).clamp(min=MIN_SCALE).half().float()
     if sym:
-        return scale, torch.full_like(scale, float((maxq + 1) // 2))
-    zero = torch.round(-xmin / scale).clamp(0, maxq)
+        return scale, torch.full_like(scale, float((maxq + 1) // 2)) if isinstance(maxq, int) else (maxq + 1) // 2
+    zero = _clamp(torch.round(-xmin / scale), maxq)
     # Keep zero >= 1: GPTQ v1 files store zero - 1, and several loaders mis-read a stored -1 (see docs/format.md).
     # Where the range starts at ~0, stretch the step so that code 1 is zero and code maxq still reaches xmax.
     low = zero < 1
@@ -150,14 +153,19 @@ def _grid(x: torch.Tensor, maxq: int, sym: bool, shrink: float = 1.0) -> tuple[t
     return scale, torch.where(low, torch.ones_like(zero), zero)
 
 
-def _quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and dequantized values of x [out, k] (or [out]) on the grid (scale, zero) [out, 1] (or [out])."""
-    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+def _clamp(x: torch.Tensor, maxq: MaxQ) -> torch.Tensor:
+    return torch.clamp(x, 0, maxq) if isinstance(maxq, int) else torch.minimum(x.clamp(min=0), maxq)
+
+
+def _quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: MaxQ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and dequantized values of x [out, k] (or [out]) on the grid (scale, zero) [out, 1] (or [out]); a
+    per-row maxq is [out] (or [out, 1])."""
+    q = _clamp(torch.round(x / scale) + zero, maxq)
     return q, scale * (q - zero)
 
 
 def _find_params(
-    x: torch.Tensor, maxq: int, sym: bool, clip: bool, clip_grid: int, clip_max_shrink: float, clip_norm: float
+    x: torch.Tensor, maxq: MaxQ, sym: bool, clip: bool, clip_grid: int, clip_max_shrink: float, clip_norm: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid for x [out, k]; with clip, the shrink factor per row minimizing Σ|x − deq|^clip_norm.
 
@@ -167,11 +175,12 @@ def _find_params(
     scale, zero = _grid(x, maxq, sym)
     if not clip:
         return scale, zero
-    _, deq = _quant(x, scale.unsqueeze(1), zero.unsqueeze(1), maxq)
+    mq = maxq if isinstance(maxq, int) else maxq.unsqueeze(1)
+    _, deq = _quant(x, scale.unsqueeze(1), zero.unsqueeze(1), mq)
     best = (deq - x).abs().pow(clip_norm).sum(dim=1)  # [out]
     for i in range(1, int(clip_max_shrink * clip_grid)):
         s1, z1 = _grid(x, maxq, sym, shrink=1 - i / clip_grid)
-        _, deq = _quant(x, s1.unsqueeze(1), z1.unsqueeze(1), maxq)
+        _, deq = _quant(x, s1.unsqueeze(1), z1.unsqueeze(1), mq)
         err = (deq - x).abs().pow(clip_norm).sum(dim=1)
         better = err < best
         best = torch.where(better, err, best)
@@ -248,14 +257,50 @@ def gptq_quantize(
     is not monotonic (the loader gathers scales per column); with static_groups the group grids are computed on the
     original W before any update and groups stay in original column order (g_idx = i // group_size).
     """
+    return gptq_quantize_widths(W, H, [bits], group_size, sym, act_order, static_groups, damp, damp_step, max_damp,
+                                clip, clip_grid, clip_max_shrink, clip_norm, block_size, factors)[0]  # fmt: skip
+
+
+def gptq_quantize_widths(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    widths: Sequence[int | Sequence[tuple[int, int]]],
+    group_size: int | None = 128,
+    sym: bool = True,
+    act_order: bool = False,
+    static_groups: bool = False,
+    damp: float = 0.01,
+    damp_step: float = 0.01,
+    max_damp: float = 1.0,
+    clip: bool = False,
+    clip_grid: int = 100,
+    clip_max_shrink: float = 0.8,
+    clip_norm: float = 2.4,
+    block_size: int = 128,
+    factors: dict | None = None,
+) -> list[GPTQResult]:
+    """gptq_quantize of one W at several uniform widths in one pass (one width, or one layout, as gptq_quantize).
+
+    GPTQ updates every output row on its own, so the rows of W stacked once per width, each copy with its own
+    largest code, give each width's result; the --bpw measurement solves a linear's candidate widths this way, one
+    column loop for all of them instead of one each (the loop's per-column steps are most of a small solve)."""
+    if len(widths) > 1 and not all(isinstance(b, int) for b in widths):
+        raise QuantkitError("several widths in one solve must each be one uniform width")
+    bits = widths[0]
     mixed = not isinstance(bits, int)
-    _check_args(W, bits if not mixed else 2, group_size)
-    n_out, n_in = W.shape
+    for b in widths:
+        _check_args(W, b if not mixed else 2, group_size)
+    n_rows, n_in = W.shape
+    W = W.repeat(len(widths), 1) if len(widths) > 1 else W
+    n_out = W.shape[0]
     if H.shape != (n_in, n_in):
         raise QuantkitError(f"Hessian shape {tuple(H.shape)} does not match in_features {n_in}")
     if mixed and static_groups:
         raise QuantkitError("mixed bits need dynamic groups (no --static-groups)")
-    col_maxq = [2**b - 1 for b in column_bits(bits, n_in, group_size)]  # per column, quantization order
+    col_maxq: list[MaxQ] = [2**b - 1 for b in column_bits(bits, n_in, group_size)]  # per column, quantization order
+    if len(widths) > 1:  # one largest code per row instead
+        row_maxq = torch.tensor([2.0**b - 1 for b in widths], device=W.device).repeat_interleave(n_rows)
+        col_maxq = [row_maxq] * n_in
     maxq = col_maxq[0]
     dev = W.device
     W0 = W.detach().to(torch.float32)
@@ -326,23 +371,27 @@ def gptq_quantize(
         inv = torch.argsort(perm)
         codes, deq, gpos = codes[:, inv], deq[:, inv], gpos[inv]
     codes, deq = codes.contiguous(), deq.contiguous()
-    loss, rel = proxy_loss(W0, deq, H0)
-    return GPTQResult(
-        q=codes,
-        scales=scales,
-        zeros=zeros.to(torch.uint8),
-        g_idx=gpos.to(torch.int32),
-        perm=perm,
-        weight=deq,
-        loss=loss,
-        rel_loss=rel,
-        damp=damp_used,
-        dead=int(dead.sum()),
-        bits=[(int(b), int(n)) for b, n in bits] if mixed else bits,
-        group_size=group_size,
-        sym=sym,
-        static_groups=static_groups,
-    )
+    results = []
+    for k, b in enumerate(widths):
+        rows = slice(k * n_rows, (k + 1) * n_rows)
+        loss, rel = proxy_loss(W0[rows], deq[rows], H0)
+        results.append(GPTQResult(
+            q=codes[rows],
+            scales=scales[:, rows].contiguous(),
+            zeros=zeros[:, rows].to(torch.uint8).contiguous(),
+            g_idx=gpos.to(torch.int32),
+            perm=perm,
+            weight=deq[rows],
+            loss=loss,
+            rel_loss=rel,
+            damp=damp_used,
+            dead=int(dead.sum()),
+            bits=[(int(x), int(n)) for x, n in b] if mixed else b,
+            group_size=group_size,
+            sym=sym,
+            static_groups=static_groups,
+        ))  # fmt: skip
+    return results
 
 
 def rtn_quantize(

@@ -33,8 +33,9 @@ from quantkit.quant.capture import (
     attach_hessians,
     capture_groups,
     shared_expert_hessians,
-    solve_linear,
+    solve_linear_widths,
 )
+from quantkit.quant.estimate import MeasureWork
 from quantkit.quant.gptq import HessianAccumulator
 
 BASE_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -107,6 +108,27 @@ def _quantkit_candidates(block: str) -> list[Candidate]:
             out.append(Candidate(f"{b} g32", tuple((r, ((b, 1.0),), 32) for r in roles)))
             out.append(Candidate(f"{b} per-channel", tuple((r, ((b, 1.0),), PER_CHANNEL) for r in roles)))
     return out
+
+
+def measure_work(fmt: str, rows: int, head: tuple[int, int], moe: bool = False) -> MeasureWork:
+    """What measure_layer and the probes do for this format on `rows` measurement rows, for the --dry-run estimate."""
+    cands = {b: block_candidates(b, fmt, moe and b == "mlp") for b in BLOCK_ROLES}
+    last = {b: next(r for r in BLOCK_ROLES[b] if r in LAST_ROLES) for b in BLOCK_ROLES}
+    shared = {b: not (moe and b == "mlp") for b in BLOCK_ROLES}  # the last-linear shortcut of dense halves
+    return MeasureWork(
+        rows=rows,
+        error_rows=min(rows, ERROR_ROWS),
+        candidates={b: len(cs) for b, cs in cands.items()},
+        settings={b: {r: len({c.for_role(r) for c in cs}) for r in BLOCK_ROLES[b]} for b, cs in cands.items()},
+        fronts={
+            b: len({tuple(x for x in c.roles if x[0] != last[b]) for c in cs}) if shared[b] else len(cs)
+            for b, cs in cands.items()
+        },  # fmt: skip
+        last={b: last[b] if shared[b] else "" for b in BLOCK_ROLES},
+        probes=len(PROBE_BITS) * min(PROBE_ROWS, rows),
+        probe_tokens=PROBE_TOKENS,
+        head=head,
+    )
 
 
 def layout_for(segments: Segments, in_features: int, group: int | None) -> int | tuple[tuple[int, int], ...]:
@@ -194,6 +216,16 @@ def probe_candidates(candidates: list[Candidate]) -> list[Candidate]:
     return [next(c for c in candidates if uniform_width(c) == b) for b in PROBE_BITS]
 
 
+def _widths_with(spec: LinearSpec, wanted: list[LinearSpec], cached: set[LinearSpec]) -> list[LinearSpec]:
+    """spec and the uniform widths after it that a linear's later candidates want with its group size and rotation
+    and that are not cached, up to SOLVE_CACHE of them: one GPTQ pass solves them all (gptq_quantize_widths)."""
+    if not isinstance(spec.bits, int):
+        return [spec]
+    same = [sp for sp in wanted[wanted.index(spec) + 1 :] if isinstance(sp.bits, int) and sp not in cached
+            and (sp.group_size, sp.rotate_seed) == (spec.group_size, spec.rotate_seed)]  # fmt: skip
+    return [spec, *same[: SOLVE_CACHE - 1]]
+
+
 def _block_output(layer: nn.Module, block: str, io: LayerIO, r: int, ctx, last: str | None, specs, shared: dict):
     """(quantized, float) output of row r's half-layer. A dense half is x + last(z) (o_proj or down_proj), and
     candidates that differ only in the last linear's setting see the same z: it is kept from the first of them
@@ -246,19 +278,28 @@ def measure_layer(
         factors: dict[tuple[int, int | None], dict] = {}  # one factorization per Hessian and rotation
         last = None if moe else next(n for n in names if role_of(n) in LAST_ROLES)
         shared: dict = {"key": None, "inputs": []}  # the last linear's inputs under the other linears' settings
+        wanted = {n: [] for n in names}  # per linear, its distinct settings in the order the candidates want them
+        for cand in candidates:
+            for n in names:
+                spec = spec_for_candidate(cand, n, layer.get_submodule(n).in_features, s, rotate_seed(n))
+                if spec not in wanted[n]:
+                    wanted[n].append(spec)
         for cand in candidates:
             bits, specs = 0, {}
             for n in names:
                 linear = layer.get_submodule(n)
                 spec = specs[n] = spec_for_candidate(cand, n, linear.in_features, s, rotate_seed(n))
-                weight = solved.pop((n, spec), None)
-                if weight is None:
+                if (n, spec) not in solved:
+                    batch = _widths_with(spec, wanted[n], {sp for m, sp in solved if m == n})
                     factor = factors.setdefault((id(hessians[n]), spec.rotate_seed), {})
-                    weight = solve_linear(floats[n], hessians[n], spec, s, factor).weight.to(floats[n].dtype)
-                    room -= weight.numel() * weight.element_size()
-                    while room < 0:  # drop the least recently used
-                        room += (old := solved.pop(next(iter(solved)))).numel() * old.element_size()
-                solved[n, spec] = linear.weight.data = weight
+                    results = solve_linear_widths(floats[n], hessians[n], batch, s, factor)
+                    for sp, res in reversed(list(zip(batch, results, strict=True))):  # spec last: the newest
+                        weight = res.weight.to(floats[n].dtype)
+                        room -= weight.numel() * weight.element_size()
+                        while room < 0 and solved:  # drop the least recently used
+                            room += (old := solved.pop(next(iter(solved)))).numel() * old.element_size()
+                        solved[n, sp] = weight
+                solved[n, spec] = linear.weight.data = solved.pop((n, spec))
                 bits += spec_bits(spec, linear.out_features, linear.in_features, s, fmt)
             err = ref = 0.0
             n_err, n_probe = min(io.rows, ERROR_ROWS), min(probe_rows, io.rows) if cand in probed else 0

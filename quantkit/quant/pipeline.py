@@ -49,6 +49,7 @@ from quantkit.quant.measure import (
     PROBE_TOKENS,
     block_candidates,
     measure_layer,
+    measure_work,
 )
 from quantkit.quant.settings import (
     AUTO,
@@ -171,8 +172,8 @@ def _with_time(the_plan: QuantPlan, model, o: QuantizeOptions, shapes, t) -> Qua
     estimate = partial(
         estimate_seconds, shapes, capture_groups(model.layers[0]), rows=o.rows, seq_len=o.seq_len,
         attn_dim=t.n_heads * t.head_dim, head=(t.vocab_size, t.dim) if o.head_bits else None,
-        measure_rows=min(o.measure_rows, o.rows) if o.bpw is not None and o.measurement is None else None,
-        candidates={b: len(block_candidates(b)) for b in ("attn", "mlp")}, block_of=block_of,
+        measure=measure_work(o.fmt, min(o.measure_rows, o.rows), (t.vocab_size, t.dim), t.n_experts > 0)
+        if o.bpw is not None and o.measurement is None else None, block_of=block_of, role_of=role_of,
     )  # fmt: skip
     seconds, flops = estimate(rates=rates), estimate(rates=COUNT_FLOPS)
     basis = (f"{flops / 1e15:,.3g} PFLOP of work counted from the model's shapes at {rates.matmul / 1e9:.3g} "
