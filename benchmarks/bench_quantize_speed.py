@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -110,7 +111,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-speed"))
-    ap.add_argument("--models", default="real,demo")
+    ap.add_argument("--models", default="real,demo", help="comma-separated: real, demo, pixtral-large-layer (a GPU's)")
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     args = ap.parse_args()
@@ -133,6 +134,16 @@ def main() -> None:
             subprocess.run([*synthetic, "--tokenizer", str(tok)], check=True)
             subprocess.run([sys.executable, "-m", "quantkit", "convert", str(native), str(demo), "--quiet"], check=True)
         rows += bench_model("demo", demo, args.work, 64, [], 8, 256)
+    if "pixtral-large-layer" in args.models:  # benchmarks/gpu_check.sh: one layer at the flagship's widths
+        big = args.work / "pl-layer-hf"
+        if not (big / "config.json").is_file():
+            tok = Path(__import__("mistral_common").__file__).parent / "data" / DEMO_TOKENIZER
+            native = args.work / "pl-layer-native"
+            synthetic = [sys.executable, "-m", "quantkit.synthetic", "pixtral-large-layer", str(native)]
+            subprocess.run([*synthetic, "--tokenizer", str(tok)], check=True)
+            subprocess.run([sys.executable, "-m", "quantkit", "convert", str(native), str(big), "--quiet"], check=True)
+            shutil.rmtree(native)
+        rows += bench_model("Pixtral-Large layer", big, args.work, 128, [], args.rows, args.seq_len)
     print(table(rows))
     (args.work / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "log"} for r in rows]))
 

@@ -4,7 +4,10 @@
 #   2. bench_kernels: Pixtral-Large's four linear shapes at 2/3/4/8 bits, batch 1 and 16: ms, GB/s, fraction of
 #      the GPU's spec bandwidth, next to a 16-bit torch matmul;
 #   3. bench_decode: a 4-layer model of Pixtral-Large's width at 3.0 bpw, eager and CUDA-graph decode tokens/s,
-#      projected to 88 layers with the roofline fraction; and the ops launched per layer per decoded token.
+#      projected to 88 layers with the roofline fraction; and the ops launched per layer per decoded token;
+#   4. bench_quantize_speed: one random decoder layer at Pixtral-Large's widths quantized --bits 4 and --bpw 3.0
+#      (both formats) on the GPU, 32 x 2048 calibration tokens: seconds per layer (x 88 for the whole model) next to
+#      --dry-run's estimate.
 # Everything goes to one results file (default gpu_check_results.txt) as well as the terminal.
 # --dry runs the same steps at CPU scale (interpreter correctness pass, tiny model): what CI can check without a
 # GPU (tests/test_gpu_check.py runs it).
@@ -62,6 +65,8 @@ else
   step bench_decode 150 "$PY" benchmarks/bench_decode.py --layers 4 --bpw 3.0 --modes eager graph
   step bench_decode_fixup 90 "$PY" benchmarks/bench_decode.py --layers 4 --bpw 3.0 --modes graph --reduce fixup
   step launch_count 60 "$PY" benchmarks/bench_decode.py --count --layers 2 --modes eager static  # graph: = static
+  step quantize_speed 420 "$PY" benchmarks/bench_quantize_speed.py --models pixtral-large-layer --rows 32 \
+    --seq-len 2048 --work /tmp/gpu-check-quantize
 fi
 
 echo

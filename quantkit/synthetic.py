@@ -47,6 +47,11 @@ PRESETS = {
         "dim": 4096, "n_layers": 12, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8,
         "rope_theta": 1e6, "norm_eps": 1e-5, "vocab_size": 32768,
     },
+    # One decoder layer at Pixtral-Large's text widths (~1.4 B weights in the layer): GPU quantize timings.
+    "pixtral-large-layer": {
+        "dim": 12288, "n_layers": 1, "head_dim": 128, "hidden_dim": 28672, "n_heads": 96, "n_kv_heads": 8,
+        "rope_theta": 1e9, "norm_eps": 1e-5, "vocab_size": 32768,
+    },
 }  # fmt: skip
 
 
