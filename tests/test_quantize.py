@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,8 @@ from native_models import read_safetensors
 from same_output import assert_same_files, one_thread_env
 
 from quantkit.cli import main
-from quantkit.quant.capture import QuantSettings
 from quantkit.quant.pipeline import quantize
+from quantkit.quant.settings import QuantizeOptions, QuantSettings
 
 FAST = ["--rows", "4", "--seq-len", "64", "--quiet"]
 
@@ -82,7 +83,7 @@ def test_dry_run_prints_plan_writes_nothing_and_sizes_the_output(quantized, tmp_
     assert not dst.exists() and not (tmp_path / ".dry.quantkit-work").exists()
     lines = dict(line.split(": ", 1) for line in result.output.strip().splitlines())
     assert lines["decoder layers"] == "2" and lines["peak memory"].endswith(" GB RAM")
-    plan = quantize(src, dst, settings=QuantSettings(4, 32), dry_run=True, rows=4, seq_len=64, progress=False)
+    plan = quantize(src, dst, QuantizeOptions(QuantSettings(4, 32), dry_run=True, rows=4, seq_len=64), progress=False)
     actual = sum(f.stat().st_size for f in outs[4].glob("*.safetensors"))
     assert abs(plan.output_bytes - actual) < 0.05 * actual, (plan.output_bytes, actual)
     assert plan.peak_ram_bytes > 500_000_000 and not dst.exists()
@@ -349,10 +350,10 @@ def test_dry_run_expected_time_is_within_a_loose_factor_of_the_real_run(tiny_mod
     import time
 
     src = tiny_models.get("mistral_large")["hf"]
-    kwargs = dict(settings=QuantSettings(4, 32), rows=4, seq_len=64, progress=False)
-    the_plan = quantize(src, tmp_path / "dry", dry_run=True, **kwargs)
+    o = QuantizeOptions(QuantSettings(4, 32), rows=4, seq_len=64)
+    the_plan = quantize(src, tmp_path / "dry", replace(o, dry_run=True), progress=False)
     t0 = time.perf_counter()
-    quantize(src, tmp_path / "real", log=lambda line: None, **kwargs)
+    quantize(src, tmp_path / "real", o, progress=False, log=lambda line: None)
     real = time.perf_counter() - t0
     assert the_plan.seconds is not None and 0.2 * real <= the_plan.seconds <= 5 * real, (the_plan.seconds, real)
     said = run("quantize", src, tmp_path / "dry", "--bits", 4, "--group-size", 32, "--dry-run", *FAST).output

@@ -86,13 +86,15 @@ def test_bpw_dry_run_reports_range_format_and_calibration(src, tmp_path):
 def test_dry_run_size_is_the_written_size(src, tmp_path):
     """The plan sizes packed linears with the cost model, so its output size is what the run writes (within the
     safetensors headers and the kept tensors' rounding)."""
+    from dataclasses import replace
+
     from quantkit.quant.pipeline import quantize
-    from quantkit.quant.settings import QuantSettings
+    from quantkit.quant.settings import QuantizeOptions, QuantSettings
 
     dst = tmp_path / "out"
-    kwargs = dict(settings=QuantSettings(4, 32), rows=2, seq_len=16, progress=False, log=lambda m: None)
-    planned = quantize(src, dst, dry_run=True, **kwargs).output_bytes
-    quantize(src, dst, **kwargs)
+    o = QuantizeOptions(QuantSettings(4, 32), rows=2, seq_len=16)
+    planned = quantize(src, dst, replace(o, dry_run=True), progress=False, log=lambda m: None).output_bytes
+    quantize(src, dst, o, progress=False, log=lambda m: None)
     written = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
     assert abs(planned - written) < 0.002 * written, (planned, written)
 

@@ -84,7 +84,7 @@ def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement:
              export_names: str) -> None:  # fmt: skip
     """Quantize a converted model SRC with GPTQ, layer by layer, into DST (resumable: rerun after a crash)."""
     from quantkit.quant.pipeline import quantize as run_quantize
-    from quantkit.quant.settings import QuantSettings
+    from quantkit.quant.settings import QuantizeOptions, QuantSettings
 
     try:
         gs = _group_size(group_size)
@@ -92,14 +92,13 @@ def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement:
         raise QuantkitError(f"--group-size must be auto, 32, 64, 128 or none, got {group_size}") from None
     settings = QuantSettings(bits=bits, group_size=gs, sym=sym, act_order=act_order, static_groups=static_groups,
                              damp=damp, clip=clip)  # fmt: skip
-    fmt = fmt or ("quantkit" if bpw is not None or rotate else "gptq")
-    plan = run_quantize(
-        src, dst, settings=settings, fmt=fmt, head_bits=head_bits, bpw=bpw, rotate=rotate, measurement=measurement,
-        measure_rows=measure_rows, vision=vision, dataset=dataset, split=split,
-        text_field=text_field, rows=rows, seq_len=seq_len, seed=seed, work_dir=work_dir, offload_dir=offload_dir,
-        restart=restart,
-        force=force, dry_run=dry_run, device=device, dtype=dtype, max_shard_size=max_shard_size,
-        export_names=export_names, progress=not quiet, log=click.echo,
-    )  # fmt: skip
+    options = QuantizeOptions(
+        settings=settings, fmt=fmt or ("quantkit" if bpw is not None or rotate else "gptq"), head_bits=head_bits,
+        bpw=bpw, rotate=rotate, measurement=measurement, measure_rows=measure_rows, vision=vision, dataset=dataset,
+        split=split, text_field=text_field, rows=rows, seq_len=seq_len, seed=seed, work_dir=work_dir,
+        offload_dir=offload_dir, restart=restart, force=force, dry_run=dry_run, device=device, dtype=dtype,
+        max_shard_size=max_shard_size, export_names=export_names,
+    ).check()  # fmt: skip
+    plan = run_quantize(src, dst, options, progress=not quiet, log=click.echo)
     if dry_run:
         click.echo(plan.summary())

@@ -21,11 +21,11 @@ Only the names listed in WORK_FILES are ever deleted from a work dir: a --work-d
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import inspect
 import json
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -97,30 +97,17 @@ def space_needed(dst: Path, work: Path, offload: Path | None, output: int, rows:
     return {Path(dst).parent: output, work: max(0, output - have), Path(offload): stores}
 
 
-def exclusive(fn):
-    """Wrap quantize(): lock DST and the work dir for the whole run (a second run is refused at once), remove what
-    dead runs left, and turn an OSError (a full disk) into a one-line error; --dry-run takes no lock."""
-    sig = inspect.signature(fn)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        a = sig.bind(*args, **kwargs)
-        a.apply_defaults()
-        opts = a.arguments
-        if opts.get("dry_run"):
-            return fn(*args, **kwargs)
-        dst = Path(opts["dst"])
-        work = Path(opts.get("work_dir") or default_work_dir(dst))
-        log = opts.get("log") or print
-        with Claim(dst, work, log=log):
-            remove_stale(work, log)
-            try:
-                return fn(*args, **kwargs)
-            except OSError as e:
-                msg = os_error_message(e, "quantize")
-                raise QuantkitError(f"{msg}; {dst} was not written; finished layers stay in {work}") from None
-
-    return wrapper
+@contextmanager
+def claimed(dst: Path, work: Path, log: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold DST and the work dir for a quantize run (a second run is refused at once), after removing what dead
+    runs left in the work dir; an OSError inside (a full disk) becomes one line."""
+    with Claim(dst, work, log=log):
+        remove_stale(work, log)
+        try:
+            yield
+        except OSError as e:
+            msg = os_error_message(e, "quantize")
+            raise QuantkitError(f"{msg}; {dst} was not written; finished layers stay in {work}") from None
 
 
 def fingerprint(settings: dict) -> str:

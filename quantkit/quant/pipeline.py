@@ -15,6 +15,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -40,7 +41,7 @@ from quantkit.quant.capture import LayerIO, LinearSpec, MemoryRows, capture_grou
 from quantkit.quant.estimate import COUNT_FLOPS, estimate_seconds, human_seconds, measure_rates
 from quantkit.quant.export import base_bits, build_quantization_config, dynamic_rules, linear_tensors, model_card
 from quantkit.quant.gptq import HessianAccumulator
-from quantkit.quant.job import Job, default_work_dir, discard, exclusive, space_needed
+from quantkit.quant.job import Job, claimed, default_work_dir, discard, space_needed
 from quantkit.quant.measure import (
     CANDIDATES_VERSION,
     GPTQ_SHARED,
@@ -273,9 +274,7 @@ def _layers(ckpt: Checkpoint, model, job: Job | None, names: list[str], device, 
             bar.update(1)
 
 
-def measure(
-    ckpt: Checkpoint, model, ids: torch.Tensor, work: Path, o: QuantizeOptions, progress: bool = True
-) -> dict:
+def measure(ckpt: Checkpoint, model, ids: torch.Tensor, work: Path, o: QuantizeOptions, progress: bool = True) -> dict:
     """The measurement pass (see measure.py), resumable in work/measure, saved as work/measurement.json."""
     s, device, dtype = o.settings, o.device, o.torch_dtype
     fingerprint = _measurement_fingerprint(ckpt, ids, s, o.rotate, dtype, o.fmt)
@@ -377,116 +376,101 @@ def _emitter(ckpt: Checkpoint, fmt: str, prefix: str, tensors: dict[str, torch.T
     return emit
 
 
-@exclusive  # locks DST and the work dir, removes dead runs' leftovers, OSError -> one line (quant/job.py)
-@frozen_heap()
 def quantize(
-    src: Path,
-    dst: Path,
-    *,
-    settings: QuantSettings,
-    fmt: str = "gptq",
-    head_bits: int | None = None,
-    bpw: float | None = None,
-    rotate: bool = False,
-    measurement: Path | None = None,
-    measure_rows: int = 16,
-    vision: str = "keep",
-    dataset: str | None = None,
-    split: str = "train",
-    text_field: str = "text",
-    rows: int = 128,
-    seq_len: int = 2048,
-    seed: int = 0,
-    work_dir: Path | None = None,
-    offload_dir: Path | None = None,
-    restart: bool = False,
-    force: bool = False,
-    dry_run: bool = False,
-    device: str = "auto",
-    dtype: str | None = None,
-    max_shard_size: str = "5GB",
-    export_names: str = "vllm",
-    progress: bool = True,
-    log: Callable[[str], None] = print,
+    src: Path, dst: Path, o: QuantizeOptions, progress: bool = True, log: Callable[[str], None] = print
 ) -> QuantPlan:
-    """Quantize the HF-layout model in src with GPTQ into dst (see the module docstring).
+    """Quantize the HF-layout model in src with GPTQ into dst as o asks (see the module docstring); o is checked
+    here too (QuantizeOptions.check), so library callers get the CLI's refusals.
 
-    With bpw, every block's quantization is chosen by measurement and allocation to hit that average over the
+    With o.bpw, every block's quantization is chosen by measurement and allocation to hit that average over the
     decoder linears (just under it; in the GPTQ format among uniform 2/3/4/8-bit choices that GPTQ loaders run);
-    otherwise every linear gets settings.bits.
+    otherwise every linear gets o.settings.bits. Except for --dry-run, DST and the work dir are claimed first, for
+    the whole run (a second run is refused at once), and what dead runs left there is removed.
     """
     src, dst = Path(src), Path(dst)
-    o = QuantizeOptions(
-        settings, fmt, head_bits, bpw, rotate, measurement, measure_rows, vision, dataset, split, text_field, rows,
-        seq_len, seed, work_dir, offload_dir, restart, force, dry_run, device, dtype, max_shard_size, export_names,
-    ).check()  # fmt: skip
+    o = o.check()
+    work = Path(o.work_dir or default_work_dir(dst))
+    with nullcontext() if o.dry_run else claimed(dst, work, log):
+        return _plan(src, dst, o, work, progress, log)
+
+
+def _plan(src: Path, dst: Path, o: QuantizeOptions, work: Path, progress: bool, log: Callable[[str], None]):
+    """The plan (what --dry-run prints), then the run unless o.dry_run."""
     if not (src / "config.json").is_file():
         raise QuantkitError(f"no config.json in {src}: quantize takes a converted (Hugging Face layout) folder")
     ckpt = Checkpoint(src)
     model = build_model(ckpt.config)
     checked = _checked_shapes(model, o)
     group_choice, group_why = "", None
-    if settings.group_size == AUTO:  # resolved once, here: job, measurement and config all see the concrete size
+    if o.settings.group_size == AUTO:  # resolved once, here: job, measurement and config all see the concrete size
         g, group_why = resolve_group_size(checked)
-        settings = replace(settings, group_size=g)
-        o = replace(o, settings=settings)
+        o = replace(o, settings=replace(o.settings, group_size=g))
         group_choice = group_size_words(g, group_why)
     check_against_model(o, read_json(src / "config.json"), checked)
     n_layers = ckpt.config.text.n_layers
     shapes = [_linear_shapes(model, i) for i in range(n_layers)]
-    seeds = _rotate_seeds(rotate)
     bpw_range = None
-    if bpw is not None:
-        bpw_range = reachable_bpw(shapes, settings, seeds, fmt)
-        check_bpw_reachable(bpw, *bpw_range)
-        if measurement is not None:
-            load_measurement(measurement, n_layers=n_layers, fmt=fmt, shapes=shapes)
+    if o.bpw is not None:
+        bpw_range = reachable_bpw(shapes, o.settings, _rotate_seeds(o.rotate), o.fmt)
+        check_bpw_reachable(o.bpw, *bpw_range)
+        if o.measurement is not None:
+            load_measurement(o.measurement, n_layers=n_layers, fmt=o.fmt, shapes=shapes)
     the_plan = replace(plan(ckpt, model, o, bpw_range), group_choice=group_choice)
-    work = Path(work_dir or default_work_dir(dst))
-    output = OutputFolder(dst, force=force, src=src, work=work)  # validates dst before any work, dry run included
-    if dry_run:
+    output = OutputFolder(dst, force=o.force, src=src, work=work)  # validates dst before any work, dry run included
+    if o.dry_run:
         return _with_time(the_plan, model, o, shapes, ckpt.config.text)
-    check_space(space_needed(dst, work, offload_dir, the_plan.output_bytes, rows, seq_len, ckpt.config.text.dim))
+    with frozen_heap():
+        check_space(space_needed(dst, work, o.offload_dir, the_plan.output_bytes, o.rows, o.seq_len,
+                                 ckpt.config.text.dim))  # fmt: skip
+        _run(ckpt, model, o, shapes, dst, output, work, group_choice, group_why, progress, log)
+    return the_plan
+
+
+def _run(ckpt: Checkpoint, model, o: QuantizeOptions, shapes, dst: Path, output: OutputFolder, work: Path,
+         group_choice: str, group_why: str | None, progress: bool, log: Callable[[str], None]) -> None:  # fmt: skip
+    """The run itself: calibration, --bpw allocation, the decoder (then head, vision) layer by layer, assembly."""
+    t = ckpt.config.text
     if group_choice:
         log(f"group size: {group_choice}")
     map_large_blocks()
-    crows = _calibration(ckpt, dataset, split, text_field, rows, seq_len, seed)
+    crows = _calibration(ckpt, o.dataset, o.split, o.text_field, o.rows, o.seq_len, o.seed)
     ids = crows.ids  # [rows, seq_len]
     if note := _repeat_note(crows.provenance):
         log(note)
-    if restart:
+    if o.restart:
         discard(work)
-    if bpw is not None:
+    seeds = _rotate_seeds(o.rotate)
+    s = o.settings
+    if o.bpw is not None:
         specs, predicted = _allocate(ckpt, model, ids, work, o, shapes, seeds, progress, log)
     else:
         predicted = None
-        specs = [{n: LinearSpec(settings.bits, settings.group_size, seeds(i, n)) for n in layer}
-                 for i, layer in enumerate(shapes)]  # fmt: skip
-    steps = job_steps(n_layers, head_bits is not None, vision == "quantize")
-    job = Job(work, _job_settings(ckpt, o, ids, specs), steps, offload_dir=offload_dir)
+        specs = [{n: LinearSpec(s.bits, s.group_size, seeds(i, n)) for n in layer} for i, layer in enumerate(shapes)]
+    steps = job_steps(t.n_layers, o.head_bits is not None, o.vision == "quantize")
+    job = Job(work, _job_settings(ckpt, o, ids, specs), steps, offload_dir=o.offload_dir)
     if job.done:
-        layers_done = sum(job.finished(step) for step in layer_steps(n_layers))
-        log(f"resuming at layer {layers_done}/{n_layers}, step {job.next} "
+        layers_done = sum(job.finished(step) for step in layer_steps(t.n_layers))
+        log(f"resuming at layer {layers_done}/{t.n_layers}, step {job.next} "
             f"(work dir {job.dir}; --restart discards it)")  # fmt: skip
     _quantize_decoder(ckpt, model, job, ids, o, specs, shapes, progress, log)
-    if head_bits is not None and not job.finished("head"):
+    if o.head_bits is not None and not job.finished("head"):
         _quantize_head(ckpt, model, job, o, seeds)
-    if vision == "quantize" and not job.finished("vision"):
+    if o.vision == "quantize" and not job.finished("vision"):
         tensors = _quantize_vision(ckpt, model, o, seeds, progress, log)
-        job.finish("vision", tensors, {"vision_bits": settings.bits})
+        job.finish("vision", tensors, {"vision_bits": s.bits})
     if job.next is not None:
         raise QuantkitError(f"internal: quantize job stopped before step {job.next}")
 
     qcfg = _output_config(ckpt, o, specs, crows.provenance, model.vision_tower is not None, predicted)
-    def card(size: int) -> str:
-        gptq_bits = qcfg["bits"] if fmt == "gptq" and bpw is not None else None
-        return model_card(dst.name, fmt, settings, crows.provenance, size, head_bits, bpw, rotate, ckpt.config.arch,
-                          gptq_bits, group_why, export_names)  # fmt: skip
 
-    size = _assemble(ckpt, job, output, qcfg, card, max_shard_size, progress, export_names)
+    def card(size: int) -> str:
+        gptq_bits = qcfg["bits"] if o.fmt == "gptq" and o.bpw is not None else None
+        return model_card(dst.name, o.fmt, s, crows.provenance, size, o.head_bits, o.bpw, o.rotate, ckpt.config.arch,
+                          gptq_bits, group_why, o.export_names)  # fmt: skip
+
+    size = _assemble(ckpt, job, output, qcfg, card, o.max_shard_size, progress, o.export_names)
     job.cleanup()
     log(f"wrote {dst} ({size / 1e9:.3f} GB)")
-    return the_plan
 
 
 def _gptq_units(ckpt: Checkpoint, specs) -> list[tuple[list[str], int]]:
