@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
+from quantkit.formats import OUTPUT_FORMATS
 from quantkit.formats.gptq import GPTQ_BITS, GPTQ_FORMATS, check_dynamic, module_bits
 from quantkit.formats.packed import FORMAT_VERSION
 from quantkit.io.checkpoint import read_json
@@ -31,7 +32,7 @@ from quantkit.model.load import Checkpoint, load_model, name_list, parse_devices
 from quantkit.model.modules import swap_linears
 from quantkit.model.text import Transformer
 
-QUANT_METHODS = ("gptq", "quantkit")
+QUANT_METHODS = OUTPUT_FORMATS  # config.json quant_method values
 HEADER_SUFFIXES = ("qmeta", "segments")  # tiny tensors read at prepare time: they say how to shape the rest
 DENSE_FRACTION = 0.5  # share of available memory the dequantized weights of the torch backend may take
 QUANT_MARKERS = {"gptq": {"qweight", "qzeros", "scales", "g_idx"}, "quantkit": {"qmeta", "segments"}}

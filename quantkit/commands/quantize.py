@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from quantkit.errors import QuantkitError
+from quantkit.formats import OUTPUT_FORMATS
 
 
 def _group_size(value: str) -> int | str | None:
@@ -45,7 +46,7 @@ def _group_size(value: str) -> int | str | None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["gptq", "quantkit"]),
+    type=click.Choice(OUTPUT_FORMATS),
     default=None,
     help="gptq (default for --bits): the GPTQ layout transformers, GPTQModel, vLLM, ExLlamaV2 load (with --bpw: "
     "per-module 2/3/4/8 bits in GPTQModel's `dynamic` rules); quantkit (default for --bpw / --rotate): our own, "

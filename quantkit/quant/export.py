@@ -17,8 +17,6 @@ from quantkit.formats.gptq import gptq_pack, pack_gptq_result
 from quantkit.formats.packed import FORMAT_VERSION, to_tensors
 from quantkit.quant.capture import QuantSettings, Solved
 
-FORMATS = ("gptq", "quantkit")
-
 
 def linear_tensors(fmt: str, solved: Solved) -> dict[str, torch.Tensor]:
     """The stored tensors of one quantized linear, by suffix (`qweight`, `qmeta`, ...), for the given format."""

@@ -18,11 +18,12 @@ import torch
 
 from quantkit.arch.mistral import EXPORT_NAMINGS
 from quantkit.errors import QuantkitError
+from quantkit.formats import OUTPUT_FORMATS
 from quantkit.formats.gptq import GPTQ_BITS
 from quantkit.io.writer import parse_shard_size
 from quantkit.model.config import CONFIG_DTYPES
 
-FORMATS = ("gptq", "quantkit")
+FORMATS = OUTPUT_FORMATS
 AUTO = "auto"
 GROUP_SIZES = (AUTO, 32, 64, 128, None)
 VISION_MODES = ("keep", "quantize")
