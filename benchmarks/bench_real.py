@@ -175,7 +175,7 @@ def bpw_builds(work: Path, model: Path, calib_args: list, fresh: bool, build: bo
                 builds.append(existing(work / name))
                 continue
             reuse = ["--measurement", measurement] if i else []
-            args = ["--bpw", f"{target:g}", "--format", fmt, *extra, "--group-size", GROUP, *calib_args, *reuse]
+            args = ["--bpw", str(target), "--format", fmt, *extra, "--group-size", GROUP, *calib_args, *reuse]
             label = f"quantkit --bpw {target:g} --format {fmt}{''.join(' ' + a for a in extra)}"
             if target in uniform:
                 label += " (uniform GPTQ's size)"

@@ -144,23 +144,21 @@ def test_the_lowest_target_builds_and_runs(measured, tmp_path):
     assert 0 < json.loads(result.stdout)["kl_divergence"] < 5
 
 
-def test_a_mix_must_predict_a_clear_gain_over_the_widest_uniform_build_that_fits():
-    """Two blocks, candidates uniform 3 / uniform 4 / a mixed one: the mix is kept only when it predicts at least
-    UNIFORM_MARGIN less KL than the widest uniform build within the budget (here uniform 3-bit)."""
-    from quantkit.quant.allocate import UNIFORM_MARGIN, _uniform_instead
-    from quantkit.quant.measure import Candidate
+def test_every_block_stays_between_the_widest_uniform_width_that_fits_and_the_next():
+    """The window: with uniform 3-bit within the budget and uniform 4-bit not, every candidate outside 3..4 bits (a
+    2-bit or 8-bit role, a per-channel grid) is out; without a uniform build that fits there is no window."""
+    from quantkit.quant.allocate import _inside, _window
+    from quantkit.quant.measure import PER_CHANNEL, Candidate
 
-    def cand(name, *widths):
-        return Candidate(name, tuple((r, ((w, 1.0),), None) for r, w in zip(("q", "o"), widths, strict=True)))
+    def cand(*roles):
+        return Candidate("c", tuple((r, ((w, 1.0),), g) for r, (w, g) in zip(("q", "o"), roles, strict=True)))
 
-    row = [cand("3", 3, 3), cand("4", 4, 4), cand("3/4", 3, 4)]
-    bits = [[300, 400, 350]] * 2
-    budget = 700  # uniform 3 fits (600), uniform 4 does not (800)
-    for saving, expect_uniform in ((UNIFORM_MARGIN / 2, True), (UNIFORM_MARGIN * 2, False)):
-        mix = 1.0 - saving
-        errors = [[1.0, 0.1, mix], [1.0, 0.1, mix]]
-        kept = _uniform_instead([2, 2], [row, row], bits, errors, budget)
-        assert (kept is not None) == expect_uniform, (saving, kept)
-        if kept is not None:
-            assert kept[0] == 3 and kept[2] == [0, 0] and kept[1] == pytest.approx(2 * mix)
-    assert _uniform_instead([2, 2], [row, row], bits, [[1.0, 0.1, 0.99]] * 2, 599) is None  # no uniform fits
+    row = [cand((w, None), (w, None)) for w in (2, 3, 4, 8)] + [
+        cand((3, None), (8, None)),
+        cand((4, PER_CHANNEL), (4, None)),
+    ]
+    bits = [[200, 300, 400, 800, 550, 390]] * 2
+    assert _window([row, row], bits, 700) == (3, 4)
+    assert [_inside(c, (3, 4)) for c in row] == [False, True, True, False, False, False]
+    assert _window([row, row], bits, 1600) == (8, 8) and _window([row, row], bits, 399) is None
+    assert all(_inside(c, None) for c in row)

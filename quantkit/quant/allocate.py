@@ -17,11 +17,12 @@ therefore lands just under the target, within the smallest such step (one group 
 In the GPTQ format a linear cannot mix widths, so the fill moves whole blocks to a dearer candidate of their table
 instead (one that does not raise the measured error), largest error drop per bit first.
 
-A mixed allocation is kept only when it predicts at least UNIFORM_MARGIN less KL than the widest uniform build
-that fits the budget; otherwise that uniform build is written. The prediction is good to about ten percent: on
-SmolLM2-135M (10 layers, GPTQ g64) a mix predicting 3.6% less KL than uniform 3-bit measured 5% less, one
-predicting 2% less than uniform 4-bit measured 12% more. Below the margin the difference is noise of the error
-model, and a uniform folder also runs on more kernels (Marlin takes uniform 4-bit).
+Every block keeps at least the widest uniform width whose build fits the budget (b) and goes at most one width
+above it (b+1; 8 after 4 in the GPTQ format): a --bpw build is that uniform build with its most sensitive units
+one width up, so it is not behind the uniform build of its size or below. The error model ranks units well but
+misjudges trades across widths: on SmolLM2-135M (30 layers, GPTQ g64) at uniform 4-bit's size, a free knapsack put
+q/k/v at 8 bits and o/down at 3 in 17 blocks, predicted 29% less KL than uniform 4-bit and measured 37% more.
+Below the smallest uniform build (per-channel and small-group grids) there is no floor.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from quantkit.arch.blocks import block_of, expert_index
 from quantkit.errors import QuantkitError
 from quantkit.quant.capture import LinearSpec, QuantSettings
 from quantkit.quant.measure import (
+    PER_CHANNEL,
     Candidate,
     block_candidates,
     probe_candidates,
@@ -46,7 +48,6 @@ from quantkit.quant.measure import (
 
 RESOLUTION = 20_000
 BLOCKS = ("attn", "mlp")
-UNIFORM_MARGIN = 0.05  # predicted KL a mix must save against the widest uniform build that fits
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Allocation:
     target_bpw: float
     choices: list[dict[str, str]]  # per layer: block -> candidate name
     predicted: list[dict[str, float]]  # per layer: block -> the predicted KL of its choice (local error without probe)
-    uniform: tuple[int, float] | None = None  # (bits, predicted KL of the mix) when a uniform build was kept instead
+    window: tuple[int, int] | None = None  # (b, b+1): the widths every block's candidate stays within
 
     @property
     def bpw(self) -> float:
@@ -135,20 +136,21 @@ def _fill_blocks(picks: list[int], bits: list[list[int]], errors: list[list[floa
         picks[-k], left = j, left - delta
 
 
-def _uniform_instead(
-    picks: list[int], cands: list[list[Candidate]], bits: list[list[int]], errors: list[list[float]], budget: int
-) -> tuple[int, float, list[int]] | None:
-    """(width, the mix's predicted KL, the uniform picks) when the widest uniform build that fits the budget predicts
-    less than (1 + UNIFORM_MARGIN) times the mix's KL, else None (keep the mix)."""
-    mixed = sum(e[c] for e, c in zip(errors, picks, strict=True))
-    for b in sorted({b for row in cands for c in row if (b := uniform_width(c)) is not None}, reverse=True):
-        uni = [next((j for j, c in enumerate(row) if uniform_width(c) == b), None) for row in cands]
-        if None in uni or sum(x[j] for x, j in zip(bits, uni, strict=True)) > budget:
-            continue
-        if sum(e[j] for e, j in zip(errors, uni, strict=True)) * (1 - UNIFORM_MARGIN) <= mixed:
-            return b, mixed, uni
-        return None
+def _window(cands: list[list[Candidate]], bits: list[list[int]], budget: int) -> tuple[int, int] | None:
+    """(b, the next width up) for the widest uniform width b whose build fits the budget; None when none fits."""
+    widths = sorted({b for row in cands for c in row if (b := uniform_width(c)) is not None})
+    for k in reversed(range(len(widths))):
+        uni = [next((j for j, c in enumerate(row) if uniform_width(c) == widths[k]), None) for row in cands]
+        if None not in uni and sum(x[j] for x, j in zip(bits, uni, strict=True)) <= budget:
+            return widths[k], widths[min(k + 1, len(widths) - 1)]
     return None
+
+
+def _inside(cand: Candidate, window: tuple[int, int] | None) -> bool:
+    """Every role of cand within the window's widths, at the run's group size or finer (no per-channel grid)."""
+    if window is None:
+        return True
+    return all(window[0] <= w <= window[1] and g != PER_CHANNEL for _, segs, g in cand.roles for w, _ in segs)
 
 
 def reachable_bpw(
@@ -197,6 +199,24 @@ def predicted_kl(measurement: dict, layer: int, block: str, errors: list[float],
     return out
 
 
+def _choose(bits: list[list[int]], errors: list[list[float]], budget: int, fmt: str) -> list[int]:
+    """One candidate index per block: the knapsack, then (GPTQ format) the fill of what its rounding left."""
+    # The knapsack spends only what the cheapest choice of every block leaves over, so that choice always fits
+    # (also at the lowest reachable target) and the resolution covers just the range that is being decided.
+    floor = [min(row) for row in bits]
+    spare = budget - sum(floor)
+    if spare > 0:
+        unit = spare / RESOLUTION
+        costs = [[math.ceil((x - f) / unit) for x in row] for row, f in zip(bits, floor, strict=True)]
+        picks = _knapsack(costs, errors, RESOLUTION)
+    else:
+        picks = [  # nothing to spend: the cheapest candidate of each block (the most accurate among equals)
+            min(range(len(row)), key=lambda c, row=row, e=e: (row[c], e[c]))
+            for row, e in zip(bits, errors, strict=True)
+        ]
+    return _fill_blocks(picks, bits, errors, budget) if fmt == "gptq" else picks
+
+
 def allocate(
     measurement: dict,
     shapes: list[dict[str, tuple[int, int]]],
@@ -219,24 +239,11 @@ def allocate(
     if not lo <= target_bpw <= hi:
         raise QuantkitError(f"--bpw {target_bpw} is outside what this model can reach: {lo:.3f} to {hi:.3f}")
     budget = int(target_bpw * numel)
-    # The knapsack spends only what the cheapest choice of every block leaves over, so that choice always fits
-    # (also at the lowest reachable target) and the resolution covers just the range that is being decided.
-    floor = [min(row) for row in bits]
-    spare = budget - sum(floor)
-    if spare > 0:
-        unit = spare / RESOLUTION
-        costs = [[math.ceil((x - f) / unit) for x in row] for row, f in zip(bits, floor, strict=True)]
-        picks = _knapsack(costs, errors, RESOLUTION)
-    else:
-        picks = [  # nothing to spend: the cheapest candidate of each block (the most accurate among equals)
-            min(range(len(row)), key=lambda c, row=row, e=e: (row[c], e[c]))
-            for row, e in zip(bits, errors, strict=True)
-        ]
-    if fmt == "gptq":
-        picks = _fill_blocks(picks, bits, errors, budget)
-    kept = _uniform_instead(picks, [cands[k] for k in blocks], bits, errors, budget)
-    if kept is not None:
-        picks = kept[2]
+    window = _window([cands[k] for k in blocks], bits, budget)
+    allowed = [[j for j, c in enumerate(cands[k]) if _inside(c, window)] for k in blocks]
+    sub = _choose([[row[j] for j in ok] for row, ok in zip(bits, allowed, strict=True)],
+                  [[row[j] for j in ok] for row, ok in zip(errors, allowed, strict=True)], budget, fmt)  # fmt: skip
+    picks = [ok[p] for ok, p in zip(allowed, sub, strict=True)]
 
     specs: list[dict[str, LinearSpec]] = [{} for _ in shapes]
     choices: list[dict[str, str]] = [{} for _ in shapes]
@@ -251,13 +258,12 @@ def allocate(
             if block_of(name) == b:
                 specs[li][name] = spec_for_candidate(cand, name, i, s, rotate_seed(li, name))
                 used += spec_bits(specs[li][name], o, i, s, fmt)
-        dearer = [(bits[k][j], errors[k][j]) for j in range(len(cands[li, b])) if bits[k][j] > bits[k][c]]
+        dearer = [(bits[k][j], errors[k][j]) for j in allowed[k] if bits[k][j] > bits[k][c]]
         gain = max(((errors[k][c] - e) / (x - bits[k][c]) for x, e in dearer), default=0.0)
         slopes.append((gain, li, b))
 
-    uniform = kept[:2] if kept is not None else None
-    if fmt == "gptq" or uniform is not None:
-        return Allocation(specs, used, numel, target_bpw, choices, predicted, uniform)
+    if fmt == "gptq":
+        return Allocation(specs, used, numel, target_bpw, choices, predicted, window)
     for _gain, li, b in sorted(slopes, key=lambda t: (-t[0], t[1], t[2])):  # fill, steepest blocks first
         names = sorted(n for n in shapes[li] if block_of(n) == b)
         progress = True
@@ -266,9 +272,13 @@ def allocate(
             for name in names:
                 o, i = shapes[li][name]
                 new = _upgrade(specs[li][name], i)
-                if new is None:
+                if new is None or (window is not None and _top_width(new) > window[1]):
                     continue
                 delta = spec_bits(new, o, i, s) - spec_bits(specs[li][name], o, i, s)
                 if used + delta <= budget:
                     specs[li][name], used, progress = new, used + delta, True
-    return Allocation(specs, used, numel, target_bpw, choices, predicted)
+    return Allocation(specs, used, numel, target_bpw, choices, predicted, window)
+
+
+def _top_width(spec: LinearSpec) -> int:
+    return spec.bits if isinstance(spec.bits, int) else max(b for b, _ in spec.bits)

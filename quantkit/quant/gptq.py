@@ -362,7 +362,7 @@ def gptq_quantize_widths(
             codes[col] = q
             deq[col] = dq
             err = torch.sub(w, dq, out=E1[i]).div_(diag_u[col])
-            W1[i + 1 :] -= U1[i, i + 1 :].unsqueeze(1) * err.unsqueeze(0)
+            W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1)  # in place: no [nb, out] temporary per column
         WkT[b2:] -= U[b1:b2, b2:].T @ E1
     del U, WkT, W1, E1, U1  # before the loss and the un-permuting, which need room of their own
 

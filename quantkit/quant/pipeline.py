@@ -36,7 +36,7 @@ from quantkit.io.reader import TensorInfo, load_tensor, read_header
 from quantkit.io.writer import OutputFolder, TensorSpec, parse_size, plan_shards, write_json, write_sharded
 from quantkit.memory import frozen_heap, map_large_blocks, release
 from quantkit.model.load import Checkpoint, build_model, unload
-from quantkit.quant.allocate import UNIFORM_MARGIN, allocate, reachable_bpw
+from quantkit.quant.allocate import allocate, reachable_bpw
 from quantkit.quant.capture import LayerIO, LinearSpec, MemoryRows, capture_groups, quantize_layer, solve_linear
 from quantkit.quant.estimate import COUNT_FLOPS, estimate_seconds, human_seconds, measure_rates
 from quantkit.quant.export import base_bits, build_quantization_config, dynamic_rules, linear_tensors, model_card
@@ -537,10 +537,9 @@ def _allocate(ckpt, model, ids, work: Path, o: QuantizeOptions, shapes, seeds, p
         f"allocation: {alloc.bpw:.4f} bits per decoder weight for --bpw {o.bpw} "
         f"({alloc.bits:,} bits, {alloc.bits / 8e9:.3f} GB), predicted KL {total:.4g}"
     )
-    if alloc.uniform is not None:
-        b, mixed = alloc.uniform
-        log(f"allocation: uniform {b}-bit kept: the best mix predicted KL {mixed:.4g}, not {UNIFORM_MARGIN:.0%} "
-            "below it")  # fmt: skip
+    if alloc.window is not None:
+        log(f"allocation: every block between {alloc.window[0]} and {alloc.window[1]} bits (uniform "
+            f"{alloc.window[0]}-bit is the widest uniform build within the budget)")  # fmt: skip
     return alloc.specs, alloc.predicted
 
 
