@@ -156,8 +156,8 @@ def existing(folder: Path) -> Build | None:
 def bpw_builds(work: Path, model: Path, calib_args: list, fresh: bool, build: bool) -> list[Build | None]:
     """--bpw at each target in both formats (and in the quantkit format with --rotate at 3.0), and in the GPTQ
     format at the exact sizes of the uniform GPTQ builds (which must not lose to them). The first build of a
-    variant measures, the rest reuse its measurement.json via --measurement. With build False, only the builds
-    already in work are returned."""
+    variant measures (unless work holds its measurement and --fresh is off), the rest reuse its measurement.json
+    via --measurement. With build False, only the builds already in work are returned."""
     uniform = [math.ceil(describe(work / f"gptq{b}g{GROUP}")["quantized"]["decoder_bpw"] * 1e6) / 1e6
                for b in BITS if (work / f"gptq{b}g{GROUP}" / "config.json").is_file()]  # fmt: skip
     variants = [
@@ -174,14 +174,14 @@ def bpw_builds(work: Path, model: Path, calib_args: list, fresh: bool, build: bo
             if not build:
                 builds.append(existing(work / name))
                 continue
-            reuse = ["--measurement", measurement] if i else []
+            measures = fresh and i == 0 or not measurement.is_file()  # else a measurement of this variant is reused
+            reuse = [] if measures else ["--measurement", measurement]
             args = ["--bpw", str(target), "--format", fmt, *extra, "--group-size", GROUP, *calib_args, *reuse]
             label = f"quantkit --bpw {target:g} --format {fmt}{''.join(' ' + a for a in extra)}"
             if target in uniform:
                 label += " (uniform GPTQ's size)"
-            label += "" if i else " (incl. measurement)"
-            # the first target measures again when there is no measurement to hand to the others
-            builds.append(quantkit_build(work, name, label, model, args, fresh or not (i or measurement.is_file())))
+            label += " (incl. measurement)" if measures else ""
+            builds.append(quantkit_build(work, name, label, model, args, fresh))
             made = work / f".{name}.quantkit-work" / "measurement.json"
             if i == 0 and made.is_file():
                 shutil.copy(made, measurement)
