@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quantkit.memory import frozen_heap
 from quantkit.quant.gptq import gptq_quantize
 from quantkit.quant.settings import QuantSettings
 
@@ -92,7 +93,8 @@ def measure_rates(device: str, dtype: torch.dtype, s: QuantSettings, row: tuple[
                 os.fsync(f.fileno())
 
         fsync = _timed(write_row, "cpu")
-    collect = _timed(gc.collect, "cpu", 1)
+    with frozen_heap():  # as the run collects: inside frozen_heap, so only what it allocates is scanned
+        collect = _timed(gc.collect, "cpu", 1)
     return Rates(matmul, cholesky, column, element, op, fsync, collect)
 
 
