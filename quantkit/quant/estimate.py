@@ -149,7 +149,7 @@ def estimate_seconds(
     """Seconds for the decoder (and the head when given): per layer, len(groups) capture passes and one output pass,
     the Hessians and one solve per linear; with measure, first the measurement (MeasureWork)."""
     total = 0.0
-    for i, layer in enumerate(shapes):
+    for li, layer in enumerate(shapes):
         params = sum(o * i for o, i in layer.values())
         sites = {(g, name.rpartition(".")[0]): layer[name][1] for g, grp in enumerate(groups) for name in grp}
         hessian_per_token = sum(2 * in_f**2 for in_f in sites.values()) / rates.matmul
@@ -157,7 +157,7 @@ def estimate_seconds(
         total += rows * seq_len * hessian_per_token + sum(solve_seconds(o, i, rates) for o, i in layer.values())
         total += (len(sites) + 1) * rates.collect
         if measure is not None:
-            total += _measure_layer_seconds(layer, len(shapes) - 1 - i, measure, seq_len, attn_dim, params,
+            total += _measure_layer_seconds(layer, len(shapes) - 1 - li, measure, seq_len, attn_dim, params,
                                             hessian_per_token, rates, block_of, role_of)  # fmt: skip
     if measure is not None:
         vocab, dim = measure.head
