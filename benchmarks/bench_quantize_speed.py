@@ -97,6 +97,20 @@ def bench_model(name: str, model: Path, work: Path, group: int, calib: list[str]
     return out
 
 
+def synthetic_hf(work: Path, preset: str, name: str, keep_native: bool) -> Path:
+    """work/NAME-hf: the quantkit.synthetic preset with the demo's tokenizer, converted (built once)."""
+    hf = work / f"{name}-hf"
+    if not (hf / "config.json").is_file():
+        tok = Path(__import__("mistral_common").__file__).parent / "data" / DEMO_TOKENIZER
+        native = work / f"{name}-native"
+        synthetic = [sys.executable, "-m", "quantkit.synthetic", preset, str(native)]
+        subprocess.run([*synthetic, "--tokenizer", str(tok)], check=True)
+        subprocess.run([sys.executable, "-m", "quantkit", "convert", str(native), str(hf), "--quiet"], check=True)
+        if not keep_native:
+            shutil.rmtree(native)
+    return hf
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | run | wall s | CPU s | peak RSS GB | vs quantkit --bits 4 | --dry-run s (ratio run/estimate) |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -126,23 +140,10 @@ def main() -> None:
         calib = ["--dataset", str(REPO / "calib_data" / "prose_en.txt")]
         rows += bench_model("SmolLM2-135M", hf, args.work, 64, calib, args.rows, args.seq_len)
     if "demo" in args.models:
-        demo = args.work / "demo-hf"
-        if not (demo / "config.json").is_file():
-            tok = Path(__import__("mistral_common").__file__).parent / "data" / DEMO_TOKENIZER
-            native = args.work / "demo-native"
-            synthetic = [sys.executable, "-m", "quantkit.synthetic", "tiny-pixtral-large", str(native)]
-            subprocess.run([*synthetic, "--tokenizer", str(tok)], check=True)
-            subprocess.run([sys.executable, "-m", "quantkit", "convert", str(native), str(demo), "--quiet"], check=True)
+        demo = synthetic_hf(args.work, "tiny-pixtral-large", "demo", keep_native=True)
         rows += bench_model("demo", demo, args.work, 64, [], 8, 256)
     if "pixtral-large-layer" in args.models:  # benchmarks/gpu_check.sh: one layer at the flagship's widths
-        big = args.work / "pl-layer-hf"
-        if not (big / "config.json").is_file():
-            tok = Path(__import__("mistral_common").__file__).parent / "data" / DEMO_TOKENIZER
-            native = args.work / "pl-layer-native"
-            synthetic = [sys.executable, "-m", "quantkit.synthetic", "pixtral-large-layer", str(native)]
-            subprocess.run([*synthetic, "--tokenizer", str(tok)], check=True)
-            subprocess.run([sys.executable, "-m", "quantkit", "convert", str(native), str(big), "--quiet"], check=True)
-            shutil.rmtree(native)
+        big = synthetic_hf(args.work, "pixtral-large-layer", "pl-layer", keep_native=False)
         rows += bench_model("Pixtral-Large layer", big, args.work, 128, [], args.rows, args.seq_len)
     print(table(rows))
     (args.work / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "log"} for r in rows]))

@@ -230,22 +230,7 @@ def _inverse_cholesky(
 
 
 def gptq_quantize(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    bits: int | Sequence[tuple[int, int]],
-    group_size: int | None = 128,
-    sym: bool = True,
-    act_order: bool = False,
-    static_groups: bool = False,
-    damp: float = 0.01,
-    damp_step: float = 0.01,
-    max_damp: float = 1.0,
-    clip: bool = False,
-    clip_grid: int = 100,
-    clip_max_shrink: float = 0.8,
-    clip_norm: float = 2.4,
-    block_size: int = 128,
-    factors: dict | None = None,
+    W: torch.Tensor, H: torch.Tensor, bits: int | Sequence[tuple[int, int]], group_size: int | None = 128, **options
 ) -> GPTQResult:
     """Quantize W [out, in] against the input Hessian H [in, in] with GPTQ (lazy-batch blocks of block_size columns).
 
@@ -256,9 +241,10 @@ def gptq_quantize(
     error can still be compensated. Without static_groups the groups are then consecutive in that order and g_idx
     is not monotonic (the loader gathers scales per column); with static_groups the group grids are computed on the
     original W before any update and groups stay in original column order (g_idx = i // group_size).
+
+    options: gptq_quantize_widths's keywords (sym, act_order, static_groups, damp, clip, block_size, factors, ...).
     """
-    return gptq_quantize_widths(W, H, [bits], group_size, sym, act_order, static_groups, damp, damp_step, max_damp,
-                                clip, clip_grid, clip_max_shrink, clip_norm, block_size, factors)[0]  # fmt: skip
+    return gptq_quantize_widths(W, H, [bits], group_size, **options)[0]
 
 
 def gptq_quantize_widths(
