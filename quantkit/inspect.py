@@ -145,7 +145,7 @@ def allocation_rows(r: dict) -> list[tuple[int, float, float, float, float]]:
     """(layer, realized bpw, predicted KL of its attention and MLP blocks, share of the total) of a --bpw build:
     where the allocator spent bits and how much loss it expects from each layer."""
     qc = r.get("quantization_config") or {}
-    alloc = qc.get("allocation") or (qc.get("quantkit") or {}).get("allocation")
+    alloc = _own_fields(qc).get("allocation")
     q = r.get("quantized") or {}
     if not alloc or not q.get("layer_bpw"):
         return []
@@ -153,6 +153,14 @@ def allocation_rows(r: dict) -> list[tuple[int, float, float, float, float]]:
     total = sum(v for layer in kl for v in layer.values()) or 1.0
     return [(i, bpw, kl[i].get("attn", 0.0), kl[i].get("mlp", 0.0), sum(kl[i].values()) / total)
             for i, bpw in q["layer_bpw"].items() if i < len(kl)]  # fmt: skip
+
+
+def _own_fields(qc: dict) -> dict:
+    """quantkit's own fields (calibration, bpw, allocation) wherever the folder's format keeps them."""
+    from quantkit.formats.registry import FORMATS
+
+    fmt = FORMATS.get(qc.get("quant_method"))
+    return fmt.own_fields(qc) if fmt is not None else {}
 
 
 def _damp(value: object) -> str | None:
@@ -169,8 +177,8 @@ def card_rows(r: dict, path: Path) -> list[tuple[str, object]]:
     if not q:
         raise QuantkitError(f"{path} is not a quantized folder: --card describes quantized models")
     qc = r["quantization_config"]
-    calib = qc.get("calibration") or qc.get("quantkit", {}).get("calibration", {})
-    bpw = qc.get("bpw") or (qc.get("quantkit") or {}).get("bpw")  # GPTQ --bpw builds keep it under "quantkit"
+    calib = _own_fields(qc).get("calibration") or {}
+    bpw = _own_fields(qc).get("bpw")
     bits = f"{bpw} bpw target" if bpw else f"{qc.get('bits')} bits"
     rows = [
         ("Format", qc["quant_method"]),

@@ -1,9 +1,10 @@
 """Quantized model folders in the runtime: the bridge between quantkit.model and the packed kernels.
 
 quantkit.model imports no quantization code; instead load_model's `prepare` hook runs here on the empty meta model
-and swaps every linear whose checkpoint holds quantized tensors for a QuantLinear (quantkit format) or a GPTQLinear
-(GPTQ format, repacked as it loads) whose buffers are shaped from the safetensors headers alone. Checkpoint.load then
-fills them part by part like any other module, so a 124B model never needs more than one part in memory at once.
+and swaps every linear whose checkpoint holds quantized tensors for the module its output format builds (formats/:
+a QuantLinear, or a GPTQLinear that repacks as it loads) with buffers shaped from the safetensors headers alone.
+Checkpoint.load then fills them part by part like any other module, so a 124B model never needs more than one part
+in memory at once.
 
 Before any weight is read, a folder is refused (naming the tensors) when it holds quantized tensors that no linear of
 the model takes, or a linear with neither quantized tensors nor a 16-bit weight: the two ways a loader that matches
@@ -21,21 +22,17 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.formats import OUTPUT_FORMATS
-from quantkit.formats.gptq import GPTQ_BITS, GPTQ_FORMATS, check_dynamic, module_bits
-from quantkit.formats.packed import FORMAT_VERSION
+from quantkit.formats.base import OutputFormat
+from quantkit.formats.registry import config_format
 from quantkit.io.checkpoint import read_json
 from quantkit.io.reader import DTYPES, TensorInfo
 from quantkit.kernels import BACKENDS, resolve_backend
-from quantkit.kernels.qlinear import INT4_DTYPE, GPTQLinear, QuantLinear
+from quantkit.kernels.qlinear import INT4_DTYPE, QuantLinear
 from quantkit.model.load import Checkpoint, load_model, name_list, parse_devices
 from quantkit.model.modules import swap_linears
 from quantkit.model.text import Transformer
 
-QUANT_METHODS = OUTPUT_FORMATS  # config.json quant_method values
-HEADER_SUFFIXES = ("qmeta", "segments")  # tiny tensors read at prepare time: they say how to shape the rest
 DENSE_FRACTION = 0.5  # share of available memory the dequantized weights of the torch backend may take
-QUANT_MARKERS = {"gptq": {"qweight", "qzeros", "scales", "g_idx"}, "quantkit": {"qmeta", "segments"}}
 
 
 def quantization_config(folder: Path) -> dict | None:
@@ -68,50 +65,32 @@ def _check_shape(name: str, module: nn.Module, linear: nn.Linear) -> None:
         )
 
 
-def _packed_module(qcfg: dict, backend: str, prefix: str, infos: dict[str, TensorInfo], index) -> nn.Module | None:
-    """The quantized linear stored under prefix, built on the meta device (only header tensors are read), which
-    checks every packed tensor's shape; None when prefix holds no packed tensors of qcfg's method."""
-    method = qcfg.get("quant_method")
-    if method == "quantkit" and "qmeta" in infos:
-        tensors = {k: index.get(f"{prefix}.{k}") if k in HEADER_SUFFIXES else _meta(i) for k, i in infos.items()}
-        try:
-            return QuantLinear.from_tensors("", tensors, backend=backend)
-        except QuantkitError as e:
-            raise QuantkitError(f"{prefix}: {e}") from None
-    if method == "gptq" and "qweight" in infos:
-        tensors = {k: _meta(i) for k, i in infos.items()}
-        fmt = qcfg.get("checkpoint_format", "gptq")
-        bits = module_bits(qcfg, prefix)  # per module from `dynamic` in mixed-bit folders
-        if bits is None:
-            raise QuantkitError(f"{prefix}: has GPTQ tensors, but a \"-:\" rule of quantization_config.dynamic says "
-                                "it is not quantized")  # fmt: skip
-        return GPTQLinear(tensors, bits, bool(qcfg.get("sym", True)), fmt, backend, prefix)
-    return None
+def _packed_module(
+    fmt: OutputFormat, qcfg: dict, backend: str, prefix: str, infos: dict[str, TensorInfo], index
+) -> nn.Module | None:
+    """The quantized linear stored under prefix, built on the meta device (only the format's header tensors are
+    read), which checks every packed tensor's shape; None when prefix holds no tensors of the format."""
+    if fmt.key_tensor not in infos:
+        return None
+    tensors = {k: index.get(f"{prefix}.{k}") if k in fmt.header_tensors else _meta(i) for k, i in infos.items()}
+    try:
+        return fmt.linear(qcfg, prefix, tensors, backend)
+    except QuantkitError as e:
+        raise QuantkitError(e.args[0] if e.args[0].startswith(prefix) else f"{prefix}: {e}") from None
 
 
 def check_packed(qcfg: dict, index) -> None:
     """Refuse a checkpoint whose packed tensors do not fit their headers (what loading it would refuse)."""
     quantized_prepare(qcfg, "torch")  # the method and its settings
+    fmt = config_format(qcfg)
     for prefix, infos in _by_prefix(index.infos).items():
-        _packed_module(qcfg, "torch", prefix, infos, index)
+        _packed_module(fmt, qcfg, "torch", prefix, infos, index)
 
 
 def quantized_prepare(qcfg: dict, backend: str = "auto") -> Callable[[Transformer, Checkpoint], None]:
     """The load_model prepare hook for a folder with this quantization_config (refused here when unsupported)."""
-    method = qcfg.get("quant_method")
-    if method not in QUANT_METHODS:
-        raise QuantkitError(f"quantization method {method!r} is not supported ({', '.join(QUANT_METHODS)})")
-    if method == "quantkit" and qcfg.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-        raise QuantkitError(f"quantkit format version {qcfg['format_version']} is not supported ({FORMAT_VERSION})")
-    if method == "gptq" and (
-        qcfg.get("bits") not in GPTQ_BITS or qcfg.get("checkpoint_format", "gptq") not in GPTQ_FORMATS
-    ):
-        raise QuantkitError(
-            f"GPTQ bits {qcfg.get('bits')} / checkpoint_format {qcfg.get('checkpoint_format')!r} are not supported "
-            f"(bits {', '.join(map(str, GPTQ_BITS))}; format {' or '.join(GPTQ_FORMATS)})"
-        )
-    if method == "gptq":
-        check_dynamic(qcfg.get("dynamic"))
+    fmt = config_format(qcfg)
+    fmt.check_config(qcfg)
     if backend not in BACKENDS:
         raise QuantkitError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
 
@@ -124,15 +103,15 @@ def quantized_prepare(qcfg: dict, backend: str = "auto") -> Callable[[Transforme
             prefix = ckpt.key(f"{name}.weight").removesuffix(".weight")
             infos = groups.get(prefix, {})
             taken.add(prefix)
-            if ckpt.source(f"{name}.weight") not in ckpt.index.infos and not infos.keys() & QUANT_MARKERS[method]:
+            if ckpt.source(f"{name}.weight") not in ckpt.index.infos and not infos.keys() & fmt.markers:
                 bare.append(prefix)
-            module = _packed_module(qcfg, backend, prefix, infos, ckpt.index)
+            module = _packed_module(fmt, qcfg, backend, prefix, infos, ckpt.index)
             if module is not None:
                 _check_shape(prefix, module, linear)
             return module
 
         swapped = swap_linears(model, factory)
-        stray = sorted(p for p, parts in groups.items() if parts.keys() & QUANT_MARKERS[method] and p not in taken)
+        stray = sorted(p for p, parts in groups.items() if parts.keys() & fmt.markers and p not in taken)
         if stray:
             raise QuantkitError(
                 f"{ckpt.folder.name}: quantized tensors for modules a {ckpt.config.arch} model does not have: "
@@ -145,7 +124,7 @@ def quantized_prepare(qcfg: dict, backend: str = "auto") -> Callable[[Transforme
             )
         if swapped == 0:
             raise QuantkitError(
-                f"{ckpt.folder.name}: config.json says quant_method {method!r} but no quantized layer was found "
+                f"{ckpt.folder.name}: config.json says quant_method {fmt.name!r} but no quantized layer was found "
                 "in the checkpoint (refusing to run unquantized random weights)"
             )
 

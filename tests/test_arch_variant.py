@@ -1,6 +1,6 @@
 """A made-up architecture variant declared in quantkit.arch only: a Mistral whose native checkpoint names its MLP
-`mlp.fc_gate / fc_up / fc_down` (and says so in params.json) converts, quantizes and runs, with no other module
-edited: the tables are the only place that knows tensor names."""
+`mlp.fc_gate / fc_up / fc_down` (and says so in params.json) converts, quantizes, runs and serves, with no other
+module edited: the tables are the only place that knows tensor names."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _renamed_native(src, dst):
     (dst / "params.json").write_text(json.dumps({**params, "mlp_names": "fc"}))
 
 
-def test_a_variant_declared_in_arch_converts_quantizes_and_runs(variant, tiny_models, tmp_path):
+def test_a_variant_declared_in_arch_converts_quantizes_runs_and_serves(variant, tiny_models, tmp_path):
     base = tiny_models.get("mistral_large")
     native = tmp_path / "native"
     _renamed_native(base["native"], native)
@@ -82,3 +82,15 @@ def test_a_variant_declared_in_arch_converts_quantizes_and_runs(variant, tiny_mo
     assert answer["input_ids"] and 1 <= len(answer["output_ids"]) <= 4
     packed = load_file(next(q.glob("*.safetensors")))
     assert "model.layers.0.mlp.down_proj.qweight" in packed and "model.layers.0.mlp.down_proj.weight" not in packed
+
+    pytest.importorskip("fastapi")  # the serve extra (CI installs it)
+    import httpx
+    from serve_server import running_server
+
+    body = {"model": "variant", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "temperature": 0}
+    with running_server(q, name="variant") as (url, _engine):
+        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    reply = response.json()
+    assert reply["model"] == "variant" and 1 <= reply["usage"]["completion_tokens"] <= 4
+    assert reply["choices"][0]["finish_reason"] in ("stop", "length")

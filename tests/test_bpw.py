@@ -77,7 +77,7 @@ def test_allocation_is_deterministic(measured):
     shapes = [_linear_shapes(model, i) for i in range(len(model.layers))]
     meas = json.loads(measurement.read_text())
     s = QuantSettings(bits=4, group_size=64, act_order=False)
-    a, b = (allocate(meas, shapes, 3.3, s, lambda i, n: None) for _ in range(2))
+    a, b = (allocate(meas, shapes, 3.3, s, lambda i, n: None, "quantkit") for _ in range(2))
     assert a.specs == b.specs and a.bits == b.bits
     assert a.bits <= 3.3 * a.numel and a.bpw > 3.28
 
@@ -99,10 +99,10 @@ def test_the_range_ends_are_reachable(measured):
     numel = sum(o * i for layer in shapes for o, i in layer.values())
     lo = sum(min(c["bits"] for c in block) for block in blocks)
     hi = sum(max(c["bits"] for c in block) for block in blocks)
-    low = allocate(meas, shapes, lo / numel + 1e-12, s, lambda i, n: None)
+    low = allocate(meas, shapes, lo / numel + 1e-12, s, lambda i, n: None, "quantkit")
     assert low.bits == lo and {sp.bits for layer in low.specs for sp in layer.values()} == {2}
     assert {sp.group_size for layer in low.specs for sp in layer.values()} == {None}  # per-channel is cheapest
-    high = allocate(meas, shapes, hi / numel, s, lambda i, n: None)
+    high = allocate(meas, shapes, hi / numel, s, lambda i, n: None, "quantkit")
     assert high.bits == hi and {sp.bits for layer in high.specs for sp in layer.values()} == {8}
 
 

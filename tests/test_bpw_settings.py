@@ -20,8 +20,8 @@ from click.testing import CliRunner
 
 from quantkit.cli import main
 from quantkit.formats.packed import stored_bits_for
+from quantkit.formats.registry import get_format
 from quantkit.quant.capture import LinearSpec, QuantSettings, solve_linear
-from quantkit.quant.export import linear_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,7 +91,7 @@ def test_cost_model_equals_the_packer_to_the_bit(k):
             specs.append(LinearSpec(((4, group), (3, k - group)), group, seed))
         for spec in specs:
             solved = solve_linear(W, H, spec, s)
-            packed = sum(t.numel() * t.element_size() * 8 for t in linear_tensors("quantkit", solved).values())
+            packed = sum(t.numel() * t.element_size() * 8 for t in get_format("quantkit").tensors(solved).values())
             budget = stored_bits_for(
                 40, k, spec.bits if isinstance(spec.bits, int) else list(spec.bits), spec.group_size, asym=not sym,
                 act_order=act, static_groups=static, had_in=rot,

@@ -26,13 +26,16 @@ from test_convert_scale import REAL, as_infos, native_tensor_list
 from quantkit.arch import export_name
 from quantkit.arch.blocks import VISION_LAYERS, block_of, expert_index
 from quantkit.convert.pipeline import plan_conversion
+from quantkit.formats.registry import get_format
 from quantkit.model.config import parse_config
 from quantkit.model.load import build_model
 from quantkit.quant.allocate import allocate
 from quantkit.quant.capture import QuantSettings
-from quantkit.quant.measure import block_candidates, spec_bits, spec_for_candidate
+from quantkit.quant.measure import spec_for_candidate
 from quantkit.quant.pipeline import _linear_shapes, _output_config
 from quantkit.quant.settings import QuantizeOptions
+
+GPTQ = get_format("gptq")
 
 MODELS = ["Pixtral-Large-Instruct-2411", "Mistral-Large-Instruct-2407", "Mixtral-8x7B-Instruct-v0.1"]
 FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
@@ -86,8 +89,8 @@ def synthetic_measurement(shapes, s: QuantSettings, seed: int = 0) -> dict:
             moe = any(expert_index(n) is not None for n in names)
             numel = sum(math.prod(layer[n]) for n in names)
             entry[b] = []
-            for c in block_candidates(b, "gptq", moe):
-                bits = sum(spec_bits(spec_for_candidate(c, n, layer[n][1], s, None), *layer[n], s, "gptq")
+            for c in GPTQ.candidates(b, moe):
+                bits = sum(GPTQ.stored_bits(spec_for_candidate(c, n, layer[n][1], s, None), *layer[n], s)
                            for n in names)  # fmt: skip
                 error = math.exp(-bits / numel) * (1 + float(torch.rand(1, generator=g)))
                 entry[b].append({"candidate": c.name, "bits": bits, "error": error})

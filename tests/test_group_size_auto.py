@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from same_output import assert_same_files
 
 from quantkit.cli import main
-from quantkit.quant.measure import PER_CHANNEL, block_candidates, spec_for_candidate
+from quantkit.formats.registry import get_format
+from quantkit.quant.measure import PER_CHANNEL, spec_for_candidate
 from quantkit.quant.settings import QuantSettings, resolve_group_size
 
 FAST = ["--rows", "2", "--seq-len", "16", "--quiet"]
@@ -90,7 +91,7 @@ def test_bpw_candidates_use_the_resolved_size(wide192, tmp_path):
     for g, k in ((64, 192), (64, 384), (None, 48)):
         s = QuantSettings(group_size=g)
         for block in ("attn", "mlp"):
-            for cand in block_candidates(block):
+            for cand in get_format("quantkit").candidates(block, False):
                 for _, _, cand_g in cand.roles:
                     name = "self_attn.q_proj" if block == "attn" else "mlp.down_proj"
                     group = spec_for_candidate(cand, name, k, s, None).group_size

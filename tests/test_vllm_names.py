@@ -301,15 +301,15 @@ def test_gptqmodel_naming_is_a_pure_renaming(exports, model, build):
 
 
 def test_card_says_which_loader_takes_which_naming():
-    from quantkit.quant.export import loading_notes
+    from quantkit.formats.gptq_format import gptq_loading_notes as loading_notes
 
     for arch in ("mixtral", "pixtral"):
-        ours, theirs = (loading_notes("gptq", arch, 4, names=n) for n in ("vllm", "gptqmodel"))
+        ours, theirs = (loading_notes(arch, 4, names=n) for n in ("vllm", "gptqmodel"))
         assert "(`--export-names vllm`, the default)" in ours and "GPTQModel does not load them" in ours
         assert "GPTQModel.load" in theirs and "GPTQModel.load" not in ours and "vllm serve DIR" in ours
         assert ("vllm serve DIR" in theirs) == (arch == "pixtral")  # vLLM maps GPTQModel's Llava names only
-    mistral = loading_notes("gptq", "mistral", 4)
-    assert mistral == loading_notes("gptq", "mistral", 4, names="gptqmodel") and "the same under" in mistral
+    mistral = loading_notes("mistral", 4)
+    assert mistral == loading_notes("mistral", 4, names="gptqmodel") and "the same under" in mistral
 
 
 def test_default_naming_is_the_converted_names_and_mistral_has_one(tiny_models):

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from quantkit.errors import QuantkitError
-from quantkit.formats import OUTPUT_FORMATS
+from quantkit.formats.registry import FORMATS, MIXED_DEFAULT, UNIFORM_DEFAULT
 
 
 def _group_size(value: str) -> int | str | None:
@@ -46,11 +46,10 @@ def _group_size(value: str) -> int | str | None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(OUTPUT_FORMATS),
+    type=click.Choice(list(FORMATS)),
     default=None,
-    help="gptq (default for --bits): the GPTQ layout transformers, GPTQModel, vLLM, ExLlamaV2 load (with --bpw: "
-    "per-module 2/3/4/8 bits in GPTQModel's `dynamic` rules); quantkit (default for --bpw / --rotate): our own, "
-    "mixed bits within a matrix.",
+    help="; ".join(f"{f.name}: {f.help}" for f in FORMATS.values())
+    + f" (default: {UNIFORM_DEFAULT} for --bits, {MIXED_DEFAULT} for --bpw / --rotate).",
 )
 @click.option(
     "--export-names",
@@ -94,11 +93,11 @@ def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement:
     settings = QuantSettings(bits=bits, group_size=gs, sym=sym, act_order=act_order, static_groups=static_groups,
                              damp=damp, clip=clip)  # fmt: skip
     options = QuantizeOptions(
-        settings=settings, fmt=fmt or ("quantkit" if bpw is not None or rotate else "gptq"), head_bits=head_bits,
-        bpw=bpw, rotate=rotate, measurement=measurement, measure_rows=measure_rows, vision=vision, dataset=dataset,
-        split=split, text_field=text_field, rows=rows, seq_len=seq_len, seed=seed, work_dir=work_dir,
-        offload_dir=offload_dir, restart=restart, force=force, dry_run=dry_run, device=device, dtype=dtype,
-        max_shard_size=max_shard_size, export_names=export_names,
+        settings=settings, fmt=fmt or (MIXED_DEFAULT if bpw is not None or rotate else UNIFORM_DEFAULT),
+        head_bits=head_bits, bpw=bpw, rotate=rotate, measurement=measurement, measure_rows=measure_rows,
+        vision=vision, dataset=dataset, split=split, text_field=text_field, rows=rows, seq_len=seq_len, seed=seed,
+        work_dir=work_dir, offload_dir=offload_dir, restart=restart, force=force, dry_run=dry_run, device=device,
+        dtype=dtype, max_shard_size=max_shard_size, export_names=export_names,
     ).check()  # fmt: skip
     plan = run_quantize(src, dst, options, progress=not quiet, log=click.echo)
     if dry_run:

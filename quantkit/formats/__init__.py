@@ -1,7 +1,9 @@
 """Storage formats of quantized weights: the quantkit packed format (packed.py), its Hadamard rotation
 (hadamard.py), the int32 bit packing both use (bits.py) and the GPTQ checkpoint layout in both directions (gptq.py).
 
-OUTPUT_FORMATS names them once, as `quantize --format` takes them and as config.json's quant_method writes them."""
+Each output format is also an object (base.py: what the quantizer and the loader ask of it; gptq_format.py,
+quantkit_format.py), found by name in registry.py, which `quantize --format` and config.json's quant_method use.
+The registry is not imported here: its formats build the kernels' modules, and the kernels import this package."""
 
 from quantkit.formats.gptq import dequantize_gptq, from_gptq, pack_gptq_result
 from quantkit.formats.packed import (
@@ -19,11 +21,8 @@ from quantkit.formats.packed import (
     unpack_codes,
 )
 
-OUTPUT_FORMATS = ("gptq", "quantkit")
-
 __all__ = [
     "FORMAT_VERSION",
-    "OUTPUT_FORMATS",
     "PackedLinear",
     "Segment",
     "dequantize",

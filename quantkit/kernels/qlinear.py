@@ -19,7 +19,7 @@ from torch import nn
 from quantkit.errors import QuantkitError
 from quantkit.formats import hadamard
 from quantkit.formats.bits import unpack_bits
-from quantkit.formats.gptq import from_gptq
+from quantkit.formats.gptq import GPTQ_FORMATS, from_gptq
 from quantkit.formats.packed import (
     PackedLinear,
     Segment,
@@ -287,7 +287,7 @@ def concat_outputs(parts: list[PackedLinear]) -> PackedLinear:
 
 
 def gptq_to_packed(
-    t: dict[str, torch.Tensor], bits: int, sym: bool, checkpoint_format: str = "gptq", chunk: int | None = None
+    t: dict[str, torch.Tensor], bits: int, sym: bool, checkpoint_format: str = GPTQ_FORMATS[0], chunk: int | None = None
 ) -> PackedLinear:
     """from_gptq over slices of output features (multiples of 32), so unpacking never holds a whole layer's codes.
 
@@ -323,7 +323,7 @@ class GPTQLinear(QuantLinear):
         tensors: dict[str, torch.Tensor],
         bits: int,
         sym: bool,
-        checkpoint_format: str = "gptq",
+        checkpoint_format: str = GPTQ_FORMATS[0],
         backend: str = "auto",
         prefix: str = "",
     ) -> None:

@@ -14,7 +14,7 @@ result never exceeds the budget); it is exact up to that resolution and determin
 granularity leaves unspent is then filled one group of columns at a time: a linear's next-most-salient group moves
 one width up, in the blocks whose measured error falls fastest per bit, until no such step fits. The realized bpw
 therefore lands just under the target, within the smallest such step (one group of columns of one linear).
-In the GPTQ format a linear cannot mix widths, so the fill moves whole blocks to a dearer candidate of their table
+In a format whose linears cannot mix widths (GPTQ), the fill moves whole blocks to a dearer candidate of their table
 instead (one that does not raise the measured error), largest error drop per bit first.
 
 Every block keeps at least the widest uniform width whose build fits the budget (b) and goes at most one width
@@ -35,16 +35,10 @@ import numpy as np
 
 from quantkit.arch.blocks import block_of, expert_index
 from quantkit.errors import QuantkitError
-from quantkit.quant.capture import LinearSpec, QuantSettings
-from quantkit.quant.measure import (
-    PER_CHANNEL,
-    Candidate,
-    block_candidates,
-    probe_candidates,
-    spec_bits,
-    spec_for_candidate,
-    uniform_width,
-)
+from quantkit.formats.base import OutputFormat
+from quantkit.formats.registry import get_format
+from quantkit.formats.spec import PER_CHANNEL, Candidate, LinearSpec, QuantSettings
+from quantkit.quant.measure import probe_candidates, spec_for_candidate, uniform_width
 
 RESOLUTION = 20_000
 BLOCKS = ("attn", "mlp")
@@ -154,18 +148,19 @@ def _inside(cand: Candidate, window: tuple[int, int] | None) -> bool:
 
 
 def reachable_bpw(
-    shapes: list[dict[str, tuple[int, int]]], s: QuantSettings, rotate_seed, fmt: str = "quantkit"
+    shapes: list[dict[str, tuple[int, int]]], s: QuantSettings, rotate_seed, fmt: OutputFormat | str
 ) -> tuple[float, float]:
     """(lowest, highest) bpw the candidate table reaches on these shapes: every block's cheapest or dearest
     candidate, costed with the same stored_bits_for the measurement records (so no measurement is needed)."""
+    fmt = get_format(fmt)
     numel = sum(o * i for layer in shapes for o, i in layer.values())
     lo = hi = 0
     for li, layer in enumerate(shapes):
         for b in ("attn", "mlp"):
             names = [n for n in layer if block_of(n) == b]
             specs = {c.name: {n: spec_for_candidate(c, n, layer[n][1], s, rotate_seed(li, n)) for n in names}
-                     for c in block_candidates(b, fmt, _is_moe(layer, b))}  # fmt: skip
-            costs = [sum(spec_bits(sp[n], *layer[n], s, fmt) for n in names) for sp in specs.values()]
+                     for c in fmt.candidates(b, _is_moe(layer, b))}  # fmt: skip
+            costs = [sum(fmt.stored_bits(sp[n], *layer[n], s) for n in names) for sp in specs.values()]
             lo, hi = lo + min(costs), hi + max(costs)
     return lo / numel, hi / numel
 
@@ -199,8 +194,8 @@ def predicted_kl(measurement: dict, layer: int, block: str, errors: list[float],
     return out
 
 
-def _choose(bits: list[list[int]], errors: list[list[float]], budget: int, fmt: str) -> list[int]:
-    """One candidate index per block: the knapsack, then (GPTQ format) the fill of what its rounding left."""
+def _choose(bits: list[list[int]], errors: list[list[float]], budget: int, fill: bool) -> list[int]:
+    """One candidate index per block: the knapsack, then (fill) the fill of what its rounding left, by whole blocks."""
     # The knapsack spends only what the cheapest choice of every block leaves over, so that choice always fits
     # (also at the lowest reachable target) and the resolution covers just the range that is being decided.
     floor = [min(row) for row in bits]
@@ -214,7 +209,7 @@ def _choose(bits: list[list[int]], errors: list[list[float]], budget: int, fmt: 
             min(range(len(row)), key=lambda c, row=row, e=e: (row[c], e[c]))
             for row, e in zip(bits, errors, strict=True)
         ]
-    return _fill_blocks(picks, bits, errors, budget) if fmt == "gptq" else picks
+    return _fill_blocks(picks, bits, errors, budget) if fill else picks
 
 
 def allocate(
@@ -223,12 +218,15 @@ def allocate(
     target_bpw: float,
     s: QuantSettings,
     rotate_seed,
-    fmt: str = "quantkit",
+    fmt: OutputFormat | str,
 ) -> Allocation:
-    """Choose every layer's candidates for target_bpw; shapes[i][name] = (out, in) of layer i's linears."""
+    """Choose every layer's candidates for target_bpw; shapes[i][name] = (out, in) of layer i's linears. A format
+    whose matrices hold one width each fills what the knapsack's rounding left with whole block candidates; one
+    that mixes widths within a matrix widens single linears instead."""
+    fmt = get_format(fmt)
     numel = sum(o * i for layer in shapes for o, i in layer.values())
     blocks = [(li, b) for li in range(len(shapes)) for b in ("attn", "mlp")]
-    cands = {(li, b): block_candidates(b, fmt, _is_moe(shapes[li], b)) for li, b in blocks}
+    cands = {(li, b): fmt.candidates(b, _is_moe(shapes[li], b)) for li, b in blocks}
     errors, bits = [], []
     for li, b in blocks:
         entries = {e["candidate"]: e for e in measurement["layers"][li][b]}
@@ -242,7 +240,8 @@ def allocate(
     window = _window([cands[k] for k in blocks], bits, budget)
     allowed = [[j for j, c in enumerate(cands[k]) if _inside(c, window)] for k in blocks]
     sub = _choose([[row[j] for j in ok] for row, ok in zip(bits, allowed, strict=True)],
-                  [[row[j] for j in ok] for row, ok in zip(errors, allowed, strict=True)], budget, fmt)  # fmt: skip
+                  [[row[j] for j in ok] for row, ok in zip(errors, allowed, strict=True)], budget,
+                  fill=not fmt.mixed_matrix)  # fmt: skip
     picks = [ok[p] for ok, p in zip(allowed, sub, strict=True)]
 
     specs: list[dict[str, LinearSpec]] = [{} for _ in shapes]
@@ -257,12 +256,12 @@ def allocate(
         for name, (o, i) in shapes[li].items():
             if block_of(name) == b:
                 specs[li][name] = spec_for_candidate(cand, name, i, s, rotate_seed(li, name))
-                used += spec_bits(specs[li][name], o, i, s, fmt)
+                used += fmt.stored_bits(specs[li][name], o, i, s)
         dearer = [(bits[k][j], errors[k][j]) for j in allowed[k] if bits[k][j] > bits[k][c]]
         gain = max(((errors[k][c] - e) / (x - bits[k][c]) for x, e in dearer), default=0.0)
         slopes.append((gain, li, b))
 
-    if fmt == "gptq":
+    if not fmt.mixed_matrix:
         return Allocation(specs, used, numel, target_bpw, choices, predicted, window)
     for _gain, li, b in sorted(slopes, key=lambda t: (-t[0], t[1], t[2])):  # fill, steepest blocks first
         names = sorted(n for n in shapes[li] if block_of(n) == b)
@@ -274,7 +273,7 @@ def allocate(
                 new = _upgrade(specs[li][name], i)
                 if new is None or (window is not None and _top_width(new) > window[1]):
                     continue
-                delta = spec_bits(new, o, i, s) - spec_bits(specs[li][name], o, i, s)
+                delta = fmt.stored_bits(new, o, i, s) - fmt.stored_bits(specs[li][name], o, i, s)
                 if used + delta <= budget:
                     specs[li][name], used, progress = new, used + delta, True
     return Allocation(specs, used, numel, target_bpw, choices, predicted, window)

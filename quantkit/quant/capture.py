@@ -21,21 +21,11 @@ from torch import nn
 from quantkit.arch.blocks import block_kind, block_of, expert_index
 from quantkit.errors import QuantkitError
 from quantkit.formats.hadamard import block_size, random_signs, rotate
+from quantkit.formats.spec import LinearSpec, QuantSettings
 from quantkit.memory import release
 from quantkit.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize_widths
-from quantkit.quant.settings import QuantSettings
 
 STARVED_FRACTION = 0.1  # an expert with < 10% of the tokens uniform routing would give it is "starved"
-
-
-@dataclass(frozen=True)
-class LinearSpec:
-    """How one linear is stored: uniform bits or a mixed layout [(bits, n_cols), ...] in quantization order, its
-    group size, and the seed of a randomized Hadamard rotation of its input features (None = not rotated)."""
-
-    bits: int | tuple[tuple[int, int], ...]
-    group_size: int | None
-    rotate_seed: int | None = None
 
 
 @dataclass

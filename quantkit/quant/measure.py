@@ -7,7 +7,7 @@ favours the roles that are known to be sensitive (v, o, down), as in ExLlamaV2's
 block's linears are solved with GPTQ on Hessians captured from the float layer, and the error is
 ||y_q - y_f||_F / ||y_f||_F of the block output including the residual stream; the cost is the exact number of
 stored bits (codes, scales, zeros, permutation, segment table, rotation signs).
-With --format gptq the table holds only what GPTQ loaders run (gptq_candidates), costed as the GPTQ tensors.
+The candidates and their stored bits come from the output format (formats/: GPTQ's are what GPTQ loaders run).
 Errors are read on the first ERROR_ROWS rows; each linear is solved once per distinct setting, from one
 factorization of its Hessian. Each block is also probed at PROBE_BITS: its output with only that block quantized
 goes to the caller, which carries it to the logits (quant/pipeline.py `measure`), so that the allocator can weigh
@@ -17,19 +17,17 @@ local errors by what they cost the model end to end (allocate.py `predicted_kl`)
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from quantkit.arch.blocks import BLOCK_ROLES, SENSITIVE, block_of, expert_index, role_of
-from quantkit.formats.gptq import GPTQ_BITS, gptq_stored_bits
-from quantkit.formats.packed import stored_bits_for
+from quantkit.arch.blocks import BLOCK_ROLES, block_of, expert_index, role_of
+from quantkit.formats.base import OutputFormat
+from quantkit.formats.registry import get_format
+from quantkit.formats.spec import PER_CHANNEL, Candidate, LinearSpec, QuantSettings, Segments
 from quantkit.memory import release
 from quantkit.quant.capture import (
     LayerIO,
-    LinearSpec,
-    QuantSettings,
     attach_hessians,
     capture_groups,
     shared_expert_hessians,
@@ -38,9 +36,6 @@ from quantkit.quant.capture import (
 from quantkit.quant.estimate import MeasureWork
 from quantkit.quant.gptq import HessianAccumulator
 
-BASE_BITS = (2, 3, 4, 5, 6, 7, 8)
-SALIENT_FRACTION = 0.1
-PER_CHANNEL = 0  # a candidate's group size meaning one scale per output row (no groups)
 CANDIDATES_VERSION = 4  # 4: end-to-end probes at 2, 3 and 4 bits (measurement.json "probe")
 SOLVE_CACHE = 4  # solved weights kept per block, in multiples of the block's own weights (GPTQ widths: 4 each)
 ERROR_ROWS = 2  # rows a candidate's block output error is read on (the Hessians use every measurement row)
@@ -48,71 +43,10 @@ PROBE_ROWS, PROBE_TOKENS = 1, 128  # each block's probe streams: the first token
 PROBE_BITS = (2, 3, 4)  # the uniform widths each block is probed at
 LAST_ROLES = ("o", "down")  # a dense half-layer's last linear: x + o_proj(attention), h + down_proj(act)
 
-Segments = tuple[tuple[int, float], ...]  # ((bits, fraction of columns), ...), most salient first
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One way to store a block: per role, the segments and the group size (None = the run's --group-size,
-    PER_CHANNEL = no groups)."""
-
-    name: str
-    roles: tuple[tuple[str, Segments, int | None], ...]
-
-    def for_role(self, role: str) -> tuple[Segments, int | None]:
-        return next((segs, g) for r, segs, g in self.roles if r == role)
-
-
-# Roles that a GPTQ loader fuses (vLLM's qkv_proj and gate_up_proj), so they take one setting.
-GPTQ_SHARED = {"attn": ("q", "k", "v"), "mlp": ("gate", "up")}
-
-
-def gptq_candidates(block: str, moe: bool = False) -> list[Candidate]:
-    """What a GPTQ loader can run: every role uniform 2/3/4/8 bits at the run's group size, q/k/v one width and
-    gate/up one width (o and down free); an MoE block takes one width for all its experts (vLLM's FusedMoE has one
-    quantization method per layer)."""
-    roles = BLOCK_ROLES[block]
-    if moe and block == "mlp":
-        return [Candidate(f"gptq {b}", tuple((r, ((b, 1.0),), None) for r in roles)) for b in GPTQ_BITS]
-    shared = GPTQ_SHARED[block]
-    return [
-        Candidate(f"gptq {a}/{b}", tuple((r, ((a if r in shared else b, 1.0),), None) for r in roles))
-        for a in GPTQ_BITS
-        for b in GPTQ_BITS
-    ]
-
-
-def block_candidates(block: str, fmt: str = "quantkit", moe: bool = False) -> list[Candidate]:
-    """The candidate table of a block for the output format (moe: the block is a sparse MoE's experts)."""
-    if fmt == "gptq":
-        return gptq_candidates(block, moe)
-    return _quantkit_candidates(block)
-
-
-def _quantkit_candidates(block: str) -> list[Candidate]:
-    """The quantkit format's table: uniform widths, 10% salient columns one width up, the sensitive roles one
-    width up, and at 2 and 3 bits small groups and per-channel grids (so that even the lowest targets leave the
-    allocator a choice: per-channel blocks pay for finer groups elsewhere)."""
-    roles = BLOCK_ROLES[block]
-    out = []
-    for b in BASE_BITS:
-        up = min(b + 1, 8)
-        out.append(Candidate(f"{b}", tuple((r, ((b, 1.0),), None) for r in roles)))
-        if b == 8:
-            continue
-        salient = ((up, SALIENT_FRACTION), (b, 1 - SALIENT_FRACTION))
-        out.append(Candidate(f"{b}+salient", tuple((r, salient, None) for r in roles)))
-        sens = tuple((r, ((up, 1.0),) if r in SENSITIVE[block] else ((b, 1.0),), None) for r in roles)
-        out.append(Candidate(f"{b}+{'/'.join(SENSITIVE[block])}", sens))
-        if b <= 3:
-            out.append(Candidate(f"{b} g32", tuple((r, ((b, 1.0),), 32) for r in roles)))
-            out.append(Candidate(f"{b} per-channel", tuple((r, ((b, 1.0),), PER_CHANNEL) for r in roles)))
-    return out
-
-
-def measure_work(fmt: str, rows: int, head: tuple[int, int], moe: bool = False) -> MeasureWork:
+def measure_work(fmt: OutputFormat | str, rows: int, head: tuple[int, int], moe: bool = False) -> MeasureWork:
     """What measure_layer and the probes do for this format on `rows` measurement rows, for the --dry-run estimate."""
-    cands = {b: block_candidates(b, fmt, moe and b == "mlp") for b in BLOCK_ROLES}
+    fmt = get_format(fmt)
+    cands = {b: fmt.candidates(b, moe and b == "mlp") for b in BLOCK_ROLES}
     last = {b: next(r for r in BLOCK_ROLES[b] if r in LAST_ROLES) for b in BLOCK_ROLES}
     shared = {b: not (moe and b == "mlp") for b in BLOCK_ROLES}  # the last-linear shortcut of dense halves
     return MeasureWork(
@@ -152,16 +86,6 @@ def spec_for_candidate(cand: Candidate, name: str, in_features: int, s: QuantSet
     else:
         group = g if g is not None and in_features % g == 0 else s.group_size
     return LinearSpec(layout_for(segs, in_features, group), group, rotate_seed)
-
-
-def spec_bits(spec: LinearSpec, out_features: int, in_features: int, s: QuantSettings, fmt: str = "quantkit") -> int:
-    """Exact stored bits of a linear quantized with spec in fmt (what the allocator budgets)."""
-    if fmt == "gptq":
-        return gptq_stored_bits(out_features, in_features, spec.bits, spec.group_size)
-    return stored_bits_for(
-        out_features, in_features, spec.bits if isinstance(spec.bits, int) else list(spec.bits), spec.group_size,
-        asym=not s.sym, act_order=s.act_order, static_groups=s.static_groups, had_in=spec.rotate_seed is not None,
-    )  # fmt: skip
 
 
 def _hessians(layer: nn.Module, io: LayerIO, ctx) -> dict:
@@ -253,7 +177,7 @@ def measure_layer(
     ctx,
     s: QuantSettings,
     rotate_seed: Callable[[str], int | None],
-    fmt: str = "quantkit",
+    fmt: OutputFormat | str,
     probe: Callable[[str, int, int, torch.Tensor], None] | None = None,
     probe_rows: int = 0,
 ) -> dict[str, list[dict]]:
@@ -263,6 +187,7 @@ def measure_layer(
     probe(block, k, r, h): for the first probe_rows rows, the layer's output with only this block quantized at its
     k-th probe candidate (the other half float), which the caller carries to the logits to weigh this block's
     errors."""
+    fmt = get_format(fmt)
     accs = _hessians(layer, io, ctx)
     result: dict[str, list[dict]] = {}
     for block in ("attn", "mlp"):
@@ -271,7 +196,7 @@ def measure_layer(
         floats = {n: layer.get_submodule(n).weight.data.clone() for n in names}
         result[block] = []
         moe = any(expert_index(n) is not None for n in names)
-        candidates = block_candidates(block, fmt, moe)
+        candidates = fmt.candidates(block, moe)
         probed = probe_candidates(candidates) if probe is not None else []
         solved: dict[tuple[str, LinearSpec], torch.Tensor] = {}  # candidates share settings per linear: solve once
         room = SOLVE_CACHE * sum(w.numel() * w.element_size() for w in floats.values())
@@ -300,7 +225,7 @@ def measure_layer(
                             room += (old := solved.pop(next(iter(solved)))).numel() * old.element_size()
                         solved[n, sp] = weight
                 solved[n, spec] = linear.weight.data = solved.pop((n, spec))
-                bits += spec_bits(spec, linear.out_features, linear.in_features, s, fmt)
+                bits += fmt.stored_bits(spec, linear.out_features, linear.in_features, s)
             err = ref = 0.0
             n_err, n_probe = min(io.rows, ERROR_ROWS), min(probe_rows, io.rows) if cand in probed else 0
             with torch.no_grad():

@@ -28,8 +28,8 @@ from quantkit.arch.blocks import VISION_EMBED, VISION_LAYERS, block_of, expert_i
 from quantkit.calib.rows import tokenized_rows
 from quantkit.calib.sources import load_calibration
 from quantkit.errors import QuantkitError
-from quantkit.formats.gptq import gptq_stored_bits
-from quantkit.formats.packed import stored_bits_for
+from quantkit.formats.base import Built, OutputFormat
+from quantkit.formats.registry import get_format
 from quantkit.io.checkpoint import HF_INDEX, read_json
 from quantkit.io.claim import check_space
 from quantkit.io.reader import TensorInfo, load_tensor, read_header
@@ -39,16 +39,14 @@ from quantkit.model.load import Checkpoint, build_model, unload
 from quantkit.quant.allocate import allocate, reachable_bpw
 from quantkit.quant.capture import LayerIO, LinearSpec, MemoryRows, capture_groups, quantize_layer, solve_linear
 from quantkit.quant.estimate import COUNT_FLOPS, estimate_seconds, human_seconds, measure_rates
-from quantkit.quant.export import base_bits, build_quantization_config, dynamic_rules, linear_tensors, model_card
+from quantkit.quant.export import model_card
 from quantkit.quant.gptq import HessianAccumulator
 from quantkit.quant.job import Job, claimed, default_work_dir, discard, space_needed
 from quantkit.quant.measure import (
     CANDIDATES_VERSION,
-    GPTQ_SHARED,
     PROBE_BITS,
     PROBE_ROWS,
     PROBE_TOKENS,
-    block_candidates,
     measure_layer,
     measure_work,
 )
@@ -75,7 +73,7 @@ class QuantPlan:
     peak_ram_bytes: int
     peak_device_bytes: int
     device: str
-    fmt: str = "gptq"
+    fmt: str = ""  # the output format's name
     bits: str = ""  # how the decoder is stored, in words
     calibration: str = ""
     work_bytes: int = 0  # the work dir's peak: finished layers (at most the output) and the hidden-state row stores
@@ -121,11 +119,8 @@ def _checked_shapes(model, o: QuantizeOptions) -> dict[str, tuple[int, int]]:
 
 def _stored_bits(o: QuantizeOptions, out_f: int, in_f: int, bits: int) -> int:
     """Bits on disk of one linear stored uniformly with `bits` under o's settings and format."""
-    s = o.settings
-    if o.fmt == "gptq":
-        return gptq_stored_bits(out_f, in_f, bits, s.group_size)
-    return stored_bits_for(out_f, in_f, bits, s.group_size, asym=not s.sym, act_order=s.act_order,
-                           static_groups=s.static_groups, had_in=o.rotate)  # fmt: skip
+    spec = LinearSpec(bits, o.settings.group_size, 0 if o.rotate else None)
+    return o.format.stored_bits(spec, out_f, in_f, o.settings)
 
 
 def _calibration_words(o: QuantizeOptions) -> str:
@@ -173,7 +168,7 @@ def _with_time(the_plan: QuantPlan, model, o: QuantizeOptions, shapes, t) -> Qua
     estimate = partial(
         estimate_seconds, shapes, capture_groups(model.layers[0]), rows=o.rows, seq_len=o.seq_len,
         attn_dim=t.n_heads * t.head_dim, head=(t.vocab_size, t.dim) if o.head_bits else None,
-        measure=measure_work(o.fmt, min(o.measure_rows, o.rows), (t.vocab_size, t.dim), t.n_experts > 0)
+        measure=measure_work(o.format, min(o.measure_rows, o.rows), (t.vocab_size, t.dim), t.n_experts > 0)
         if o.bpw is not None and o.measurement is None else None, block_of=block_of, role_of=role_of,
     )  # fmt: skip
     seconds, flops = estimate(rates=rates), estimate(rates=COUNT_FLOPS)
@@ -235,7 +230,7 @@ def _embed(ckpt: Checkpoint, model, job: Job, ids: torch.Tensor, row_shape, devi
 
 
 def _measurement_fingerprint(
-    ckpt: Checkpoint, ids: torch.Tensor, s: QuantSettings, rotate: bool, dtype, fmt: str = "quantkit"
+    ckpt: Checkpoint, ids: torch.Tensor, s: QuantSettings, rotate: bool, dtype, fmt: OutputFormat | str
 ) -> dict:
     """What a measurement depends on: the model, the rows, the candidate table and the GPTQ settings (not bits)."""
     fingerprint = {
@@ -244,7 +239,7 @@ def _measurement_fingerprint(
         "candidates": CANDIDATES_VERSION,
         "rotate": rotate,
         "dtype": str(dtype),
-        **({"format": fmt} if fmt != "quantkit" else {}),
+        **get_format(fmt).measurement_key(),
         **asdict(s),
     }
     fingerprint.pop("bits")
@@ -277,7 +272,7 @@ def _layers(ckpt: Checkpoint, model, job: Job | None, names: list[str], device, 
 def measure(ckpt: Checkpoint, model, ids: torch.Tensor, work: Path, o: QuantizeOptions, progress: bool = True) -> dict:
     """The measurement pass (see measure.py), resumable in work/measure, saved as work/measurement.json."""
     s, device, dtype = o.settings, o.device, o.torch_dtype
-    fingerprint = _measurement_fingerprint(ckpt, ids, s, o.rotate, dtype, o.fmt)
+    fingerprint = _measurement_fingerprint(ckpt, ids, s, o.rotate, dtype, o.format)
     path = work / "measurement.json"
     if path.is_file():
         saved = read_json(path)
@@ -305,7 +300,7 @@ def measure(ckpt: Checkpoint, model, ids: torch.Tensor, work: Path, o: QuantizeO
 
         io = LayerIO(rows, cur, nxt, device, middle=attn)
         ctx = model.context(0, torch.empty(row_shape, dtype=dtype, device=device))
-        info = measure_layer(layer, io, ctx, s, lambda name, i=i: seeds(i, name), o.fmt, probe, p_rows)
+        info = measure_layer(layer, io, ctx, s, lambda name, i=i: seeds(i, name), o.format, probe, p_rows)
         job.finish(f"layer.{i}", None, info, True)
     kl = _probe_kl(ckpt, model, job, rows, row_shape, p_rows, p_shape, device, dtype)
     data = {"version": 2, "fingerprint": fingerprint, "layers": [job.info(step) for step in layer_steps(n_layers)],
@@ -338,9 +333,10 @@ def _probe_kl(ckpt, model, job: Job, rows: int, row_shape, p_rows: int, p_shape,
 
 
 def load_measurement(
-    path: Path, expected: dict | None = None, n_layers: int | None = None, fmt: str = "quantkit", shapes=None
+    path: Path, fmt: OutputFormat | str, expected: dict | None = None, n_layers: int | None = None, shapes=None
 ) -> dict:
     """A saved measurement.json; refused when it was made for another model, other settings or is incomplete."""
+    fmt = get_format(fmt)
     data = read_json(path)
     layers = data.get("layers")
     if n_layers is not None and (not isinstance(layers, list) or len(layers) != n_layers):
@@ -354,7 +350,7 @@ def load_measurement(
             names = {c.get("candidate") for c in (layer or {}).get(block) or [] if isinstance(c, dict)}
             moe = shapes is not None and i < len(shapes) and any(
                 expert_index(n) is not None and block_of(n) == block for n in shapes[i])  # fmt: skip
-            if not {c.name for c in block_candidates(block, fmt, moe)} <= names:
+            if not {c.name for c in fmt.candidates(block, moe)} <= names:
                 raise QuantkitError(f"measurement {path}: layer {i} lacks {block} candidates: measure again")
     fp = data.get("fingerprint")
     if expected is not None and fp != expected:
@@ -366,12 +362,12 @@ def load_measurement(
     return data
 
 
-def _emitter(ckpt: Checkpoint, fmt: str, prefix: str, tensors: dict[str, torch.Tensor]):
+def _emitter(ckpt: Checkpoint, fmt: OutputFormat, prefix: str, tensors: dict[str, torch.Tensor]):
     """emit(name, solved) for quantize_layer: the packed tensors of prefix.name into tensors."""
 
     def emit(name: str, solved) -> None:
         key = _prefix(ckpt, f"{prefix}.{name}")
-        tensors.update({f"{key}.{k}": t for k, t in linear_tensors(fmt, solved).items()})
+        tensors.update({f"{key}.{k}": t for k, t in fmt.tensors(solved).items()})
 
     return emit
 
@@ -411,10 +407,10 @@ def _plan(src: Path, dst: Path, o: QuantizeOptions, work: Path, progress: bool, 
     shapes = [_linear_shapes(model, i) for i in range(n_layers)]
     bpw_range = None
     if o.bpw is not None:
-        bpw_range = reachable_bpw(shapes, o.settings, _rotate_seeds(o.rotate), o.fmt)
+        bpw_range = reachable_bpw(shapes, o.settings, _rotate_seeds(o.rotate), o.format)
         check_bpw_reachable(o.bpw, *bpw_range)
         if o.measurement is not None:
-            load_measurement(o.measurement, n_layers=n_layers, fmt=o.fmt, shapes=shapes)
+            load_measurement(o.measurement, o.format, n_layers=n_layers, shapes=shapes)
     the_plan = replace(plan(ckpt, model, o, bpw_range), group_choice=group_choice)
     output = OutputFolder(dst, force=o.force, src=src, work=work)  # validates dst before any work, dry run included
     if o.dry_run:
@@ -464,58 +460,27 @@ def _run(ckpt: Checkpoint, model, o: QuantizeOptions, shapes, dst: Path, output:
     qcfg = _output_config(ckpt, o, specs, crows.provenance, model.vision_tower is not None, predicted)
 
     def card(size: int) -> str:
-        gptq_bits = qcfg["bits"] if o.fmt == "gptq" and o.bpw is not None else None
-        return model_card(dst.name, o.fmt, s, crows.provenance, size, o.head_bits, o.bpw, o.rotate, ckpt.config.arch,
-                          gptq_bits, group_why, o.export_names)  # fmt: skip
+        return model_card(dst.name, o.format, qcfg, s, crows.provenance, size, o.head_bits, o.bpw, o.rotate,
+                          ckpt.config.arch, group_why, o.export_names)  # fmt: skip
 
     size = _assemble(ckpt, job, output, qcfg, card, o.max_shard_size, progress, o.export_names)
     job.cleanup()
     log(f"wrote {dst} ({size / 1e9:.3f} GB)")
 
 
-def _gptq_units(ckpt: Checkpoint, specs) -> list[tuple[list[str], int]]:
-    """Per layer, the linears that share one GPTQ setting (exported names) and their bits: q/k/v, o, gate/up, down;
-    a MoE layer's experts all together."""
-    units: list[tuple[list[str], int]] = []
-    for i, layer in enumerate(specs):
-        groups: dict[str, list[str]] = {}
-        for n in layer:
-            b = block_of(n)
-            key = "experts" if expert_index(n) is not None else "shared" + b if role_of(n) in GPTQ_SHARED[b] else n
-            groups.setdefault(key, []).append(n)
-        for names in groups.values():
-            widths = {layer[n].bits for n in names}
-            if len(widths) != 1 or not isinstance(next(iter(widths)), int):
-                raise QuantkitError(f"internal: layer {i} {names} do not share one GPTQ width: {widths}")
-            units.append(([_prefix(ckpt, f"layers.{i}.{n}") for n in names], widths.pop()))
-    return units
-
-
 def _output_config(
     ckpt: Checkpoint, o: QuantizeOptions, specs, provenance: dict, vision: bool = False, predicted=None
 ) -> dict:
-    """config.json's quantization_config; the quantkit format also lists every linear's bits and group size, the
-    GPTQ format carries per-module bits and what stays 16-bit as GPTQModel's `dynamic` rules. A --bpw build also
-    records the allocator's predicted KL per layer and block (`allocation`, shown by `inspect --card`)."""
-    qcfg = build_quantization_config(o.fmt, o.settings, provenance, o.head_bits)
-    head_width = o.head_bits not in (None, o.settings.bits)  # loaders take the head's width from `dynamic` only
-    if o.fmt == "gptq" and (o.bpw is not None or vision or head_width):
-        units = _gptq_units(ckpt, specs) if o.bpw is not None else []
-        moe = any(".experts." in n for names, _ in units for n in names)
-        vision_bits = o.settings.bits if o.vision == "quantize" else None
-        qcfg["dynamic"] = dynamic_rules(units, o.head_bits, moe, vision, vision_bits)
-        if units:
-            qcfg["bits"] = base_bits([b for _, b in units])
-            qcfg["quantkit"]["bpw"] = o.bpw
-    if o.fmt == "quantkit":
-        qcfg["bpw"], qcfg["rotate"] = o.bpw, o.rotate
-        qcfg["modules"] = {
-            _prefix(ckpt, f"layers.{i}.{n}", o.export_names): {"bits": sp.bits, "group_size": sp.group_size}
-            for i, layer in enumerate(specs)
-            for n, sp in layer.items()
-        }
+    """config.json's quantization_config, as the output format writes it; a --bpw build also records the
+    allocator's predicted KL per layer and block (`allocation`, shown by `inspect --card`) with quantkit's fields."""
+    built = Built(
+        o.settings, provenance, o.head_bits, o.bpw, o.rotate, specs,
+        lambda name, names: _prefix(ckpt, name, names), o.export_names, vision,
+        o.settings.bits if o.vision == "quantize" else None, predicted,
+    )  # fmt: skip
+    qcfg = o.format.quantization_config(built)
     if predicted is not None:
-        (qcfg if o.fmt == "quantkit" else qcfg["quantkit"])["allocation"] = {
+        o.format.own_fields(qcfg)["allocation"] = {
             "objective": "predicted KL: each block's KL probed at 2/3/4 bits, interpolated in its local error",
             "predicted_kl": [{b: round(v, 6) for b, v in layer.items()} for layer in predicted],
         }
@@ -526,12 +491,12 @@ def _allocate(ckpt, model, ids, work: Path, o: QuantizeOptions, shapes, seeds, p
     """--bpw: measure (or reuse --measurement), then choose every block's storage for the target."""
     m_ids = ids[: min(o.measure_rows, o.rows)]
     if o.measurement is not None:
-        expected = _measurement_fingerprint(ckpt, m_ids, o.settings, o.rotate, o.torch_dtype, o.fmt)
-        meas = load_measurement(o.measurement, expected, len(shapes), o.fmt, shapes)
+        expected = _measurement_fingerprint(ckpt, m_ids, o.settings, o.rotate, o.torch_dtype, o.format)
+        meas = load_measurement(o.measurement, o.format, expected, len(shapes), shapes)
     else:
         meas = measure(ckpt, model, m_ids, work, o, progress)
         log(f"measurement: {work / 'measurement.json'} (reuse it with --measurement)")
-    alloc = allocate(meas, shapes, o.bpw, o.settings, seeds, o.fmt)
+    alloc = allocate(meas, shapes, o.bpw, o.settings, seeds, o.format)
     total = sum(v for layer in alloc.predicted for v in layer.values())
     log(
         f"allocation: {alloc.bpw:.4f} bits per decoder weight for --bpw {o.bpw} "
@@ -569,7 +534,7 @@ def _quantize_decoder(ckpt, model, job: Job, ids, o: QuantizeOptions, specs, sha
         middle = job.store("attn", rows, row_shape, dtype)
         ctx = model.context(0, torch.empty(row_shape, dtype=dtype, device=device))
         tensors: dict[str, torch.Tensor] = {}
-        emit = _emitter(ckpt, o.fmt, names[i], tensors)
+        emit = _emitter(ckpt, o.format, names[i], tensors)
         io = LayerIO(rows, cur, nxt, device, middle=middle)
         report = quantize_layer(layer, io, ctx, o.settings, specs[i].__getitem__, emit)
         layer_bits = sum(t.numel() * t.element_size() * 8 for t in tensors.values())  # what inspect counts
@@ -594,7 +559,7 @@ def _quantize_head(ckpt: Checkpoint, model, job: Job, o: QuantizeOptions, seeds)
             acc.add(model.norm(cur.read(r).to(device)))
     head_spec = LinearSpec(o.head_bits, o.settings.group_size, seeds(-1, "lm_head"))
     solved = solve_linear(model.lm_head.weight.data, acc.hessian(), head_spec, o.settings)
-    tensors = {f"{_prefix(ckpt, 'lm_head')}.{k}": v for k, v in linear_tensors(o.fmt, solved).items()}
+    tensors = {f"{_prefix(ckpt, 'lm_head')}.{k}": v for k, v in o.format.tensors(solved).items()}
     job.finish("head", tensors, {"bits": o.head_bits, "rel_loss": solved.result.rel_loss})
     unload(model.lm_head)
     unload(model.norm)
@@ -626,7 +591,7 @@ def _quantize_vision(ckpt: Checkpoint, model, o: QuantizeOptions, seeds, progres
     for j, layer in _layers(ckpt, model, None, names, device, dtype, "vision", progress):  # one job step in all
         spec_for = lambda lin, j=j: LinearSpec(s.bits, s.group_size, seeds(-2 - j, lin))  # noqa: E731
         report = quantize_layer(layer, LayerIO(1, rows, rows, device), vctx, s, spec_for,
-                                _emitter(ckpt, o.fmt, names[j], tensors))  # fmt: skip
+                                _emitter(ckpt, o.format, names[j], tensors))  # fmt: skip
         log(f"vision layer {j + 1}/{n}: {s.bits} bits, rel. error {report.rel_error:.4f}")
     return tensors
 

@@ -18,28 +18,15 @@ import torch
 
 from quantkit.arch.mistral import EXPORT_NAMINGS
 from quantkit.errors import QuantkitError
-from quantkit.formats import OUTPUT_FORMATS
-from quantkit.formats.gptq import GPTQ_BITS
+from quantkit.formats.base import OutputFormat
+from quantkit.formats.registry import UNIFORM_DEFAULT, get_format
+from quantkit.formats.spec import QuantSettings
 from quantkit.io.writer import parse_shard_size
 from quantkit.model.config import CONFIG_DTYPES
 
-FORMATS = OUTPUT_FORMATS
 AUTO = "auto"
 GROUP_SIZES = (AUTO, 32, 64, 128, None)
 VISION_MODES = ("keep", "quantize")
-
-
-@dataclass(frozen=True)
-class QuantSettings:
-    """The GPTQ knobs users know from published GPTQ releases."""
-
-    bits: int = 4
-    group_size: int | str | None = 128  # AUTO is resolved by resolve_group_size before any work
-    sym: bool = True
-    act_order: bool = True
-    static_groups: bool = False
-    damp: float = 0.01
-    clip: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,7 +34,7 @@ class QuantizeOptions:
     """One quantize request besides SRC and DST (the CLI's options, with the library's defaults)."""
 
     settings: QuantSettings = field(default_factory=QuantSettings)
-    fmt: str = "gptq"
+    fmt: str = UNIFORM_DEFAULT  # an output format's name (formats/registry.py)
     head_bits: int | None = None
     bpw: float | None = None
     rotate: bool = False
@@ -73,12 +60,10 @@ class QuantizeOptions:
     def check(self) -> QuantizeOptions:
         """Refuse bad arguments; returns self with the device resolved (auto -> cuda when there is one, else cpu)."""
         s = self.settings
-        if self.fmt not in FORMATS:
-            raise QuantkitError(f"unknown format {self.fmt!r} (choose from {', '.join(FORMATS)})")
+        fmt = get_format(self.fmt)
         if not (isinstance(s.bits, int) and 2 <= s.bits <= 8):
             raise QuantkitError(f"--bits must be between 2 and 8, got {s.bits}")
-        if self.fmt == "gptq" and s.bits not in GPTQ_BITS:
-            raise QuantkitError(f"the GPTQ format stores 2, 3, 4 or 8 bits, not {s.bits}")
+        fmt.check(s, self.bpw, self.rotate)
         if self.head_bits is not None and not (isinstance(self.head_bits, int) and 2 <= self.head_bits <= 8):
             raise QuantkitError(f"--head-bits must be between 2 and 8, got {self.head_bits}")
         if s.group_size not in GROUP_SIZES:
@@ -89,14 +74,9 @@ class QuantizeOptions:
             raise QuantkitError(f"--export-names must be {' or '.join(EXPORT_NAMINGS)}, got {self.export_names!r}")
         if self.vision not in VISION_MODES:
             raise QuantkitError(f"--vision must be keep or quantize, got {self.vision!r}")
-        if self.rotate and self.fmt != "quantkit":
-            raise QuantkitError("--rotate writes the quantkit format (--format quantkit)")
         if self.bpw is not None:
             if not math.isfinite(self.bpw) or self.bpw <= 0:
                 raise QuantkitError(f"--bpw must be a positive number of bits per weight, got {self.bpw}")
-            if s.static_groups and self.fmt == "quantkit":
-                raise QuantkitError("--bpw mixes bit widths within a matrix, which needs dynamic groups: drop "
-                                    "--static-groups")  # fmt: skip
             if self.measure_rows < 1:
                 raise QuantkitError(f"--measure-rows must be at least 1, got {self.measure_rows}")
         for name, value in (("--rows", self.rows), ("--seq-len", self.seq_len)):
@@ -106,6 +86,11 @@ class QuantizeOptions:
         if self.dtype is not None and self.dtype not in CONFIG_DTYPES:
             raise QuantkitError(f"--dtype must be one of {', '.join(CONFIG_DTYPES)}, got {self.dtype!r}")
         return replace(self, device=resolve_device(self.device))
+
+    @property
+    def format(self) -> OutputFormat:
+        """The output format object of fmt."""
+        return get_format(self.fmt)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -146,8 +131,7 @@ def check_against_model(o: QuantizeOptions, config: dict, shapes: dict[str, tupl
     for name, (out_f, in_f) in shapes.items():
         if g and in_f % g:
             raise QuantkitError(f"--group-size {g} does not divide {name}'s {in_f} input features")
-        if o.fmt == "gptq" and (in_f % 32 or out_f % 32):
-            raise QuantkitError(f"the GPTQ format needs features divisible by 32; {name} is [{out_f}, {in_f}]")
+        o.format.check_shape(name, out_f, in_f)
 
 
 def resolve_group_size(shapes: dict[str, tuple[int, int]]) -> tuple[int | None, str]:

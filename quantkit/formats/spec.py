@@ -1,0 +1,47 @@
+"""The words the quantizer and the formats share: GPTQ settings, how one linear is stored, a block's candidate.
+
+They live below both (formats import nothing from quant), so a format can say which settings it stores and what
+they cost without knowing how the quantizer finds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PER_CHANNEL = 0  # a candidate's group size meaning one scale per output row (no groups)
+Segments = tuple[tuple[int, float], ...]  # ((bits, fraction of columns), ...), most salient first
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """The GPTQ knobs users know from published GPTQ releases."""
+
+    bits: int = 4
+    group_size: int | str | None = 128  # "auto" is resolved by quant.settings.resolve_group_size before any work
+    sym: bool = True
+    act_order: bool = True
+    static_groups: bool = False
+    damp: float = 0.01
+    clip: bool = False
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """How one linear is stored: uniform bits or a mixed layout [(bits, n_cols), ...] in quantization order, its
+    group size, and the seed of a randomized Hadamard rotation of its input features (None = not rotated)."""
+
+    bits: int | tuple[tuple[int, int], ...]
+    group_size: int | None
+    rotate_seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to store a block: per role, the segments and the group size (None = the run's --group-size,
+    PER_CHANNEL = no groups)."""
+
+    name: str
+    roles: tuple[tuple[str, Segments, int | None], ...]
+
+    def for_role(self, role: str) -> tuple[Segments, int | None]:
+        return next((segs, g) for r, segs, g in self.roles if r == role)
