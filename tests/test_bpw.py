@@ -162,3 +162,38 @@ def test_every_block_stays_between_the_widest_uniform_width_that_fits_and_the_ne
     assert [_inside(c, (3, 4)) for c in row] == [False, True, True, False, False, False]
     assert _window([row, row], bits, 1600) == (8, 8) and _window([row, row], bits, 399) is None
     assert all(_inside(c, None) for c in row)
+
+
+def test_a_plain_run_measures_only_what_its_target_can_choose(tiny_models, tmp_path):
+    """Without --measure-all, the measurement holds the candidates inside the target's width window and the probe
+    widths (allocate.needed_candidates), the build still hits the target, and a target with another window refuses
+    to reuse that measurement (naming what it lacks) while the same target takes it."""
+    from quantkit.formats.registry import get_format
+    from quantkit.model.load import Checkpoint, build_model
+    from quantkit.quant.allocate import needed_candidates
+    from quantkit.quant.capture import QuantSettings
+    from quantkit.quant.pipeline import _linear_shapes
+
+    src = tiny_models.get("mistral_bpw")["hf"]
+    out = tmp_path / "w3"
+    result = run("quantize", src, out, "--bpw", "3.0", *ARGS)
+    assert result.exit_code == 0, result.output + str(result.exception)
+    assert 2.98 <= decoder_bpw(out) <= 3.0
+    meas = json.loads((tmp_path / ".w3.quantkit-work" / "measurement.json").read_text())
+    assert meas["scope"] == "--bpw 3.0"
+    model = build_model(Checkpoint(src).config)
+    shapes = [_linear_shapes(model, i) for i in range(len(model.layers))]
+    s = QuantSettings(bits=4, group_size=64, act_order=False)
+    needed = needed_candidates(shapes, 3.0, s, lambda i, n: None, "quantkit")
+    every = {b: [c.name for c in get_format("quantkit").candidates(b, False)] for b in ("attn", "mlp")}
+    for layer, want in zip(meas["layers"], needed, strict=True):
+        for b in ("attn", "mlp"):
+            assert [e["candidate"] for e in layer[b]] == want[b]
+            assert {"2", "3", "4"} <= set(want[b]) and len(want[b]) < len(every[b]) / 2
+    kept = tmp_path / "measurement.json"
+    kept.write_bytes((tmp_path / ".w3.quantkit-work" / "measurement.json").read_bytes())
+    result = run("quantize", src, tmp_path / "w5", "--bpw", "5.0", "--measurement", kept, *ARGS)
+    assert result.exit_code == 1 and "lacks attn candidates this target can choose" in result.stderr
+    assert "--measure-all" in result.stderr and not (tmp_path / "w5").exists()
+    result = run("quantize", src, tmp_path / "again", "--bpw", "3.0", "--measurement", kept, *ARGS)
+    assert result.exit_code == 0, result.output + str(result.exception)

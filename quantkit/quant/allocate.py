@@ -147,22 +147,43 @@ def _inside(cand: Candidate, window: tuple[int, int] | None) -> bool:
     return all(window[0] <= w <= window[1] and g != PER_CHANNEL for _, segs, g in cand.roles for w, _ in segs)
 
 
+def _table(shapes: list[dict[str, tuple[int, int]]], s: QuantSettings, rotate_seed, fmt: OutputFormat):
+    """Every block (layer, "attn" / "mlp"), its candidates and their exact stored bits on these shapes: the same
+    costs a measurement records, known before measuring."""
+    blocks = [(li, b) for li in range(len(shapes)) for b in ("attn", "mlp")]
+    cands = [fmt.candidates(b, _is_moe(shapes[li], b)) for li, b in blocks]
+    bits = []
+    for (li, b), row in zip(blocks, cands, strict=True):
+        layer = shapes[li]
+        names = [n for n in layer if block_of(n) == b]
+        bits.append([sum(fmt.stored_bits(spec_for_candidate(c, n, layer[n][1], s, rotate_seed(li, n)), *layer[n], s)
+                         for n in names) for c in row])  # fmt: skip
+    return blocks, cands, bits
+
+
 def reachable_bpw(
     shapes: list[dict[str, tuple[int, int]]], s: QuantSettings, rotate_seed, fmt: OutputFormat | str
 ) -> tuple[float, float]:
     """(lowest, highest) bpw the candidate table reaches on these shapes: every block's cheapest or dearest
-    candidate, costed with the same stored_bits_for the measurement records (so no measurement is needed)."""
-    fmt = get_format(fmt)
+    candidate, costed as the measurement records them (so no measurement is needed)."""
+    _, _, bits = _table(shapes, s, rotate_seed, get_format(fmt))
     numel = sum(o * i for layer in shapes for o, i in layer.values())
-    lo = hi = 0
-    for li, layer in enumerate(shapes):
-        for b in ("attn", "mlp"):
-            names = [n for n in layer if block_of(n) == b]
-            specs = {c.name: {n: spec_for_candidate(c, n, layer[n][1], s, rotate_seed(li, n)) for n in names}
-                     for c in fmt.candidates(b, _is_moe(layer, b))}  # fmt: skip
-            costs = [sum(fmt.stored_bits(sp[n], *layer[n], s) for n in names) for sp in specs.values()]
-            lo, hi = lo + min(costs), hi + max(costs)
-    return lo / numel, hi / numel
+    return sum(min(row) for row in bits) / numel, sum(max(row) for row in bits) / numel
+
+
+def needed_candidates(
+    shapes: list[dict[str, tuple[int, int]]], target_bpw: float, s: QuantSettings, rotate_seed, fmt: OutputFormat | str
+) -> list[dict[str, list[str]]]:
+    """Per layer and block, the candidates a --bpw target can choose (those inside its width window) and the probe
+    widths: all that a measurement for this one target has to measure (the rest is known to be left out)."""
+    blocks, cands, bits = _table(shapes, s, rotate_seed, get_format(fmt))
+    budget = int(target_bpw * sum(o * i for layer in shapes for o, i in layer.values()))
+    window = _window(cands, bits, budget)
+    out: list[dict[str, list[str]]] = [{} for _ in shapes]
+    for (li, b), row in zip(blocks, cands, strict=True):
+        probes = {c.name for c in probe_candidates(row)}
+        out[li][b] = [c.name for c in row if _inside(c, window) or c.name in probes]
+    return out
 
 
 def predicted_kl(measurement: dict, layer: int, block: str, errors: list[float], probe_errors: list[float]) -> list:
@@ -225,20 +246,24 @@ def allocate(
     that mixes widths within a matrix widens single linears instead."""
     fmt = get_format(fmt)
     numel = sum(o * i for layer in shapes for o, i in layer.values())
-    blocks = [(li, b) for li in range(len(shapes)) for b in ("attn", "mlp")]
-    cands = {(li, b): fmt.candidates(b, _is_moe(shapes[li], b)) for li, b in blocks}
-    errors, bits = [], []
-    for li, b in blocks:
-        entries = {e["candidate"]: e for e in measurement["layers"][li][b]}
-        probes = [entries[c.name]["error"] for c in probe_candidates(cands[li, b])]
-        errors.append(predicted_kl(measurement, li, b, [entries[c.name]["error"] for c in cands[li, b]], probes))
-        bits.append([entries[c.name]["bits"] for c in cands[li, b]])
+    blocks, cands, bits = _table(shapes, s, rotate_seed, fmt)
     lo, hi = sum(min(x) for x in bits) / numel, sum(max(x) for x in bits) / numel
     if not lo <= target_bpw <= hi:
         raise QuantkitError(f"--bpw {target_bpw} is outside what this model can reach: {lo:.3f} to {hi:.3f}")
     budget = int(target_bpw * numel)
-    window = _window([cands[k] for k in blocks], bits, budget)
-    allowed = [[j for j, c in enumerate(cands[k]) if _inside(c, window)] for k in blocks]
+    window = _window(cands, bits, budget)
+    allowed = [[j for j, c in enumerate(row) if _inside(c, window)] for row in cands]
+    errors = []  # predicted KL of the allowed candidates (the others need not have been measured)
+    for (li, b), row, ok in zip(blocks, cands, allowed, strict=True):
+        entries = {e["candidate"]: e for e in measurement["layers"][li][b]}
+        lacking = [c.name for c in [*probe_candidates(row), *(row[j] for j in ok)] if c.name not in entries]
+        if lacking:
+            raise QuantkitError(f"the measurement lacks layer {li} {b} candidates that --bpw {target_bpw} can choose "
+                                f"({', '.join(sorted(set(lacking)))}): measure again, or with --measure-all for "
+                                "any target")  # fmt: skip
+        probes = [entries[c.name]["error"] for c in probe_candidates(row)]
+        kl = predicted_kl(measurement, li, b, [entries[row[j].name]["error"] for j in ok], probes)
+        errors.append(dict(zip(ok, kl, strict=True)))
     sub = _choose([[row[j] for j in ok] for row, ok in zip(bits, allowed, strict=True)],
                   [[row[j] for j in ok] for row, ok in zip(errors, allowed, strict=True)], budget,
                   fill=not fmt.mixed_matrix)  # fmt: skip
@@ -250,7 +275,7 @@ def allocate(
     slopes = []
     used = 0
     for k, ((li, b), c) in enumerate(zip(blocks, picks, strict=True)):
-        cand = cands[li, b][c]
+        cand = cands[k][c]
         choices[li][b] = cand.name
         predicted[li][b] = errors[k][c]
         for name, (o, i) in shapes[li].items():

@@ -43,10 +43,13 @@ PROBE_ROWS, PROBE_TOKENS = 1, 128  # each block's probe streams: the first token
 PROBE_BITS = (2, 3, 4)  # the uniform widths each block is probed at
 LAST_ROLES = ("o", "down")  # a dense half-layer's last linear: x + o_proj(attention), h + down_proj(act)
 
-def measure_work(fmt: OutputFormat | str, rows: int, head: tuple[int, int], moe: bool = False) -> MeasureWork:
-    """What measure_layer and the probes do for this format on `rows` measurement rows, for the --dry-run estimate."""
+def measure_work(
+    fmt: OutputFormat | str, rows: int, head: tuple[int, int], moe: bool = False, only: dict | None = None
+) -> MeasureWork:
+    """What measure_layer and the probes do for this format on `rows` measurement rows, for the --dry-run estimate
+    (only: the candidate names measured per block, as measure_layer takes them; None = all)."""
     fmt = get_format(fmt)
-    cands = {b: fmt.candidates(b, moe and b == "mlp") for b in BLOCK_ROLES}
+    cands = {b: _only(fmt.candidates(b, moe and b == "mlp"), only, b) for b in BLOCK_ROLES}
     last = {b: next(r for r in BLOCK_ROLES[b] if r in LAST_ROLES) for b in BLOCK_ROLES}
     shared = {b: not (moe and b == "mlp") for b in BLOCK_ROLES}  # the last-linear shortcut of dense halves
     return MeasureWork(
@@ -127,6 +130,10 @@ def _shared_hessians(accs: dict[str, HessianAccumulator]) -> dict[str, torch.Ten
     return {n: by_acc[id(a)] if id(a) in by_acc else by_acc.setdefault(id(a), a.hessian()) for n, a in accs.items()}
 
 
+def _only(candidates: list[Candidate], only: dict[str, list[str]] | None, block: str) -> list[Candidate]:
+    return candidates if only is None else [c for c in candidates if c.name in only[block]]
+
+
 def uniform_width(cand: Candidate) -> int | None:
     """b when the candidate stores every role uniformly at b bits with the run's group size, else None."""
     widths = {segs[0][0] if len(segs) == 1 and g is None else None for _, segs, g in cand.roles}
@@ -180,13 +187,14 @@ def measure_layer(
     fmt: OutputFormat | str,
     probe: Callable[[str, int, int, torch.Tensor], None] | None = None,
     probe_rows: int = 0,
+    only: dict[str, list[str]] | None = None,
 ) -> dict[str, list[dict]]:
     """{"attn": [...], "mlp": [...]}, one {"candidate", "bits", "error"} per candidate, for this layer; io.middle
     keeps the float attention half's outputs (the MLP half's inputs).
 
     probe(block, k, r, h): for the first probe_rows rows, the layer's output with only this block quantized at its
     k-th probe candidate (the other half float), which the caller carries to the logits to weigh this block's
-    errors."""
+    errors. only: the candidates to measure per block (allocate.needed_candidates; None = every candidate)."""
     fmt = get_format(fmt)
     accs = _hessians(layer, io, ctx)
     result: dict[str, list[dict]] = {}
@@ -196,7 +204,7 @@ def measure_layer(
         floats = {n: layer.get_submodule(n).weight.data.clone() for n in names}
         result[block] = []
         moe = any(expert_index(n) is not None for n in names)
-        candidates = fmt.candidates(block, moe)
+        candidates = _only(fmt.candidates(block, moe), only, block)
         probed = probe_candidates(candidates) if probe is not None else []
         solved: dict[tuple[str, LinearSpec], torch.Tensor] = {}  # candidates share settings per linear: solve once
         room = SOLVE_CACHE * sum(w.numel() * w.element_size() for w in floats.values())

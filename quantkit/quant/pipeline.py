@@ -36,7 +36,7 @@ from quantkit.io.reader import TensorInfo, load_tensor, read_header
 from quantkit.io.writer import OutputFolder, TensorSpec, parse_size, plan_shards, write_json, write_sharded
 from quantkit.memory import frozen_heap, map_large_blocks, release
 from quantkit.model.load import Checkpoint, build_model, unload
-from quantkit.quant.allocate import allocate, reachable_bpw
+from quantkit.quant.allocate import allocate, needed_candidates, reachable_bpw
 from quantkit.quant.capture import LayerIO, LinearSpec, MemoryRows, capture_groups, quantize_layer, solve_linear
 from quantkit.quant.estimate import COUNT_FLOPS, estimate_seconds, human_seconds, measure_rates
 from quantkit.quant.export import model_card
@@ -168,7 +168,8 @@ def _with_time(the_plan: QuantPlan, model, o: QuantizeOptions, shapes, t) -> Qua
     estimate = partial(
         estimate_seconds, shapes, capture_groups(model.layers[0]), rows=o.rows, seq_len=o.seq_len,
         attn_dim=t.n_heads * t.head_dim, head=(t.vocab_size, t.dim) if o.head_bits else None,
-        measure=measure_work(o.format, min(o.measure_rows, o.rows), (t.vocab_size, t.dim), t.n_experts > 0)
+        measure=measure_work(o.format, min(o.measure_rows, o.rows), (t.vocab_size, t.dim), t.n_experts > 0,
+                             None if o.measure_all else _needed(o, shapes)[0])
         if o.bpw is not None and o.measurement is None else None, block_of=block_of, role_of=role_of,
     )  # fmt: skip
     seconds, flops = estimate(rates=rates), estimate(rates=COUNT_FLOPS)
@@ -269,17 +270,34 @@ def _layers(ckpt: Checkpoint, model, job: Job | None, names: list[str], device, 
             bar.update(1)
 
 
-def measure(ckpt: Checkpoint, model, ids: torch.Tensor, work: Path, o: QuantizeOptions, progress: bool = True) -> dict:
-    """The measurement pass (see measure.py), resumable in work/measure, saved as work/measurement.json."""
+def _needed(o: QuantizeOptions, shapes) -> list[dict[str, list[str]]]:
+    """The candidates o.bpw can choose, per layer and block (allocate.needed_candidates)."""
+    return needed_candidates(shapes, o.bpw, o.settings, _rotate_seeds(o.rotate), o.format)
+
+
+def _covers(data: dict, wanted: list[dict[str, list[str]]] | None) -> bool:
+    """Whether a measurement holds every wanted candidate (None: every candidate of the format)."""
+    return wanted is not None and all(
+        set(names) <= {e["candidate"] for e in layer[block]}
+        for layer, want in zip(data.get("layers") or [], wanted, strict=True) for block, names in want.items()
+    )  # fmt: skip
+
+
+def measure(ckpt: Checkpoint, model, ids: torch.Tensor, work: Path, o: QuantizeOptions, progress: bool = True,
+            wanted: list[dict[str, list[str]]] | None = None) -> dict:  # fmt: skip
+    """The measurement pass (see measure.py), resumable in work/measure, saved as work/measurement.json.
+    wanted: per layer and block, the candidates to measure (None: all, so that any --bpw target can reuse it)."""
     s, device, dtype = o.settings, o.device, o.torch_dtype
     fingerprint = _measurement_fingerprint(ckpt, ids, s, o.rotate, dtype, o.format)
     path = work / "measurement.json"
     if path.is_file():
         saved = read_json(path)
-        if saved.get("fingerprint") == fingerprint:
+        if saved.get("fingerprint") == fingerprint and (saved.get("scope") == "all" or _covers(saved, wanted)):
             return saved
     rows, n_layers = ids.shape[0], ckpt.config.text.n_layers
-    job = Job(work / "measure", fingerprint, ["embed", *layer_steps(n_layers)], offload_dir=o.offload_dir)
+    scope = "all" if wanted is None else hashlib.sha256(json.dumps(wanted).encode()).hexdigest()[:16]
+    job = Job(work / "measure", {**fingerprint, "scope": scope}, ["embed", *layer_steps(n_layers)],
+              offload_dir=o.offload_dir)  # fmt: skip
     row_shape = (1, ids.shape[1], ckpt.config.text.dim)
     _embed(ckpt, model, job, ids, row_shape, device, dtype)
     attn = job.store("attn", rows, row_shape, dtype)
@@ -300,10 +318,12 @@ def measure(ckpt: Checkpoint, model, ids: torch.Tensor, work: Path, o: QuantizeO
 
         io = LayerIO(rows, cur, nxt, device, middle=attn)
         ctx = model.context(0, torch.empty(row_shape, dtype=dtype, device=device))
-        info = measure_layer(layer, io, ctx, s, lambda name, i=i: seeds(i, name), o.format, probe, p_rows)
+        info = measure_layer(layer, io, ctx, s, lambda name, i=i: seeds(i, name), o.format, probe, p_rows,
+                             None if wanted is None else wanted[i])  # fmt: skip
         job.finish(f"layer.{i}", None, info, True)
     kl = _probe_kl(ckpt, model, job, rows, row_shape, p_rows, p_shape, device, dtype)
-    data = {"version": 2, "fingerprint": fingerprint, "layers": [job.info(step) for step in layer_steps(n_layers)],
+    data = {"version": 2, "fingerprint": fingerprint, "scope": "all" if wanted is None else f"--bpw {o.bpw}",
+            "layers": [job.info(step) for step in layer_steps(n_layers)],
             "probe": {"rows": p_rows, "tokens": p_shape[1], "bits": list(PROBE_BITS), "kl": kl}}  # fmt: skip
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -333,9 +353,11 @@ def _probe_kl(ckpt, model, job: Job, rows: int, row_shape, p_rows: int, p_shape,
 
 
 def load_measurement(
-    path: Path, fmt: OutputFormat | str, expected: dict | None = None, n_layers: int | None = None, shapes=None
+    path: Path, fmt: OutputFormat | str, expected: dict | None = None, n_layers: int | None = None, shapes=None,
+    wanted: list[dict[str, list[str]]] | None = None,
 ) -> dict:
-    """A saved measurement.json; refused when it was made for another model, other settings or is incomplete."""
+    """A saved measurement.json; refused when it was made for another model, other settings or is incomplete
+    (lacks candidates of the format, or of `wanted` when given: what the target can choose)."""
     fmt = get_format(fmt)
     data = read_json(path)
     layers = data.get("layers")
@@ -350,8 +372,11 @@ def load_measurement(
             names = {c.get("candidate") for c in (layer or {}).get(block) or [] if isinstance(c, dict)}
             moe = shapes is not None and i < len(shapes) and any(
                 expert_index(n) is not None and block_of(n) == block for n in shapes[i])  # fmt: skip
-            if not {c.name for c in fmt.candidates(block, moe)} <= names:
-                raise QuantkitError(f"measurement {path}: layer {i} lacks {block} candidates: measure again")
+            need = {c.name for c in fmt.candidates(block, moe)} if wanted is None else set(wanted[i][block])
+            if not need <= names:
+                raise QuantkitError(f"measurement {path}: layer {i} lacks {block} candidates this target can choose "
+                                    f"({', '.join(sorted(need - names))}): measure again (--measure-all measures for "
+                                    "any target)")  # fmt: skip
     fp = data.get("fingerprint")
     if expected is not None and fp != expected:
         diff = sorted(k for k in set(expected) | set(fp or {}) if (fp or {}).get(k) != expected.get(k))
@@ -410,7 +435,7 @@ def _plan(src: Path, dst: Path, o: QuantizeOptions, work: Path, progress: bool, 
         bpw_range = reachable_bpw(shapes, o.settings, _rotate_seeds(o.rotate), o.format)
         check_bpw_reachable(o.bpw, *bpw_range)
         if o.measurement is not None:
-            load_measurement(o.measurement, o.format, n_layers=n_layers, shapes=shapes)
+            load_measurement(o.measurement, o.format, n_layers=n_layers, shapes=shapes, wanted=_needed(o, shapes))
     the_plan = replace(plan(ckpt, model, o, bpw_range), group_choice=group_choice)
     output = OutputFolder(dst, force=o.force, src=src, work=work)  # validates dst before any work, dry run included
     if o.dry_run:
@@ -492,10 +517,11 @@ def _allocate(ckpt, model, ids, work: Path, o: QuantizeOptions, shapes, seeds, p
     m_ids = ids[: min(o.measure_rows, o.rows)]
     if o.measurement is not None:
         expected = _measurement_fingerprint(ckpt, m_ids, o.settings, o.rotate, o.torch_dtype, o.format)
-        meas = load_measurement(o.measurement, o.format, expected, len(shapes), shapes)
+        meas = load_measurement(o.measurement, o.format, expected, len(shapes), shapes, _needed(o, shapes))
     else:
-        meas = measure(ckpt, model, m_ids, work, o, progress)
-        log(f"measurement: {work / 'measurement.json'} (reuse it with --measurement)")
+        meas = measure(ckpt, model, m_ids, work, o, progress, None if o.measure_all else _needed(o, shapes))
+        reuse = "any --bpw target" if o.measure_all else "this --bpw target's width window; --measure-all for any"
+        log(f"measurement: {work / 'measurement.json'} (reuse it with --measurement: {reuse})")
     alloc = allocate(meas, shapes, o.bpw, o.settings, seeds, o.format)
     total = sum(v for layer in alloc.predicted for v in layer.values())
     log(
