@@ -33,12 +33,12 @@ def describe(path: Path) -> dict:
 
         qcfg = quantization_config(path)
         check_packed(qcfg, index)
-    quantized = quantized_summary(index) if fmt == "quantized" else None
+    quantized = quantized_summary(index, qcfg) if fmt == "quantized" else None
     packed = quantized["linears"] if quantized else {}
     for name, info in index.infos.items():
         prefix = name.rpartition(".")[0]
         if prefix in packed:  # a packed linear counts its weights once, as parameters, not its int32 words
-            if name.endswith((".qmeta", ".qweight")):
+            if name == f"{prefix}.{quantized['key_tensor']}":
                 parts[tensor_part(name)] += packed[prefix]["numel"]
             continue
         parts[tensor_part(name)] += info.numel
@@ -63,28 +63,23 @@ def describe(path: Path) -> dict:
     return report
 
 
-def _linear_numel(prefix: str, index: TensorIndex) -> int:
-    """K·N of a quantized linear from its own tensors: GPTQ's g_idx [K] and scales [groups, N], or quantkit's
-    qmeta header [version, K, N, ...]."""
-    if f"{prefix}.g_idx" in index.infos:
-        return index.infos[f"{prefix}.g_idx"].shape[0] * index.infos[f"{prefix}.scales"].shape[1]
-    meta = index.get(f"{prefix}.qmeta").tolist()
-    return meta[1] * meta[2]
+def quantized_summary(index: TensorIndex, qcfg: dict) -> dict:
+    """Realized bits per weight: of the decoder linears alone, of lm_head, and per decoder layer (every stored
+    byte of a linear over its weights, as the folder's format counts them: OutputFormat.weight_count)."""
+    from quantkit.formats.registry import config_format
 
-
-def quantized_summary(index: TensorIndex) -> dict:
-    """Realized bits per weight: of the decoder linears alone, of lm_head, and per decoder layer."""
+    fmt = config_format(qcfg)
     linears: dict[str, dict] = {}
     for name in index.infos:
         prefix, _, suffix = name.rpartition(".")
-        if suffix in ("qmeta", "qweight"):
+        if suffix == fmt.key_tensor:
             linears[prefix] = {"bits": 0, "numel": 0}
     for name, info in index.infos.items():
         prefix = name.rpartition(".")[0]
         if prefix in linears:
             linears[prefix]["bits"] += info.nbytes * 8
     for prefix, d in linears.items():
-        d["numel"] = _linear_numel(prefix, index)
+        d["numel"] = fmt.weight_count(prefix, index, qcfg)
     layers: dict[int, list[int]] = {}
     head, vision = [0, 0], [0, 0]
     for prefix, d in linears.items():
@@ -106,6 +101,7 @@ def quantized_summary(index: TensorIndex) -> dict:
         "layer_bpw": {i: v[0] / v[1] for i, v in sorted(layers.items())},
         "quantized_linears": len(linears),
         "linears": linears,
+        "key_tensor": fmt.key_tensor,
     }
 
 

@@ -66,7 +66,8 @@ def _check_shape(name: str, module: nn.Module, linear: nn.Linear) -> None:
 
 
 def _packed_module(
-    fmt: OutputFormat, qcfg: dict, backend: str, prefix: str, infos: dict[str, TensorInfo], index
+    fmt: OutputFormat, qcfg: dict, backend: str, prefix: str, infos: dict[str, TensorInfo], index,
+    shape: tuple[int, int] | None = None,
 ) -> nn.Module | None:
     """The quantized linear stored under prefix, built on the meta device (only the format's header tensors are
     read), which checks every packed tensor's shape; None when prefix holds no tensors of the format."""
@@ -74,7 +75,7 @@ def _packed_module(
         return None
     tensors = {k: index.get(f"{prefix}.{k}") if k in fmt.header_tensors else _meta(i) for k, i in infos.items()}
     try:
-        return fmt.linear(qcfg, prefix, tensors, backend)
+        return fmt.linear(qcfg, prefix, tensors, backend, shape)
     except QuantkitError as e:
         raise QuantkitError(e.args[0] if e.args[0].startswith(prefix) else f"{prefix}: {e}") from None
 
@@ -105,7 +106,8 @@ def quantized_prepare(qcfg: dict, backend: str = "auto") -> Callable[[Transforme
             taken.add(prefix)
             if ckpt.source(f"{name}.weight") not in ckpt.index.infos and not infos.keys() & fmt.markers:
                 bare.append(prefix)
-            module = _packed_module(fmt, qcfg, backend, prefix, infos, ckpt.index)
+            shape = (linear.out_features, linear.in_features)
+            module = _packed_module(fmt, qcfg, backend, prefix, infos, ckpt.index, shape)
             if module is not None:
                 _check_shape(prefix, module, linear)
             return module

@@ -98,15 +98,84 @@ def test_the_encoder_finds_a_code_at_least_as_close_as_a_greedy_one(k):
     assert viterbi / float(w.var()) < bound, viterbi / float(w.var())
 
 
-def _greedy(w: torch.Tensor, k: int) -> torch.Tensor:
-    """A plain left-to-right code: each symbol the best for its own position given the symbols before it."""
-    book = exl3.codebook("3inst")
-    n_in, n_out = w.shape
-    tiles = w.reshape(n_in // 16, 16, n_out // 16, 16).permute(0, 2, 1, 3).reshape(-1, 256)[:, exl3.fragment_order()]
-    symbols = torch.zeros(tiles.shape[0], 256, dtype=torch.long)
-    state = torch.zeros(tiles.shape[0], dtype=torch.long)
+def _greedy_symbols(x: torch.Tensor, k: int, book: str = "3inst") -> torch.Tensor:
+    """A plain left-to-right code of x [T, 256]: each symbol the best for its own position given the ones before."""
+    values = exl3.codebook(book)
+    symbols = torch.zeros(x.shape[0], 256, dtype=torch.long)
+    state = torch.zeros(x.shape[0], dtype=torch.long)
     for i in range(256):
         options = ((state[:, None] << k) & 0xFFFF) | torch.arange(1 << k)
-        pick = (book[options] - tiles[:, i : i + 1]).abs().argmin(1)
+        pick = (values[options] - x[:, i : i + 1]).abs().argmin(1)
         symbols[:, i], state = pick, options[torch.arange(len(pick)), pick]
-    return exl3.pack_symbols(symbols, k).view(n_in // 16, n_out // 16, 16 * k)
+    return symbols
+
+
+def _greedy(w: torch.Tensor, k: int) -> torch.Tensor:
+    n_in, n_out = w.shape
+    tiles = w.reshape(n_in // 16, 16, n_out // 16, 16).permute(0, 2, 1, 3).reshape(-1, 256)[:, exl3.fragment_order()]
+    return exl3.pack_symbols(_greedy_symbols(tiles, k), k).view(n_in // 16, n_out // 16, 16 * k)
+
+
+def test_an_exl3_folder_quantizes_saves_loads_and_runs(tiny_models, tmp_path, monkeypatch):
+    """--format exl3 end to end on the tiny Mistral (64 wide: every linear is padded to 128), with the greedy tile
+    code in place of Viterbi: the pipeline, config, storage and loading are under test here (Viterbi at this CPU's
+    speed would take minutes; it is tested above)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from quantkit.cli import main
+    from quantkit.quant import trellis
+    from quantkit.runtime import load_any
+
+    monkeypatch.setattr(trellis, "encode", _greedy_symbols)
+    src, dst = tiny_models.get("mistral_large")["hf"], tmp_path / "exl3"
+    args = ["quantize", src, dst, "--format", "exl3", "--bits", "4", "--rows", "2", "--seq-len", "32", "--quiet"]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    qcfg = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "exl3" and qcfg["bits"] == 4 and qcfg["codebook"] == "3inst"
+    k_proj = "model.layers.0.self_attn.k_proj"
+    storage = qcfg["tensor_storage"][k_proj]
+    assert storage["bits_per_weight"] == 4 and storage["quant_format"] == "exl3"
+    assert storage["stored_tensors"][f"{k_proj}.trellis"] == {"shape": [8, 8, 64], "torch_dtype": "int16"}
+    assert qcfg["quantkit"]["shapes"][k_proj] == [32, 64]  # [out, in] before padding to 128
+
+    report = json.loads(CliRunner().invoke(main, ["inspect", str(dst), "--json"]).output)
+    expected = (128 * 128 * 4 + 16 * 256) * 14 / (2 * (64 * 64 * 2 + 32 * 64 * 2 + 3 * 64 * 128))
+    assert report["quantized"]["decoder_bpw"] == pytest.approx(expected)  # padding counted, over the real weights
+
+    model = load_any(dst, "cpu", "float32", "torch", progress=False)
+    stored = load_file(next(dst.glob("*.safetensors")))  # read by safetensors itself, not by quantkit's loader
+    w = exl3.dequantize(stored[f"{k_proj}.trellis"], stored[f"{k_proj}.suh"], stored[f"{k_proj}.svh"], "3inst")
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    module = model.get_submodule("layers.0.self_attn.k_proj")
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), x @ w[:64, :32])  # the padding cut away: in 64 of 128, out 32 of 128
+    reference = load_any(src, "cpu", "float32", "torch", progress=False)
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = model(ids).float(), reference(ids).float()
+    assert torch.isfinite(got).all() and float((got - want).norm() / want.norm()) < 1.0  # greedy codes: coarse
+
+
+def test_the_exl3_solver_beats_gptq_at_equal_bits_on_a_correlated_hessian():
+    """solve_trellis (regularization, Hadamard both sides, LDLQ over bands of 16 rows, Viterbi) against GPTQ g128
+    act order at 3 bits (3.25 bits per weight with its scales; EXL3 3.25 with suh and svh at this size): the
+    proxy loss tr(E H Eᵀ) / tr(W H Wᵀ) on inputs with correlated, unevenly scaled features. Measured here: 0.0088
+    vs 0.0239 (2.7x lower; 4.1x at 2 bits, 2.2x at 4)."""
+    from quantkit.formats.spec import LinearSpec, QuantSettings
+    from quantkit.quant.capture import solve_linear
+    from quantkit.quant.gptq import proxy_loss
+    from quantkit.quant.trellis import solve_trellis
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 128, generator=g)
+    mix = torch.randn(128, 128, generator=g) / 128**0.5 + torch.eye(128)
+    x = torch.randn(2048, 128, generator=g) @ mix * torch.linspace(0.2, 3, 128)
+    h = x.T @ x / 2048
+    ours = solve_trellis(w, h, LinearSpec(3, None), QuantSettings(3))
+    gptq = solve_linear(w, h, LinearSpec(3, 128), QuantSettings(3, 128))
+    assert ours.rel_loss == pytest.approx(proxy_loss(w, ours.weight, h)[1])
+    assert ours.rel_loss < 0.6 * proxy_loss(w, gptq.weight, h)[1], (ours.rel_loss, proxy_loss(w, gptq.weight, h)[1])
+    assert ours.tensors["trellis"].shape == (8, 8, 48) and ours.tensors["suh"].dtype == torch.float16

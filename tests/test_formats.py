@@ -51,10 +51,13 @@ class RowRTN(OutputFormat):
         codes = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
         return {"codes": codes, "row_scale": scale}
 
+    def weight_count(self, prefix: str, index, qcfg: dict) -> int:
+        return index.infos[f"{prefix}.codes"].numel
+
     def quantization_config(self, b: Built) -> dict:
         return {"quant_method": self.name, "bits": 8, "calibration": b.calibration}
 
-    def linear(self, qcfg: dict, prefix: str, tensors: dict[str, torch.Tensor], backend: str) -> nn.Module:
+    def linear(self, qcfg: dict, prefix: str, tensors: dict[str, torch.Tensor], backend: str, shape) -> nn.Module:
         return RowLinear(tensors["codes"], tensors["row_scale"])
 
 

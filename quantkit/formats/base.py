@@ -37,7 +37,8 @@ class Built:
 
     specs: per decoder layer, each linear's LinearSpec by its name in the layer (e.g. "self_attn.q_proj");
     export(name, naming): a model name (e.g. "layers.3.self_attn.q_proj") as the export spells it under a naming of
-    quantkit.arch EXPORT_NAMINGS; predicted: the allocator's predicted KL per layer and block (--bpw only)."""
+    quantkit.arch EXPORT_NAMINGS; predicted: the allocator's predicted KL per layer and block (--bpw only); shapes:
+    per decoder layer, each linear's (out, in) by the same names (None where the caller has none)."""
 
     settings: QuantSettings
     calibration: dict
@@ -50,6 +51,7 @@ class Built:
     vision: bool  # the model has a vision tower
     vision_bits: int | None  # its linears' width when --vision quantize, else None (kept 16-bit)
     predicted: list[dict[str, float]] | None = None
+    shapes: list[dict[str, tuple[int, int]]] | None = None
 
 
 class OutputFormat:
@@ -63,6 +65,7 @@ class OutputFormat:
     header_tensors: ClassVar[frozenset[str]] = frozenset()  # small tensors the loader reads to shape the rest
     rotates: ClassVar[bool] = False  # stores a Hadamard rotation of input features (--rotate)
     mixed_matrix: ClassVar[bool] = False  # one matrix may hold several widths (--bpw may widen single linears)
+    solver: ClassVar[str] = "gptq"  # what quantizes a linear for it (quant/solvers.py): "gptq" or "trellis"
 
     # The quantizer's side.
     def check(self, s: QuantSettings, bpw: float | None, rotate: bool) -> None:
@@ -91,6 +94,11 @@ class OutputFormat:
         """config.json's quantization_config for a finished run."""
         raise NotImplementedError
 
+    def weight_count(self, prefix: str, index, qcfg: dict) -> int:
+        """How many weights the linear stored under prefix has (in x out), from its tensors (index: the folder's
+        TensorIndex) or the config: what `inspect` divides its stored bits by."""
+        raise NotImplementedError
+
     def own_fields(self, qcfg: dict) -> dict:
         """Where quantkit's own fields (calibration, bpw, allocation) sit in this format's quantization_config."""
         return qcfg
@@ -107,8 +115,11 @@ class OutputFormat:
     def check_config(self, qcfg: dict) -> None:
         """Refuse a quantization_config this format cannot run (one line, before any weight is read)."""
 
-    def linear(self, qcfg: dict, prefix: str, tensors: dict[str, torch.Tensor], backend: str) -> nn.Module:
-        """The module that runs the linear stored under prefix. tensors: every stored tensor of the module, on the
-        meta device except header_tensors; the module's buffers must take the stored tensors by suffix (the
-        checkpoint loader fills them part by part)."""
+    def linear(
+        self, qcfg: dict, prefix: str, tensors: dict[str, torch.Tensor], backend: str, shape: tuple[int, int] | None
+    ) -> nn.Module:
+        """The module that runs the linear stored under prefix, [out, in] = shape (the model's; None when only
+        the stored tensors are checked). tensors: every stored tensor of the module, on the meta device except
+        header_tensors; the module's buffers must take the stored tensors by suffix (the checkpoint loader fills
+        them part by part)."""
         raise NotImplementedError

@@ -102,6 +102,11 @@ def states(trellis: torch.Tensor) -> torch.Tensor:
     return (bits[..., window].long() * weights).sum(-1)
 
 
+def padded(n: int) -> int:
+    """A dimension as EXL3 stores it: the next multiple of 128 (exllamav3 pads with zero weights)."""
+    return -(-n // HADAMARD_BLOCK) * HADAMARD_BLOCK
+
+
 def bits_per_weight(trellis: torch.Tensor) -> int:
     k, rem = divmod(trellis.shape[-1], TILE)
     if rem or not 1 <= k <= 8:

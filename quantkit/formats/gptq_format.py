@@ -250,6 +250,10 @@ class GPTQFormat(OutputFormat):
                 qcfg["quantkit"]["bpw"] = b.bpw
         return qcfg
 
+    def weight_count(self, prefix: str, index, qcfg: dict) -> int:
+        """g_idx [in] and scales [groups, out]."""
+        return index.infos[f"{prefix}.g_idx"].shape[0] * index.infos[f"{prefix}.scales"].shape[1]
+
     def own_fields(self, qcfg: dict) -> dict:
         return qcfg.get("quantkit") or {}
 
@@ -264,7 +268,9 @@ class GPTQFormat(OutputFormat):
             )
         check_dynamic(qcfg.get("dynamic"))
 
-    def linear(self, qcfg: dict, prefix: str, tensors: dict[str, torch.Tensor], backend: str) -> nn.Module:
+    def linear(
+        self, qcfg: dict, prefix: str, tensors: dict[str, torch.Tensor], backend: str, shape: tuple[int, int] | None
+    ) -> nn.Module:
         """A GPTQLinear, repacked as it loads; its width per module from `dynamic` in mixed-bit folders."""
         bits = module_bits(qcfg, prefix)
         if bits is None:

@@ -89,6 +89,11 @@ class QuantkitFormat(OutputFormat):
             },
         }
 
+    def weight_count(self, prefix: str, index, qcfg: dict) -> int:
+        """The qmeta header [version, in, out, ...]."""
+        meta = index.get(f"{prefix}.qmeta").tolist()
+        return meta[1] * meta[2]
+
     def measurement_key(self) -> dict:
         return {}  # measurements older than the GPTQ format's candidates are this format's
 
@@ -96,5 +101,7 @@ class QuantkitFormat(OutputFormat):
         if qcfg.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
             raise QuantkitError(f"quantkit format version {qcfg['format_version']} is not supported ({FORMAT_VERSION})")
 
-    def linear(self, qcfg: dict, prefix: str, tensors: dict[str, torch.Tensor], backend: str) -> nn.Module:
+    def linear(
+        self, qcfg: dict, prefix: str, tensors: dict[str, torch.Tensor], backend: str, shape: tuple[int, int] | None
+    ) -> nn.Module:
         return QuantLinear.from_tensors("", tensors, backend=backend)

@@ -1,18 +1,19 @@
 """Output formats by name: `quantize --format` takes these names and config.json's quant_method holds them.
 
 `register` adds a format (an OutputFormat instance, formats/base.py); `get_format` finds one by name or by a
-folder's quantization_config. The two built in: gptq (the default for --bits: every GPTQ loader takes it) and
-quantkit (the default for --bpw and --rotate: widths mixed within a matrix).
+folder's quantization_config. Built in: gptq (the default for --bits: every GPTQ loader takes it), quantkit (the
+default for --bpw and --rotate: widths mixed within a matrix) and exl3 (ExLlamaV3's trellis code, --bits only).
 """
 
 from __future__ import annotations
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import OutputFormat
+from quantkit.formats.exl3_format import Exl3Format
 from quantkit.formats.gptq_format import GPTQFormat
 from quantkit.formats.quantkit_format import QuantkitFormat
 
-FORMATS: dict[str, OutputFormat] = {f.name: f for f in (GPTQFormat(), QuantkitFormat())}
+FORMATS: dict[str, OutputFormat] = {f.name: f for f in (GPTQFormat(), QuantkitFormat(), Exl3Format())}
 UNIFORM_DEFAULT = GPTQFormat.name  # --bits without --format
 MIXED_DEFAULT = QuantkitFormat.name  # --bpw or --rotate without --format
 

@@ -42,6 +42,14 @@ class Solved:
         w = self.result.weight
         return w if self.had_in is None else rotate(w, self.had_in, self.had_in_block, transpose=True)
 
+    @property
+    def rel_loss(self) -> float:
+        return self.result.rel_loss
+
+    @property
+    def damp(self) -> float:
+        return self.result.damp
+
 
 def solve_linear(
     W: torch.Tensor, H: torch.Tensor, spec: LinearSpec, s: QuantSettings, factors: dict | None = None
@@ -212,9 +220,11 @@ def quantize_layer(
     settings: QuantSettings,
     spec_for: Callable[[str], LinearSpec],
     emit: Callable[[str, Solved], None],
+    solve: Callable = solve_linear,
 ) -> LayerReport:
-    """Quantize layer (in place) on rows io.read(r) -> [1, T, D]; each linear is solved with spec_for(name) (names
-    relative to the layer) and goes to emit(name, solved).
+    """Quantize layer (in place) on rows io.read(r) -> [1, T, D]; each linear is solved by solve (GPTQ, or the
+    output format's own solver: quant/solvers.py) with spec_for(name) (names relative to the layer) and goes to
+    emit(name, solved).
 
     The float layer's outputs are written to the output store during the first capture pass (the layer is still
     unquantized then), and replaced by the quantized layer's outputs at the end, which also gives the output error
@@ -256,9 +266,9 @@ def quantize_layer(
             H = accs.pop(site).hessian()  # free the accumulator before solving: H is the biggest tensor here
             for name in (n for n in names if _site(n) == site):
                 linear = layer.get_submodule(name)
-                solved = solve_linear(linear.weight.data, H, spec_for(name), settings)
+                solved = solve(linear.weight.data, H, spec_for(name), settings)
                 linear.weight.data = solved.weight.to(linear.weight.dtype)
-                report.rel_loss[name], report.damp[name] = solved.result.rel_loss, solved.result.damp
+                report.rel_loss[name], report.damp[name] = solved.rel_loss, solved.damp
                 emit(name, solved)
                 del solved
             del H

@@ -37,7 +37,7 @@ from quantkit.io.writer import OutputFolder, TensorSpec, parse_size, plan_shards
 from quantkit.memory import frozen_heap, map_large_blocks, release
 from quantkit.model.load import Checkpoint, build_model, unload
 from quantkit.quant.allocate import allocate, needed_candidates, reachable_bpw
-from quantkit.quant.capture import LayerIO, LinearSpec, MemoryRows, capture_groups, quantize_layer, solve_linear
+from quantkit.quant.capture import LayerIO, LinearSpec, MemoryRows, capture_groups, quantize_layer
 from quantkit.quant.estimate import COUNT_FLOPS, estimate_seconds, human_seconds, measure_rates
 from quantkit.quant.export import model_card
 from quantkit.quant.gptq import HessianAccumulator
@@ -59,6 +59,7 @@ from quantkit.quant.settings import (
     group_size_words,
     resolve_group_size,
 )
+from quantkit.quant.solvers import SOLVERS
 from quantkit.tokenizer.chat import ChatTokenizer
 
 
@@ -482,7 +483,7 @@ def _run(ckpt: Checkpoint, model, o: QuantizeOptions, shapes, dst: Path, output:
     if job.next is not None:
         raise QuantkitError(f"internal: quantize job stopped before step {job.next}")
 
-    qcfg = _output_config(ckpt, o, specs, crows.provenance, model.vision_tower is not None, predicted)
+    qcfg = _output_config(ckpt, o, specs, crows.provenance, model.vision_tower is not None, predicted, shapes)
 
     def card(size: int) -> str:
         return model_card(dst.name, o.format, qcfg, s, crows.provenance, size, o.head_bits, o.bpw, o.rotate,
@@ -494,14 +495,14 @@ def _run(ckpt: Checkpoint, model, o: QuantizeOptions, shapes, dst: Path, output:
 
 
 def _output_config(
-    ckpt: Checkpoint, o: QuantizeOptions, specs, provenance: dict, vision: bool = False, predicted=None
+    ckpt: Checkpoint, o: QuantizeOptions, specs, provenance: dict, vision: bool = False, predicted=None, shapes=None
 ) -> dict:
     """config.json's quantization_config, as the output format writes it; a --bpw build also records the
     allocator's predicted KL per layer and block (`allocation`, shown by `inspect --card`) with quantkit's fields."""
     built = Built(
         o.settings, provenance, o.head_bits, o.bpw, o.rotate, specs,
         lambda name, names: _prefix(ckpt, name, names), o.export_names, vision,
-        o.settings.bits if o.vision == "quantize" else None, predicted,
+        o.settings.bits if o.vision == "quantize" else None, predicted, shapes,
     )  # fmt: skip
     qcfg = o.format.quantization_config(built)
     if predicted is not None:
@@ -562,7 +563,7 @@ def _quantize_decoder(ckpt, model, job: Job, ids, o: QuantizeOptions, specs, sha
         tensors: dict[str, torch.Tensor] = {}
         emit = _emitter(ckpt, o.format, names[i], tensors)
         io = LayerIO(rows, cur, nxt, device, middle=middle)
-        report = quantize_layer(layer, io, ctx, o.settings, specs[i].__getitem__, emit)
+        report = quantize_layer(layer, io, ctx, o.settings, specs[i].__getitem__, emit, SOLVERS[o.format.solver])
         layer_bits = sum(t.numel() * t.element_size() * 8 for t in tensors.values())  # what inspect counts
         avg = layer_bits / sum(out * k for out, k in shapes[i].values())
         info = {"bpw": avg, "rel_error": report.rel_error, "starved_experts": report.starved}
@@ -584,9 +585,9 @@ def _quantize_head(ckpt: Checkpoint, model, job: Job, o: QuantizeOptions, seeds)
         for r in range(o.rows):
             acc.add(model.norm(cur.read(r).to(device)))
     head_spec = LinearSpec(o.head_bits, o.settings.group_size, seeds(-1, "lm_head"))
-    solved = solve_linear(model.lm_head.weight.data, acc.hessian(), head_spec, o.settings)
+    solved = SOLVERS[o.format.solver](model.lm_head.weight.data, acc.hessian(), head_spec, o.settings)
     tensors = {f"{_prefix(ckpt, 'lm_head')}.{k}": v for k, v in o.format.tensors(solved).items()}
-    job.finish("head", tensors, {"bits": o.head_bits, "rel_loss": solved.result.rel_loss})
+    job.finish("head", tensors, {"bits": o.head_bits, "rel_loss": solved.rel_loss})
     unload(model.lm_head)
     unload(model.norm)
 
@@ -617,7 +618,7 @@ def _quantize_vision(ckpt: Checkpoint, model, o: QuantizeOptions, seeds, progres
     for j, layer in _layers(ckpt, model, None, names, device, dtype, "vision", progress):  # one job step in all
         spec_for = lambda lin, j=j: LinearSpec(s.bits, s.group_size, seeds(-2 - j, lin))  # noqa: E731
         report = quantize_layer(layer, LayerIO(1, rows, rows, device), vctx, s, spec_for,
-                                _emitter(ckpt, o.format, names[j], tensors))  # fmt: skip
+                                _emitter(ckpt, o.format, names[j], tensors), SOLVERS[o.format.solver])  # fmt: skip
         log(f"vision layer {j + 1}/{n}: {s.bits} bits, rel. error {report.rel_error:.4f}")
     return tensors
 

@@ -12,9 +12,14 @@ a second pass starts from that state and must end in it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from quantkit.formats import exl3
+from quantkit.formats.exl3 import padded
+from quantkit.formats.spec import LinearSpec, QuantSettings
+from quantkit.quant.gptq import proxy_loss
 
 STATES = 1 << 16
 BACKPOINTER_BYTES = 256 << 20  # per batch of tiles: the [256, tiles, 2^(16-K)] table of chosen predecessors
@@ -63,3 +68,74 @@ def encode_matrix(w: torch.Tensor, k: int, book: str = "3inst") -> torch.Tensor:
     stream = tiles.reshape(-1, 256)[:, exl3.fragment_order()]  # stream position e holds tile cell order[e]
     symbols = encode(stream, k, book)
     return exl3.pack_symbols(symbols, k).view(n_in // exl3.TILE, n_out // exl3.TILE, exl3.TILE * k)
+
+
+CODEBOOK_SCALE = 1.24371088  # the 3inst / mcg codebooks' standard deviation (exllamav3's codebook_scale)
+SIGMA_REG = 0.025  # Hessian damping, a fraction of its mean diagonal (exllamav3's default)
+BAND = 16  # rows of Ŵ quantized together: one row of tiles
+
+
+def _rms(x: torch.Tensor, dim: int) -> torch.Tensor:
+    r = x.square().mean(dim=dim, keepdim=True).sqrt()
+    return torch.where(r > 1e-30, r, torch.full_like(r, 0.1))
+
+
+def solve_exl3(
+    weight: torch.Tensor, hessian: torch.Tensor, k: int, seed: int = 0, book: str = "3inst"
+) -> dict[str, torch.Tensor]:
+    """The EXL3 tensors (trellis, suh, svh) of an nn.Linear weight [out, in] (both multiples of 128) calibrated
+    by H [in, in] = E[x xᵀ]. As exllamav3 regularizes: random signs on both sides, output channels scaled to a common
+    RMS, output Hadamard, input channels scaled so that rows match the codebook's spread, input Hadamard; then the
+    bands of 16 rows of Ŵ are coded in order with LDLQ error feedback (blocked GPTQ: each band's coding error is
+    spread over the rows not yet coded, weighted by the Hessian in the rotated basis, Hz = H' diag(su) H diag(su)
+    H' with H' the blocked Hadamard)."""
+    n_out, n_in = weight.shape
+    g = torch.Generator().manual_seed(seed)
+    w = weight.float().T.contiguous()  # [in, out]: y = x w
+    su = torch.randint(0, 2, (n_in, 1), generator=g).float() * 2 - 1
+    sv = torch.randint(0, 2, (1, n_out), generator=g).float() * 2 - 1
+    out_scale = _rms(w, 0)
+    sv = sv * out_scale / out_scale.mean()
+    w = exl3.blocked_hadamard(w / sv, 1)
+    su = -su * _rms(w, 1) / CODEBOOK_SCALE
+    suh, svh = su.flatten().half(), sv.flatten().half()  # what is stored, and what the code must be fitted to
+    w = exl3.blocked_hadamard(weight.float().T / suh.float()[:, None] / svh.float()[None, :], 1)
+    w = exl3.blocked_hadamard(w, 0)  # Ŵ's target: H diag(1/suh) W diag(1/svh) H, with the stored fp16 scales
+
+    h = hessian.float() * suh.float()[:, None] * suh.float()[None, :]
+    h = exl3.blocked_hadamard(exl3.blocked_hadamard(h, 0), 1)
+    h.diagonal().add_(SIGMA_REG * float(h.diagonal().mean()))
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # H⁻¹ = Uᵀ U
+    trellis = torch.empty(n_in // exl3.TILE, n_out // exl3.TILE, exl3.TILE * k, dtype=torch.int16)
+    for r in range(0, n_in, BAND):
+        band = w[r : r + BAND]
+        code = encode_matrix(band, k, book)
+        trellis[r // BAND] = code[0]
+        err = torch.linalg.solve_triangular(u[r : r + BAND, r : r + BAND].T, band - exl3.decode_inner(code, book),
+                                            upper=False)  # band error x U_bb⁻¹, in Ŵ's orientation  # fmt: skip
+        w[r + BAND :] -= u[r : r + BAND, r + BAND :].T @ err
+    return {"trellis": trellis, "suh": suh, "svh": svh}
+
+
+@dataclass
+class TrellisSolved:
+    """A linear coded by solve_trellis: its stored tensors (padded to multiples of 128) and its dequantized weight."""
+
+    tensors: dict[str, torch.Tensor]
+    weight: torch.Tensor  # [out, in], padding cut away
+    rel_loss: float
+    damp: float = SIGMA_REG
+
+
+def solve_trellis(weight: torch.Tensor, hessian: torch.Tensor, spec: LinearSpec, s: QuantSettings) -> TrellisSolved:
+    """solve_exl3 at spec.bits for a linear of any shape: padded with zero weights (and unit Hessian entries for the
+    padded inputs, which are always zero), coded, cut back. The rotation seed is the spec's, else 0."""
+    n_out, n_in = weight.shape
+    w = torch.zeros(padded(n_out), padded(n_in))
+    w[:n_out, :n_in] = weight.float()
+    h = torch.zeros(padded(n_in), padded(n_in))
+    h[:n_in, :n_in] = hessian.float()
+    h.diagonal()[n_in:] = float(hessian.diagonal().float().mean()) or 1.0
+    tensors = solve_exl3(w, h, spec.bits, seed=spec.rotate_seed or 0)
+    dense = exl3.dequantize(tensors["trellis"], tensors["suh"], tensors["svh"], "3inst").T[:n_out, :n_in]
+    return TrellisSolved(tensors, dense.contiguous(), proxy_loss(weight, dense, hessian)[1])

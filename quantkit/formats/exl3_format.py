@@ -1,0 +1,103 @@
+"""The EXL3 format (ExLlamaV3's trellis code, formats/exl3.py): K = 2..8 bits per weight per linear, coded by our
+own encoder (quant/trellis.py), stored as exllamav3 stores it: `trellis` int16, `suh` / `svh` fp16 per linear,
+dimensions padded to multiples of 128, the codebook 3INST (no `mcg` / `mul1` flag tensors), and a
+`quantization_config` with exllamav3's fields and the `tensor_storage` map GPTQModel reads. quantkit loads it with a
+plain-torch linear (kernels/exl3_linear.py). Whether ExLlamaV3, TabbyAPI and GPTQModel load our folders is not yet
+checked (issue 27's interop rows).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantkit import __version__
+from quantkit.errors import QuantkitError
+from quantkit.formats import exl3
+from quantkit.formats.base import Built, OutputFormat, SolvedLinear
+from quantkit.formats.exl3 import padded
+from quantkit.formats.spec import LinearSpec, QuantSettings
+from quantkit.kernels.exl3_linear import Exl3Linear
+
+
+class Exl3Format(OutputFormat):
+    name = "exl3"
+    help = "ExLlamaV3's trellis-coded weights, K bits per weight and no group scales (CPU: slow to encode)"
+    key_tensor = "trellis"
+    markers = frozenset({"trellis", "suh", "svh"})
+    solver = "trellis"
+
+    def check(self, s: QuantSettings, bpw: float | None, rotate: bool) -> None:
+        super().check(s, bpw, rotate)
+        if bpw is not None:
+            raise QuantkitError("--format exl3 takes --bits for now (every linear at K bits), not --bpw")
+
+    def stored_bits(self, spec: LinearSpec, out_features: int, in_features: int, s: QuantSettings) -> int:
+        """The padded trellis at K bits per weight, and suh and svh in fp16."""
+        n_out, n_in = padded(out_features), padded(in_features)
+        return n_out * n_in * spec.bits + 16 * (n_out + n_in)
+
+    def tensors(self, solved: SolvedLinear) -> dict[str, torch.Tensor]:
+        return dict(solved.tensors)
+
+    def quantization_config(self, b: Built) -> dict:
+        """exllamav3's fields (quant_method, version, bits, head_bits, calibration rows/cols, out_scales, codebook),
+        `tensor_storage` per quantized decoder linear, and quantkit's own fields under "quantkit"."""
+        storage, sizes = {}, {}  # sizes: each linear's [out, in] before padding (quantkit's, for inspect)
+        for i, layer in enumerate(b.shapes or []):
+            for n, (n_out, n_in) in layer.items():
+                key = b.export(f"layers.{i}.{n}", b.export_names)
+                k = b.specs[i][n].bits
+                shapes = {"trellis": ([padded(n_in) // 16, padded(n_out) // 16, 16 * k], "int16"),
+                          "suh": ([padded(n_in)], "float16"), "svh": ([padded(n_out)], "float16")}  # fmt: skip
+                storage[key] = {
+                    "stored_tensors": {f"{key}.{t}": {"shape": s, "torch_dtype": d} for t, (s, d) in shapes.items()},
+                    "quant_format": self.name,
+                    "bits_per_weight": k,
+                }
+                sizes[key] = [n_out, n_in]
+        return {
+            "quant_method": self.name,
+            "version": f"quantkit {__version__}",
+            "bits": b.settings.bits,
+            "head_bits": b.head_bits or 16,
+            "calibration": {"rows": b.calibration.get("rows"), "cols": b.calibration.get("seq_len")},
+            "out_scales": "always",
+            "codebook": "3inst",
+            "tensor_storage": storage,
+            "quantkit": {"calibration": b.calibration, "shapes": sizes},
+        }
+
+    def weight_count(self, prefix: str, index, qcfg: dict) -> int:
+        """The linear's own size (recorded under quantkit.shapes), else the padded trellis's."""
+        shape = self.own_fields(qcfg).get("shapes", {}).get(prefix)
+        if shape is not None:
+            return shape[0] * shape[1]
+        tiles_in, tiles_out, _ = index.infos[f"{prefix}.trellis"].shape
+        return tiles_in * tiles_out * exl3.TILE * exl3.TILE
+
+    def own_fields(self, qcfg: dict) -> dict:
+        return qcfg.get("quantkit") or {}
+
+    def check_config(self, qcfg: dict) -> None:
+        if qcfg.get("codebook", "3inst") not in exl3.CODEBOOKS:
+            raise QuantkitError(f"EXL3 codebook {qcfg.get('codebook')!r} is not supported "
+                                f"({', '.join(exl3.CODEBOOKS)})")  # fmt: skip
+
+    def linear(
+        self, qcfg: dict, prefix: str, tensors: dict[str, torch.Tensor], backend: str, shape: tuple[int, int] | None
+    ) -> nn.Module:
+        missing = sorted(self.markers - tensors.keys())
+        if missing:
+            raise QuantkitError(f"{prefix}: EXL3 tensors {', '.join(missing)} are missing")
+        trellis = tensors["trellis"]
+        k = exl3.bits_per_weight(trellis)
+        n_in, n_out = trellis.shape[0] * exl3.TILE, trellis.shape[1] * exl3.TILE
+        if tensors["suh"].shape != (n_in,) or tensors["svh"].shape != (n_out,) or n_in % 128 or n_out % 128:
+            raise QuantkitError(f"{prefix}: EXL3 trellis {list(trellis.shape)} (K = {k}) does not match suh "
+                                f"{list(tensors['suh'].shape)} / svh {list(tensors['svh'].shape)}")  # fmt: skip
+        out_f, in_f = shape or (n_out, n_in)
+        if padded(out_f) != n_out or padded(in_f) != n_in:
+            raise QuantkitError(f"{prefix}: EXL3 tensors are for a [{n_out}, {n_in}] (padded) linear, the model's is "
+                                f"[{out_f}, {in_f}]")  # fmt: skip
+        return Exl3Linear(tensors, out_f, in_f, exl3.codebook_of(tensors))
