@@ -34,7 +34,7 @@ def test_decoded_tiles_equal_gptqmodels_bit_for_bit(golden, book, k):
 @pytest.mark.parametrize("book", exl3.CODEBOOKS)
 def test_a_whole_linear_equals_gptqmodels_weight(golden, book):
     p = f"{book}.full."
-    got = exl3.dequantize(golden[p + "trellis"], golden[p + "suh"], golden[p + "svh"], book)
+    got = exl3.decode_weight(golden[p + "trellis"], golden[p + "suh"], golden[p + "svh"], book)
     want = golden[p + "weight"]
     assert got.shape == want.shape == (128, 128)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)  # two fp32 matmuls: summation order may differ
@@ -134,7 +134,8 @@ def test_an_exl3_folder_quantizes_saves_loads_and_runs(tiny_models, tmp_path, mo
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 0, result.output + str(result.exception)
     qcfg = json.loads((dst / "config.json").read_text())["quantization_config"]
-    assert qcfg["quant_method"] == "exl3" and qcfg["bits"] == 4 and qcfg["codebook"] == "3inst"
+    assert qcfg["quant_method"] == qcfg["format"] == "exl3" and qcfg["bits"] == 4 and qcfg["codebook"] == "3inst"
+    assert qcfg["head_bits"] is None and "version" not in qcfg  # what GPTQModel's EXL3Config refuses
     k_proj = "model.layers.0.self_attn.k_proj"
     storage = qcfg["tensor_storage"][k_proj]
     assert storage["bits_per_weight"] == 4 and storage["quant_format"] == "exl3"
@@ -147,7 +148,7 @@ def test_an_exl3_folder_quantizes_saves_loads_and_runs(tiny_models, tmp_path, mo
 
     model = load_any(dst, "cpu", "float32", "torch", progress=False)
     stored = load_file(next(dst.glob("*.safetensors")))  # read by safetensors itself, not by quantkit's loader
-    w = exl3.dequantize(stored[f"{k_proj}.trellis"], stored[f"{k_proj}.suh"], stored[f"{k_proj}.svh"], "3inst")
+    w = exl3.decode_weight(stored[f"{k_proj}.trellis"], stored[f"{k_proj}.suh"], stored[f"{k_proj}.svh"], "3inst")
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
     module = model.get_submodule("layers.0.self_attn.k_proj")
     with torch.no_grad():

@@ -143,7 +143,7 @@ def blocked_hadamard(x: torch.Tensor, dim: int) -> torch.Tensor:
     return (x.reshape(x.shape[0], -1, HADAMARD_BLOCK) @ h).reshape(x.shape)
 
 
-def dequantize(trellis: torch.Tensor, suh: torch.Tensor, svh: torch.Tensor, book: str) -> torch.Tensor:
+def decode_weight(trellis: torch.Tensor, suh: torch.Tensor, svh: torch.Tensor, book: str) -> torch.Tensor:
     """fp32 [in, out]: W = diag(suh) H Ŵ H diag(svh), so that y = x W (transpose for nn.Linear's weight)."""
     w = blocked_hadamard(decode_inner(trellis, book), 0) * suh.float()[:, None]
     return blocked_hadamard(w, 1) * svh.float()[None, :]

@@ -41,8 +41,9 @@ class Exl3Format(OutputFormat):
         return dict(solved.tensors)
 
     def quantization_config(self, b: Built) -> dict:
-        """exllamav3's fields (quant_method, version, bits, head_bits, calibration rows/cols, out_scales, codebook),
-        `tensor_storage` per quantized decoder linear, and quantkit's own fields under "quantkit"."""
+        """exllamav3's fields (quant_method, bits, head_bits, calibration rows/cols, out_scales, codebook; not its
+        `version`, which GPTQModel takes for a format name), `format` for GPTQModel, `tensor_storage` per quantized
+        decoder linear, and quantkit's own fields under "quantkit"."""
         storage, sizes = {}, {}  # sizes: each linear's [out, in] before padding (quantkit's, for inspect)
         for i, layer in enumerate(b.shapes or []):
             for n, (n_out, n_in) in layer.items():
@@ -58,14 +59,14 @@ class Exl3Format(OutputFormat):
                 sizes[key] = [n_out, n_in]
         return {
             "quant_method": self.name,
-            "version": f"quantkit {__version__}",
+            "format": self.name,  # GPTQModel reads a `version` field as its format name: name it here instead
             "bits": b.settings.bits,
-            "head_bits": b.head_bits or 16,
+            "head_bits": b.head_bits,  # None: lm_head kept 16-bit (GPTQModel refuses 16 here)
             "calibration": {"rows": b.calibration.get("rows"), "cols": b.calibration.get("seq_len")},
             "out_scales": "always",
             "codebook": "3inst",
             "tensor_storage": storage,
-            "quantkit": {"calibration": b.calibration, "shapes": sizes},
+            "quantkit": {"calibration": b.calibration, "shapes": sizes, "producer": f"quantkit {__version__}"},
         }
 
     def weight_count(self, prefix: str, index, qcfg: dict) -> int:

@@ -25,7 +25,7 @@ class Exl3Linear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """fp32 [out, in]."""
-        w = exl3.dequantize(self.trellis, self.suh, self.svh, self.codebook)
+        w = exl3.decode_weight(self.trellis, self.suh, self.svh, self.codebook)
         return w.T[: self.out_features, : self.in_features].contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -137,5 +137,5 @@ def solve_trellis(weight: torch.Tensor, hessian: torch.Tensor, spec: LinearSpec,
     h[:n_in, :n_in] = hessian.float()
     h.diagonal()[n_in:] = float(hessian.diagonal().float().mean()) or 1.0
     tensors = solve_exl3(w, h, spec.bits, seed=spec.rotate_seed or 0)
-    dense = exl3.dequantize(tensors["trellis"], tensors["suh"], tensors["svh"], "3inst").T[:n_out, :n_in]
+    dense = exl3.decode_weight(tensors["trellis"], tensors["suh"], tensors["svh"], "3inst").T[:n_out, :n_in]
     return TrellisSolved(tensors, dense.contiguous(), proxy_loss(weight, dense, hessian)[1])

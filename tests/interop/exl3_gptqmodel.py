@@ -1,0 +1,39 @@
+"""Load a quantkit `--format exl3` folder with GPTQModel's CPU EXL3 kernel (BACKEND.EXL3_TORCH) and compare its
+logits with quantkit's (issue 27, must-show 1). Runs in the interop venv (tests/interop/run_gptqmodel.sh makes it):
+
+    python -c 'import torch; ...'  # quantkit's side: OURS = {"ids": [1, T], "logits": [1, T, V]} in fp32
+    ~/.cache/quantkit-interop/venv/bin/python tests/interop/exl3_gptqmodel.py EXL3_DIR OURS.safetensors [--tol 1e-3]
+
+Prints ‖a − b‖ / ‖b‖ of the logits and whether the greedy next tokens agree; exits 1 above --tol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from gptqmodel import BACKEND, GPTQModel
+from safetensors.torch import load_file
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder")
+    ap.add_argument("ours")
+    ap.add_argument("--tol", type=float, default=1e-3)
+    args = ap.parse_args()
+    ours = load_file(args.ours)
+    model = GPTQModel.load(args.folder, device="cpu", backend=BACKEND.EXL3_TORCH, dtype=torch.float32)
+    exl3 = [n for n, m in model.model.named_modules() if type(m).__name__ == "ExllamaV3TorchLinear"]
+    with torch.no_grad():
+        logits = model.model(input_ids=ours["ids"]).logits.float()
+    rel = float((logits - ours["logits"]).norm() / ours["logits"].norm())
+    same = float((logits.argmax(-1) == ours["logits"].argmax(-1)).float().mean())
+    print(f"{args.folder}: {len(exl3)} EXL3 modules in GPTQModel; logits rel. difference {rel:.2e}; "
+          f"greedy next tokens equal at {same:.0%} of positions")  # fmt: skip
+    return 0 if rel <= args.tol and exl3 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
