@@ -180,3 +180,13 @@ def test_the_exl3_solver_beats_gptq_at_equal_bits_on_a_correlated_hessian():
     assert ours.rel_loss == pytest.approx(proxy_loss(w, ours.weight, h)[1])
     assert ours.rel_loss < 0.6 * proxy_loss(w, gptq.weight, h)[1], (ours.rel_loss, proxy_loss(w, gptq.weight, h)[1])
     assert ours.tensors["trellis"].shape == (8, 8, 48) and ours.tensors["suh"].dtype == torch.float16
+
+
+@pytest.mark.parametrize("book", exl3.CODEBOOKS)
+def test_the_triton_decode_kernel_equals_gptqmodels_tiles_bit_for_bit(golden, book):
+    """kernels/exl3_triton.py (in Triton's interpreter here: CPU tensors) against the same fixture, every K."""
+    from quantkit.kernels import exl3_triton
+
+    for k in range(1, 9):
+        got = exl3_triton.decode_inner(golden[f"{book}.k{k}.trellis"], book)
+        assert torch.equal(got.view(torch.int32), golden[f"{book}.k{k}.inner"].view(torch.int32)), k
