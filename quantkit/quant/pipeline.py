@@ -177,7 +177,9 @@ def _with_time(the_plan: QuantPlan, model, o: QuantizeOptions, shapes, t) -> Qua
     basis = (f"{flops / 1e15:,.3g} PFLOP of work counted from the model's shapes at {rates.matmul / 1e9:.3g} "
              f"GFLOP/s matmul and "
              f"{rates.cholesky / 1e9:.3g} GFLOP/s Cholesky timed on {o.device} just now; reading and writing the "
-             "checkpoint" + (" and the vision tower" if o.vision == "quantize" else "") + " not counted")  # fmt: skip
+             "checkpoint" + (" and the vision tower" if o.vision == "quantize" else "") + " not counted"
+             + ("; nor the trellis encoding of --format exl3 (about 300 µs per weight on a 2-core CPU)"
+                if o.format.solver == "trellis" else ""))  # fmt: skip
     return replace(the_plan, seconds=seconds, time_basis=basis)
 
 

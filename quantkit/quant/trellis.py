@@ -128,14 +128,14 @@ class TrellisSolved:
 
 
 def solve_trellis(weight: torch.Tensor, hessian: torch.Tensor, spec: LinearSpec, s: QuantSettings) -> TrellisSolved:
-    """solve_exl3 at spec.bits for a linear of any shape: padded with zero weights (and unit Hessian entries for the
-    padded inputs, which are always zero), coded, cut back. The rotation seed is the spec's, else 0."""
+    """solve_exl3 at spec.bits for a linear of any shape: padded with zero weights and zero Hessian entries (the
+    padded inputs are always zero; solve_exl3's damping keeps H positive definite), coded, cut back. The rotation
+    seed is the spec's, else 0."""
     n_out, n_in = weight.shape
     w = torch.zeros(padded(n_out), padded(n_in))
     w[:n_out, :n_in] = weight.float()
     h = torch.zeros(padded(n_in), padded(n_in))
     h[:n_in, :n_in] = hessian.float()
-    h.diagonal()[n_in:] = float(hessian.diagonal().float().mean()) or 1.0
     tensors = solve_exl3(w, h, spec.bits, seed=spec.rotate_seed or 0)
     dense = exl3.decode_weight(tensors["trellis"], tensors["suh"], tensors["svh"], "3inst").T[:n_out, :n_in]
     return TrellisSolved(tensors, dense.contiguous(), proxy_loss(weight, dense, hessian)[1])
