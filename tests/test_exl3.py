@@ -190,3 +190,15 @@ def test_the_triton_decode_kernel_equals_gptqmodels_tiles_bit_for_bit(golden, bo
     for k in range(1, 9):
         got = exl3_triton.decode_inner(golden[f"{book}.k{k}.trellis"], book)
         assert torch.equal(got.view(torch.int32), golden[f"{book}.k{k}.inner"].view(torch.int32)), k
+
+
+def test_exl3_refuses_parts_its_config_cannot_describe_yet():
+    """Its tensor_storage lists decoder linears only, so a quantized head or vision tower is refused up front."""
+    from quantkit.formats.spec import QuantSettings
+    from quantkit.quant.settings import QuantizeOptions
+
+    with pytest.raises(QuantkitError, match="does not store a quantized lm_head yet: drop --head-bits"):
+        QuantizeOptions(QuantSettings(4, None), fmt="exl3", head_bits=6).check()
+    with pytest.raises(QuantkitError, match="quantized vision tower yet: drop --vision quantize"):
+        QuantizeOptions(QuantSettings(4, None), fmt="exl3", vision="quantize").check()
+    QuantizeOptions(QuantSettings(4, None), fmt="gptq", head_bits=6, vision="quantize").check()  # others take them

@@ -66,6 +66,7 @@ class OutputFormat:
     rotates: ClassVar[bool] = False  # stores a Hadamard rotation of input features (--rotate)
     mixed_matrix: ClassVar[bool] = False  # one matrix may hold several widths (--bpw may widen single linears)
     solver: ClassVar[str] = "gptq"  # what quantizes a linear for it (quant/solvers.py): "gptq" or "trellis"
+    parts: ClassVar[frozenset[str]] = frozenset({"decoder", "head", "vision"})  # what it can store quantized
 
     # The quantizer's side.
     def check(self, s: QuantSettings, bpw: float | None, rotate: bool) -> None:

@@ -26,6 +26,7 @@ class Exl3Format(OutputFormat):
     key_tensor = "trellis"
     markers = frozenset({"trellis", "suh", "svh"})
     solver = "trellis"
+    parts = frozenset({"decoder"})  # tensor_storage lists the decoder's linears only, so far
 
     def check(self, s: QuantSettings, bpw: float | None, rotate: bool) -> None:
         super().check(s, bpw, rotate)

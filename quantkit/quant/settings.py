@@ -75,6 +75,11 @@ class QuantizeOptions:
             raise QuantkitError(f"--export-names must be {' or '.join(EXPORT_NAMINGS)}, got {self.export_names!r}")
         if self.vision not in VISION_MODES:
             raise QuantkitError(f"--vision must be keep or quantize, got {self.vision!r}")
+        asked = {"head": (self.head_bits is not None, "lm_head", "--head-bits"),
+                 "vision": (self.vision == "quantize", "vision tower", "--vision quantize")}  # fmt: skip
+        for part, (wanted, words, flag) in asked.items():
+            if wanted and part not in fmt.parts:
+                raise QuantkitError(f"--format {fmt.name} does not store a quantized {words} yet: drop {flag}")
         if self.bpw is not None:
             if not math.isfinite(self.bpw) or self.bpw <= 0:
                 raise QuantkitError(f"--bpw must be a positive number of bits per weight, got {self.bpw}")
