@@ -25,6 +25,7 @@ import functools
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.hadamard import hadamard_matrix
 
 CODEBOOKS = ("3inst", "mcg", "mul1")
 TILE = 16
@@ -127,10 +128,7 @@ def decode_inner(trellis: torch.Tensor, book: str) -> torch.Tensor:
 @functools.cache
 def hadamard(n: int = HADAMARD_BLOCK) -> torch.Tensor:
     """The normalized Sylvester Hadamard matrix of order n (fp32, symmetric, its own inverse)."""
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / n**0.5
+    return hadamard_matrix(n) / n**0.5
 
 
 def blocked_hadamard(x: torch.Tensor, dim: int) -> torch.Tensor:
