@@ -33,7 +33,7 @@ from quantkit.model.config import ModelConfig, TextConfig
 from quantkit.model.generate import generate
 from quantkit.model.modules import swap_linears
 from quantkit.model.text import Transformer
-from quantkit.runtime import fuse_projections, keep_dequantized
+from quantkit.quantized_model import fuse_projections, keep_dequantized
 
 GROUP = 128
 

@@ -32,14 +32,14 @@ from click.testing import CliRunner
 
 from quantkit.cli import main as cli
 from quantkit.convert.pipeline import convert
-from quantkit.eval import EvalResult, evaluate_many
 from quantkit.evaluation import EvalSettings, eval_rows, logits_fn
 from quantkit.inspect import describe
 from quantkit.io.reader import folder_size
+from quantkit.metrics import EvalResult, evaluate_many
 from quantkit.model.load import Checkpoint
 from quantkit.quant.gptq import rtn_quantize
 from quantkit.quant.pipeline import _calibration
-from quantkit.runtime import load_any
+from quantkit.quantized_model import load_any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_real import BEGIN as REAL_BEGIN  # noqa: E402

@@ -93,7 +93,8 @@ def bench_model(name: str, model: Path, work: Path, group: int, calib: list[str]
         out.append({"model": name, "run": f"GPTQModel {info['gptqmodel']} 4-bit", "wall_s": wall,
                     "cpu_s": float("nan"), "rss_gb": info.get("peak_rss_gb", float("nan")),
                     "dry_run_s": float("nan"), "quantize_s": info["seconds"]})  # fmt: skip
-        print(f"{name}: GPTQModel: {wall:.1f} s wall (quantize() alone {info['seconds']:.1f} s)", flush=True)
+        print(f"{name}: GPTQModel: {wall:.1f} s wall (quantize() alone {info['seconds']:.1f} s), "
+              f"{info['peak_rss_gb']:.2f} GB peak RSS", flush=True)  # fmt: skip
     return out
 
 

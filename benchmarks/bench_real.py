@@ -40,13 +40,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from quantkit.eval import EvalResult, evaluate_many
 from quantkit.evaluation import EvalSettings, eval_rows, logits_fn
 from quantkit.inspect import describe
 from quantkit.io.reader import folder_size
+from quantkit.metrics import EvalResult, evaluate_many
 from quantkit.model.load import Checkpoint
 from quantkit.quant.pipeline import _calibration
-from quantkit.runtime import load_any
+from quantkit.quantized_model import load_any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peer import VENV, run_gptqmodel  # noqa: E402

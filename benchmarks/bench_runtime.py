@@ -31,7 +31,7 @@ from quantkit.kernels.qlinear import QuantLinear
 from quantkit.model import generate, load_model
 from quantkit.model.modules import swap_linears
 from quantkit.quant.gptq import rtn_quantize
-from quantkit.runtime import keep_dequantized, load_quantized
+from quantkit.quantized_model import keep_dequantized, load_quantized
 
 PEER_SCRIPT = Path(__file__).resolve().with_name("peer_decode.py")
 VENV = Path.home() / ".cache/quantkit-interop/venv"

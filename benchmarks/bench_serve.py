@@ -156,7 +156,7 @@ def stall(url: str, streams: int, long_ids: list[int]) -> dict:
 
 
 def scenario_stall(args: argparse.Namespace) -> None:
-    from quantkit.runtime import load_any
+    from quantkit.quantized_model import load_any
     from quantkit.tokenizer.chat import ChatTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,7 +187,7 @@ def scenario_stall(args: argparse.Namespace) -> None:
 def scenario_prefix(args: argparse.Namespace) -> None:
     import openai
 
-    from quantkit.runtime import load_any
+    from quantkit.quantized_model import load_any
     from quantkit.tokenizer.chat import ChatTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -240,7 +240,7 @@ def main() -> None:
         return {"stall": scenario_stall, "prefix": scenario_prefix}[args.scenario](args)
 
     from quantkit.model.config import load_model_config
-    from quantkit.runtime import load_any
+    from quantkit.quantized_model import load_any
     from quantkit.serve.app import create_app
     from quantkit.serve.engine import Engine
     from quantkit.serve.server import serve_in_thread

@@ -7,8 +7,9 @@ SRC is a float folder from `quantkit convert`; CALIB holds one int64 tensor "ids
 quantkit calibrated on, passed to GPTQModel as-is (no concatenation or re-tokenization). GPTQ settings follow
 quantkit's: true sequential, mse off, no group-aware reordering (act_group_aware=False, which GPTQModel would
 otherwise turn on without desc_act), lm_head kept in float. OUT is a GPTQ-format folder (checkpoint_format "gptq")
-that quantkit.runtime.load_quantized loads. Prints one JSON line on stdout as its last line:
-{"seconds": quantize() wall time (load and save excluded), "bits", "group_size", "desc_act", "sym", "damp", ...}.
+that quantkit.quantized_model.load_quantized loads. Prints one JSON line on stdout as its last line:
+{"seconds": quantize() wall time (load and save excluded), "bits", "group_size", "desc_act", "sym", "damp",
+"peak_rss_gb" (this process's peak resident memory, or its children's if larger), ...}.
 Driven by benchmarks/peer.py:run_gptqmodel.
 """
 
@@ -17,15 +18,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
+import types
 from pathlib import Path
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 import torch  # noqa: E402
 from gptqmodel import GPTQModel, QuantizeConfig, __version__  # noqa: E402
+from gptqmodel.models.base import BaseQModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process (or of its worker processes, if one of them peaked higher), in GB."""
+    who = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    return max(resource.getrusage(w).ru_maxrss for w in who) * 1024 / 1e9
 
 
 def main() -> None:
@@ -56,6 +66,9 @@ def main() -> None:
         offload_to_disk=False,
     )
     model = GPTQModel.load(args.src, qcfg, device="cpu", dtype=getattr(torch, args.dtype))
+    if type(model).prepare_dataset is not BaseQModel.prepare_dataset:
+        # Llava's definition re-renders chat conversations through its processor; these rows are token ids already
+        model.prepare_dataset = types.MethodType(BaseQModel.prepare_dataset, model)
     start = time.perf_counter()
     model.quantize(calib, batch_size=1, calibration_sort=None)
     seconds = time.perf_counter() - start
@@ -78,6 +91,7 @@ def main() -> None:
         "gptqmodel": __version__,
         "torch": torch.__version__,
         "workers": os.environ["GPTQMODEL_CPU_WORKERS"],
+        "peak_rss_gb": peak_rss_gb(),
     }
     sys.stdout.flush()
     print(json.dumps(result), flush=True)

@@ -1,3 +1,6 @@
 """quantkit: Mistral-native checkpoints -> Hugging Face layout -> quantized models that run on one GPU."""
 
+import time
+
 __version__ = "0.1.0"
+STARTED = time.perf_counter()  # when this process first imported quantkit: --dry-run counts the start-up it paid

@@ -17,10 +17,10 @@ import torch
 from quantkit.calib.rows import CalibRows, tokenized_rows
 from quantkit.calib.sources import load_calibration
 from quantkit.errors import QuantkitError
-from quantkit.eval import EvalResult, evaluate
+from quantkit.metrics import EvalResult, evaluate
 from quantkit.model.config import load_model_config
 from quantkit.model.text import Transformer
-from quantkit.runtime import load_any
+from quantkit.quantized_model import load_any
 
 EVAL_SEED = 1234  # the quantizer calibrates with seed 0: a different draw of documents and cuts
 

@@ -29,7 +29,7 @@ def describe(path: Path) -> dict:
     parts: Counter[str] = Counter()
     dtypes: Counter[str] = Counter()
     if fmt == "quantized":  # refuse what run and eval would refuse: a bad config, packed tensors of wrong shapes
-        from quantkit.runtime import check_packed, quantization_config
+        from quantkit.quantized_model import check_packed, quantization_config
 
         qcfg = quantization_config(path)
         check_packed(qcfg, index)

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 
 from quantkit.model.config import load_model_config
-from quantkit.runtime import load_any
+from quantkit.quantized_model import load_any
 from quantkit.serve.app import create_app
 from quantkit.serve.engine import Engine
 from quantkit.serve.server import context_limit, kv_budget, serve_in_thread

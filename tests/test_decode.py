@@ -18,7 +18,7 @@ from quantkit.model.generate import Batch, Sampling, generate, sample_on_device
 from quantkit.model.modules import swap_linears
 from quantkit.model.text import Transformer
 from quantkit.quant.gptq import rtn_quantize
-from quantkit.runtime import fuse_projections, keep_dequantized, set_backend
+from quantkit.quantized_model import fuse_projections, keep_dequantized, set_backend
 
 
 @pytest.mark.parametrize("bits,act,rot", [(4, True, 0), (3, False, 32), ((5, 128), True, 0)])
@@ -61,7 +61,7 @@ def test_keep_dequantized_respects_the_budget_and_the_flag(monkeypatch):
     model.append(nn.LayerNorm(64))
     assert set_backend(model, "torch") == 3
     one = model[0].dense_bytes(torch.float32)
-    monkeypatch.setattr("quantkit.runtime.available_memory", lambda device: 2 * one + one // 2)
+    monkeypatch.setattr("quantkit.quantized_model.available_memory", lambda device: 2 * one + one // 2)
     assert keep_dequantized(model, fraction=1.0) == 2  # the third does not fit
     assert [m.has_dense for m in model[:3]] == [True, True, False]
     x = torch.randn(2, 128)

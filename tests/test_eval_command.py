@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from quantkit.calib.rows import build_rows
 from quantkit.calib.sources import load_calibration
 from quantkit.cli import main
-from quantkit.eval import evaluate, evaluate_many
 from quantkit.evaluation import EVAL_SEED, EvalSettings, eval_rows
+from quantkit.metrics import evaluate, evaluate_many
 from quantkit.tokenizer.chat import ChatTokenizer
 
 ROWS, SEQ_LEN = 3, 48

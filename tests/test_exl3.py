@@ -126,7 +126,7 @@ def test_an_exl3_folder_quantizes_saves_loads_and_runs(tiny_models, tmp_path, mo
 
     from quantkit.cli import main
     from quantkit.quant import trellis
-    from quantkit.runtime import load_any
+    from quantkit.quantized_model import load_any
 
     monkeypatch.setattr(trellis, "encode", _greedy_symbols)
     src, dst = tiny_models.get("mistral_large")["hf"], tmp_path / "exl3"
@@ -158,6 +158,41 @@ def test_an_exl3_folder_quantizes_saves_loads_and_runs(tiny_models, tmp_path, mo
     with torch.no_grad():
         got, want = model(ids).float(), reference(ids).float()
     assert torch.isfinite(got).all() and float((got - want).norm() / want.norm()) < 1.0  # greedy codes: coarse
+
+
+
+def test_exl3_bpw_chooses_k_per_linear_within_the_exact_budget(tiny_models, tmp_path, monkeypatch):
+    """--bpw with --format exl3: each linear measured at the K its target can choose (greedy tile codes in place of
+    Viterbi, as above), the knapsack picks K per block, and every stored bit (padding, suh, svh) counts against
+    the target. On this 64-wide model K = 3 is 10.1 and K = 4 13.2 stored bits per real weight (padded to 128)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from quantkit.cli import main
+    from quantkit.quant import trellis
+    from quantkit.quantized_model import load_any
+
+    monkeypatch.setattr(trellis, "encode", _greedy_symbols)
+    src, dst = tiny_models.get("mistral_large")["hf"], tmp_path / "exl3-bpw"
+    args = ["quantize", src, dst, "--format", "exl3", "--bpw", "11.5", "--rows", "2", "--seq-len", "32", "--quiet"]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    qcfg = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert qcfg["bits"] == 11.5  # exllamav3 writes the decoder's target bitrate here
+    ks = {name: s["bits_per_weight"] for name, s in qcfg["tensor_storage"].items()}
+    assert set(ks.values()) == {3, 4}, ks  # between the two uniform builds: some linears at each K
+    for name, k in ks.items():  # each linear's trellis holds its own K
+        assert qcfg["tensor_storage"][name]["stored_tensors"][f"{name}.trellis"]["shape"][-1] == 16 * k
+    for layer in (0, 1):  # q/k/v share one K, as loaders that fuse them need
+        assert len({ks[f"model.layers.{layer}.self_attn.{p}_proj"] for p in "qkv"}) == 1
+
+    report = json.loads(CliRunner().invoke(main, ["inspect", str(dst), "--json"]).output)
+    assert 10.1 < report["quantized"]["decoder_bpw"] <= 11.5
+    model = load_any(dst, "cpu", "float32", "torch", progress=False)
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids)).all()
 
 
 def test_the_exl3_solver_beats_gptq_at_equal_bits_on_a_correlated_hessian():

@@ -25,7 +25,7 @@ from quantkit.cli import main
 from quantkit.convert.pipeline import convert
 from quantkit.errors import QuantkitError
 from quantkit.io.checkpoint import HF_INDEX
-from quantkit.runtime import load_quantized
+from quantkit.quantized_model import load_quantized
 from quantkit.tokenizer.chat import ChatTokenizer
 
 FAST = ["--group-size", "32", "--rows", "4", "--seq-len", "64", "--quiet"]

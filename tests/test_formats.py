@@ -16,7 +16,7 @@ from quantkit.formats.registry import FORMATS, get_format, register
 from quantkit.formats.spec import LinearSpec, QuantSettings
 from quantkit.quant.pipeline import quantize
 from quantkit.quant.settings import QuantizeOptions
-from quantkit.runtime import load_any
+from quantkit.quantized_model import load_any
 
 
 class RowLinear(nn.Module):

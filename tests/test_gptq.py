@@ -218,3 +218,23 @@ def test_several_widths_in_one_pass_equal_one_solve_each(group_size, sym, act_or
         assert got.bits == bits and int(got.q.max()) <= 2**bits - 1 and torch.equal(got.g_idx, one.g_idx)
         assert got.loss == pytest.approx(one.loss, rel=1e-3)
         assert (got.q == one.q).float().mean() > 0.99, bits
+
+
+def test_mixed_layouts_in_one_pass_equal_one_solve_each():
+    """Layouts (the most salient columns one width up) stack with uniform widths in one pass: each copy keeps its
+    own largest code per column, so each matches its own solve (same margin as above)."""
+    from quantkit.quant.gptq import gptq_quantize_widths
+
+    torch.manual_seed(1)
+    W = torch.randn(40, 128)
+    X = torch.randn(512, 128) * torch.rand(128) * 3
+    H = X.T @ X
+    layouts = [2, [(3, 64), (2, 64)], 3, [(4, 32), (3, 96)]]
+    many = gptq_quantize_widths(W, H, layouts, 32, act_order=True)
+    for layout, got in zip(layouts, many, strict=True):
+        one = gptq_quantize(W, H, layout, 32, act_order=True)
+        assert got.bits == one.bits and torch.equal(got.g_idx, one.g_idx)
+        assert got.loss == pytest.approx(one.loss, rel=1e-3)
+        assert (got.q == one.q).float().mean() > 0.99, layout
+        top = 2 ** (layout if isinstance(layout, int) else layout[0][0]) - 1
+        assert int(got.q.max()) <= top and int(got.q.max()) > top // 2

@@ -175,7 +175,7 @@ def test_both_namings_get_one_set_of_rules(model_name):
 )
 def test_a_bad_dynamic_field_is_refused_before_loading(dynamic, message):
     from quantkit.errors import QuantkitError
-    from quantkit.runtime import quantized_prepare
+    from quantkit.quantized_model import quantized_prepare
 
     with pytest.raises(QuantkitError, match=message):
         quantized_prepare({"quant_method": "gptq", "bits": 4, "dynamic": dynamic}, "torch")

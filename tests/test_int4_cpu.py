@@ -12,9 +12,16 @@ from test_packed import random_packed
 from quantkit.formats.gptq import gptq_pack
 from quantkit.formats.packed import dequantize
 from quantkit.kernels import qlinear
-from quantkit.kernels.qlinear import INT4_ROWS, GPTQLinear, QuantLinear, int4_kernel_available, int4_matmul, int4_pack
+from quantkit.kernels.qlinear import (
+    INT4_ROWS,
+    QuantLinear,
+    gptq_to_packed,
+    int4_kernel_available,
+    int4_matmul,
+    int4_pack,
+)
 from quantkit.kernels.reference import reference_matmul
-from quantkit.runtime import pack_int4
+from quantkit.quantized_model import pack_int4
 
 pytestmark = pytest.mark.skipif(not int4_kernel_available(), reason="aten's int4 CPU kernel is not vectorized here")
 TOL = 1e-2  # max error / max |reference|: bf16 scales (2^-9) and the bf16 output (2^-9), far below one zero step
@@ -75,9 +82,7 @@ def test_gptq_tensors_with_act_order(gs, sym):
     zeros = torch.full((k // gs, n), 8) if sym else torch.randint(0, 16, (k // gs, n), generator=gen)
     g_idx = (torch.arange(k) // gs)[torch.randperm(k, generator=gen)].int()
     tensors = gptq_pack(q, scales, zeros, g_idx, 4)
-    meta = {key: torch.empty_like(t, device="meta") for key, t in tensors.items()}
-    lin = GPTQLinear(meta, 4, sym=sym, backend="torch", prefix="x")
-    lin.load_state_dict(tensors, assign=True)
+    lin = QuantLinear(gptq_to_packed(tensors, 4, sym=sym), backend="torch")
     assert lin.keep_int4()
     w = scales.float()[g_idx.long()].T * (q - zeros[g_idx.long()].T)  # [n, k]
     x = torch.randn(3, k, generator=gen).bfloat16()

@@ -239,7 +239,7 @@ def test_bad_input(tiny_models, tmp_path):
 def test_vision_quantize(tiny_models, tmp_path):
     """--vision quantize packs every vision linear (calibrated on the bundled images); the runtime loads them."""
     from quantkit.kernels.qlinear import QuantLinear
-    from quantkit.runtime import load_any
+    from quantkit.quantized_model import load_any
 
     src = tiny_models.get("pixtral_12b")["hf"]
     keep, quant = tmp_path / "keep", tmp_path / "quant"

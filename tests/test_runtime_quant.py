@@ -19,11 +19,12 @@ from quantkit.cli import main
 from quantkit.errors import QuantkitError
 from quantkit.formats.gptq import gptq_pack
 from quantkit.formats.packed import dequantize, from_tensors
-from quantkit.kernels.qlinear import GPTQLinear, QuantLinear, gptq_to_packed, int4_kernel_available
+from quantkit.formats.registry import get_format
+from quantkit.kernels.qlinear import QuantLinear, gptq_to_packed, int4_kernel_available
 from quantkit.model import roofline
 from quantkit.model.generate import KV_FRACTION, Generation, Sampling, cache_capacity, stop_note
 from quantkit.model.load import load_model
-from quantkit.runtime import load_any, load_quantized, set_backend
+from quantkit.quantized_model import load_any, load_quantized, set_backend
 from quantkit.tokenizer.chat import ChatTokenizer
 
 FAST = ["--group-size", "32", "--rows", "4", "--seq-len", "64", "--quiet"]
@@ -175,8 +176,8 @@ def test_switching_backend_keeps_the_logits(builds):
 
 @pytest.mark.parametrize("bits", [3, 4])
 def test_gptq_linear_repacks_in_slices_to_the_gptq_weight(bits):
-    """Asymmetric, act-order GPTQ tensors -> GPTQLinear loaded from a state dict (slices of 32 outputs) equals
-    W = s[g_idx] · (q − z[g_idx]) computed from the unpacked codes."""
+    """Asymmetric, act-order GPTQ tensors (repacked in slices of 32 outputs; and as the loader does it: the format's
+    module filled from a state dict, then its repack step) equal W = s[g_idx] · (q − z[g_idx]) from the codes."""
     gen = torch.Generator().manual_seed(bits)
     n, k, gs = 96, 128, 32
     q = torch.randint(0, 2**bits, (n, k), generator=gen)
@@ -188,9 +189,13 @@ def test_gptq_linear_repacks_in_slices_to_the_gptq_weight(bits):
     expected = scales.float()[g].T * (q - zeros[g].T)  # [n, k]
     assert torch.equal(dequantize(gptq_to_packed(tensors, bits, sym=False, chunk=32)), expected)
     meta = {key: torch.empty_like(t, device="meta") for key, t in tensors.items()}
-    linear = GPTQLinear(meta, bits, sym=False, backend="torch", prefix="x")
-    linear.load_state_dict(tensors, assign=True)
-    assert not linear.pending and "qweight" not in dict(linear.named_buffers())
+    fmt, qcfg = get_format("gptq"), {"quant_method": "gptq", "bits": bits, "sym": False}
+    stored = fmt.linear(qcfg, "x", meta, "torch", (n, k))
+    stored.load_state_dict(tensors, assign=True)
+    with pytest.raises(QuantkitError, match="repacked"):
+        stored(torch.randn(1, k))
+    linear = fmt.repack(stored, "torch")
+    assert isinstance(linear, QuantLinear) and "qweight" not in dict(linear.named_buffers())
     assert torch.equal(dequantize(linear.packed), expected)
     x = torch.randn(3, k, generator=gen)
     assert torch.allclose(linear(x), x @ expected.T, atol=1e-4)

@@ -319,7 +319,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(folders, one_
     import queue
 
     from quantkit.model.generate import Sampling
-    from quantkit.runtime import load_any
+    from quantkit.quantized_model import load_any
     from quantkit.serve.engine import Engine, Job
     from quantkit.tokenizer.chat import ChatTokenizer
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 # Roles and the block they belong to; the roles measurement spends extra bits on first (as in ExLlamaV2's tables).
 BLOCK_ROLES = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
 SENSITIVE = {"attn": ("v", "o"), "mlp": ("down",)}
+# Roles that read one input, which loaders fuse (vLLM's qkv_proj and gate_up_proj): --bpw gives them one setting.
+SHARED_INPUT = {"attn": ("q", "k", "v"), "mlp": ("gate", "up")}
 EXPERTS = "experts"  # experts are `<moe>.experts.{E}.<linear>`: `{E}` in a capture group expands to each expert
 
 

@@ -4,7 +4,7 @@ Inputs are checked before the model is loaded (config.json, image files, vision 
 loading time. Prompts go through the tokenizer's chat template and image preprocessing (quantkit.tokenizer);
 answers stream to stdout as they are produced, and speed figures go to stderr so stdout stays the answer. On a GPU
 the decode speed is also given as a fraction of the roofline (quantkit.model.roofline). The loader is a parameter
-so that quantized folders load through quantkit.runtime without this package importing quantization code.
+so that quantized folders load through quantkit.quantized_model without this package importing quantization code.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from quantkit.errors import QuantkitError
-from quantkit.eval import EvalResult
+from quantkit.metrics import EvalResult
 
 
 @click.command("eval")

@@ -80,7 +80,7 @@ def run_command(
 
     from quantkit.commands.chat import run
     from quantkit.model.generate import Sampling
-    from quantkit.runtime import load_any
+    from quantkit.quantized_model import load_any
 
     if raw and (prompt is None or images or system is not None):
         raise QuantkitError("--raw continues a --prompt as plain text: it needs --prompt and takes no --image/--system")

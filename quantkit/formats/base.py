@@ -124,3 +124,8 @@ class OutputFormat:
         header_tensors; the module's buffers must take the stored tensors by suffix (the checkpoint loader fills
         them part by part)."""
         raise NotImplementedError
+
+    def repack(self, module: nn.Module, backend: str) -> nn.Module:
+        """The loader's explicit step once a module built by `linear` holds its tensors: the module that runs them
+        (GPTQ's stored tensors become a QuantLinear); a module that runs as loaded is returned as it is."""
+        return module

@@ -1,9 +1,9 @@
 """The EXL3 format (ExLlamaV3's trellis code, formats/exl3.py): K = 2..8 bits per weight per linear, coded by our
-own encoder (quant/trellis.py), stored as exllamav3 stores it: `trellis` int16, `suh` / `svh` fp16 per linear,
-dimensions padded to multiples of 128, the codebook 3INST (no `mcg` / `mul1` flag tensors), and a
-`quantization_config` with exllamav3's fields and the `tensor_storage` map GPTQModel reads. quantkit loads it with a
-plain-torch linear (kernels/exl3_linear.py). Whether ExLlamaV3, TabbyAPI and GPTQModel load our folders is not yet
-checked (issue 27's interop rows).
+own encoder (quant/trellis.py), one K for every linear (--bits K) or one per linear chosen by --bpw. Stored as
+exllamav3 stores it: `trellis` int16, `suh` / `svh` fp16 per linear, dimensions padded to multiples of 128, the
+codebook 3INST (no `mcg` / `mul1` flag tensors), and a `quantization_config` with exllamav3's fields and the
+`tensor_storage` map GPTQModel reads (tests/interop: GPTQModel's torch EXL3 kernel loads our folders). quantkit
+loads it with a plain-torch linear (kernels/exl3_linear.py).
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from quantkit import __version__
+from quantkit.arch.blocks import BLOCK_ROLES, SHARED_INPUT
 from quantkit.errors import QuantkitError
 from quantkit.formats import exl3
 from quantkit.formats.base import Built, OutputFormat, SolvedLinear
 from quantkit.formats.exl3 import padded
-from quantkit.formats.spec import LinearSpec, QuantSettings
+from quantkit.formats.spec import Candidate, LinearSpec, QuantSettings
 from quantkit.kernels.exl3_linear import Exl3Linear
 
 
@@ -28,10 +29,19 @@ class Exl3Format(OutputFormat):
     solver = "trellis"
     parts = frozenset({"decoder"})  # tensor_storage lists the decoder's linears only, so far
 
-    def check(self, s: QuantSettings, bpw: float | None, rotate: bool) -> None:
-        super().check(s, bpw, rotate)
-        if bpw is not None:
-            raise QuantkitError("--format exl3 takes --bits for now (every linear at K bits), not --bpw")
+    def candidates(self, block: str, moe: bool) -> list[Candidate]:
+        """K bits per linear, 2 to 8: the roles that read one input (q/k/v, gate/up) at one K, the other (o, down)
+        at its own; an MoE block's experts all at one K. (exllamav3 chooses K per tensor by a heuristic; here the
+        measured errors and the exact knapsack choose.)"""
+        roles = BLOCK_ROLES[block]
+        if moe and block == "mlp":
+            return [Candidate(f"exl3 {k}", tuple((r, ((k, 1.0),), None) for r in roles)) for k in self.widths]
+        shared = SHARED_INPUT[block]
+        return [
+            Candidate(f"exl3 {a}/{k}", tuple((r, ((a if r in shared else k, 1.0),), None) for r in roles))
+            for a in self.widths
+            for k in self.widths
+        ]
 
     def stored_bits(self, spec: LinearSpec, out_features: int, in_features: int, s: QuantSettings) -> int:
         """The padded trellis at K bits per weight, and suh and svh in fp16."""
@@ -61,7 +71,7 @@ class Exl3Format(OutputFormat):
         return {
             "quant_method": self.name,
             "format": self.name,  # GPTQModel reads a `version` field as its format name: name it here instead
-            "bits": b.settings.bits,
+            "bits": b.bpw if b.bpw is not None else b.settings.bits,  # as exllamav3: the decoder's target bitrate
             "head_bits": b.head_bits,  # None: lm_head kept 16-bit (GPTQModel refuses 16 here)
             "calibration": {"rows": b.calibration.get("rows"), "cols": b.calibration.get("seq_len")},
             "out_scales": "always",

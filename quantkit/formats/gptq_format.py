@@ -12,15 +12,14 @@ import torch
 from torch import nn
 
 from quantkit import __version__
-from quantkit.arch.blocks import BLOCK_ROLES, block_of, expert_index, role_of
+from quantkit.arch.blocks import BLOCK_ROLES, SHARED_INPUT, block_of, expert_index, role_of
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import Built, OutputFormat, SolvedLinear
 from quantkit.formats.gptq import GPTQ_BITS, GPTQ_FORMATS, check_dynamic, gptq_pack, gptq_stored_bits, module_bits
+from quantkit.formats.packed import PackedLinear
 from quantkit.formats.spec import Candidate, LinearSpec, QuantSettings
-from quantkit.kernels.qlinear import GPTQLinear
+from quantkit.kernels.qlinear import QuantLinear, gptq_to_packed
 
-# Roles that a GPTQ loader fuses (vLLM's qkv_proj and gate_up_proj), so they take one setting.
-GPTQ_SHARED = {"attn": ("q", "k", "v"), "mlp": ("gate", "up")}
 GPTQ_MARKERS = frozenset({"qweight", "qzeros", "scales", "g_idx"})
 
 
@@ -172,7 +171,7 @@ def gptq_units(b: Built) -> list[tuple[list[str], int]]:
         groups: dict[str, list[str]] = {}
         for n in layer:
             blk = block_of(n)
-            key = "experts" if expert_index(n) is not None else "shared" + blk if role_of(n) in GPTQ_SHARED[blk] else n
+            key = "experts" if expert_index(n) is not None else "shared" + blk if role_of(n) in SHARED_INPUT[blk] else n
             groups.setdefault(key, []).append(n)
         for names in groups.values():
             widths = {layer[n].bits for n in names}
@@ -208,7 +207,7 @@ class GPTQFormat(OutputFormat):
         roles = BLOCK_ROLES[block]
         if moe and block == "mlp":
             return [Candidate(f"gptq {w}", tuple((r, ((w, 1.0),), None) for r in roles)) for w in GPTQ_BITS]
-        shared = GPTQ_SHARED[block]
+        shared = SHARED_INPUT[block]
         return [
             Candidate(f"gptq {a}/{w}", tuple((r, ((a if r in shared else w, 1.0),), None) for r in roles))
             for a in GPTQ_BITS
@@ -271,10 +270,48 @@ class GPTQFormat(OutputFormat):
     def linear(
         self, qcfg: dict, prefix: str, tensors: dict[str, torch.Tensor], backend: str, shape: tuple[int, int] | None
     ) -> nn.Module:
-        """A GPTQLinear, repacked as it loads; its width per module from `dynamic` in mixed-bit folders."""
+        """The GPTQ tensors as stored (GPTQTensors, repacked after loading); the width per module from `dynamic`
+        in mixed-bit folders."""
         bits = module_bits(qcfg, prefix)
         if bits is None:
             raise QuantkitError(f"{prefix}: has GPTQ tensors, but a \"-:\" rule of quantization_config.dynamic says "
                                 "it is not quantized")  # fmt: skip
-        fmt = qcfg.get("checkpoint_format", GPTQ_FORMATS[0])
-        return GPTQLinear(tensors, bits, bool(qcfg.get("sym", True)), fmt, backend, prefix)
+        return GPTQTensors(tensors, bits, bool(qcfg.get("sym", True)), qcfg.get("checkpoint_format", GPTQ_FORMATS[0]),
+                           prefix)  # fmt: skip
+
+    def repack(self, module: nn.Module, backend: str) -> nn.Module:
+        """GPTQTensors -> the QuantLinear of the same weights (gptq_to_packed, slice by slice), freeing the GPTQ
+        tensors: called per linear, so the conversion's scratch memory is one linear's."""
+        if not isinstance(module, GPTQTensors):
+            return module
+        return QuantLinear(module.packed(), backend=backend)
+
+
+class GPTQTensors(nn.Module):
+    """A GPTQ linear's tensors as the checkpoint stores them (qweight, qzeros, scales, g_idx, bias): the module the
+    loader fills part by part, built with meta buffers shaped from the headers. It does not run: the runtime repacks
+    it into a QuantLinear once loaded (GPTQFormat.repack)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], bits: int, sym: bool, checkpoint_format: str, prefix: str):
+        super().__init__()
+        missing = {"qweight", "qzeros", "scales", "g_idx"} - set(tensors)
+        if missing:
+            raise QuantkitError(f"{prefix}: GPTQ tensors {', '.join(sorted(missing))} are missing")
+        self.bits, self.sym, self.checkpoint_format, self.prefix = bits, sym, checkpoint_format, prefix
+        self.in_features, self.out_features = tensors["g_idx"].shape[0], tensors["qweight"].shape[1]
+        if tensors["qweight"].shape[0] * 32 != self.in_features * bits:
+            raise QuantkitError(
+                f"{prefix}: qweight {list(tensors['qweight'].shape)} does not hold {self.in_features} {bits}-bit rows"
+            )
+        for key, t in tensors.items():
+            self.register_buffer(key, t)
+
+    def packed(self) -> PackedLinear:
+        """The loaded tensors in the quantkit layout (refused, naming the module, when they do not fit)."""
+        try:
+            return gptq_to_packed(dict(self.named_buffers()), self.bits, self.sym, self.checkpoint_format)
+        except QuantkitError as e:
+            raise QuantkitError(f"{self.prefix}: {e}") from None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise QuantkitError(f"{self.prefix}: GPTQ tensors run once repacked (quantized_model.load_quantized does it)")

@@ -24,10 +24,16 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'triton' or 'torch' for tensors on device; refuses a Triton request that cannot run there."""
+def check_backend(backend: str) -> str:
+    """backend, refused unless one of BACKENDS (the one place that checks the name)."""
     if backend not in BACKENDS:
         raise QuantkitError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+    return backend
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'triton' or 'torch' for tensors on device; refuses a Triton request that cannot run there."""
+    check_backend(backend)
     has_triton = importlib.util.find_spec("triton") is not None
     if backend == "auto":
         return "triton" if device.type == "cuda" and has_triton else "torch"
@@ -51,4 +57,4 @@ def quant_matmul(x: torch.Tensor, pl: PackedLinear, backend: str = "auto", path:
     return triton_dequant.triton_matmul(x, pl, path=path)
 
 
-__all__ = ["BACKENDS", "interpreter_enabled", "quant_matmul", "reference_matmul", "resolve_backend"]
+__all__ = ["BACKENDS", "check_backend", "interpreter_enabled", "quant_matmul", "reference_matmul", "resolve_backend"]

@@ -1,7 +1,7 @@
 """QuantLinear: an nn.Module holding one PackedLinear as buffers, so state_dict() is the quantkit format itself.
 
-GPTQLinear loads a GPTQ-format linear (qweight, qzeros, scales, g_idx) and repacks itself into a QuantLinear as soon
-as its tensors arrive, so GPTQ checkpoints run through the same kernels.
+gptq_to_packed turns a GPTQ-format linear (qweight, qzeros, scales, g_idx) into the same PackedLinear, so GPTQ
+checkpoints run through the same kernels (the loader repacks each one after loading: formats/gptq_format.py).
 
 On CPU, 4-bit linears with bf16 activations can run on aten's packed int4 kernel (int4_pack / int4_matmul): decoding
 is memory-bound there, and the kernel reads 0.5 byte per weight where a kept dequantized weight costs 2 (bf16) or 4.
@@ -28,7 +28,7 @@ from quantkit.formats.packed import (
     to_tensors,
     zero_points,
 )
-from quantkit.kernels import BACKENDS, reference_matmul, resolve_backend
+from quantkit.kernels import check_backend, reference_matmul, resolve_backend
 from quantkit.kernels.reference import kernel_input
 
 CONVERT_ELEMENTS = 1 << 24  # weights repacked per slice of a GPTQ linear: bounds the conversion's scratch memory
@@ -120,15 +120,13 @@ class QuantLinear(nn.Module):
     The backend is resolved once per device (not on every forward). On the torch backend, `keep_dense(dtype)` keeps
     the dequantized weight next to the codes, so a forward is one F.linear instead of a dequantization: that is what
     makes CPU decoding as fast as the float model (the caller decides whether the memory is there; see
-    quantkit.runtime.keep_dequantized). `keep_int4()` adds the int4 kernel's repack for bf16 activations on CPU:
+    quantkit.quantized_model.keep_dequantized). `keep_int4()` adds the int4 kernel's repack for bf16 activations on CPU:
     decode steps (up to INT4_ROWS rows) then read 0.5 byte per weight instead of the kept weight's 2.
     """
 
     def __init__(self, packed: PackedLinear, backend: str = "auto") -> None:
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.in_features = packed.in_features
         self.out_features = packed.out_features
         for name, t in to_tensors(packed).items():
@@ -168,9 +166,7 @@ class QuantLinear(nn.Module):
 
     def set_backend(self, backend: str) -> None:
         """Switch backend ("auto", "triton", "torch"); resolved against the buffers' device right away."""
-        if backend not in BACKENDS:
-            raise QuantkitError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
-        self.backend = backend
+        self.backend = check_backend(backend)
         self._resolved = resolve_backend(backend, self.scales.device)
         if self._resolved != "torch":
             self._dense = None
@@ -258,7 +254,7 @@ def can_concat(parts: list[PackedLinear]) -> bool:
 def fuse(parts: list[QuantLinear]) -> QuantLinear | None:
     """One QuantLinear computing cat([p(x) for p in parts], -1) in one matmul (one kernel launch per segment
     instead of one per part), or None when their layouts differ (e.g. per-matrix bit allocations)."""
-    if not all(isinstance(p, QuantLinear) and not getattr(p, "pending", False) for p in parts):
+    if not all(isinstance(p, QuantLinear) for p in parts):
         return None
     packed = [p.packed for p in parts]
     if not can_concat(packed):
@@ -308,62 +304,3 @@ def gptq_to_packed(
             from_gptq(qweight[:, n0:n1], zeros, scales[:, n0:n1], t["g_idx"], bits, sym, checkpoint_format, bias)
         )
     return parts[0] if len(parts) == 1 else concat_outputs(parts)
-
-
-class GPTQLinear(QuantLinear):
-    """A GPTQ-format linear that becomes a QuantLinear the moment its checkpoint tensors are loaded into it.
-
-    Built (e.g. on the meta device) with buffers shaped like the GPTQ tensors, so a checkpoint part loads into it as
-    into any module; loading then repacks it (gptq_to_packed, slice by slice) into the quantkit format's buffers and
-    frees the GPTQ ones. Converting per linear as it loads keeps memory bounded by one linear, never a whole model.
-    """
-
-    def __init__(
-        self,
-        tensors: dict[str, torch.Tensor],
-        bits: int,
-        sym: bool,
-        checkpoint_format: str = GPTQ_FORMATS[0],
-        backend: str = "auto",
-        prefix: str = "",
-    ) -> None:
-        nn.Module.__init__(self)
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
-        missing = {"qweight", "qzeros", "scales", "g_idx"} - set(tensors)
-        if missing:
-            raise QuantkitError(f"{prefix}: GPTQ tensors {', '.join(sorted(missing))} are missing")
-        self.backend, self.prefix = backend, prefix
-        self.bits, self.sym, self.checkpoint_format = bits, sym, checkpoint_format
-        self.in_features, self.out_features = tensors["g_idx"].shape[0], tensors["qweight"].shape[1]
-        if tensors["qweight"].shape[0] * 32 != self.in_features * bits:
-            raise QuantkitError(
-                f"{prefix}: qweight {list(tensors['qweight'].shape)} does not hold {self.in_features} {bits}-bit rows"
-            )
-        for key, t in tensors.items():
-            self.register_buffer(key, t)
-        self._packed = None
-        self._resolved = None
-        self._dense = None
-        self._int4 = None
-        self.pending = True
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        buffers = dict(self.named_buffers(recurse=False))
-        if not self.pending or any(b.is_meta for b in buffers.values()):
-            return
-        try:
-            packed = gptq_to_packed(buffers, self.bits, self.sym, self.checkpoint_format)
-        except QuantkitError as e:
-            raise QuantkitError(f"{self.prefix}: {e}") from None
-        for key in buffers:
-            delattr(self, key)
-        for key, t in to_tensors(packed).items():
-            self.register_buffer(key, t.to(packed.device))
-        self.pending = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pending:
-            raise QuantkitError(f"{self.prefix}: GPTQ linear used before its tensors were loaded")
-        return super().forward(x)

@@ -61,9 +61,11 @@ def solve_linear(
 
 
 def solve_linear_widths(
-    W: torch.Tensor, H: torch.Tensor, specs: list[LinearSpec], s: QuantSettings, factors: dict | None = None
+    W: torch.Tensor, H: torch.Tensor, specs: list[LinearSpec], s: QuantSettings, factors: dict | None = None,
+    losses: bool = True,
 ) -> list[Solved]:
-    """solve_linear for specs that differ only in their uniform width (or one spec), in one GPTQ pass."""
+    """solve_linear for specs that differ only in their widths or layouts (or one spec), in one GPTQ pass
+    (losses=False: without the proxy losses, for the measurement)."""
     spec = specs[0]
     if any((sp.group_size, sp.rotate_seed) != (spec.group_size, spec.rotate_seed) for sp in specs):
         raise QuantkitError("internal: widths solved together must share group size and rotation")
@@ -76,7 +78,7 @@ def solve_linear_widths(
     widths = [list(sp.bits) if not isinstance(sp.bits, int) else sp.bits for sp in specs]
     results = gptq_quantize_widths(
         W, H, widths, spec.group_size, sym=s.sym, act_order=s.act_order, static_groups=s.static_groups,
-        damp=s.damp, clip=s.clip, factors=factors,
+        damp=s.damp, clip=s.clip, factors=factors, losses=losses,
     )  # fmt: skip
     return [Solved(res, signs, block) for res in results]
 

@@ -35,7 +35,7 @@ class GPTQResult:
     g_idx: torch.Tensor  # [in] int32 group of each input column (original order), as GPTQ stores it
     perm: torch.Tensor | None  # [in] int64 act-order permutation: column perm[k] was quantized k-th; None = identity
     weight: torch.Tensor  # [out, in] fp32 dequantized weight, == formats.gptq.dequantize_gptq(q, scales, zeros, g_idx)
-    loss: float  # tr((W - Q) H (W - Q)ᵀ) with the undamped H; nan when no H was given
+    loss: float  # tr((W - Q) H (W - Q)ᵀ) with the undamped H; nan when no H was given or not asked for
     rel_loss: float  # loss / tr(W H Wᵀ)
     damp: float  # damping used, as a fraction of mean(diag H) (raised from the requested one if Cholesky failed)
     dead: int  # input columns whose Hessian diagonal was zero (weight column zeroed)
@@ -264,29 +264,34 @@ def gptq_quantize_widths(
     clip_norm: float = 2.4,
     block_size: int = 128,
     factors: dict | None = None,
+    losses: bool = True,
 ) -> list[GPTQResult]:
-    """gptq_quantize of one W at several uniform widths in one pass (one width, or one layout, as gptq_quantize).
+    """gptq_quantize of one W at several widths or layouts in one pass (one of them, as gptq_quantize).
 
     GPTQ updates every output row on its own, so the rows of W stacked once per width, each copy with its own
-    largest code, give each width's result; the --bpw measurement solves a linear's candidate widths this way, one
-    column loop for all of them instead of one each (the loop's per-column steps are most of a small solve)."""
-    if len(widths) > 1 and not all(isinstance(b, int) for b in widths):
-        raise QuantkitError("several widths in one solve must each be one uniform width")
-    bits = widths[0]
-    mixed = not isinstance(bits, int)
-    for b in widths:
-        _check_args(W, b if not mixed else 2, group_size)
+    largest code per column, give each width's result; the --bpw measurement solves a linear's candidate settings
+    that share a group size this way, one column loop for all of them instead of one each (the loop's per-column
+    steps are most of a small solve). losses=False skips the proxy losses (nan), which the measurement does not read.
+    """
+    mixed = [not isinstance(b, int) for b in widths]
+    for b, m in zip(widths, mixed, strict=True):
+        _check_args(W, b if not m else 2, group_size)
     n_rows, n_in = W.shape
     W = W.repeat(len(widths), 1) if len(widths) > 1 else W
     n_out = W.shape[0]
     if H.shape != (n_in, n_in):
         raise QuantkitError(f"Hessian shape {tuple(H.shape)} does not match in_features {n_in}")
-    if mixed and static_groups:
+    if any(mixed) and static_groups:
         raise QuantkitError("mixed bits need dynamic groups (no --static-groups)")
-    col_maxq: list[MaxQ] = [2**b - 1 for b in column_bits(bits, n_in, group_size)]  # per column, quantization order
-    if len(widths) > 1:  # one largest code per row instead
-        row_maxq = torch.tensor([2.0**b - 1 for b in widths], device=W.device).repeat_interleave(n_rows)
-        col_maxq = [row_maxq] * n_in
+    per_copy = [column_bits(b, n_in, group_size) for b in widths]  # per copy, per column in quantization order
+    col_maxq: list[MaxQ] = [2**b - 1 for b in per_copy[0]]
+    if len(widths) > 1:  # one largest code per row instead, shared by the columns with the same widths
+        by_key: dict[tuple[int, ...], torch.Tensor] = {}
+        col_maxq = []
+        for key in zip(*per_copy, strict=True):
+            if key not in by_key:
+                by_key[key] = torch.tensor([2.0**b - 1 for b in key], device=W.device).repeat_interleave(n_rows)
+            col_maxq.append(by_key[key])
     maxq = col_maxq[0]
     dev = W.device
     W0 = W.detach().to(torch.float32)
@@ -360,7 +365,7 @@ def gptq_quantize_widths(
     results = []
     for k, b in enumerate(widths):
         rows = slice(k * n_rows, (k + 1) * n_rows)
-        loss, rel = proxy_loss(W0[rows], deq[rows], H0)
+        loss, rel = proxy_loss(W0[rows], deq[rows], H0) if losses else (float("nan"), float("nan"))
         results.append(GPTQResult(
             q=codes[rows],
             scales=scales[:, rows].contiguous(),
@@ -372,7 +377,7 @@ def gptq_quantize_widths(
             rel_loss=rel,
             damp=damp_used,
             dead=int(dead.sum()),
-            bits=[(int(x), int(n)) for x, n in b] if mixed else b,
+            bits=[(int(x), int(n)) for x, n in b] if mixed[k] else b,
             group_size=group_size,
             sym=sym,
             static_groups=static_groups,

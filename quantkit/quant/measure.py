@@ -35,6 +35,7 @@ from quantkit.quant.capture import (
 )
 from quantkit.quant.estimate import MeasureWork
 from quantkit.quant.gptq import HessianAccumulator
+from quantkit.quant.solvers import SOLVERS
 
 CANDIDATES_VERSION = 4  # 4: end-to-end probes at 2, 3 and 4 bits (measurement.json "probe")
 SOLVE_CACHE = 4  # solved weights kept per block, in multiples of the block's own weights (GPTQ widths: 4 each)
@@ -148,13 +149,19 @@ def probe_candidates(candidates: list[Candidate]) -> list[Candidate]:
 
 
 def _widths_with(spec: LinearSpec, wanted: list[LinearSpec], cached: set[LinearSpec]) -> list[LinearSpec]:
-    """spec and the uniform widths after it that a linear's later candidates want with its group size and rotation
-    and that are not cached, up to SOLVE_CACHE of them: one GPTQ pass solves them all (gptq_quantize_widths)."""
-    if not isinstance(spec.bits, int):
-        return [spec]
-    same = [sp for sp in wanted[wanted.index(spec) + 1 :] if isinstance(sp.bits, int) and sp not in cached
+    """spec and the settings after it that a linear's later candidates want with its group size and rotation and
+    that are not cached, up to SOLVE_CACHE of them: one GPTQ pass solves them all (gptq_quantize_widths)."""
+    same = [sp for sp in wanted[wanted.index(spec) + 1 :] if sp not in cached
             and (sp.group_size, sp.rotate_seed) == (spec.group_size, spec.rotate_seed)]  # fmt: skip
     return [spec, *same[: SOLVE_CACHE - 1]]
+
+
+def _solve(fmt: OutputFormat, W: torch.Tensor, H: torch.Tensor, specs: list[LinearSpec], s: QuantSettings, factor):
+    """Each spec's solution of one linear: GPTQ solves them in one pass (from one factorization of H, without the
+    proxy losses); another format's solver (the EXL3 trellis encoder) one by one."""
+    if fmt.solver == "gptq":
+        return solve_linear_widths(W, H, specs, s, factor, losses=False)
+    return [SOLVERS[fmt.solver](W, H, spec, s) for spec in specs]
 
 
 def _block_output(layer: nn.Module, block: str, io: LayerIO, r: int, ctx, last: str | None, specs, shared: dict):
@@ -225,7 +232,7 @@ def measure_layer(
                 if (n, spec) not in solved:
                     batch = _widths_with(spec, wanted[n], {sp for m, sp in solved if m == n})
                     factor = factors.setdefault((id(hessians[n]), spec.rotate_seed), {})
-                    results = solve_linear_widths(floats[n], hessians[n], batch, s, factor)
+                    results = _solve(fmt, floats[n], hessians[n], batch, s, factor)
                     for sp, res in reversed(list(zip(batch, results, strict=True))):  # spec last: the newest
                         weight = res.weight.to(floats[n].dtype)
                         room -= weight.numel() * weight.element_size()

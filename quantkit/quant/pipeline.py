@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from quantkit import STARTED
 from quantkit.arch import export_name
 from quantkit.arch.blocks import VISION_EMBED, VISION_LAYERS, block_of, expert_index, role_of
 from quantkit.calib.rows import tokenized_rows
@@ -164,7 +165,9 @@ def plan(ckpt: Checkpoint, model, o: QuantizeOptions, bpw_range: tuple[float, fl
 
 
 def _with_time(the_plan: QuantPlan, model, o: QuantizeOptions, shapes, t) -> QuantPlan:
-    """The plan with its expected time: the run's work counted from the shapes, at rates timed on o.device now."""
+    """The plan with its expected time: the run's work counted from the shapes, at rates timed on o.device now,
+    plus the start-up this process has paid so far (imports, config, model skeleton), which the run pays too."""
+    startup = time.perf_counter() - STARTED
     rates = measure_rates(o.device, o.torch_dtype, o.settings, (o.seq_len, t.dim, t.ffn_dim))
     estimate = partial(
         estimate_seconds, shapes, capture_groups(model.layers[0]), rows=o.rows, seq_len=o.seq_len,
@@ -173,10 +176,11 @@ def _with_time(the_plan: QuantPlan, model, o: QuantizeOptions, shapes, t) -> Qua
                              None if o.measure_all else _needed(o, shapes)[0])
         if o.bpw is not None and o.measurement is None else None, block_of=block_of, role_of=role_of,
     )  # fmt: skip
-    seconds, flops = estimate(rates=rates), estimate(rates=COUNT_FLOPS)
+    seconds, flops = startup + estimate(rates=rates), estimate(rates=COUNT_FLOPS)
     basis = (f"{flops / 1e15:,.3g} PFLOP of work counted from the model's shapes at {rates.matmul / 1e9:.3g} "
              f"GFLOP/s matmul and "
-             f"{rates.cholesky / 1e9:.3g} GFLOP/s Cholesky timed on {o.device} just now; reading and writing the "
+             f"{rates.cholesky / 1e9:.3g} GFLOP/s Cholesky timed on {o.device} just now, and {startup:.1f} s of "
+             "start-up as this dry run took; reading and writing the "
              "checkpoint" + (" and the vision tower" if o.vision == "quantize" else "") + " not counted"
              + ("; nor the trellis encoding of --format exl3 (about 300 µs per weight on a 2-core CPU)"
                 if o.format.solver == "trellis" else ""))  # fmt: skip
@@ -346,9 +350,10 @@ def _probe_kl(ckpt, model, job: Job, rows: int, row_shape, p_rows: int, p_shape,
     with torch.no_grad():
         for r in range(p_rows):
             ref = torch.log_softmax(model.head(cur.read(r)[:, : p_shape[1]].to(device)).float(), -1)
+            p = ref.exp()
             for b in range(len(total)):
                 logp = torch.log_softmax(model.head(p_cur.read(b * p_rows + r).to(device)).float(), -1)
-                total[b] += float((ref.exp() * (ref - logp)).sum(-1).mean()) / p_rows
+                total[b] += float(logp.neg_().add_(ref).mul_(p).sum(-1).mean()) / p_rows  # KL(float || probed)
     unload(model.lm_head)
     unload(model.norm)
     per_block = [total[k : k + n_probes] for k in range(0, len(total), n_probes)]

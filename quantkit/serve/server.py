@@ -26,7 +26,7 @@ from quantkit.model.config import load_model_config
 from quantkit.model.generate import BLOCK, KV_FRACTION, kv_token_bytes, warm_up
 from quantkit.model.load import model_parts
 from quantkit.model.text import Transformer
-from quantkit.runtime import available_memory, load_any, quantization_config
+from quantkit.quantized_model import available_memory, load_any, quantization_config
 from quantkit.tokenizer.chat import ChatTokenizer
 
 

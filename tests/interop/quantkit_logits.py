@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from quantkit.formats.gptq import gptq_unpack, module_bits
-from quantkit.runtime import load_quantized
+from quantkit.quantized_model import load_quantized
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from native_models import image_prompt as image_prompt_ids  # noqa: E402  (tests/: 16-pixel patches, as here)

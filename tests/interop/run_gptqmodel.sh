@@ -8,7 +8,7 @@
 # Mixtral and Pixtral are exported with `--export-names gptqmodel` (GPTQModel refuses the default vLLM names of both);
 # Mistral and Llama names are the same under either naming.
 # transformers' known GPTQ Mixtral misload shows as "known misload", its refusal of mixed-bit folders as "known refusal".
-# Then `--format exl3 --bits 4` folders (EXL3_MODELS, default mistral) through GPTQModel's CPU EXL3 kernel.
+# Then `--format exl3` folders (--bits 4 and --bpw; EXL3_MODELS, default all three) through GPTQModel's EXL3 kernel.
 # Not run in CI: GPTQModel pulls a multi-GB torch build, so it lives in its own venv. Prints a markdown table.
 #
 #   bash tests/interop/run_gptqmodel.sh          # everything under ~/.cache/quantkit-interop (or $QK_INTEROP_DIR)
@@ -100,12 +100,19 @@ for peer in gptqmodel transformers; do  # one process each: GPTQModel.load patch
     "$VENV/bin/python" "$HERE/gptqmodel_logits.py" --peer "$peer" "${pairs[@]}" || status=1
 done
 
-# EXL3 (issue 27): `--format exl3` folders through GPTQModel's CPU EXL3 kernel (BACKEND.EXL3_TORCH), logits against
-# quantkit's within 1e-3. Greedy tile codes (exl3_build.py --greedy): the layout is under test, not the search.
-for m in ${EXL3_MODELS:-mistral}; do
-    out="$DIR/$m/exl3-b4"
-    echo "== quantize $m --format exl3 --bits 4 (greedy tile codes)"
-    "$PY" "$HERE/exl3_build.py" "$DIR/$m/hf" "$out" "$DIR/$m/ours-exl3-b4.safetensors" --bits 4 --greedy
-    "$VENV/bin/python" "$HERE/exl3_gptqmodel.py" "$out" "$DIR/$m/ours-exl3-b4.safetensors" || status=1
+# EXL3 (issue 27): `--format exl3 --bits 4` and `--bpw 3.5` (K per linear, 3 or 4) folders through GPTQModel's CPU
+# EXL3 kernel (BACKEND.EXL3_TORCH): logits against quantkit's within 1e-3 and 16 greedy tokens equal. Greedy tile
+# codes (exl3_build.py --greedy): the layout is under test, not the search.
+for m in ${EXL3_MODELS:-mistral mixtral pixtral}; do
+    [[ -d "$DIR/$m/native" ]] || "$PY" -m quantkit.synthetic "${PRESET[$m]}" "$DIR/$m/native" --tokenizer "$data/${TOK[$m]}"
+    [[ -d "$DIR/$m/hf" ]] || qk convert "$DIR/$m/native" "$DIR/$m/hf" --quiet
+    for q in "--bits 4" "--bpw 3.5"; do
+        tag="exl3-$(echo "$q" | tr -d ' -')"
+        echo "== quantize $m --format exl3 $q (greedy tile codes)"
+        # shellcheck disable=SC2086
+        "$PY" "$HERE/exl3_build.py" "$DIR/$m/hf" "$DIR/$m/$tag" "$DIR/$m/ours-$tag.safetensors" $q --greedy \
+            --names "${NAMES[$m]}"
+        "$VENV/bin/python" "$HERE/exl3_gptqmodel.py" "$DIR/$m/$tag" "$DIR/$m/ours-$tag.safetensors" || status=1
+    done
 done
 exit $status

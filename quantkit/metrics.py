@@ -1,4 +1,5 @@
-"""`quantkit eval`: perplexity, and against a reference model the KL divergence and top-1 agreement.
+"""The metrics of `quantkit eval` (its work is quantkit/evaluation.py): perplexity, and against a reference model
+the KL divergence and top-1 agreement.
 
 Both models see the same rows of token ids. Perplexity is exp(mean next-token NLL) over every predicted token;
 KL is the mean over tokens of KL(P_ref || P_model) of the next-token distributions (the direction ExLlamaV3

@@ -2,9 +2,9 @@
 
 quantkit.model imports no quantization code; instead load_model's `prepare` hook runs here on the empty meta model
 and swaps every linear whose checkpoint holds quantized tensors for the module its output format builds (formats/:
-a QuantLinear, or a GPTQLinear that repacks as it loads) with buffers shaped from the safetensors headers alone.
-Checkpoint.load then fills them part by part like any other module, so a 124B model never needs more than one part
-in memory at once.
+a QuantLinear, or the GPTQ tensors as stored) with buffers shaped from the safetensors headers alone. Checkpoint.load
+then fills them part by part like any other module, so a 124B model never needs more than one part in memory at once;
+then `repack` runs the format's explicit step per linear (GPTQ tensors -> QuantLinear).
 
 Before any weight is read, a folder is refused (naming the tensors) when it holds quantized tensors that no linear of
 the model takes, or a linear with neither quantized tensors nor a 16-bit weight: the two ways a loader that matches
@@ -26,7 +26,7 @@ from quantkit.formats.base import OutputFormat
 from quantkit.formats.registry import config_format
 from quantkit.io.checkpoint import read_json
 from quantkit.io.reader import DTYPES, TensorInfo
-from quantkit.kernels import BACKENDS, resolve_backend
+from quantkit.kernels import check_backend, resolve_backend
 from quantkit.kernels.qlinear import INT4_DTYPE, QuantLinear
 from quantkit.model.load import Checkpoint, load_model, name_list, parse_devices
 from quantkit.model.modules import swap_linears
@@ -92,8 +92,7 @@ def quantized_prepare(qcfg: dict, backend: str = "auto") -> Callable[[Transforme
     """The load_model prepare hook for a folder with this quantization_config (refused here when unsupported)."""
     fmt = config_format(qcfg)
     fmt.check_config(qcfg)
-    if backend not in BACKENDS:
-        raise QuantkitError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+    check_backend(backend)
 
     def prepare(model: Transformer, ckpt: Checkpoint) -> None:
         groups = _by_prefix(ckpt.index.infos)
@@ -154,6 +153,7 @@ def load_quantized(
     prepare = quantized_prepare(qcfg, backend)
     resolve_backend(backend, parse_devices(device)[0])  # a Triton request that cannot run fails before loading
     model = load_model(folder, device=device, dtype=dtype, progress=progress, prepare=prepare)
+    repack(model, config_format(qcfg), backend)
     set_backend(model, backend)
     if fuse:
         fuse_projections(model)
@@ -178,10 +178,23 @@ def load_any(
     return load_model(folder, device=device, dtype=dtype, progress=progress)
 
 
+def repack(model: nn.Module, fmt: OutputFormat, backend: str) -> int:
+    """The format's step after loading (OutputFormat.repack), one module at a time so that only one linear is ever
+    held in both forms; returns how many modules it replaced."""
+    replaced = 0
+    for name in [n for n, _ in model.named_modules() if n]:
+        module = model.get_submodule(name)
+        new = fmt.repack(module, backend)
+        if new is not module:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+            replaced += 1
+    return replaced
+
+
 def set_backend(model: nn.Module, backend: str) -> int:
     """Switch every quantized linear of a loaded model to backend, resolved once here; returns how many there are."""
-    if backend not in BACKENDS:
-        raise QuantkitError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+    check_backend(backend)
     linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
     for m in linears:
         m.set_backend(backend)
@@ -232,7 +245,7 @@ def pack_int4(model: nn.Module, enabled: bool = True) -> int:
     (QuantLinear.keep_int4), which decode steps read instead of a kept bf16 weight: decoding is memory-bound there,
     and the repack is a quarter of its size. Returns how many keep one; enabled=False drops them."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    linears = [m for m in model.modules() if isinstance(m, QuantLinear) and not getattr(m, "pending", False)]
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
     return sum(m.keep_int4(enabled and dtype == INT4_DTYPE) for m in linears)
 
 
@@ -243,7 +256,7 @@ def keep_dequantized(model: nn.Module, enabled: bool = True, fraction: float = D
     The torch backend otherwise dequantizes every weight on every forward, which makes a quantized model decode
     several times slower than its float original on CPU. enabled=False drops every kept weight.
     """
-    linears = [m for m in model.modules() if isinstance(m, QuantLinear) and not getattr(m, "pending", False)]
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     room: dict[torch.device, int] = {}
     kept = 0
