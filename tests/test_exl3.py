@@ -195,6 +195,34 @@ def test_exl3_bpw_chooses_k_per_linear_within_the_exact_budget(tiny_models, tmp_
         assert torch.isfinite(model(ids)).all()
 
 
+
+def test_exl3_takes_one_bit_per_weight(tiny_models, tmp_path, monkeypatch):
+    """K = 1 (the format's narrowest; GPTQ grids stop at 2): a --bits 1 folder stores 16-bit-per-tile streams and
+    runs; the other formats still refuse 1 bit."""
+    import json
+
+    from click.testing import CliRunner
+
+    from quantkit.cli import main
+    from quantkit.quant import trellis
+    from quantkit.quantized_model import load_any
+
+    monkeypatch.setattr(trellis, "encode", _greedy_symbols)
+    src, dst = tiny_models.get("mistral_large")["hf"], tmp_path / "exl3-k1"
+    args = ["quantize", src, dst, "--format", "exl3", "--bits", "1", "--rows", "2", "--seq-len", "32", "--quiet"]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    storage = json.loads((dst / "config.json").read_text())["quantization_config"]["tensor_storage"]
+    assert {s["bits_per_weight"] for s in storage.values()} == {1}
+    name = "model.layers.0.self_attn.k_proj"
+    assert storage[name]["stored_tensors"][f"{name}.trellis"]["shape"] == [8, 8, 16]
+    model = load_any(dst, "cpu", "float32", "torch", progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(8)[None])).all()
+    refused = CliRunner().invoke(main, [str(a) for a in ["quantize", src, tmp_path / "g1", "--bits", "1", "--quiet"]])
+    assert refused.exit_code != 0 and "--bits must be between 2 and 8" in refused.output
+
+
 def test_the_exl3_solver_beats_gptq_at_equal_bits_on_a_correlated_hessian():
     """solve_trellis (regularization, Hadamard both sides, LDLQ over bands of 16 rows, Viterbi) against GPTQ g128
     act order at 3 bits (3.25 bits per weight with its scales; EXL3 3.25 with suh and svh at this size): the

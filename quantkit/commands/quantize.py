@@ -28,7 +28,9 @@ def _group_size(value: str) -> int | str | None:
     help="Measure every candidate, so that --measurement reuses it for any --bpw target (default: only what this "
     "target can choose, about half the measuring time).",
 )
-@click.option("-b", "--bits", type=int, default=4, show_default=True, help="Bits per weight (2-8).")
+@click.option(
+    "-b", "--bits", type=int, default=4, show_default=True, help="Bits per weight (2-8; 1-8 with --format exl3)."
+)
 @click.option(
     "--group-size",
     default="auto",

@@ -28,6 +28,7 @@ class Exl3Format(OutputFormat):
     markers = frozenset({"trellis", "suh", "svh"})
     solver = "trellis"
     parts = frozenset({"decoder"})  # tensor_storage lists the decoder's linears only, so far
+    widths = (1, 2, 3, 4, 5, 6, 7, 8)  # K, as the format defines it
 
     def candidates(self, block: str, moe: bool) -> list[Candidate]:
         """K bits per linear, 2 to 8: the roles that read one input (q/k/v, gate/up) at one K, the other (o, down)

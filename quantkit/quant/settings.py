@@ -62,8 +62,9 @@ class QuantizeOptions:
         """Refuse bad arguments; returns self with the device resolved (auto -> cuda when there is one, else cpu)."""
         s = self.settings
         fmt = get_format(self.fmt)
-        if not (isinstance(s.bits, int) and 2 <= s.bits <= 8):
-            raise QuantkitError(f"--bits must be between 2 and 8, got {s.bits}")
+        lo, hi = min(fmt.widths), max(fmt.widths)
+        if not (isinstance(s.bits, int) and lo <= s.bits <= hi):
+            raise QuantkitError(f"--bits must be between {lo} and {hi}, got {s.bits}")
         fmt.check(s, self.bpw, self.rotate)
         if self.head_bits is not None and not (isinstance(self.head_bits, int) and 2 <= self.head_bits <= 8):
             raise QuantkitError(f"--head-bits must be between 2 and 8, got {self.head_bits}")
