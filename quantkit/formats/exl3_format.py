@@ -1,4 +1,4 @@
-"""The EXL3 format (ExLlamaV3's trellis code, formats/exl3.py): K = 2..8 bits per weight per linear, coded by our
+"""The EXL3 format (ExLlamaV3's trellis code, formats/exl3.py): K = 1..8 bits per weight per linear, coded by our
 own encoder (quant/trellis.py), one K for every linear (--bits K) or one per linear chosen by --bpw. Stored as
 exllamav3 stores it: `trellis` int16, `suh` / `svh` fp16 per linear, dimensions padded to multiples of 128, the
 codebook 3INST (no `mcg` / `mul1` flag tensors), and a `quantization_config` with exllamav3's fields and the
@@ -31,7 +31,7 @@ class Exl3Format(OutputFormat):
     widths = (1, 2, 3, 4, 5, 6, 7, 8)  # K, as the format defines it
 
     def candidates(self, block: str, moe: bool) -> list[Candidate]:
-        """K bits per linear, 2 to 8: the roles that read one input (q/k/v, gate/up) at one K, the other (o, down)
+        """K bits per linear, 1 to 8: the roles that read one input (q/k/v, gate/up) at one K, the other (o, down)
         at its own; an MoE block's experts all at one K. (exllamav3 chooses K per tensor by a heuristic; here the
         measured errors and the exact knapsack choose.)"""
         roles = BLOCK_ROLES[block]
