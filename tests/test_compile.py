@@ -41,6 +41,8 @@ def test_every_runtime_launch_compiles_without_spills_within_shared_memory(tmp_p
             for path in ("skinny", "tiled"):
                 assert (arch, bits, "torch.float16", path) in seen, (arch, bits, path)
         assert {r["example"]["dtype"] for r in rows if r["arch"] == arch} >= {"torch.bfloat16", "torch.float32"}
+    exl3 = {(r["arch"], r["example"]["bits"], r["example"]["book"]) for r in rows if "exl3" in r["sweeps"]}
+    assert exl3 == {(a, k, b) for a in (80, 90) for k in range(1, 9) for b in ("3inst", "mcg", "mul1")}  # EXL3 decode
     sweeps = {s for r in rows for s in r["sweeps"]}
     assert {f"variants:{v}" for v in ("g32", "per_channel", "zeros", "mixed", "bias")} <= sweeps
     for r in rows:

@@ -1,16 +1,18 @@
 """Compile every kernel launch the runtime would make for sm_80 (A100) and sm_90 (H100/H200), with no GPU.
 
-How: quantkit.kernels.triton_dequant.triton_matmul is called on empty CPU tensors with the kernel object `_qmm`
-swapped for a recorder, so each launch (grid, arguments, constexprs, warps, stages) comes from the real launch code
-and the real JSON configs. Each launch is specialised as triton.runtime.jit.JITFunction.run does, but for the CUDA
-backend of an explicit GPUTarget, and compiled with triton.compile(ASTSource(...), target=GPUTarget("cuda", arch,
-32)); registers and spills come from ptxas -v, shared memory from the kernel's metadata. triton.compile needs a
-CUDA driver only when no target is given, so this runs on CPU (it needs the ptxas Triton ships).
+How: quantkit.kernels.triton_dequant.triton_matmul (and exl3_triton.decode_inner, the EXL3 tile decode) is called on
+empty CPU tensors with the kernel object (`_qmm`, `_decode_tiles`) swapped for a recorder, so each launch (grid,
+arguments, constexprs, warps, stages) comes from the real launch code and the real JSON configs. Each launch is
+specialised as triton.runtime.jit.JITFunction.run does, but for the CUDA backend of an explicit GPUTarget, and
+compiled with triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)); registers and spills come from
+ptxas -v, shared memory from the kernel's metadata. triton.compile needs a CUDA driver only when no target is given,
+so this runs on CPU (it needs the ptxas Triton ships).
 
 python -m quantkit.kernels.compile_check [--arch 90 80] [--sweeps ci|full|configs,variants,...] [--bits 3 5 ...]
 Exit status 1 when a kernel fails to compile, spills, or needs more shared memory than the arch allows.
 tests/test_compile.py runs the `ci` sweeps (every bit width against every shipped config entry, plus the
-variants: bf16, fp32, group sizes, per channel, zero points, mixed segments, bias). `autotune` compiles every
+variants: bf16, fp32, group sizes, per channel, zero points, mixed segments, bias; and the EXL3 decode at every K
+and codebook). `autotune` compiles every
 candidate of quantkit.kernels.autotune at every bit width (hundreds of kernels: minutes per arch).
 """
 
@@ -36,8 +38,13 @@ SM_COUNT = {90: 132, 80: 108}  # H100 SXM / H200, A100 SXM: only changes the spl
 BITS = (2, 3, 4, 5, 6, 7, 8)
 SHAPE = (12288, 1024)  # (in, out): Pixtral-Large's k/v projection; constexprs do not depend on the shape here
 VARIANTS = ("bf16", "fp32", "g32", "g64", "per_channel", "zeros", "mixed", "bias", "fixup", "fixup_mixed")
-SWEEPS = ("configs", "variants", "index", "autotune")
-PRESETS = {"ci": ("configs", "variants"), "full": ("configs", "variants", "index", "autotune")}
+SWEEPS = ("configs", "variants", "index", "autotune", "exl3")
+PRESETS = {"ci": ("configs", "variants", "exl3"), "full": ("configs", "variants", "index", "autotune", "exl3")}
+KERNELS = {  # what each recorded launch compiles: the dequant-matmul, and the EXL3 tile decode
+    "qmm": ("quantkit.kernels.triton_dequant", "_qmm"),
+    "exl3": ("quantkit.kernels.exl3_triton", "_decode_tiles"),
+}
+EXL3_TILES = (8, 8)  # tiles of the trellis a recorded EXL3 decode launch covers (the grid only; K and book specialise)
 
 
 def shipped_configs() -> dict[str, dict]:
@@ -111,7 +118,7 @@ def launch_cases(sweeps: Iterable[str], bits: Iterable[int]) -> list[dict]:
                 for b, cand in itertools.product(bits, candidates(path, m)):
                     cases.append(dict(sweep="autotune", config="candidate", bits=b, m=m, path=path, entry=cand))
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    for c in cases:
+    for c in cases:  # the dequant-matmul cases; the EXL3 ones below carry what they need
         v = c.get("variant")
         c["dtype"] = dtypes.get(v, torch.float16)
         c["group"] = {"g32": 32, "g64": 64, "per_channel": None}.get(v, 128)
@@ -121,6 +128,11 @@ def launch_cases(sweeps: Iterable[str], bits: Iterable[int]) -> list[dict]:
         c["layout"] = [(c["bits"], 4096), (other, k - 4096)] if v in ("mixed", "fixup_mixed") else c["bits"]
         if v in ("fixup", "fixup_mixed"):  # the self-clearing split-K reduction (config "reduce": "fixup")
             c["entry"] = dict(c["entry"], reduce="fixup")
+    if "exl3" in sweeps:  # the EXL3 tile decode (kernels/exl3_triton.py): every K and codebook a folder may hold
+        from quantkit.formats.exl3 import CODEBOOKS
+
+        for k, book in itertools.product(range(1, 9), CODEBOOKS):
+            cases.append(dict(sweep="exl3", config="-", bits=k, book=book, m=0, path="decode", dtype=torch.int16))
     return cases
 
 
@@ -152,35 +164,62 @@ def make_specialiser(kernel, arch: int) -> Callable:
     return specialise
 
 
-def capture(arch: int, cases: list[dict]) -> dict[str, dict]:
-    """{key: {spec, cases}}: the distinct kernels the cases launch on arch (the launch code run with a recorder)."""
-    import torch
+def _kernel(name: str):
+    module, attr = KERNELS[name]
+    return getattr(__import__(module, fromlist=[attr]), attr)
 
-    from quantkit.kernels import triton_dequant as td
 
-    kernels: dict[str, dict] = {}
-    specialise = make_specialiser(td._qmm, arch)
-    current: dict = {}
+@contextlib.contextmanager
+def _recording(kernel: str, arch: int, kernels: dict[str, dict], current: dict):
+    """The kernel object swapped for a recorder while the launch code runs: each launch's specialisation for arch
+    goes into kernels (keyed by what makes it distinct), with the case (current) that made it."""
+    module, attr = KERNELS[kernel]
+    mod = __import__(module, fromlist=[attr])
+    specialise = make_specialiser(getattr(mod, attr), arch)
 
     class Recorder:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 key, spec = specialise(args, kwargs)
+                spec["kernel"] = kernel
                 kernels.setdefault(key, dict(spec=spec, cases=[]))["cases"].append(dict(current, grid=list(grid)))
 
             return launch
 
-    saved = td._qmm, td._sm_count
-    td._qmm, td._sm_count = Recorder(), (lambda device: SM_COUNT[arch])
+    saved = getattr(mod, attr)
+    setattr(mod, attr, Recorder())
     try:
-        for c in cases:
-            pl = _layer(SHAPE[0], SHAPE[1], c["layout"], c["group"], c["sym"], c["bias"])
-            current.clear()
-            current.update({a: v for a, v in c.items() if a not in ("entry", "layout", "group", "sym", "bias")})
-            current["entry"] = {a: v for a, v in c["entry"].items() if a != "max_m"}
-            td.triton_matmul(torch.empty(c["m"], SHAPE[0], dtype=c["dtype"]), pl, launch=c["entry"])
+        yield
     finally:
-        td._qmm, td._sm_count = saved
+        setattr(mod, attr, saved)
+
+
+def capture(arch: int, cases: list[dict]) -> dict[str, dict]:
+    """{key: {spec, cases}}: the distinct kernels the cases launch on arch (the launch code run with a recorder)."""
+    import torch
+
+    from quantkit.kernels import exl3_triton
+    from quantkit.kernels import triton_dequant as td
+
+    kernels: dict[str, dict] = {}
+    current: dict = {}
+    saved = td._sm_count
+    td._sm_count = lambda device: SM_COUNT[arch]
+    try:
+        with _recording("qmm", arch, kernels, current):
+            for c in (c for c in cases if c["sweep"] != "exl3"):
+                pl = _layer(SHAPE[0], SHAPE[1], c["layout"], c["group"], c["sym"], c["bias"])
+                current.clear()
+                current.update({a: v for a, v in c.items() if a not in ("entry", "layout", "group", "sym", "bias")})
+                current["entry"] = {a: v for a, v in c["entry"].items() if a != "max_m"}
+                td.triton_matmul(torch.empty(c["m"], SHAPE[0], dtype=c["dtype"]), pl, launch=c["entry"])
+    finally:
+        td._sm_count = saved
+    with _recording("exl3", arch, kernels, current):
+        for c in (c for c in cases if c["sweep"] == "exl3"):
+            current.clear()
+            current.update(c)
+            exl3_triton.decode_inner(torch.empty(*EXL3_TILES, 16 * c["bits"], dtype=torch.int16), c["book"])
     return kernels
 
 
@@ -191,11 +230,9 @@ def compile_one(spec: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from quantkit.kernels.triton_dequant import _qmm
-
     knobs.nvidia.dump_ptxas_log = True
     knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its log
-    src = ASTSource(_qmm, spec["signature"], spec["constexprs"], spec["attrs"])
+    src = ASTSource(_kernel(spec["kernel"]), spec["signature"], spec["constexprs"], spec["attrs"])
     log = io.StringIO()
     t0 = time.time()
     try:
@@ -243,11 +280,14 @@ def instruction_counts(ptx: str, sass: str) -> dict:
 
 
 def kernel_name(spec: dict) -> str:
-    from quantkit.kernels.triton_dequant import _qmm
-
-    names = [p.name for p in _qmm.params]
+    names = [p.name for p in _kernel(spec["kernel"]).params]
     cv = {names[a[0] if isinstance(a, tuple) else a]: v for a, v in spec["constexprs"].items()}
     o = spec["options"]
+    if spec["kernel"] == "exl3":
+        from quantkit.kernels.exl3_triton import BOOK_IDS
+
+        book = next(b for b, i in BOOK_IDS.items() if i == cv["BOOK"])
+        return f"exl3 decode K{cv['K']} {book} w{o['num_warps']}s{o['num_stages']}"
     ws = "+".join(str(cv[w]) for w in ("W0", "W1", "W2") if cv[w])
     x = spec["signature"]["x_ptr"][1:]
     return (

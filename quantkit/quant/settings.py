@@ -62,8 +62,8 @@ class QuantizeOptions:
         """Refuse bad arguments; returns self with the device resolved (auto -> cuda when there is one, else cpu)."""
         s = self.settings
         fmt = get_format(self.fmt)
-        lo, hi = min(fmt.widths), max(fmt.widths)
-        if not (isinstance(s.bits, int) and lo <= s.bits <= hi):
+        if not (isinstance(s.bits, int) and 1 <= s.bits <= 8):  # which widths within 1..8: the format says below
+            lo, hi = min(fmt.widths), max(fmt.widths)
             raise QuantkitError(f"--bits must be between {lo} and {hi}, got {s.bits}")
         fmt.check(s, self.bpw, self.rotate)
         if self.head_bits is not None and not (isinstance(self.head_bits, int) and 2 <= self.head_bits <= 8):
