@@ -3,4 +3,4 @@
 import time
 
 __version__ = "0.1.0"
-STARTED = time.perf_counter()  # when this process first imported quantkit: --dry-run counts the start-up it paid
+STARTED = time.perf_counter()  # when this process first imported quantkit (--dry-run counts the import cost)

@@ -63,6 +63,8 @@ from quantkit.quant.settings import (
 from quantkit.quant.solvers import SOLVERS
 from quantkit.tokenizer.chat import ChatTokenizer
 
+IMPORT_SECONDS = time.perf_counter() - STARTED  # importing quantkit and this module: a run's start-up
+
 
 @dataclass
 class QuantPlan:
@@ -166,8 +168,8 @@ def plan(ckpt: Checkpoint, model, o: QuantizeOptions, bpw_range: tuple[float, fl
 
 def _with_time(the_plan: QuantPlan, model, o: QuantizeOptions, shapes, t) -> QuantPlan:
     """The plan with its expected time: the run's work counted from the shapes, at rates timed on o.device now,
-    plus the start-up this process has paid so far (imports, config, model skeleton), which the run pays too."""
-    startup = time.perf_counter() - STARTED
+    plus the start-up (importing quantkit, torch and the quantizer, as this process did), which the run pays too."""
+    startup = IMPORT_SECONDS
     rates = measure_rates(o.device, o.torch_dtype, o.settings, (o.seq_len, t.dim, t.ffn_dim))
     estimate = partial(
         estimate_seconds, shapes, capture_groups(model.layers[0]), rows=o.rows, seq_len=o.seq_len,
@@ -180,7 +182,7 @@ def _with_time(the_plan: QuantPlan, model, o: QuantizeOptions, shapes, t) -> Qua
     basis = (f"{flops / 1e15:,.3g} PFLOP of work counted from the model's shapes at {rates.matmul / 1e9:.3g} "
              f"GFLOP/s matmul and "
              f"{rates.cholesky / 1e9:.3g} GFLOP/s Cholesky timed on {o.device} just now, and {startup:.1f} s of "
-             "start-up as this dry run took; reading and writing the "
+             "start-up (imports) as this process took; reading and writing the "
              "checkpoint" + (" and the vision tower" if o.vision == "quantize" else "") + " not counted"
              + ("; nor the trellis encoding of --format exl3 (about 300 µs per weight on a 2-core CPU)"
                 if o.format.solver == "trellis" else ""))  # fmt: skip
