@@ -116,24 +116,36 @@ def _greedy(w: torch.Tensor, k: int) -> torch.Tensor:
     return exl3.pack_symbols(_greedy_symbols(tiles, k), k).view(n_in // 16, n_out // 16, 16 * k)
 
 
-def test_an_exl3_folder_quantizes_saves_loads_and_runs(tiny_models, tmp_path, monkeypatch):
-    """--format exl3 end to end on the tiny Mistral (64 wide: every linear is padded to 128), with the greedy tile
-    code in place of Viterbi: the pipeline, config, storage and loading are under test here (Viterbi at this CPU's
-    speed would take minutes; it is tested above)."""
+def _greedy_build(tiny_models, dst: Path, monkeypatch, *options: str) -> dict:
+    """`quantize --format exl3 OPTIONS` of the 64-wide tiny Mistral into dst with the greedy tile coder in place of
+    Viterbi (the pipeline, config, storage and loading are under test; Viterbi at this CPU's speed would take
+    minutes and is tested above); returns the folder's quantization_config."""
     import json
 
     from click.testing import CliRunner
 
     from quantkit.cli import main
     from quantkit.quant import trellis
-    from quantkit.quantized_model import load_any
 
     monkeypatch.setattr(trellis, "encode", _greedy_symbols)
-    src, dst = tiny_models.get("mistral_large")["hf"], tmp_path / "exl3"
-    args = ["quantize", src, dst, "--format", "exl3", "--bits", "4", "--rows", "2", "--seq-len", "32", "--quiet"]
+    src = tiny_models.get("mistral_large")["hf"]
+    args = ["quantize", src, dst, "--format", "exl3", *options, "--rows", "2", "--seq-len", "32", "--quiet"]
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 0, result.output + str(result.exception)
-    qcfg = json.loads((dst / "config.json").read_text())["quantization_config"]
+    return json.loads((dst / "config.json").read_text())["quantization_config"]
+
+
+def test_an_exl3_folder_quantizes_saves_loads_and_runs(tiny_models, tmp_path, monkeypatch):
+    """--format exl3 end to end on the tiny Mistral (64 wide: every linear is padded to 128), greedy tile codes."""
+    import json
+
+    from click.testing import CliRunner
+
+    from quantkit.cli import main
+    from quantkit.quantized_model import load_any
+
+    src, dst = tiny_models.get("mistral_large")["hf"], tmp_path / "exl3"
+    qcfg = _greedy_build(tiny_models, dst, monkeypatch, "--bits", "4")
     assert qcfg["quant_method"] == qcfg["format"] == "exl3" and qcfg["bits"] == 4 and qcfg["codebook"] == "3inst"
     assert qcfg["head_bits"] is None and "version" not in qcfg  # what GPTQModel's EXL3Config refuses
     k_proj = "model.layers.0.self_attn.k_proj"
@@ -170,15 +182,10 @@ def test_exl3_bpw_chooses_k_per_linear_within_the_exact_budget(tiny_models, tmp_
     from click.testing import CliRunner
 
     from quantkit.cli import main
-    from quantkit.quant import trellis
     from quantkit.quantized_model import load_any
 
-    monkeypatch.setattr(trellis, "encode", _greedy_symbols)
-    src, dst = tiny_models.get("mistral_large")["hf"], tmp_path / "exl3-bpw"
-    args = ["quantize", src, dst, "--format", "exl3", "--bpw", "11.5", "--rows", "2", "--seq-len", "32", "--quiet"]
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + str(result.exception)
-    qcfg = json.loads((dst / "config.json").read_text())["quantization_config"]
+    dst = tmp_path / "exl3-bpw"
+    qcfg = _greedy_build(tiny_models, dst, monkeypatch, "--bpw", "11.5")
     assert qcfg["bits"] == 11.5  # exllamav3 writes the decoder's target bitrate here
     ks = {name: s["bits_per_weight"] for name, s in qcfg["tensor_storage"].items()}
     assert set(ks.values()) == {3, 4}, ks  # between the two uniform builds: some linears at each K
@@ -195,24 +202,16 @@ def test_exl3_bpw_chooses_k_per_linear_within_the_exact_budget(tiny_models, tmp_
         assert torch.isfinite(model(ids)).all()
 
 
-
 def test_exl3_takes_one_bit_per_weight(tiny_models, tmp_path, monkeypatch):
     """K = 1 (the format's narrowest; GPTQ grids stop at 2): a --bits 1 folder stores 16-bit-per-tile streams and
     runs; the other formats still refuse 1 bit."""
-    import json
-
     from click.testing import CliRunner
 
     from quantkit.cli import main
-    from quantkit.quant import trellis
     from quantkit.quantized_model import load_any
 
-    monkeypatch.setattr(trellis, "encode", _greedy_symbols)
     src, dst = tiny_models.get("mistral_large")["hf"], tmp_path / "exl3-k1"
-    args = ["quantize", src, dst, "--format", "exl3", "--bits", "1", "--rows", "2", "--seq-len", "32", "--quiet"]
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + str(result.exception)
-    storage = json.loads((dst / "config.json").read_text())["quantization_config"]["tensor_storage"]
+    storage = _greedy_build(tiny_models, dst, monkeypatch, "--bits", "1")["tensor_storage"]
     assert {s["bits_per_weight"] for s in storage.values()} == {1}
     name = "model.layers.0.self_attn.k_proj"
     assert storage[name]["stored_tensors"][f"{name}.trellis"]["shape"] == [8, 8, 16]
