@@ -4,7 +4,10 @@ For each shape (in -> out features) and bit width, times quant_matmul (Triton) a
 size, and prints ms, achieved GB/s (every stored byte of the packed weight plus activations and output, once per
 call) and the fraction of the GPU's spec memory bandwidth. Decode (batch 1-16) is weight-bound, so that fraction is
 the figure of merit; issue 7 aims at ≥ 70%. Weights are random (speed does not depend on values); act order is on,
-so the activation gather is timed too. Without a GPU it runs a small correctness pass in Triton's interpreter.
+so the activation gather is timed too. With --exl3 K ..., EXL3 linears (trellis-coded at K bits, random codes and
+scales; kernels/exl3_triton.py: the fused GEMV up to 16 rows, decode + fp16 matmul above) get rows of their own,
+their stored bytes being the trellis and the two fp16 scale vectors. Without a GPU it runs a small correctness pass
+in Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -61,6 +64,20 @@ def random_packed(n: int, k: int, spec: str, group_size: int, device: str):
     return PackedLinear(k, n, group_size, segments, scales, None, perm)
 
 
+def random_exl3(n: int, k: int, bits: int, device: str):
+    """An Exl3Linear [n, k] on the Triton backend with random trellis words and scales."""
+    from quantkit.kernels.exl3_linear import Exl3Linear
+
+    tensors = {
+        "trellis": torch.randint(-(1 << 15), 1 << 15, (k // 16, n // 16, 16 * bits), dtype=torch.int32).to(torch.int16),
+        "suh": (torch.rand(k) + 0.5).half(),
+        "svh": (torch.rand(n) - 0.5).half() / k**0.5,
+    }
+    lin = Exl3Linear({a: t.to(device) for a, t in tensors.items()}, n, k, "3inst")
+    lin.set_backend("triton")
+    return lin
+
+
 def spec_bandwidth(name: str) -> float | None:
     low = name.lower()
     for key, gbps in SPEC_GBPS.items():
@@ -108,6 +125,13 @@ def bench_gpu(args: argparse.Namespace) -> None:
                 row = f"{k:>6}->{n:<6} {m:>5} {spec:>4} | {tq:8.4f} {gbq:7.0f} {gbq / bw:5.0%} | {t16:8.4f} {gb16:7.0f}"
                 print(row + f" {gb16 / bw:5.0%} | {t16 / tq:6.2f}x", flush=True)
                 del pl
+            for bits in args.exl3:
+                lin = random_exl3(n, k, bits, "cuda")
+                tq = timer(lambda x=x, lin=lin: lin(x))
+                gbq = (lin.trellis.numel() * 2 + (k + n) * 2 + act_bytes) / tq / 1e6
+                row = f"{k:>6}->{n:<6} {m:>5} {'e' + str(bits):>4} | {tq:8.4f} {gbq:7.0f} {gbq / bw:5.0%} | {t16:8.4f}"
+                print(row + f" {gb16:7.0f} {gb16 / bw:5.0%} | {t16 / tq:6.2f}x", flush=True)
+                del lin
         torch.cuda.empty_cache()
 
 
@@ -126,6 +150,18 @@ def correctness_pass(args: argparse.Namespace) -> int:
             ok = err < 3e-3
             failures += not ok
             print(f"bits {spec:>4} M={m:<3} max relative error {err:.1e} {'ok' if ok else 'FAIL'}", flush=True)
+    for bits in args.exl3:  # the Triton path (GEMV, decode + matmul) against the plain-torch decode
+        lin = random_exl3(384, 256, bits, "cpu")
+        ref_lin = random_exl3(384, 256, bits, "cpu")
+        ref_lin.load_state_dict(lin.state_dict())
+        ref_lin.set_backend("torch")
+        for m in (1, 17):
+            x = torch.randn(m, 256)
+            y, ref = lin(x), ref_lin(x)
+            err = float((y - ref).abs().max() / ref.abs().max())
+            ok = err < 1e-4
+            failures += not ok
+            print(f"exl3 K={bits} M={m:<3} max relative error {err:.1e} {'ok' if ok else 'FAIL'}", flush=True)
     return failures
 
 
@@ -136,6 +172,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--shape", nargs=2, type=int, action="append", dest="shapes", metavar=("IN", "OUT"))
     ap.add_argument("--graphs", action="store_true", help="time CUDA-graph replays (no launch overhead)")
+    ap.add_argument("--exl3", nargs="*", type=int, default=[], metavar="K", help="also EXL3 linears at these K")
     args = ap.parse_args()
     args.shapes = args.shapes or SHAPES
     if torch.cuda.is_available():

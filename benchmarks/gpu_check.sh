@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of issue 15 in one run (about 6-8 minutes on one H100/H200; needs nothing but pip):
 #   1. the kernel and decode tests, compiled for the GPU (not in Triton's interpreter);
-#   2. bench_kernels: Pixtral-Large's four linear shapes at 2/3/4/8 bits, batch 1 and 16: ms, GB/s, fraction of
-#      the GPU's spec bandwidth, next to a 16-bit torch matmul;
+#   2. bench_kernels: Pixtral-Large's four linear shapes at 2/3/4/8 bits and EXL3 at K = 2/3/4 (rows "e2".."e4"),
+#      batch 1 and 16: ms, GB/s, fraction of the GPU's spec bandwidth, next to a 16-bit torch matmul;
 #   3. bench_decode: a 4-layer model of Pixtral-Large's width at 3.0 bpw, eager and CUDA-graph decode tokens/s,
 #      projected to 88 layers with the roofline fraction; and the ops launched per layer per decoded token;
 #   4. bench_quantize_speed: one random decoder layer at Pixtral-Large's widths quantized --bits 4 and --bpw 3.0
@@ -55,12 +55,12 @@ fi
 if [ $DRY = 1 ]; then
   step tests 300 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_decode.py \
     -k "gemv_many_rows or config_selection or static_decode or sampling or fused_triton"
-  step bench_kernels 300 "$PY" benchmarks/bench_kernels.py --bits 2 3 4 8
+  step bench_kernels 300 "$PY" benchmarks/bench_kernels.py --bits 2 3 4 8 --exl3 2 3 4
   step bench_decode 300 "$PY" benchmarks/bench_decode.py --dry
   step launch_count 300 "$PY" benchmarks/bench_decode.py --dry --count --backend torch --modes eager
 else
-  step tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_decode.py
-  step bench_kernels 150 "$PY" benchmarks/bench_kernels.py --bits 2 3 4 8 --batch 1 16
+  step tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_decode.py tests/test_exl3.py
+  step bench_kernels 200 "$PY" benchmarks/bench_kernels.py --bits 2 3 4 8 --exl3 2 3 4 --batch 1 16
   step bench_kernels_graphs 60 "$PY" benchmarks/bench_kernels.py --bits 3 4 --batch 1 --graphs
   step bench_decode 150 "$PY" benchmarks/bench_decode.py --layers 4 --bpw 3.0 --modes eager graph
   step bench_decode_fixup 90 "$PY" benchmarks/bench_decode.py --layers 4 --bpw 3.0 --modes graph --reduce fixup

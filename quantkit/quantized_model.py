@@ -27,6 +27,7 @@ from quantkit.formats.registry import config_format
 from quantkit.io.checkpoint import read_json
 from quantkit.io.reader import DTYPES, TensorInfo
 from quantkit.kernels import check_backend, resolve_backend
+from quantkit.kernels.exl3_linear import Exl3Linear
 from quantkit.kernels.qlinear import INT4_DTYPE, QuantLinear
 from quantkit.model.load import Checkpoint, load_model, name_list, parse_devices
 from quantkit.model.modules import swap_linears
@@ -195,7 +196,7 @@ def repack(model: nn.Module, fmt: OutputFormat, backend: str) -> int:
 def set_backend(model: nn.Module, backend: str) -> int:
     """Switch every quantized linear of a loaded model to backend, resolved once here; returns how many there are."""
     check_backend(backend)
-    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    linears = [m for m in model.modules() if isinstance(m, (QuantLinear, Exl3Linear))]
     for m in linears:
         m.set_backend(backend)
     return len(linears)

@@ -7,6 +7,7 @@ quantkit.kernels.compile_check runs in a subprocess because this test session ha
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -41,8 +42,12 @@ def test_every_runtime_launch_compiles_without_spills_within_shared_memory(tmp_p
             for path in ("skinny", "tiled"):
                 assert (arch, bits, "torch.float16", path) in seen, (arch, bits, path)
         assert {r["example"]["dtype"] for r in rows if r["arch"] == arch} >= {"torch.bfloat16", "torch.float32"}
-    exl3 = {(r["arch"], r["example"]["bits"], r["example"]["book"]) for r in rows if "exl3" in r["sweeps"]}
-    assert exl3 == {(a, k, b) for a in (80, 90) for k in range(1, 9) for b in ("3inst", "mcg", "mul1")}  # EXL3 decode
+    exl3 = {(r["arch"], r["example"]["bits"], r["example"]["book"], r["example"]["dtype"], p)
+            for r in rows if "exl3" in r["sweeps"] for p in r["paths"]}  # fmt: skip
+    for a, k, b in itertools.product((80, 90), range(1, 9), ("3inst", "mcg", "mul1")):  # EXL3 decode and GEMV
+        for dtype in ("torch.float16", "torch.bfloat16"):
+            assert {(a, k, b, dtype, "decode"), (a, k, b, dtype, "gemv")} <= exl3, (a, k, b, dtype)
+        assert (a, k, b, "torch.float32", "decode") in exl3
     sweeps = {s for r in rows for s in r["sweeps"]}
     assert {f"variants:{v}" for v in ("g32", "per_channel", "zeros", "mixed", "bias")} <= sweeps
     for r in rows:

@@ -25,7 +25,8 @@ def test_gpu_check_dry_mode_runs_and_writes_the_results_file(tmp_path):
     for step in ("tests", "bench_kernels", "bench_decode", "launch_count"):
         assert f"--- {step}: exit 0" in text
     assert "passed" in text and "FAIL" not in text
-    assert text.count("max relative error") == 8  # 4 widths x 2 row counts, interpreter vs torch reference
+    assert text.count("max relative error") == 14  # 4 widths and 3 EXL3 K x 2 row counts, interpreter vs torch
+    assert text.count("exl3 K=") == 6
     assert "tok/s 88L" in text and "\neager " in text and "\nstatic " in text
     assert "per decoder layer per decoded token" in text
     assert "gpu_check: all steps passed" in text

@@ -1,8 +1,8 @@
 """Compile every kernel launch the runtime would make for sm_80 (A100) and sm_90 (H100/H200), with no GPU.
 
-How: quantkit.kernels.triton_dequant.triton_matmul (and exl3_triton.decode_inner, the EXL3 tile decode) is called on
-empty CPU tensors with the kernel object (`_qmm`, `_decode_tiles`) swapped for a recorder, so each launch (grid,
-arguments, constexprs, warps, stages) comes from the real launch code and the real JSON configs. Each launch is
+How: quantkit.kernels.triton_dequant.triton_matmul (and exl3_triton.decode_inner / gemv, the EXL3 kernels) is called
+on empty CPU tensors with the kernel object (`_qmm`, `_decode_tiles`, `_gemv`) swapped for a recorder, so each launch
+(grid, arguments, constexprs, warps, stages) comes from the real launch code and the real JSON configs. Each launch is
 specialised as triton.runtime.jit.JITFunction.run does, but for the CUDA backend of an explicit GPUTarget, and
 compiled with triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)); registers and spills come from
 ptxas -v, shared memory from the kernel's metadata. triton.compile needs a CUDA driver only when no target is given,
@@ -11,8 +11,8 @@ so this runs on CPU (it needs the ptxas Triton ships).
 python -m quantkit.kernels.compile_check [--arch 90 80] [--sweeps ci|full|configs,variants,...] [--bits 3 5 ...]
 Exit status 1 when a kernel fails to compile, spills, or needs more shared memory than the arch allows.
 tests/test_compile.py runs the `ci` sweeps (every bit width against every shipped config entry, plus the
-variants: bf16, fp32, group sizes, per channel, zero points, mixed segments, bias; and the EXL3 decode at every K
-and codebook). `autotune` compiles every
+variants: bf16, fp32, group sizes, per channel, zero points, mixed segments, bias; and the EXL3 decode and GEMV at
+every K and codebook). `autotune` compiles every
 candidate of quantkit.kernels.autotune at every bit width (hundreds of kernels: minutes per arch).
 """
 
@@ -40,9 +40,10 @@ SHAPE = (12288, 1024)  # (in, out): Pixtral-Large's k/v projection; constexprs d
 VARIANTS = ("bf16", "fp32", "g32", "g64", "per_channel", "zeros", "mixed", "bias", "fixup", "fixup_mixed")
 SWEEPS = ("configs", "variants", "index", "autotune", "exl3")
 PRESETS = {"ci": ("configs", "variants", "exl3"), "full": ("configs", "variants", "index", "autotune", "exl3")}
-KERNELS = {  # what each recorded launch compiles: the dequant-matmul, and the EXL3 tile decode
+KERNELS = {  # what each recorded launch compiles: the dequant-matmul, the EXL3 tile decode and the EXL3 GEMV
     "qmm": ("quantkit.kernels.triton_dequant", "_qmm"),
     "exl3": ("quantkit.kernels.exl3_triton", "_decode_tiles"),
+    "exl3_gemv": ("quantkit.kernels.exl3_triton", "_gemv"),
 }
 EXL3_TILES = (8, 8)  # tiles of the trellis a recorded EXL3 decode launch covers (the grid only; K and book specialise)
 
@@ -128,11 +129,14 @@ def launch_cases(sweeps: Iterable[str], bits: Iterable[int]) -> list[dict]:
         c["layout"] = [(c["bits"], 4096), (other, k - 4096)] if v in ("mixed", "fixup_mixed") else c["bits"]
         if v in ("fixup", "fixup_mixed"):  # the self-clearing split-K reduction (config "reduce": "fixup")
             c["entry"] = dict(c["entry"], reduce="fixup")
-    if "exl3" in sweeps:  # the EXL3 tile decode (kernels/exl3_triton.py): every K and codebook a folder may hold
-        from quantkit.formats.exl3 import CODEBOOKS
+    if "exl3" in sweeps:  # kernels/exl3_triton.py at every K and codebook a folder may hold: the tile decode (fp32,
+        from quantkit.formats.exl3 import CODEBOOKS  # fp16 / bf16 for the prefill) and the GEMV per activation dtype
 
-        for k, book in itertools.product(range(1, 9), CODEBOOKS):
-            cases.append(dict(sweep="exl3", config="-", bits=k, book=book, m=0, path="decode", dtype=torch.int16))
+        floats = (torch.float32, torch.float16, torch.bfloat16)
+        for k, book, dtype in itertools.product(range(1, 9), CODEBOOKS, floats):
+            cases.append(dict(sweep="exl3", config="-", bits=k, book=book, m=0, path="decode", dtype=dtype))
+            if dtype != torch.float32:
+                cases.append(dict(sweep="exl3", config="-", bits=k, book=book, m=1, path="gemv", dtype=dtype))
     return cases
 
 
@@ -216,10 +220,19 @@ def capture(arch: int, cases: list[dict]) -> dict[str, dict]:
     finally:
         td._sm_count = saved
     with _recording("exl3", arch, kernels, current):
-        for c in (c for c in cases if c["sweep"] == "exl3"):
+        for c in (c for c in cases if c["sweep"] == "exl3" and c["path"] == "decode"):
             current.clear()
             current.update(c)
-            exl3_triton.decode_inner(torch.empty(*EXL3_TILES, 16 * c["bits"], dtype=torch.int16), c["book"])
+            trellis = torch.empty(*EXL3_TILES, 16 * c["bits"], dtype=torch.int16)
+            exl3_triton.decode_inner(trellis, c["book"], dtype=c["dtype"])
+    with _recording("exl3_gemv", arch, kernels, current):
+        for c in (c for c in cases if c["sweep"] == "exl3" and c["path"] == "gemv"):
+            current.clear()
+            current.update(c)
+            n_in, n_out = SHAPE
+            trellis = torch.empty(n_in // 16, n_out // 16, 16 * c["bits"], dtype=torch.int16)
+            suh, svh = torch.empty(n_in, dtype=torch.float16), torch.empty(n_out, dtype=torch.float16)
+            exl3_triton.gemv(torch.empty(c["m"], n_in, dtype=c["dtype"]), trellis, suh, svh, c["book"])
     return kernels
 
 
@@ -283,11 +296,13 @@ def kernel_name(spec: dict) -> str:
     names = [p.name for p in _kernel(spec["kernel"]).params]
     cv = {names[a[0] if isinstance(a, tuple) else a]: v for a, v in spec["constexprs"].items()}
     o = spec["options"]
-    if spec["kernel"] == "exl3":
+    if spec["kernel"] in ("exl3", "exl3_gemv"):
         from quantkit.kernels.exl3_triton import BOOK_IDS
 
         book = next(b for b, i in BOOK_IDS.items() if i == cv["BOOK"])
-        return f"exl3 decode K{cv['K']} {book} w{o['num_warps']}s{o['num_stages']}"
+        data = spec["signature"]["out" if spec["kernel"] == "exl3" else "x"][1:]
+        what = "decode" if spec["kernel"] == "exl3" else "gemv"
+        return f"exl3 {what} K{cv['K']} {book} {data} w{o['num_warps']}s{o['num_stages']}"
     ws = "+".join(str(cv[w]) for w in ("W0", "W1", "W2") if cv[w])
     x = spec["signature"]["x_ptr"][1:]
     return (

@@ -12,6 +12,8 @@ to run this on CPU tensors.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -22,24 +24,27 @@ BOOK_IDS = {"3inst": 0, "mcg": 1, "mul1": 2}
 
 
 @triton.jit
-def _decode_tiles(trellis, out, tiles_n, n_out, K: tl.constexpr, BOOK: tl.constexpr):
-    tk = tl.program_id(0)
-    tn = tl.program_id(1)
-    words = trellis + (tk * tiles_n + tn) * (16 * K)
-    i = tl.arange(0, 256)
+def _state(words, i, K: tl.constexpr):
+    """The 16-bit trellis state at stream positions i of the tiles whose words start at `words` (broadcast with i):
+    the window of the cyclic stream ending at bit (i + 1) K, from two words at most (stream word j is word j ^ 1)."""
     start = ((i + 1) * K - 16 + 256 * K) % (256 * K)  # first bit of the window, wrapping around
     w0 = start // 16
     w1 = (w0 + 1) % (16 * K)
     hi = tl.load(words + (w0 ^ 1)).to(tl.int32) & 0xFFFF
     lo = tl.load(words + (w1 ^ 1)).to(tl.int32) & 0xFFFF
-    state = (((hi << 16) | lo) >> (16 - start % 16)) & 0xFFFF
+    return (((hi << 16) | lo) >> (16 - start % 16)) & 0xFFFF
+
+
+@triton.jit
+def _value(state, BOOK: tl.constexpr):
+    """fp32: the codebook value of each state (formats/exl3.py's codebooks, computed in registers)."""
     s = state.to(tl.uint32)
     if BOOK == 2:
         x = s * 0x83DCD12D
         total = (x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + ((x >> 24) & 0xFF) + 0x6400
         value = total.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        scale = tl.full([256], 0x1EEE, tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        shift = tl.full([256], 0xC931, tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        scale = tl.full(state.shape, 0x1EEE, tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        shift = tl.full(state.shape, 0xC931, tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         value = value * scale + shift
     else:
         if BOOK == 0:
@@ -50,16 +55,97 @@ def _decode_tiles(trellis, out, tiles_n, n_out, K: tl.constexpr, BOOK: tl.conste
         lo_half = (x & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         hi_half = (x >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         value = lo_half + hi_half
+    return value
+
+
+@triton.jit
+def _decode_tiles(trellis, out, tiles_n, n_out, K: tl.constexpr, BOOK: tl.constexpr):
+    tk = tl.program_id(0)
+    tn = tl.program_id(1)
+    i = tl.arange(0, 256)
+    value = _value(_state(trellis + (tk * tiles_n + tn) * (16 * K), i, K), BOOK)
     lane, j = i // 8, i % 8
     row = 2 * (lane % 4) + (j % 4 % 2) + 8 * (j % 4 // 2)
     col = lane // 4 + 8 * (j // 4)
-    tl.store(out + (tk * 16 + row) * n_out + tn * 16 + col, value)
+    tl.store(out + (tk * 16 + row) * n_out + tn * 16 + col, value.to(out.dtype.element_ty))
 
 
-def decode_inner(trellis: torch.Tensor, book: str) -> torch.Tensor:
-    """fp32 [in, out]: Ŵ decoded by the kernel (same contract as formats.exl3.decode_inner)."""
+@triton.jit
+def _gemv(x, suh, svh, trellis, had, y, m, n_in, tiles_n, chunks_per_split,
+          K: tl.constexpr, BOOK: tl.constexpr, BM: tl.constexpr, ATOMIC: tl.constexpr):  # fmt: skip
+    """y[:m, block] (+)= H((H(x suh) Ŵ)[:, block]) svh[block] for one 128-wide block of outputs and one split of the
+    inputs (chunks of 128 rows): the input Hadamard on each chunk of x, Ŵ decoded in registers one row of tiles (16
+    rows) at a time, the output Hadamard on the partial sum; splits add into y (it is linear, so the partial sums
+    may be transformed apiece). The 16-row steps are a loop, not unrolled, so that only one step's decoded values
+    and Hadamard columns are live at a time."""
+    pn = tl.program_id(0)
+    first = tl.program_id(1) * chunks_per_split
+    rows = tl.arange(0, BM)[:, None]
+    c128 = tl.arange(0, 128)
+    r16 = tl.arange(0, 16)
+    # Each element (r, c) of a 16 x 128 row of tiles: its tile's words and its stream position in the tile (the
+    # inverse of the fragment order of _decode_tiles).
+    r, c = r16[:, None], c128[None, :]
+    pos = ((c % 8) * 4 + (r % 8) // 2) * 8 + (c % 16 // 8) * 4 + (r // 8) * 2 + r % 2
+    tile = (pn * 8 + c // 16) * (16 * K)
+    acc = tl.zeros([BM, 128], dtype=tl.float32)
+    for chunk in range(first, tl.minimum(first + chunks_per_split, n_in // 128)):
+        xs = tl.load(x + rows * n_in + chunk * 128 + c128[None, :], mask=rows < m, other=0.0).to(tl.float32)
+        xs = xs * tl.load(suh + chunk * 128 + c128).to(tl.float32)[None, :]
+        for step in range(8):
+            h = tl.load(had + c128[:, None] * 128 + step * 16 + r16[None, :])  # columns of H for these 16 rows
+            xh = tl.dot(xs, h, input_precision="ieee")  # [BM, 16]: these inputs after the Hadamard
+            words = trellis + (chunk * 8 + step) * tiles_n * (16 * K) + tile
+            w = _value(_state(words, pos, K), BOOK)  # [16, 128] of Ŵ
+            acc += tl.dot(xh.to(x.dtype.element_ty), w.to(x.dtype.element_ty), input_precision="ieee")
+    for step in range(8):
+        h = tl.load(had + c128[:, None] * 128 + step * 16 + r16[None, :])
+        part = tl.dot(acc, h, input_precision="ieee")
+        part = part * tl.load(svh + pn * 128 + step * 16 + r16).to(tl.float32)[None, :]
+        ptr = y + rows * (tiles_n * 16) + pn * 128 + step * 16 + r16[None, :]
+        if ATOMIC:
+            tl.atomic_add(ptr, part, mask=rows < m)
+        else:
+            tl.store(ptr, part, mask=rows < m)
+
+
+def decode_inner(trellis: torch.Tensor, book: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[in, out] in dtype: Ŵ decoded by the kernel (same contract as formats.exl3.decode_inner; fp16 / bf16 for the
+    prefill's tensor-core matmul)."""
     k = exl3.bits_per_weight(trellis)
     tiles_k, tiles_n = trellis.shape[:2]
-    out = torch.empty(tiles_k * 16, tiles_n * 16, dtype=torch.float32, device=trellis.device)
+    out = torch.empty(tiles_k * 16, tiles_n * 16, dtype=dtype, device=trellis.device)
     _decode_tiles[(tiles_k, tiles_n)](trellis.contiguous(), out, tiles_n, tiles_n * 16, K=k, BOOK=BOOK_IDS[book])
     return out
+
+
+GEMV_ROWS = 16  # at most this many input rows take the GEMV (tl.dot's smallest M); more take decode + matmul
+
+
+@functools.cache
+def hadamard_on(device: torch.device) -> torch.Tensor:
+    """formats/exl3.py's normalized 128 x 128 Hadamard matrix (fp32), copied to device once."""
+    return exl3.hadamard().to(device)
+
+
+def gemv(x: torch.Tensor, trellis: torch.Tensor, suh: torch.Tensor, svh: torch.Tensor, book: str,
+         splits: int | None = None) -> torch.Tensor:  # fmt: skip
+    """x [m <= 16, in] @ W [in, out] in one kernel (W = diag(suh) H Ŵ H diag(svh), formats/exl3.py), fp32 [m, out]:
+    what a decode step runs. The inputs are split `splits` ways (default: enough programs to fill a GPU's SMs when
+    there are few output blocks), each split adding its share into y."""
+    k = exl3.bits_per_weight(trellis)
+    m, n_in = x.shape
+    tiles_k, tiles_n = trellis.shape[:2]
+    if m > GEMV_ROWS or n_in != tiles_k * 16 or n_in % 128 or tiles_n % 8:
+        raise ValueError(f"gemv takes [<= {GEMV_ROWS}, in] inputs of a trellis [{tiles_k}, {tiles_n}, 16 K] with in "
+                         f"and out multiples of 128, not x {list(x.shape)}")  # fmt: skip
+    chunks, blocks = n_in // 128, tiles_n // 8
+    if splits is None:
+        splits = max(1, min(chunks, 132 // blocks))  # about one program per SM of an H100
+    per = -(-chunks // splits)
+    splits = -(-chunks // per)
+    y = (torch.zeros if splits > 1 else torch.empty)(m, tiles_n * 16, dtype=torch.float32, device=x.device)
+    had = hadamard_on(x.device)
+    _gemv[(blocks, splits)](x.contiguous(), suh, svh, trellis.contiguous(), had, y, m, n_in, tiles_n, per, K=k,
+                            BOOK=BOOK_IDS[book], BM=GEMV_ROWS, ATOMIC=splits > 1, num_warps=4, maxnreg=192)  # fmt: skip
+    return y

@@ -22,42 +22,51 @@ from quantkit.formats.spec import LinearSpec, QuantSettings
 from quantkit.quant.gptq import proxy_loss
 
 STATES = 1 << 16
-BACKPOINTER_BYTES = 256 << 20  # per batch of tiles: the [256, tiles, 2^(16-K)] table of chosen predecessors
+BEST_BYTES = 128 << 20  # per batch of tiles: the [256, tiles, 2^(16-K)] fp32 table of each step's best predecessors
 
 
-def _viterbi(x: torch.Tensor, k: int, book: torch.Tensor, start: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """One pass over x [T, 256]: (symbols [T, 256], states [T, 256]) of the cheapest paths; with start [T] the path
-    begins after that state and ends in it, else it begins anywhere and ends where it is cheapest."""
+def _viterbi(
+    x: torch.Tensor, k: int, book: torch.Tensor, start: torch.Tensor | None, best: torch.Tensor
+) -> torch.Tensor:
+    """One pass over x [T, 256]: the states [T, 256] of the cheapest paths; with start [T] the path begins after
+    that state and ends in it, else it begins anywhere and ends where it is cheapest. best [256, >= T, 2^(16-K)] is
+    scratch: the forward pass keeps only each step's cheapest predecessor cost (a min, not an argmin: torch's min
+    with indices over the strided view is 5x slower than amin), and the way back recomputes the 2^K predecessor
+    costs of the one state it follows, with the same ops in the same order, so it picks the forward pass's path."""
     t, low = x.shape[0], STATES >> k
+    best = best[:, :t]
+    square = book * book
     cost = torch.zeros(t, STATES, device=x.device)
     if start is not None:
         cost.fill_(float("inf"))
         cost[torch.arange(t), start] = 0.0
-    back = torch.empty(256, t, low, dtype=torch.uint8, device=x.device)
-    square = book * book
+    err = torch.empty_like(cost)
     for i in range(256):
-        best, back[i] = cost.view(t, 1 << k, low).min(dim=1)  # predecessors differ in their top K bits
-        err = torch.addcmul(square, x[:, i : i + 1], book, value=-2.0)  # (c - x)^2 less x^2, the same for every c
-        cost = (err.view(t, low, 1 << k) + best[:, :, None]).view(t, STATES)
+        torch.amin(cost.view(t, 1 << k, low), dim=1, out=best[i])  # predecessors differ in their top K bits
+        torch.addcmul(square, x[:, i : i + 1], book, value=-2.0, out=err)  # (c - x)^2 less x^2, alike for every c
+        torch.add(err.view(t, low, 1 << k), best[i, :, :, None], out=cost.view(t, low, 1 << k))
     state = start if start is not None else cost.argmin(dim=1)
     states = torch.empty(t, 256, dtype=torch.long, device=x.device)
-    rows = torch.arange(t, device=x.device)
-    for i in range(255, -1, -1):
+    rows = torch.arange(t, device=x.device)[:, None]
+    top = (torch.arange(1 << k, device=x.device) << (16 - k))[None, :]
+    for i in range(255, 0, -1):
         states[:, i] = state
-        suffix = state >> k
-        state = (back[i, rows, suffix].long() << (16 - k)) | suffix
-    return states & ((1 << k) - 1), states
+        pred = top | (state >> k)[:, None]  # [T, 2^K]: the states step i may have come from
+        pred_cost = torch.addcmul(square[pred], x[:, i - 1 : i], book[pred], value=-2.0) + best[i - 1, rows, pred >> k]
+        state = pred.gather(1, pred_cost.argmin(dim=1, keepdim=True))[:, 0]
+    states[:, 0] = state
+    return states
 
 
 def encode(x: torch.Tensor, k: int, book: str = "3inst") -> torch.Tensor:
     """Symbols long [T, 256] (K bits each, stream order) of the tail-biting code closest to x [T, 256] (fp32)."""
     values = exl3.codebook(book).to(x.device)
-    batch = max(1, BACKPOINTER_BYTES // (256 * (STATES >> k)))
+    batch = max(1, BEST_BYTES // (256 * (STATES >> k) * 4))
+    best = torch.empty(256, min(batch, x.shape[0]), STATES >> k, device=x.device)
     out = []
     for chunk in x.float().split(batch):
-        _, states = _viterbi(chunk.roll(-128, dims=1), k, values, None)  # position 255 sits at 127
-        symbols, _ = _viterbi(chunk, k, values, states[:, 127])
-        out.append(symbols)
+        states = _viterbi(chunk.roll(-128, dims=1), k, values, None, best)  # position 255 sits at 127
+        out.append(_viterbi(chunk, k, values, states[:, 127], best) & ((1 << k) - 1))
     return torch.cat(out)
 
 
