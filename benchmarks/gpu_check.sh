@@ -5,7 +5,9 @@
 #      batch 1 and 16: ms, GB/s, fraction of the GPU's spec bandwidth, next to a 16-bit torch matmul;
 #   3. bench_decode: a 4-layer model of Pixtral-Large's width at 3.0 bpw, eager and CUDA-graph decode tokens/s,
 #      projected to 88 layers with the roofline fraction; and the ops launched per layer per decoded token;
-#   4. bench_quantize_speed: one random decoder layer at Pixtral-Large's widths quantized --bits 4 and --bpw 3.0
+#   4. bench_exl3_encode: the EXL3 trellis encoder (its Viterbi kernel) on a 2048 x 2048 matrix at K = 2/3/4: seconds
+#      per million weights and the projection to Pixtral-Large's decoder;
+#   5. bench_quantize_speed: one random decoder layer at Pixtral-Large's widths quantized --bits 4 and --bpw 3.0
 #      (both formats) on the GPU, 32 x 2048 calibration tokens: seconds per layer (x 88 for the whole model) next to
 #      --dry-run's estimate.
 # Everything goes to one results file (default gpu_check_results.txt) as well as the terminal.
@@ -21,7 +23,7 @@ for arg in "$@"; do
   case "$arg" in
     --dry) DRY=1 ;;
     --no-install) INSTALL=0 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     -*) echo "error: unknown option $arg" >&2; exit 2 ;;
     *) OUT="$arg" ;;
   esac
@@ -65,6 +67,7 @@ else
   step bench_decode 150 "$PY" benchmarks/bench_decode.py --layers 4 --bpw 3.0 --modes eager graph
   step bench_decode_fixup 90 "$PY" benchmarks/bench_decode.py --layers 4 --bpw 3.0 --modes graph --reduce fixup
   step launch_count 60 "$PY" benchmarks/bench_decode.py --count --layers 2 --modes eager static  # graph: = static
+  step exl3_encode 300 "$PY" benchmarks/bench_exl3_encode.py --device cuda --size 2048
   step quantize_speed 420 "$PY" benchmarks/bench_quantize_speed.py --models pixtral-large-layer --rows 32 \
     --seq-len 2048 --work /tmp/gpu-check-quantize
 fi

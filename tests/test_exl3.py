@@ -300,6 +300,21 @@ def test_the_exl3_linear_on_triton_equals_its_torch_path(golden):
     assert triton_lin._dense is None  # the Triton path keeps nothing dense
 
 
+@pytest.mark.parametrize("k", [2, 7])
+def test_the_triton_viterbi_finds_the_torch_encoders_codes(k, monkeypatch):
+    """quant/trellis.py's encoder with its forward passes in kernels/exl3_triton.py's Viterbi kernel (both passes:
+    the free one and the one tied to its start state) returns the torch encoder's symbols. The kernel takes the 2^16
+    states in one block per step here (on a GPU: 16 blocks of 4096), which keeps the interpreter quick."""
+    from quantkit.kernels import exl3_triton
+    from quantkit.quant import trellis
+
+    monkeypatch.setattr(exl3_triton, "VITERBI_BLOCK", 1 << 16)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(k)) * trellis.CODEBOOK_SCALE
+    want = trellis.encode(x, k, backend="torch")
+    got = trellis.encode(x.to(DEV), k, backend="triton").cpu()
+    assert torch.equal(got, want)
+
+
 def test_exl3_refuses_parts_its_config_cannot_describe_yet():
     """Its tensor_storage lists decoder linears only, so a quantized head or vision tower is refused up front."""
     from quantkit.formats.spec import QuantSettings

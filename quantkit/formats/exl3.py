@@ -78,15 +78,15 @@ def stream_bits(trellis: torch.Tensor) -> torch.Tensor:
     first)."""
     words = trellis.to(torch.int32) & 0xFFFF
     words = words.view(*words.shape[:-1], -1, 2).flip(-1).flatten(-2)
-    shifts = torch.arange(15, -1, -1, dtype=torch.int32)
+    shifts = torch.arange(15, -1, -1, dtype=torch.int32, device=trellis.device)
     return ((words[..., None] >> shifts) & 1).to(torch.uint8).flatten(-2)
 
 
 def pack_symbols(symbols: torch.Tensor, k: int) -> torch.Tensor:
     """int16 [..., 16 * K]: the trellis words of streams of 256 K-bit symbols [..., 256] (inverse of stream_bits)."""
-    shifts = torch.arange(k - 1, -1, -1)
+    shifts = torch.arange(k - 1, -1, -1, device=symbols.device)
     bits = ((symbols.long()[..., None] >> shifts) & 1).flatten(-2)  # [..., 256 K], top bit first
-    words = (bits.view(*bits.shape[:-1], -1, TILE) << torch.arange(15, -1, -1)).sum(-1)
+    words = (bits.view(*bits.shape[:-1], -1, TILE) << torch.arange(15, -1, -1, device=symbols.device)).sum(-1)
     words = words.view(*words.shape[:-1], -1, 2).flip(-1).flatten(-2)
     return words.to(torch.int32).to(torch.int16)
 
@@ -97,9 +97,9 @@ def states(trellis: torch.Tensor) -> torch.Tensor:
     bits = stream_bits(trellis)
     n = bits.shape[-1]
     k = n // 256
-    ends = (torch.arange(256) + 1) * k
-    window = (ends[:, None] - TILE + torch.arange(TILE)) % n  # [256, 16] bit indices, top bit first
-    weights = 1 << torch.arange(15, -1, -1)
+    ends = (torch.arange(256, device=trellis.device) + 1) * k
+    window = (ends[:, None] - TILE + torch.arange(TILE, device=trellis.device)) % n  # [256, 16] bit indices
+    weights = 1 << torch.arange(15, -1, -1, device=trellis.device)
     return (bits[..., window].long() * weights).sum(-1)
 
 
@@ -119,9 +119,9 @@ def decode_inner(trellis: torch.Tensor, book: str) -> torch.Tensor:
     """fp32 [in, out]: Ŵ, the trellis-coded matrix before the Hadamard transforms and scales."""
     bits_per_weight(trellis)
     tk, tn = trellis.shape[:2]
-    values = codebook(book)[states(trellis)]  # [tk, tn, 256] in stream order
+    values = codebook(book).to(trellis.device)[states(trellis)]  # [tk, tn, 256] in stream order
     tiles = torch.empty_like(values)
-    tiles[..., fragment_order()] = values
+    tiles[..., fragment_order().to(trellis.device)] = values
     return tiles.view(tk, tn, TILE, TILE).permute(0, 2, 1, 3).reshape(tk * TILE, tn * TILE)
 
 
@@ -135,7 +135,7 @@ def blocked_hadamard(x: torch.Tensor, dim: int) -> torch.Tensor:
     """x with H applied to every block of 128 along dim (0: H x, 1: x H)."""
     if x.shape[dim] % HADAMARD_BLOCK:
         raise QuantkitError(f"EXL3 needs dimensions divisible by {HADAMARD_BLOCK}, got {x.shape[dim]}")
-    h = hadamard()
+    h = hadamard().to(x.device)
     if dim == 0:
         return (h @ x.reshape(-1, HADAMARD_BLOCK, x.shape[1])).reshape(x.shape)
     return (x.reshape(x.shape[0], -1, HADAMARD_BLOCK) @ h).reshape(x.shape)

@@ -44,6 +44,7 @@ KERNELS = {  # what each recorded launch compiles: the dequant-matmul, the EXL3 
     "qmm": ("quantkit.kernels.triton_dequant", "_qmm"),
     "exl3": ("quantkit.kernels.exl3_triton", "_decode_tiles"),
     "exl3_gemv": ("quantkit.kernels.exl3_triton", "_gemv"),
+    "exl3_viterbi": ("quantkit.kernels.exl3_triton", "_viterbi_forward"),
 }
 EXL3_TILES = (8, 8)  # tiles of the trellis a recorded EXL3 decode launch covers (the grid only; K and book specialise)
 
@@ -137,6 +138,9 @@ def launch_cases(sweeps: Iterable[str], bits: Iterable[int]) -> list[dict]:
             cases.append(dict(sweep="exl3", config="-", bits=k, book=book, m=0, path="decode", dtype=dtype))
             if dtype != torch.float32:
                 cases.append(dict(sweep="exl3", config="-", bits=k, book=book, m=1, path="gemv", dtype=dtype))
+        for k, start in itertools.product(range(1, 9), (False, True)):  # the encoder's Viterbi (3INST only)
+            cases.append(dict(sweep="exl3", config="-", bits=k, book="3inst", m=start, path="viterbi",
+                              dtype=torch.float32))  # fmt: skip
     return cases
 
 
@@ -233,6 +237,13 @@ def capture(arch: int, cases: list[dict]) -> dict[str, dict]:
             trellis = torch.empty(n_in // 16, n_out // 16, 16 * c["bits"], dtype=torch.int16)
             suh, svh = torch.empty(n_in, dtype=torch.float16), torch.empty(n_out, dtype=torch.float16)
             exl3_triton.gemv(torch.empty(c["m"], n_in, dtype=c["dtype"]), trellis, suh, svh, c["book"])
+    with _recording("exl3_viterbi", arch, kernels, current):
+        for c in (c for c in cases if c["sweep"] == "exl3" and c["path"] == "viterbi"):
+            current.clear()
+            current.update(c)
+            tiles, start = 4, torch.zeros(4, dtype=torch.long) if c["m"] else None
+            best = torch.empty(256, tiles, (1 << 16) >> c["bits"])
+            exl3_triton.viterbi_forward(torch.empty(tiles, 256), c["bits"], c["book"], start, best)
     return kernels
 
 
@@ -296,12 +307,13 @@ def kernel_name(spec: dict) -> str:
     names = [p.name for p in _kernel(spec["kernel"]).params]
     cv = {names[a[0] if isinstance(a, tuple) else a]: v for a, v in spec["constexprs"].items()}
     o = spec["options"]
-    if spec["kernel"] in ("exl3", "exl3_gemv"):
+    if spec["kernel"].startswith("exl3"):
         from quantkit.kernels.exl3_triton import BOOK_IDS
 
         book = next(b for b, i in BOOK_IDS.items() if i == cv["BOOK"])
         data = spec["signature"]["out" if spec["kernel"] == "exl3" else "x"][1:]
-        what = "decode" if spec["kernel"] == "exl3" else "gemv"
+        what = {"exl3": "decode", "exl3_gemv": "gemv", "exl3_viterbi": "viterbi"}[spec["kernel"]]
+        what += " start" if cv.get("HAS_START") else ""
         return f"exl3 {what} K{cv['K']} {book} {data} w{o['num_warps']}s{o['num_stages']}"
     ws = "+".join(str(cv[w]) for w in ("W0", "W1", "W2") if cv[w])
     x = spec["signature"]["x_ptr"][1:]

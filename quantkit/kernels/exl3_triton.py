@@ -149,3 +149,52 @@ def gemv(x: torch.Tensor, trellis: torch.Tensor, suh: torch.Tensor, svh: torch.T
     _gemv[(blocks, splits)](x.contiguous(), suh, svh, trellis.contiguous(), had, y, m, n_in, tiles_n, per, K=k,
                             BOOK=BOOK_IDS[book], BM=GEMV_ROWS, ATOMIC=splits > 1, num_warps=4, maxnreg=192)  # fmt: skip
     return y
+
+
+VITERBI_BLOCK = 4096  # trellis states one step of the Viterbi kernel handles at a time (16 blocks per step)
+
+
+@triton.jit
+def _viterbi_forward(x, cost, best, start, n_tiles, K: tl.constexpr, BOOK: tl.constexpr, HAS_START: tl.constexpr,
+                     BLOCK: tl.constexpr):  # fmt: skip
+    """The forward pass of quant/trellis.py's Viterbi for one tile per program, all 256 steps in one launch: each
+    step's cheapest predecessor cost per state suffix into best [256, tiles, 2^(16-K)], the path costs in two
+    buffers of 2^16 per tile (read one, write the other, a barrier between steps). The new costs are computed as
+    the torch pass computes them ((v² + (-2x) v) + best), so that its way back finds the same predecessors."""
+    t = tl.program_id(0)
+    LOW: tl.constexpr = 65536 >> K
+    P: tl.constexpr = 1 << K
+    BJ: tl.constexpr = BLOCK // P
+    buf = cost + t.to(tl.int64) * 2 * 65536
+    offs = tl.arange(0, BLOCK)
+    for b in range(0, 65536, BLOCK):
+        if HAS_START:
+            init = tl.where(b + offs == tl.load(start + t), 0.0, float("inf"))
+        else:
+            init = tl.zeros([BLOCK], dtype=tl.float32)
+        tl.store(buf + b + offs, init)
+    tl.debug_barrier()
+    h = tl.arange(0, P)
+    for i in range(256):
+        prev = buf + (i % 2) * 65536
+        cur = buf + ((i + 1) % 2) * 65536
+        x2 = tl.load(x + t * 256 + i) * -2.0
+        for jb in range(0, LOW, BJ):
+            j = jb + tl.arange(0, BJ)
+            low_cost = tl.min(tl.load(prev + h[:, None] * LOW + j[None, :]), axis=0)  # predecessors: top K bits
+            tl.store(best + (i * n_tiles + t).to(tl.int64) * LOW + j, low_cost)
+            state = j[:, None] * P + h[None, :]  # the states these suffixes lead to: [BJ, P], contiguous
+            v = _value(state, BOOK)
+            tl.store(cur + state, (v * v + x2 * v) + low_cost[:, None])
+        tl.debug_barrier()
+
+
+def viterbi_forward(x: torch.Tensor, k: int, book: str, start: torch.Tensor | None, best: torch.Tensor) -> torch.Tensor:
+    """quant/trellis.py's forward pass over x [T, 256] fp32 in one kernel: fills best [256, >= T, 2^(16-K)] (T
+    columns used) and returns the final path costs [T, 2^16]."""
+    t = x.shape[0]
+    cost = torch.empty(t, 2, 1 << 16, dtype=torch.float32, device=x.device)
+    start_t = start.to(torch.int32).contiguous() if start is not None else cost
+    _viterbi_forward[(t,)](x.contiguous(), cost, best, start_t, best.shape[1], K=k, BOOK=BOOK_IDS[book],
+                           HAS_START=start is not None, BLOCK=VITERBI_BLOCK)  # fmt: skip
+    return cost[:, 0]

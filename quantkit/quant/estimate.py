@@ -42,6 +42,7 @@ class Rates:
     op: float  # seconds per small torch op
     fsync: float  # seconds per row written (write + fsync)
     collect: float  # seconds per release() (a full garbage collection in this process)
+    trellis: float = 0.0  # seconds per weight of a trellis-coded solve (--format exl3's Viterbi), else 0
 
 
 def _timed(fn: Callable[[], object], device: str, repeat: int = 3) -> float:
@@ -59,10 +60,14 @@ def _timed(fn: Callable[[], object], device: str, repeat: int = 3) -> float:
     return best
 
 
-def measure_rates(device: str, dtype: torch.dtype, s: QuantSettings, row: tuple[int, int, int]) -> Rates:
+def measure_rates(
+    device: str, dtype: torch.dtype, s: QuantSettings, row: tuple[int, int, int], trellis_k: int | None = None
+) -> Rates:
     """Time a matmul of row = (tokens, in, out), a Cholesky, two small GPTQ solves under s, a tiny op, an fsync and a
-    garbage collection on this device."""
+    garbage collection on this device; with trellis_k, the trellis encoding of a band of tiles at that K too (a
+    band as wide as the row's output: the batch the encoder works on)."""
     m, k, n = row[0], min(row[1], 4096), min(row[2], 4096)
+    band = n // 16  # tiles in a band of the widest output: one batch of the trellis encoder, at most
     while 2 * m * k * n > (2e9 if device == "cpu" else 1e11) and m > 16:
         m //= 2
     a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
@@ -95,7 +100,13 @@ def measure_rates(device: str, dtype: torch.dtype, s: QuantSettings, row: tuple[
         fsync = _timed(write_row, "cpu")
     with frozen_heap():  # as the run collects: inside frozen_heap, so only what it allocates is scanned
         collect = _timed(gc.collect, "cpu", 1)
-    return Rates(matmul, cholesky, column, element, op, fsync, collect)
+    trellis_rate = 0.0
+    if trellis_k is not None:
+        from quantkit.quant.trellis import batch_tiles, encode
+
+        tiles = torch.randn(min(band, batch_tiles(trellis_k)), 256, device=device)
+        trellis_rate = _timed(lambda: encode(tiles, trellis_k), device, 1) / tiles.numel()
+    return Rates(matmul, cholesky, column, element, op, fsync, collect, trellis_rate)
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,8 @@ def factor_seconds(in_f: int, r: Rates) -> float:
 def solve_seconds(out_f: int, in_f: int, r: Rates, block: int = 128, factor: bool = True) -> float:
     """One GPTQ solve of a [out_f, in_f] linear: factorization (unless cached), block updates, per-column steps."""
     update = 2 * out_f * in_f**2 / r.matmul
+    if r.trellis:  # the trellis solver: its band updates, and the Viterbi over every weight
+        return (factor_seconds(in_f, r) if factor else 0.0) + update + out_f * in_f * r.trellis
     columns = in_f * r.column + out_f * in_f * min(block, in_f) / 2 * r.element
     return (factor_seconds(in_f, r) if factor else 0.0) + update + columns
 

@@ -170,7 +170,8 @@ def _with_time(the_plan: QuantPlan, model, o: QuantizeOptions, shapes, t) -> Qua
     """The plan with its expected time: the run's work counted from the shapes, at rates timed on o.device now,
     plus the start-up (importing quantkit, torch and the quantizer, as this process did), which the run pays too."""
     startup = IMPORT_SECONDS
-    rates = measure_rates(o.device, o.torch_dtype, o.settings, (o.seq_len, t.dim, t.ffn_dim))
+    trellis_k = (o.settings.bits if o.bpw is None else round(o.bpw)) if o.format.solver == "trellis" else None
+    rates = measure_rates(o.device, o.torch_dtype, o.settings, (o.seq_len, t.dim, t.ffn_dim), trellis_k)
     estimate = partial(
         estimate_seconds, shapes, capture_groups(model.layers[0]), rows=o.rows, seq_len=o.seq_len,
         attn_dim=t.n_heads * t.head_dim, head=(t.vocab_size, t.dim) if o.head_bits else None,
@@ -184,8 +185,8 @@ def _with_time(the_plan: QuantPlan, model, o: QuantizeOptions, shapes, t) -> Qua
              f"{rates.cholesky / 1e9:.3g} GFLOP/s Cholesky timed on {o.device} just now, and {startup:.1f} s of "
              "start-up (imports) as this process took; reading and writing the "
              "checkpoint" + (" and the vision tower" if o.vision == "quantize" else "") + " not counted"
-             + ("; nor the trellis encoding of --format exl3 (about 300 µs per weight on a 2-core CPU)"
-                if o.format.solver == "trellis" else ""))  # fmt: skip
+             + (f"; the trellis encoding at {rates.trellis * 1e6:.0f} µs per weight (K = {trellis_k}, timed just "
+                "now; a wider K range costs more per weight at lower K)" if trellis_k is not None else ""))  # fmt: skip
     return replace(the_plan, seconds=seconds, time_basis=basis)
 
 

@@ -26,25 +26,32 @@ BEST_BYTES = 128 << 20  # per batch of tiles: the [256, tiles, 2^(16-K)] fp32 ta
 
 
 def _viterbi(
-    x: torch.Tensor, k: int, book: torch.Tensor, start: torch.Tensor | None, best: torch.Tensor
+    x: torch.Tensor, k: int, book: str, start: torch.Tensor | None, best: torch.Tensor, triton: bool = False
 ) -> torch.Tensor:
     """One pass over x [T, 256]: the states [T, 256] of the cheapest paths; with start [T] the path begins after
     that state and ends in it, else it begins anywhere and ends where it is cheapest. best [256, >= T, 2^(16-K)] is
     scratch: the forward pass keeps only each step's cheapest predecessor cost (a min, not an argmin: torch's min
     with indices over the strided view is 5x slower than amin), and the way back recomputes the 2^K predecessor
-    costs of the one state it follows, with the same ops in the same order, so it picks the forward pass's path."""
+    costs of the one state it follows, with the same ops in the same order, so it picks the forward pass's path.
+    With triton, the forward pass is one kernel (kernels/exl3_triton.py), the way back the same torch code."""
     t, low = x.shape[0], STATES >> k
     best = best[:, :t]
-    square = book * book
-    cost = torch.zeros(t, STATES, device=x.device)
-    if start is not None:
-        cost.fill_(float("inf"))
-        cost[torch.arange(t), start] = 0.0
-    err = torch.empty_like(cost)
-    for i in range(256):
-        torch.amin(cost.view(t, 1 << k, low), dim=1, out=best[i])  # predecessors differ in their top K bits
-        torch.addcmul(square, x[:, i : i + 1], book, value=-2.0, out=err)  # (c - x)^2 less x^2, alike for every c
-        torch.add(err.view(t, low, 1 << k), best[i, :, :, None], out=cost.view(t, low, 1 << k))
+    values = exl3.codebook(book).to(x.device)
+    square = values * values
+    if triton:
+        from quantkit.kernels.exl3_triton import viterbi_forward
+
+        cost = viterbi_forward(x, k, book, start, best)
+    else:
+        cost = torch.zeros(t, STATES, device=x.device)
+        if start is not None:
+            cost.fill_(float("inf"))
+            cost[torch.arange(t), start] = 0.0
+        err = torch.empty_like(cost)
+        for i in range(256):
+            torch.amin(cost.view(t, 1 << k, low), dim=1, out=best[i])  # predecessors differ in their top K bits
+            torch.addcmul(square, x[:, i : i + 1], values, value=-2.0, out=err)  # (c - x)^2 less x^2: alike for all c
+            torch.add(err.view(t, low, 1 << k), best[i, :, :, None], out=cost.view(t, low, 1 << k))
     state = start if start is not None else cost.argmin(dim=1)
     states = torch.empty(t, 256, dtype=torch.long, device=x.device)
     rows = torch.arange(t, device=x.device)[:, None]
@@ -52,21 +59,31 @@ def _viterbi(
     for i in range(255, 0, -1):
         states[:, i] = state
         pred = top | (state >> k)[:, None]  # [T, 2^K]: the states step i may have come from
-        pred_cost = torch.addcmul(square[pred], x[:, i - 1 : i], book[pred], value=-2.0) + best[i - 1, rows, pred >> k]
+        pred_cost = torch.addcmul(square[pred], x[:, i - 1 : i], values[pred], value=-2.0) + best[i - 1, rows, pred >> k]
         state = pred.gather(1, pred_cost.argmin(dim=1, keepdim=True))[:, 0]
     states[:, 0] = state
     return states
 
 
-def encode(x: torch.Tensor, k: int, book: str = "3inst") -> torch.Tensor:
-    """Symbols long [T, 256] (K bits each, stream order) of the tail-biting code closest to x [T, 256] (fp32)."""
-    values = exl3.codebook(book).to(x.device)
-    batch = max(1, BEST_BYTES // (256 * (STATES >> k) * 4))
+def batch_tiles(k: int, device: torch.device | str = "cpu") -> int:
+    """Tiles encoded at once at K bits: as many as BEST_BYTES of scratch holds (16x that on a GPU, where each tile
+    is a program of the Viterbi kernel and more of them fill more of its SMs)."""
+    scratch = BEST_BYTES * (16 if torch.device(device).type == "cuda" else 1)
+    return max(1, scratch // (256 * (STATES >> k) * 4))
+
+
+def encode(x: torch.Tensor, k: int, book: str = "3inst", backend: str = "auto") -> torch.Tensor:
+    """Symbols long [T, 256] (K bits each, stream order) of the tail-biting code closest to x [T, 256] (fp32). The
+    forward passes run as a Triton kernel where the kernels' backend resolves to Triton (a GPU), else in torch."""
+    from quantkit.kernels import resolve_backend
+
+    triton = resolve_backend(backend, x.device) == "triton"
+    batch = batch_tiles(k, x.device)
     best = torch.empty(256, min(batch, x.shape[0]), STATES >> k, device=x.device)
     out = []
     for chunk in x.float().split(batch):
-        states = _viterbi(chunk.roll(-128, dims=1), k, values, None, best)  # position 255 sits at 127
-        out.append(_viterbi(chunk, k, values, states[:, 127], best) & ((1 << k) - 1))
+        states = _viterbi(chunk.roll(-128, dims=1), k, book, None, best, triton)  # position 255 sits at 127
+        out.append(_viterbi(chunk, k, book, states[:, 127], best, triton) & ((1 << k) - 1))
     return torch.cat(out)
 
 
@@ -74,7 +91,7 @@ def encode_matrix(w: torch.Tensor, k: int, book: str = "3inst") -> torch.Tensor:
     """The trellis int16 [in/16, out/16, 16 K] whose decoded Ŵ is closest, tile by tile, to w [in, out]."""
     n_in, n_out = w.shape
     tiles = w.float().reshape(n_in // exl3.TILE, exl3.TILE, n_out // exl3.TILE, exl3.TILE).permute(0, 2, 1, 3)
-    stream = tiles.reshape(-1, 256)[:, exl3.fragment_order()]  # stream position e holds tile cell order[e]
+    stream = tiles.reshape(-1, 256)[:, exl3.fragment_order().to(w.device)]  # stream position e holds cell order[e]
     symbols = encode(stream, k, book)
     return exl3.pack_symbols(symbols, k).view(n_in // exl3.TILE, n_out // exl3.TILE, exl3.TILE * k)
 
@@ -101,8 +118,8 @@ def solve_exl3(
     n_out, n_in = weight.shape
     g = torch.Generator().manual_seed(seed)
     w = weight.float().T.contiguous()  # [in, out]: y = x w
-    su = torch.randint(0, 2, (n_in, 1), generator=g).float() * 2 - 1
-    sv = torch.randint(0, 2, (1, n_out), generator=g).float() * 2 - 1
+    su = (torch.randint(0, 2, (n_in, 1), generator=g).float() * 2 - 1).to(w.device)  # CPU draws: any device alike
+    sv = (torch.randint(0, 2, (1, n_out), generator=g).float() * 2 - 1).to(w.device)
     out_scale = _rms(w, 0)
     sv = sv * out_scale / out_scale.mean()
     w = exl3.blocked_hadamard(w / sv, 1)
@@ -115,7 +132,7 @@ def solve_exl3(
     h = exl3.blocked_hadamard(exl3.blocked_hadamard(h, 0), 1)
     h.diagonal().add_(SIGMA_REG * float(h.diagonal().mean()))
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # H⁻¹ = Uᵀ U
-    trellis = torch.empty(n_in // exl3.TILE, n_out // exl3.TILE, exl3.TILE * k, dtype=torch.int16)
+    trellis = torch.empty(n_in // exl3.TILE, n_out // exl3.TILE, exl3.TILE * k, dtype=torch.int16, device=w.device)
     for r in range(0, n_in, BAND):
         band = w[r : r + BAND]
         code = encode_matrix(band, k, book)
@@ -141,9 +158,9 @@ def solve_trellis(weight: torch.Tensor, hessian: torch.Tensor, spec: LinearSpec,
     padded inputs are always zero; solve_exl3's damping keeps H positive definite), coded, cut back. The rotation
     seed is the spec's, else 0."""
     n_out, n_in = weight.shape
-    w = torch.zeros(padded(n_out), padded(n_in))
+    w = torch.zeros(padded(n_out), padded(n_in), device=weight.device)
     w[:n_out, :n_in] = weight.float()
-    h = torch.zeros(padded(n_in), padded(n_in))
+    h = torch.zeros(padded(n_in), padded(n_in), device=weight.device)
     h[:n_in, :n_in] = hessian.float()
     tensors = solve_exl3(w, h, spec.bits, seed=spec.rotate_seed or 0)
     dense = exl3.decode_weight(tensors["trellis"], tensors["suh"], tensors["svh"], "3inst").T[:n_out, :n_in]
