@@ -59,7 +59,8 @@ def _viterbi(
     for i in range(255, 0, -1):
         states[:, i] = state
         pred = top | (state >> k)[:, None]  # [T, 2^K]: the states step i may have come from
-        pred_cost = torch.addcmul(square[pred], x[:, i - 1 : i], values[pred], value=-2.0) + best[i - 1, rows, pred >> k]
+        pred_cost = torch.addcmul(square[pred], x[:, i - 1 : i], values[pred], value=-2.0)
+        pred_cost = pred_cost + best[i - 1, rows, pred >> k]
         state = pred.gather(1, pred_cost.argmin(dim=1, keepdim=True))[:, 0]
     states[:, 0] = state
     return states
