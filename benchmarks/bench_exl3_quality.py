@@ -9,7 +9,8 @@ layers, the other layers stay 16-bit; every build is evaluated on bench_real.py'
 model. Bits per weight are those of the N quantized layers, every stored byte counted (EXL3: padded to multiples of
 128 as it stores them, so SmolLM2's 576 / 1536 widths cost it 11-33% more than the same K on a 128-multiple model).
 
-    python benchmarks/bench_exl3_quality.py [--layers 1] [--targets 2.5,3.0,4.0] [--work /tmp/bench-exl3q]
+    python benchmarks/bench_exl3_quality.py [--layers 1] [--targets 2.5,3.0,4.0] [--exl3-targets T,...]
+        [--exl3-bits 2,3,4] [--work /tmp/bench-exl3q]
 
 Builds are cached in the work folder (bench_real.py's cache: same command, same folder); the table is printed and
 written to WORK/table.md. Expect minutes per layer for GPTQ and about an hour per layer for EXL3 --bpw on 2 cores.
@@ -70,6 +71,7 @@ def main() -> None:
                     "(real_model.py OUT/smollm2-hf)")  # fmt: skip
     ap.add_argument("--layers", type=int, default=1, help="quantize the first N decoder layers")
     ap.add_argument("--targets", default="2.5,3.0,4.0", help="--bpw targets, comma-separated")
+    ap.add_argument("--exl3-targets", default=None, help="--bpw targets of the EXL3 builds (default: --targets)")
     ap.add_argument("--exl3-bits", default="2,3,4", help="uniform EXL3 --bits K builds, comma-separated ('' none)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-exl3q"))
     ap.add_argument("--eval-rows", type=int, default=16)
@@ -89,8 +91,9 @@ def main() -> None:
         *((f"exl3-k{k}", f"EXL3 K={k} (uniform)", ["--bits", k, "--format", "exl3"])
           for k in (int(k) for k in args.exl3_bits.split(",") if k)),  # fmt: skip
     ]
+    exl3_targets = targets if args.exl3_targets is None else [float(t) for t in args.exl3_targets.split(",") if t]
     for t in targets:
-        for fmt in ("gptq", "quantkit", "exl3"):
+        for fmt in ("gptq", "quantkit", "exl3") if t in exl3_targets else ("gptq", "quantkit"):
             plan.append((f"bpw{t:g}-{fmt}", f"--bpw {t:g} --format {fmt}", ["--bpw", t, "--format", fmt]))
     builds: list[Build] = []
     for name, label, qargs in plan:
