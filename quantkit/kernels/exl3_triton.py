@@ -1,13 +1,16 @@
-"""Triton decode of EXL3 trellis tiles into Ŵ (formats/exl3.py's layout), the first of issue 27's EXL3 kernels.
+"""The EXL3 kernels (formats/exl3.py's layout, issue 27): tile decode, decode-GEMV, and the encoder's Viterbi pass.
 
-One program per 16x16 tile: for each of its 256 stream positions i it reads the 16-bit window of the tile's cyclic
-bitstream that ends at bit (i + 1) K (two stream words at most; stream word j is stored word j ^ 1), computes the
-codebook value of that state in registers (3INST / MCG: a 32-bit multiply-add, mask and xor, then the two fp16
-halves added in fp32; MUL1: a multiply, the sum of the four bytes, read as fp16, scaled and shifted in fp32) and
-stores it at its tile cell in fragment order. The result equals the reference decoder bit for bit (tests, in
-Triton's interpreter on CPU); the Hadamard transforms and scales of a whole weight follow in torch for now, and the
-fused decode-GEMV / prefill matmul are the next kernels. TRITON_INTERPRET=1 must be set before Triton is imported
-to run this on CPU tensors.
+- `_decode_tiles` (decode_inner): one program per 16x16 tile; for each of its 256 stream positions i it reads the
+  16-bit window of the tile's cyclic bitstream that ends at bit (i + 1) K (two stream words at most; stream word j
+  is stored word j ^ 1), computes the codebook value of that state in registers (3INST / MCG: a 32-bit multiply-add,
+  mask and xor, then the two fp16 halves added in fp32; MUL1: a multiply, the sum of the four bytes, read as fp16,
+  scaled and shifted in fp32) and stores it at its tile cell in fragment order, in fp32 (equal to the reference
+  decoder bit for bit) or in the activations' dtype for the prefill's matmul.
+- `_gemv` (gemv): y = x W for up to 16 rows with nothing dense in memory: both Hadamard transforms and scales
+  fused, Ŵ decoded in registers.
+- `_viterbi_forward` (viterbi_forward): the forward pass of quant/trellis.py's encoder, one tile per program.
+Tests run them in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 must be set before Triton is imported);
+kernels/compile_check.py compiles them for sm_80 / sm_90.
 """
 
 from __future__ import annotations
