@@ -45,6 +45,7 @@ KERNELS = {  # what each recorded launch compiles: the dequant-matmul, the EXL3 
     "exl3": ("quantkit.kernels.exl3_triton", "_decode_tiles"),
     "exl3_gemv": ("quantkit.kernels.exl3_triton", "_gemv"),
     "exl3_viterbi": ("quantkit.kernels.exl3_triton", "_viterbi_forward"),
+    "exl3_viterbi_back": ("quantkit.kernels.exl3_triton", "_viterbi_back"),
 }
 EXL3_TILES = (8, 8)  # tiles of the trellis a recorded EXL3 decode launch covers (the grid only; K and book specialise)
 
@@ -190,7 +191,7 @@ def _recording(kernel: str, arch: int, kernels: dict[str, dict], current: dict):
             def launch(*args, **kwargs):
                 key, spec = specialise(args, kwargs)
                 spec["kernel"] = kernel
-                kernels.setdefault(key, dict(spec=spec, cases=[]))["cases"].append(dict(current, grid=list(grid)))
+                kernels.setdefault(kernel + key, dict(spec=spec, cases=[]))["cases"].append(dict(current, grid=list(grid)))
 
             return launch
 
@@ -244,6 +245,12 @@ def capture(arch: int, cases: list[dict]) -> dict[str, dict]:
             tiles, start = 4, torch.zeros(4, dtype=torch.long) if c["m"] else None
             best = torch.empty(256, tiles, (1 << 16) >> c["bits"])
             exl3_triton.viterbi_forward(torch.empty(tiles, 256), c["bits"], c["book"], start, best)
+    with _recording("exl3_viterbi_back", arch, kernels, current):
+        for c in (c for c in cases if c["sweep"] == "exl3" and c["path"] == "viterbi" and not c["m"]):
+            current.clear()
+            current.update(c, path="viterbi_back")
+            best = torch.empty(256, 4, (1 << 16) >> c["bits"])
+            exl3_triton.viterbi_back(torch.empty(4, 256), c["bits"], c["book"], torch.zeros(4, dtype=torch.long), best)
     return kernels
 
 
@@ -312,7 +319,9 @@ def kernel_name(spec: dict) -> str:
 
         book = next(b for b, i in BOOK_IDS.items() if i == cv["BOOK"])
         data = spec["signature"]["out" if spec["kernel"] == "exl3" else "x"][1:]
-        what = {"exl3": "decode", "exl3_gemv": "gemv", "exl3_viterbi": "viterbi"}[spec["kernel"]]
+        what = {"exl3": "decode", "exl3_gemv": "gemv", "exl3_viterbi": "viterbi", "exl3_viterbi_back": "way back"}[
+            spec["kernel"]
+        ]
         what += " start" if cv.get("HAS_START") else ""
         return f"exl3 {what} K{cv['K']} {book} {data} w{o['num_warps']}s{o['num_stages']}"
     ws = "+".join(str(cv[w]) for w in ("W0", "W1", "W2") if cv[w])

@@ -8,7 +8,8 @@
   decoder bit for bit) or in the activations' dtype for the prefill's matmul.
 - `_gemv` (gemv): y = x W for up to 16 rows with nothing dense in memory: both Hadamard transforms and scales
   fused, Ŵ decoded in registers.
-- `_viterbi_forward` (viterbi_forward): the forward pass of quant/trellis.py's encoder, one tile per program.
+- `_viterbi_forward`, `_viterbi_back` (viterbi_forward, viterbi_back): quant/trellis.py's encoder, one tile per
+  program: all 256 steps of a pass in one launch, and the way back in another.
 Tests run them in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 must be set before Triton is imported);
 kernels/compile_check.py compiles them for sm_80 / sm_90.
 """
@@ -190,6 +191,35 @@ def _viterbi_forward(x, cost, best, start, n_tiles, K: tl.constexpr, BOOK: tl.co
             v = _value(state, BOOK)
             tl.store(cur + state, (v * v + x2 * v) + low_cost[:, None])
         tl.debug_barrier()
+
+
+@triton.jit
+def _viterbi_back(x, best, end, states, n_tiles, K: tl.constexpr, BOOK: tl.constexpr):
+    """The way back of quant/trellis.py's Viterbi for one tile per program: from its end state, each step's
+    predecessor is the cheapest of the 2^K states it may have come from, their costs recomputed from best and x as
+    _viterbi_forward computed them; the 256 states into states [T, 256] (int32)."""
+    t = tl.program_id(0)
+    LOW: tl.constexpr = 65536 >> K
+    h = tl.arange(0, 1 << K)
+    state = tl.load(end + t)
+    for back in range(255):
+        i = 255 - back
+        tl.store(states + t * 256 + i, state)
+        pred = (h << (16 - K)) | (state >> K)  # the states step i may have come from
+        v = _value(pred, BOOK)
+        x2 = tl.load(x + t * 256 + i - 1) * -2.0
+        cost = (v * v + x2 * v) + tl.load(best + ((i - 1) * n_tiles + t).to(tl.int64) * LOW + (pred >> K))
+        state = tl.sum(tl.where(h == tl.argmin(cost, axis=0), pred, 0))
+    tl.store(states + t * 256, state)
+
+
+def viterbi_back(x: torch.Tensor, k: int, book: str, end: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """The way back after viterbi_forward in one kernel: states long [T, 256] of the cheapest paths ending in end."""
+    t = x.shape[0]
+    states = torch.empty(t, 256, dtype=torch.int32, device=x.device)
+    _viterbi_back[(t,)](x.contiguous(), best, end.to(torch.int32).contiguous(), states, best.shape[1], K=k,
+                        BOOK=BOOK_IDS[book])  # fmt: skip
+    return states.long()
 
 
 def viterbi_forward(x: torch.Tensor, k: int, book: str, start: torch.Tensor | None, best: torch.Tensor) -> torch.Tensor:

@@ -33,25 +33,26 @@ def _viterbi(
     scratch: the forward pass keeps only each step's cheapest predecessor cost (a min, not an argmin: torch's min
     with indices over the strided view is 5x slower than amin), and the way back recomputes the 2^K predecessor
     costs of the one state it follows, with the same ops in the same order, so it picks the forward pass's path.
-    With triton, the forward pass is one kernel (kernels/exl3_triton.py), the way back the same torch code."""
+    With triton, the forward pass and the way back are one kernel each (kernels/exl3_triton.py), the same
+    computation (on a GPU, 256 steps of small torch ops per batch would be bound by their launches)."""
     t, low = x.shape[0], STATES >> k
     best = best[:, :t]
-    values = exl3.codebook(book).to(x.device)
-    square = values * values
     if triton:
-        from quantkit.kernels.exl3_triton import viterbi_forward
+        from quantkit.kernels.exl3_triton import viterbi_back, viterbi_forward
 
         cost = viterbi_forward(x, k, book, start, best)
-    else:
-        cost = torch.zeros(t, STATES, device=x.device)
-        if start is not None:
-            cost.fill_(float("inf"))
-            cost[torch.arange(t), start] = 0.0
-        err = torch.empty_like(cost)
-        for i in range(256):
-            torch.amin(cost.view(t, 1 << k, low), dim=1, out=best[i])  # predecessors differ in their top K bits
-            torch.addcmul(square, x[:, i : i + 1], values, value=-2.0, out=err)  # (c - x)^2 less x^2: alike for all c
-            torch.add(err.view(t, low, 1 << k), best[i, :, :, None], out=cost.view(t, low, 1 << k))
+        return viterbi_back(x, k, book, start if start is not None else cost.argmin(dim=1), best)
+    values = exl3.codebook(book).to(x.device)
+    square = values * values
+    cost = torch.zeros(t, STATES, device=x.device)
+    if start is not None:
+        cost.fill_(float("inf"))
+        cost[torch.arange(t), start] = 0.0
+    err = torch.empty_like(cost)
+    for i in range(256):
+        torch.amin(cost.view(t, 1 << k, low), dim=1, out=best[i])  # predecessors differ in their top K bits
+        torch.addcmul(square, x[:, i : i + 1], values, value=-2.0, out=err)  # (c - x)^2 less x^2, alike for every c
+        torch.add(err.view(t, low, 1 << k), best[i, :, :, None], out=cost.view(t, low, 1 << k))
     state = start if start is not None else cost.argmin(dim=1)
     states = torch.empty(t, 256, dtype=torch.long, device=x.device)
     rows = torch.arange(t, device=x.device)[:, None]
