@@ -191,7 +191,8 @@ def _recording(kernel: str, arch: int, kernels: dict[str, dict], current: dict):
             def launch(*args, **kwargs):
                 key, spec = specialise(args, kwargs)
                 spec["kernel"] = kernel
-                kernels.setdefault(kernel + key, dict(spec=spec, cases=[]))["cases"].append(dict(current, grid=list(grid)))
+                entry = kernels.setdefault(kernel + key, dict(spec=spec, cases=[]))  # two kernels' keys may match
+                entry["cases"].append(dict(current, grid=list(grid)))
 
             return launch
 
