@@ -13,6 +13,7 @@ in Triton's interpreter.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 
@@ -152,8 +153,7 @@ def correctness_pass(args: argparse.Namespace) -> int:
             print(f"bits {spec:>4} M={m:<3} max relative error {err:.1e} {'ok' if ok else 'FAIL'}", flush=True)
     for bits in args.exl3:  # the Triton path (GEMV, decode + matmul) against the plain-torch decode
         lin = random_exl3(384, 256, bits, "cpu")
-        ref_lin = random_exl3(384, 256, bits, "cpu")
-        ref_lin.load_state_dict(lin.state_dict())
+        ref_lin = copy.deepcopy(lin)
         ref_lin.set_backend("torch")
         for m in (1, 17):
             x = torch.randn(m, 256)

@@ -126,8 +126,10 @@ def decode_inner(trellis: torch.Tensor, book: str) -> torch.Tensor:
 
 
 @functools.cache
-def hadamard(n: int = HADAMARD_BLOCK) -> torch.Tensor:
-    """The normalized Sylvester Hadamard matrix of order n (fp32, symmetric, its own inverse)."""
+def hadamard(n: int = HADAMARD_BLOCK, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The normalized Sylvester Hadamard matrix of order n (fp32, symmetric, its own inverse), made once per device."""
+    if torch.device(device).type != "cpu":
+        return hadamard(n).to(device)
     return hadamard_matrix(n) / n**0.5
 
 
@@ -135,7 +137,7 @@ def blocked_hadamard(x: torch.Tensor, dim: int) -> torch.Tensor:
     """x with H applied to every block of 128 along dim (0: H x, 1: x H)."""
     if x.shape[dim] % HADAMARD_BLOCK:
         raise QuantkitError(f"EXL3 needs dimensions divisible by {HADAMARD_BLOCK}, got {x.shape[dim]}")
-    h = hadamard().to(x.device)
+    h = hadamard(device=x.device)
     if dim == 0:
         return (h @ x.reshape(-1, HADAMARD_BLOCK, x.shape[1])).reshape(x.shape)
     return (x.reshape(x.shape[0], -1, HADAMARD_BLOCK) @ h).reshape(x.shape)

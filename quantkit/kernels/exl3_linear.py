@@ -59,9 +59,8 @@ class Exl3Linear(nn.Module):
             y = exl3_triton.gemv(rows, self.trellis, self.suh, self.svh, self.codebook)
         else:
             w_hat = exl3_triton.decode_inner(self.trellis, self.codebook, dtype=x.dtype)
-            had = exl3_triton.hadamard_on(x.device)
-            xh = _blocks(rows.float() * self.suh.float(), had).to(x.dtype)
-            y = _blocks((xh @ w_hat).float(), had) * self.svh.float()
+            xh = exl3.blocked_hadamard(rows.float() * self.suh.float(), 1).to(x.dtype)
+            y = exl3.blocked_hadamard((xh @ w_hat).float(), 1) * self.svh.float()
         y = y[:, : self.out_features].to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
@@ -70,8 +69,3 @@ class Exl3Linear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         self._dense = None  # new tensors: decode again on the next forward
         super()._load_from_state_dict(*args, **kwargs)
-
-
-def _blocks(x: torch.Tensor, had: torch.Tensor) -> torch.Tensor:
-    """x [rows, n] with the Hadamard `had` [128, 128] applied to every block of 128 columns."""
-    return (x.reshape(x.shape[0], -1, had.shape[0]) @ had).reshape(x.shape)

@@ -16,8 +16,6 @@ kernels/compile_check.py compiles them for sm_80 / sm_90.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -126,12 +124,6 @@ def decode_inner(trellis: torch.Tensor, book: str, dtype: torch.dtype = torch.fl
 GEMV_ROWS = 16  # at most this many input rows take the GEMV (tl.dot's smallest M); more take decode + matmul
 
 
-@functools.cache
-def hadamard_on(device: torch.device) -> torch.Tensor:
-    """formats/exl3.py's normalized 128 x 128 Hadamard matrix (fp32), copied to device once."""
-    return exl3.hadamard().to(device)
-
-
 def gemv(x: torch.Tensor, trellis: torch.Tensor, suh: torch.Tensor, svh: torch.Tensor, book: str,
          splits: int | None = None) -> torch.Tensor:  # fmt: skip
     """x [m <= 16, in] @ W [in, out] in one kernel (W = diag(suh) H Ŵ H diag(svh), formats/exl3.py), fp32 [m, out]:
@@ -149,7 +141,7 @@ def gemv(x: torch.Tensor, trellis: torch.Tensor, suh: torch.Tensor, svh: torch.T
     per = -(-chunks // splits)
     splits = -(-chunks // per)
     y = (torch.zeros if splits > 1 else torch.empty)(m, tiles_n * 16, dtype=torch.float32, device=x.device)
-    had = hadamard_on(x.device)
+    had = exl3.hadamard(device=x.device)
     _gemv[(blocks, splits)](x.contiguous(), suh, svh, trellis.contiguous(), had, y, m, n_in, tiles_n, per, K=k,
                             BOOK=BOOK_IDS[book], BM=GEMV_ROWS, ATOMIC=splits > 1, num_warps=4, maxnreg=192)  # fmt: skip
     return y
