@@ -206,17 +206,14 @@ def fuse_projections(model: nn.Module) -> int:
     """Join each layer's q/k/v and gate/up QuantLinears into one each where their layouts match (one kernel launch
     instead of three / two per decoded token); returns how many groups were joined. The parts are dropped, so the
     packed weights are not held twice; a model fused this way is for running, not for saving."""
+    from quantkit.arch.blocks import block_kind
     from quantkit.kernels.qlinear import fuse
-    from quantkit.model.modules import MLP
-    from quantkit.model.text import Attention
 
     joined = 0
-    for mod in list(model.modules()):
-        if isinstance(mod, Attention) and mod.qkv_proj is None:
-            names, target = ("q_proj", "k_proj", "v_proj"), "qkv_proj"
-        elif isinstance(mod, MLP) and mod.gate_up_proj is None:
-            names, target = ("gate_proj", "up_proj"), "gate_up_proj"
-        else:
+    groups = [(layer.get_submodule(parent), parts, target) for layer in model.modules() if hasattr(layer, "kind")
+              for parent, parts, target in block_kind(layer).fused]  # fmt: skip
+    for mod, names, target in groups:
+        if getattr(mod, target) is not None or any(getattr(mod, n) is None for n in names):
             continue
         fused = fuse([getattr(mod, n) for n in names])
         if fused is None:

@@ -24,7 +24,7 @@ import torch
 from test_convert_scale import REAL, as_infos, native_tensor_list
 
 from quantkit.arch import export_name
-from quantkit.arch.blocks import VISION_LAYERS, block_of, expert_index
+from quantkit.arch.blocks import block_of, expert_index, vision_layers
 from quantkit.convert.pipeline import plan_conversion
 from quantkit.formats.registry import get_format
 from quantkit.model.config import parse_config
@@ -115,8 +115,8 @@ def real_build(model_name: str, target: float = 3.0, names: str = "vllm") -> dic
                for i, layer in enumerate(alloc.specs) for n, sp in layer.items()}  # fmt: skip
     kept = [ckpt.key("lm_head.weight").removesuffix(".weight")]
     if model.vision_tower is not None:
-        vt = model.get_submodule(VISION_LAYERS)
-        kept += [ckpt.key(f"{VISION_LAYERS}.{j}.{n}.weight").removesuffix(".weight")
+        vt = model.get_submodule(vision_layers())
+        kept += [ckpt.key(f"{vision_layers()}.{j}.{n}.weight").removesuffix(".weight")
                  for j in range(len(vt)) for n, m in vt[j].named_modules() if isinstance(m, torch.nn.Linear)]
         kept += [ckpt.key(f"multi_modal_projector.{n}.weight").removesuffix(".weight")
                  for n, m in model.multi_modal_projector.named_modules() if isinstance(m, torch.nn.Linear)]

@@ -21,56 +21,50 @@ EXPERTS = "experts"  # experts are `<moe>.experts.{E}.<linear>`: `{E}` in a capt
 class BlockKind:
     """One kind of layer. capture_groups: linears (names relative to the layer) in quantization order; linears in
     one group share their input and are solved together, each group captured after the previous ones were
-    quantized. roles: a linear's last name component -> its role. moe: the sparse MoE module, if any."""
+    quantized. roles: a linear's last name component -> its role. moe: the sparse MoE module, if any, and
+    moe_aliases the other names loaders give it. fused: (module, its linears, the one module the runtime and
+    loaders such as vLLM join them into)."""
 
     capture_groups: tuple[tuple[str, ...], ...]
     roles: dict[str, str]
     moe: str | None = None
+    moe_aliases: tuple[str, ...] = ()
+    fused: tuple[tuple[str, tuple[str, ...], str], ...] = ()
 
 
-_PROJ = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
-         "down_proj": "down"}  # fmt: skip
-
-BLOCK_KINDS: dict[str, BlockKind] = {
-    "dense": BlockKind(
-        (
-            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-            ("self_attn.o_proj",),
-            ("mlp.gate_proj", "mlp.up_proj"),
-            ("mlp.down_proj",),
-        ),
-        _PROJ,
-    ),
-    "moe": BlockKind(  # the router gate stays 16-bit
-        (
-            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-            ("self_attn.o_proj",),
-            ("block_sparse_moe.experts.{E}.w1", "block_sparse_moe.experts.{E}.w3"),
-            ("block_sparse_moe.experts.{E}.w2",),
-        ),
-        {**_PROJ, "w1": "gate", "w3": "up", "w2": "down"},
-        moe="block_sparse_moe",
-    ),
-    "vision": BlockKind(
-        (
-            ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
-            ("attention.o_proj",),
-            ("feed_forward.gate_proj", "feed_forward.up_proj"),
-            ("feed_forward.down_proj",),
-        ),
-        _PROJ,
-    ),
-}
-
+BLOCK_KINDS: dict[str, BlockKind] = {}  # filled by the architecture families (arch/mistral.py), by kind name
 # Which part of a model a tensor belongs to, by name prefix (native and HF names); anything else is "text".
-PART_PREFIXES = (
-    ("vision", ("vision_encoder.", "vision_tower.", "model.vision_tower.")),
-    ("projector", ("vision_language_adapter.", "multi_modal_projector.", "model.multi_modal_projector.")),
-)
+PART_PREFIXES: list[tuple[str, tuple[str, ...]]] = []
+VISION: dict[str, object] = {}  # embed: the vision tower's modules before its layers; layers: where its layers are
 
-# The vision tower, for --vision quantize: the modules before its layers, and where its layers are.
-VISION_EMBED = ("vision_tower.patch_conv", "vision_tower.ln_pre")
-VISION_LAYERS = "vision_tower.transformer.layers"
+
+def register_kinds(kinds: dict[str, BlockKind], parts=(), vision_embed=(), vision_layers: str | None = None) -> None:
+    """An architecture family's layer kinds, tensor-name parts and vision-tower modules (see arch/mistral.py)."""
+    BLOCK_KINDS.update(kinds)
+    PART_PREFIXES.extend(parts)
+    if vision_layers is not None:
+        VISION.update(embed=tuple(vision_embed), layers=vision_layers)
+
+
+def vision_embed() -> tuple[str, ...]:
+    """The vision tower's modules that run before its layers (patch conv, pre-norm), for --vision quantize."""
+    return VISION["embed"]
+
+
+def vision_layers() -> str:
+    """The module path of the vision tower's layer list."""
+    return VISION["layers"]
+
+
+def fused_names() -> dict[frozenset[str], str]:
+    """Linears a loader fuses into one module, by their leaf names: {q/k/v: qkv_proj, gate/up: gate_up_proj}."""
+    return {frozenset(parts): target for kind in BLOCK_KINDS.values() for _, parts, target in kind.fused}
+
+
+def moe_modules() -> tuple[str, ...]:
+    """Every name the sparse MoE module goes by (ours and the loaders'), for rules that must match all of them."""
+    names = (n for kind in BLOCK_KINDS.values() if kind.moe for n in (*kind.moe_aliases, kind.moe))
+    return tuple(dict.fromkeys(names))
 
 
 def block_kind(layer) -> BlockKind:

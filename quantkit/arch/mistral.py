@@ -1,4 +1,6 @@
-"""The Mistral family (Mistral, Mixtral, Pixtral) declared as tables.
+"""The Mistral family (Mistral, Mixtral, Pixtral, and the Llama decoder) declared as tables, once: checkpoint names
+(native and HF), the layer kinds the quantizer and runtime walk (capture order, roles, experts, fused groups), the
+parts of a model, and the names loaders give exports.
 
 Each Entry maps one Mistral-native tensor name to its Hugging Face name, with the expected shape in named
 dimensions (resolved from params.json) and, for q/k projections, the head count of the rotary permutation.
@@ -13,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 
+from quantkit.arch.blocks import BlockKind, register_kinds
 from quantkit.errors import QuantkitError
 
 
@@ -86,6 +89,56 @@ ADAPTER = [
     Entry("vision_language_adapter.w_out.weight", "multi_modal_projector.linear_2.weight", ("dim", "dim")),
     Entry("vision_language_adapter.w_out.bias", "multi_modal_projector.linear_2.bias", ("dim",), bias=True),
 ]
+
+
+# The module tree of our model (model/text.py, model/vision.py: HF names) as the quantizer and the runtime see it: per
+# layer kind the capture groups in quantization order, the role of each linear, the MoE module, the fused groups.
+_PROJ = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
+         "down_proj": "down"}  # fmt: skip
+_QKV = ("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj")
+_GATE_UP = ("gate_proj", "up_proj")
+register_kinds(
+    {
+        "dense": BlockKind(
+            (
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                ("self_attn.o_proj",),
+                ("mlp.gate_proj", "mlp.up_proj"),
+                ("mlp.down_proj",),
+            ),
+            _PROJ,
+            fused=(_QKV, ("mlp", _GATE_UP, "gate_up_proj")),
+        ),
+        "moe": BlockKind(  # the router gate stays 16-bit; GPTQModel and transformers 5 call the MoE module `mlp`
+            (
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                ("self_attn.o_proj",),
+                ("block_sparse_moe.experts.{E}.w1", "block_sparse_moe.experts.{E}.w3"),
+                ("block_sparse_moe.experts.{E}.w2",),
+            ),
+            {**_PROJ, "w1": "gate", "w3": "up", "w2": "down"},
+            moe="block_sparse_moe",
+            moe_aliases=("mlp",),
+            fused=(_QKV,),
+        ),
+        "vision": BlockKind(
+            (
+                ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+                ("attention.o_proj",),
+                ("feed_forward.gate_proj", "feed_forward.up_proj"),
+                ("feed_forward.down_proj",),
+            ),
+            _PROJ,
+            fused=(("feed_forward", _GATE_UP, "gate_up_proj"),),
+        ),
+    },
+    parts=(
+        ("vision", ("vision_encoder.", "vision_tower.", "model.vision_tower.")),
+        ("projector", ("vision_language_adapter.", "multi_modal_projector.", "model.multi_modal_projector.")),
+    ),
+    vision_embed=("vision_tower.patch_conv", "vision_tower.ln_pre"),
+    vision_layers="vision_tower.transformer.layers",
+)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from quantkit import __version__
-from quantkit.arch.blocks import BLOCK_ROLES, SHARED_INPUT, block_of, expert_index, role_of
+from quantkit.arch.blocks import BLOCK_ROLES, SHARED_INPUT, block_of, expert_index, fused_names, moe_modules, role_of
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import Built, OutputFormat, SolvedLinear
 from quantkit.formats.gptq import GPTQ_BITS, GPTQ_FORMATS, check_dynamic, gptq_pack, gptq_stored_bits, module_bits
@@ -27,8 +27,6 @@ GPTQ_MARKERS = frozenset({"qweight", "qzeros", "scales", "g_idx"})
 # hf_to_vllm_mapper maps the first to the second), which `--export-names vllm` also writes. Rules match both, whichever
 # naming the folder has, so one set of rules serves the folder's names, GPTQModel's and vLLM's modules.
 SPELLINGS = ("model.language_model.", "language_model.model.")
-FUSED = {frozenset(("q_proj", "k_proj", "v_proj")): "qkv_proj", frozenset(("gate_proj", "up_proj")): "gate_up_proj"}
-MOE_MODULES = ("mlp", "block_sparse_moe")  # GPTQModel's and vLLM's (and `--export-names vllm`) Mixtral MoE module
 # Parts a Llava folder keeps 16-bit, in transformers' (`model.vision_tower`) and vLLM's (`vision_tower`) names.
 KEEP_VISION = r"-:^(?:model\.)?vision_tower\."
 KEEP_PROJECTOR = r"-:^(?:model\.)?multi_modal_projector\."
@@ -49,13 +47,14 @@ def unit_rule(names: list[str]) -> str:
     into one `experts` module (named under mlp or block_sparse_moe)."""
     if any(".experts." in n for n in names):
         layer, _, _ = names[0].partition(".experts.")[0].rpartition(".")
-        return f"+:^{_names(layer)}\\.(?:{'|'.join(MOE_MODULES)})\\.experts(?:\\.|$)"
+        return f"+:^{_names(layer)}\\.(?:{'|'.join(moe_modules())})\\.experts(?:\\.|$)"
     parents = {n.rpartition(".")[0] for n in names}
     if len(parents) != 1:
         raise ValueError(f"internal: one GPTQ setting for linears of different modules: {names}")
     leaves = sorted({n.rpartition(".")[2] for n in names})
-    if frozenset(leaves) in FUSED:
-        leaves.append(FUSED[frozenset(leaves)])
+    fused = fused_names().get(frozenset(leaves))
+    if fused is not None:
+        leaves.append(fused)
     return f"+:^{_names(parents.pop())}\\.(?:{'|'.join(leaves)})$"
 
 
@@ -75,7 +74,7 @@ def dynamic_rules(
     if head_bits is None:
         rules["-:" + HEAD] = {}
     if moe:
-        rules[rf"-:^(?:model\.)?layers\.\d+\.(?:{'|'.join(MOE_MODULES)})\.gate$"] = {}
+        rules[rf"-:^(?:model\.)?layers\.\d+\.(?:{'|'.join(moe_modules())})\.gate$"] = {}
     if head_bits is not None:
         rules["+:" + HEAD] = {"bits": head_bits}
     for names, bits in units:

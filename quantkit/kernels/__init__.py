@@ -1,8 +1,10 @@
 """Quantized matmul for the quantkit packed format: Triton kernels on CUDA, a pure-torch reference on CPU.
 
-`quant_matmul(x, pl, backend)`: "triton" runs quantkit.kernels.triton_dequant (on CPU tensors only under
-TRITON_INTERPRET=1, for tests), "torch" runs quantkit.kernels.reference, "auto" picks Triton for CUDA tensors when
-Triton imports and the reference otherwise. Triton is imported only when the Triton backend is used.
+`quant_matmul(x, pl, backend)` is the one entrance to the kernels (QuantLinear, tests and benchmarks call it):
+"triton" runs quantkit.kernels.triton_dequant through its torch custom op (so torch.compile traces the same call
+that runs eagerly; on CPU tensors only under TRITON_INTERPRET=1, for tests), "torch" runs
+quantkit.kernels.reference, "auto" picks Triton for CUDA tensors when Triton imports and the reference otherwise.
+Triton is imported only when the Triton backend is used.
 """
 
 from __future__ import annotations
@@ -45,16 +47,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def quant_matmul(x: torch.Tensor, pl: PackedLinear, backend: str = "auto", path: str | None = None) -> torch.Tensor:
+def quant_matmul(x: torch.Tensor, pl: PackedLinear, backend: str = "auto") -> torch.Tensor:
     """y [..., N] = x [..., K] · Wᵀ + bias with W the dequantized packed weight; y has x's dtype.
 
-    path ("skinny" | "tiled") forces a Triton launch shape; by default it follows the row count.
+    backend is resolved here unless it already is "triton" or "torch" (QuantLinear resolves it once per device).
     """
-    if resolve_backend(backend, x.device) == "torch":
+    if backend not in ("triton", "torch"):
+        backend = resolve_backend(backend, x.device)
+    if backend == "torch":
         return reference_matmul(x, pl)
     from quantkit.kernels import triton_dequant
 
-    return triton_dequant.triton_matmul(x, pl, path=path)
+    return triton_dequant.quant_linear(x, pl)
 
 
 __all__ = ["BACKENDS", "check_backend", "interpreter_enabled", "quant_matmul", "reference_matmul", "resolve_backend"]

@@ -28,7 +28,7 @@ from quantkit.formats.packed import (
     to_tensors,
     zero_points,
 )
-from quantkit.kernels import check_backend, reference_matmul, resolve_backend
+from quantkit.kernels import check_backend, quant_matmul, resolve_backend
 from quantkit.kernels.reference import kernel_input
 
 CONVERT_ELEMENTS = 1 << 24  # weights repacked per slice of a GPTQ linear: bounds the conversion's scratch memory
@@ -215,12 +215,7 @@ class QuantLinear(nn.Module):
             if w is not None and w.dtype == x.dtype and w.device == x.device:
                 b = self.packed.bias
                 return F.linear(x, w, None if b is None else b.to(x.dtype))
-            return reference_matmul(x, self.packed)
-        from quantkit.kernels.triton_dequant import quant_linear, triton_matmul
-
-        if torch.compiler.is_compiling():  # the custom op traces; called eagerly it would only add dispatch cost
-            return quant_linear(x, self.packed)
-        return triton_matmul(x, self.packed)
+        return quant_matmul(x, self.packed, self.resolved_backend)
 
     def extra_repr(self) -> str:
         layout = "+".join(f"{b}b×{n}" for b, n in self.packed.layout)

@@ -260,7 +260,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = cfg.n_experts > 0
-        self.kind = "moe" if self.is_moe else "dense"  # quantkit.arch.blocks.BLOCK_KINDS
+        self.kind = "moe" if self.is_moe else "dense"  # a layer kind declared in quantkit/arch/mistral.py
         if self.is_moe:
             self.block_sparse_moe = SparseMoE(cfg)
         else:

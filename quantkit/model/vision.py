@@ -75,7 +75,7 @@ class VisionLayer(nn.Module):
         self.attention = VisionAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, VISION_NORM_EPS)
         self.feed_forward = MLP(cfg.dim, cfg.ffn_dim, cfg.hidden_act)
-        self.kind = "vision"  # quantkit.arch.blocks.BLOCK_KINDS
+        self.kind = "vision"  # a layer kind declared in quantkit/arch/mistral.py
 
     def attn_block(self, x: torch.Tensor, ctx: VisionContext) -> torch.Tensor:
         return x + self.attention(self.attention_norm(x), ctx)  # [1, N, D]

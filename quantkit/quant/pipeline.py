@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from quantkit import STARTED
 from quantkit.arch import export_name
-from quantkit.arch.blocks import VISION_EMBED, VISION_LAYERS, block_of, expert_index, role_of
+from quantkit.arch.blocks import block_of, expert_index, role_of, vision_embed, vision_layers
 from quantkit.calib.rows import tokenized_rows
 from quantkit.calib.sources import load_calibration
 from quantkit.errors import QuantkitError
@@ -116,7 +116,7 @@ def _checked_shapes(model, o: QuantizeOptions) -> dict[str, tuple[int, int]]:
     if o.vision == "quantize":
         if model.vision_tower is None:
             raise QuantkitError("--vision quantize: this model has no vision tower")
-        vl = model.get_submodule(VISION_LAYERS)[0]
+        vl = model.get_submodule(vision_layers())[0]
         shapes.update({f"vision {n}": tuple(vl.get_submodule(n).weight.shape) for g in capture_groups(vl) for n in g})
     return shapes
 
@@ -615,15 +615,15 @@ def _quantize_vision(ckpt: Checkpoint, model, o: QuantizeOptions, seeds, progres
     images = [preprocess_image(Image.open(p)) for p in default_images()]
     if not images:
         raise QuantkitError("--vision quantize needs calibration images: calib_data/images/ is empty")
-    for name in VISION_EMBED:
+    for name in vision_embed():
         ckpt.load(model, name, device, dtype)
     with torch.no_grad():
         h, vctx = vt.embed(images)  # [1, patches of all images, D]
-    for name in VISION_EMBED:
+    for name in vision_embed():
         unload(model.get_submodule(name))
     tensors: dict[str, torch.Tensor] = {}
-    n = len(model.get_submodule(VISION_LAYERS))
-    names = [f"{VISION_LAYERS}.{j}" for j in range(n)]
+    n = len(model.get_submodule(vision_layers()))
+    names = [f"{vision_layers()}.{j}" for j in range(n)]
     rows = MemoryRows([h])  # one row: all images' patches; each layer's float, then quantized, output lands here
     for j, layer in _layers(ckpt, model, None, names, device, dtype, "vision", progress):  # one job step in all
         spec_for = lambda lin, j=j: LinearSpec(s.bits, s.group_size, seeds(-2 - j, lin))  # noqa: E731
