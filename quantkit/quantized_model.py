@@ -29,6 +29,7 @@ from quantkit.io.reader import DTYPES, TensorInfo
 from quantkit.kernels import check_backend, resolve_backend
 from quantkit.kernels.exl3_linear import Exl3Linear
 from quantkit.kernels.qlinear import INT4_DTYPE, QuantLinear
+from quantkit.model.config import ModelConfig, load_model_config, quantization_of
 from quantkit.model.load import Checkpoint, load_model, name_list, parse_devices
 from quantkit.model.modules import swap_linears
 from quantkit.model.text import Transformer
@@ -39,10 +40,7 @@ DENSE_FRACTION = 0.5  # share of available memory the dequantized weights of the
 def quantization_config(folder: Path) -> dict | None:
     """config.json's quantization_config, None for a float folder (or one without config.json)."""
     path = Path(folder) / "config.json"
-    qcfg = read_json(path).get("quantization_config") if path.is_file() else None
-    if qcfg is not None and not isinstance(qcfg, dict):
-        raise QuantkitError(f"{path}: quantization_config must be a JSON object, not {type(qcfg).__name__}")
-    return qcfg
+    return quantization_of(read_json(path), str(path)) if path.is_file() else None
 
 
 def _by_prefix(infos: dict[str, TensorInfo]) -> dict[str, dict[str, TensorInfo]]:
@@ -141,6 +139,7 @@ def load_quantized(
     progress=True,
     keep_dense: bool = True,
     fuse: bool = True,
+    config: ModelConfig | None = None,
 ) -> Transformer:
     """Load a quantized folder (quantkit or GPTQ format) part by part; linears run on `backend` (auto/triton/torch).
 
@@ -148,12 +147,13 @@ def load_quantized(
     fuse: q/k/v and gate/up run as one matmul each where their packed layouts match (see fuse_projections).
     A bf16 model on CPU decodes its 4-bit linears on aten's int4 kernel (see pack_int4).
     """
-    qcfg = quantization_config(folder)
+    config = config or load_model_config(folder)
+    qcfg = config.quantization
     if not qcfg:
         raise QuantkitError(f"{Path(folder).name}: config.json has no quantization_config (not a quantized model)")
     prepare = quantized_prepare(qcfg, backend)
     resolve_backend(backend, parse_devices(device)[0])  # a Triton request that cannot run fails before loading
-    model = load_model(folder, device=device, dtype=dtype, progress=progress, prepare=prepare)
+    model = load_model(folder, device=device, dtype=dtype, progress=progress, prepare=prepare, config=config)
     repack(model, config_format(qcfg), backend)
     set_backend(model, backend)
     if fuse:
@@ -172,11 +172,13 @@ def load_any(
     progress=True,
     keep_dense: bool = True,
     fuse: bool = True,
+    config: ModelConfig | None = None,
 ) -> Transformer:
-    """A float folder through load_model, a quantized one through load_quantized."""
-    if quantization_config(folder):
-        return load_quantized(folder, device, dtype, backend, progress, keep_dense, fuse)
-    return load_model(folder, device=device, dtype=dtype, progress=progress)
+    """A float folder through load_model, a quantized one through load_quantized (config: as parsed already)."""
+    config = config or load_model_config(folder)
+    if config.quantization:
+        return load_quantized(folder, device, dtype, backend, progress, keep_dense, fuse, config)
+    return load_model(folder, device=device, dtype=dtype, progress=progress, config=config)
 
 
 def repack(model: nn.Module, fmt: OutputFormat, backend: str) -> int:

@@ -70,11 +70,11 @@ def test_allocation_is_deterministic(measured):
     from quantkit.model.load import Checkpoint, build_model
     from quantkit.quant.allocate import allocate
     from quantkit.quant.capture import QuantSettings
-    from quantkit.quant.pipeline import _linear_shapes
+    from quantkit.quant.plan import linear_shapes
 
     src, _, measurement = measured
     model = build_model(Checkpoint(src).config)
-    shapes = [_linear_shapes(model, i) for i in range(len(model.layers))]
+    shapes = [linear_shapes(model, i) for i in range(len(model.layers))]
     meas = json.loads(measurement.read_text())
     s = QuantSettings(bits=4, group_size=64, act_order=False)
     a, b = (allocate(meas, shapes, 3.3, s, lambda i, n: None, "quantkit") for _ in range(2))
@@ -88,11 +88,11 @@ def test_the_range_ends_are_reachable(measured):
     from quantkit.model.load import Checkpoint, build_model
     from quantkit.quant.allocate import allocate
     from quantkit.quant.capture import QuantSettings
-    from quantkit.quant.pipeline import _linear_shapes
+    from quantkit.quant.plan import linear_shapes
 
     src, _, measurement = measured
     model = build_model(Checkpoint(src).config)
-    shapes = [_linear_shapes(model, i) for i in range(len(model.layers))]
+    shapes = [linear_shapes(model, i) for i in range(len(model.layers))]
     meas = json.loads(measurement.read_text())
     s = QuantSettings(bits=4, group_size=64, act_order=False)
     blocks = [layer[b] for layer in meas["layers"] for b in ("attn", "mlp")]
@@ -172,7 +172,7 @@ def test_a_plain_run_measures_only_what_its_target_can_choose(tiny_models, tmp_p
     from quantkit.model.load import Checkpoint, build_model
     from quantkit.quant.allocate import needed_candidates
     from quantkit.quant.capture import QuantSettings
-    from quantkit.quant.pipeline import _linear_shapes
+    from quantkit.quant.plan import linear_shapes
 
     src = tiny_models.get("mistral_bpw")["hf"]
     out = tmp_path / "w3"
@@ -182,7 +182,7 @@ def test_a_plain_run_measures_only_what_its_target_can_choose(tiny_models, tmp_p
     meas = json.loads((tmp_path / ".w3.quantkit-work" / "measurement.json").read_text())
     assert meas["scope"] == "--bpw 3.0"
     model = build_model(Checkpoint(src).config)
-    shapes = [_linear_shapes(model, i) for i in range(len(model.layers))]
+    shapes = [linear_shapes(model, i) for i in range(len(model.layers))]
     s = QuantSettings(bits=4, group_size=64, act_order=False)
     needed = needed_candidates(shapes, 3.0, s, lambda i, n: None, "quantkit")
     every = {b: [c.name for c in get_format("quantkit").candidates(b, False)] for b in ("attn", "mlp")}

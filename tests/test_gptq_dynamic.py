@@ -30,9 +30,10 @@ from quantkit.formats.registry import get_format
 from quantkit.model.config import parse_config
 from quantkit.model.load import build_model
 from quantkit.quant.allocate import allocate
+from quantkit.quant.assemble import output_config
 from quantkit.quant.capture import QuantSettings
 from quantkit.quant.measure import spec_for_candidate
-from quantkit.quant.pipeline import _linear_shapes, _output_config
+from quantkit.quant.plan import linear_shapes
 from quantkit.quant.settings import QuantizeOptions
 
 GPTQ = get_format("gptq")
@@ -106,11 +107,11 @@ def real_build(model_name: str, target: float = 3.0, names: str = "vllm") -> dic
     cfg = parse_config(plan.config)
     model = build_model(cfg)
     ckpt = SimpleNamespace(config=cfg, key=lambda n: export_name(cfg.arch, cfg.checkpoint_key(n), names))
-    shapes = [_linear_shapes(model, i) for i in range(len(model.layers))]
+    shapes = [linear_shapes(model, i) for i in range(len(model.layers))]
     s = QuantSettings(bits=4, group_size=128, act_order=True)
     alloc = allocate(synthetic_measurement(shapes, s), shapes, target, s, lambda i, n: None, "gptq")
     o = QuantizeOptions(settings=s, fmt="gptq", bpw=target, export_names=names)
-    qcfg = _output_config(ckpt, o, alloc.specs, {}, model.vision_tower is not None)
+    qcfg = output_config(ckpt, o, alloc.specs, {}, model.vision_tower is not None)
     modules = {ckpt.key(f"layers.{i}.{n}.weight").removesuffix(".weight"): sp.bits
                for i, layer in enumerate(alloc.specs) for n, sp in layer.items()}  # fmt: skip
     kept = [ckpt.key("lm_head.weight").removesuffix(".weight")]

@@ -139,7 +139,7 @@ def test_only_one_layer_resident(tiny_models, tmp_path, monkeypatch):
         orig_unload(module)
 
     monkeypatch.setattr(load_mod.Checkpoint, "load", load)
-    monkeypatch.setattr("quantkit.quant.pipeline.unload", unload)
+    monkeypatch.setattr("quantkit.quant.looper.unload", unload)
     src = tiny_models.get("mixtral")["hf"]
     offload = tmp_path / "offload"
     seen = []

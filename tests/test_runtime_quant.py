@@ -260,3 +260,25 @@ def test_stop_note_names_the_context_or_the_memory_limit():
     assert "context of 100" in stop_note(model, Generation([1] * 95, [5] * 5, 1.0, 1.0, 100), sampling, stop_ids={2})
     note = stop_note(model, Generation([1] * 30, [5] * 4, 1.0, 1.0, 34), sampling, stop_ids={2})
     assert "stopped at 34 tokens" in note and "free GPU memory" in note
+
+
+def test_serving_a_quantized_folder_reads_its_config_json_once(builds, monkeypatch):
+    """serve's path from the folder to a described, loaded model (load_model_config, load_any, describe) parses
+    config.json once: the quantization_config travels in the parsed ModelConfig."""
+    from quantkit.model.config import load_model_config
+    from quantkit.serve.server import describe
+
+    folder = builds["gptq4"]
+    reads, original = [], Path.read_text
+
+    def read_text(self, *a, **k):
+        if self.name == "config.json":
+            reads.append(self)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    config = load_model_config(folder)
+    model = load_any(folder, "cpu", "float32", "torch", progress=False, config=config)
+    lines = describe(model, folder, "tiny")
+    assert reads == [folder / "config.json"]
+    assert "gptq quantized, per-module 4-bit" in lines[0] and model.config.quantization["bits"] == 4

@@ -8,7 +8,7 @@ cannot run (another architecture, scaled RoPE, a CLS-dropping feature strategy) 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -72,6 +72,7 @@ class ModelConfig:
     projector_bias: bool = True
     projector_act: str = "gelu"
     dtype: torch.dtype | None = None  # the checkpoint's dtype, from config.json
+    quantization: dict | None = field(default=None, compare=False)  # config.json's quantization_config, if any
 
     @property
     def text_prefix(self) -> str:
@@ -157,6 +158,14 @@ def vision_config(cfg: dict, where: str = "config.json vision_config") -> Vision
     )
 
 
+def quantization_of(cfg: dict, where: str = "config.json") -> dict | None:
+    """A config's quantization_config: None for a float model, refused unless a JSON object."""
+    qcfg = cfg.get("quantization_config")
+    if qcfg is not None and not isinstance(qcfg, dict):
+        raise QuantkitError(f"{where}: quantization_config must be a JSON object, not {type(qcfg).__name__}")
+    return qcfg
+
+
 def parse_config(cfg: dict) -> ModelConfig:
     """config.json contents -> ModelConfig; a one-line error for architectures the runtime does not run."""
     archs = cfg.get("architectures") or []
@@ -168,8 +177,10 @@ def parse_config(cfg: dict) -> ModelConfig:
         known = ", ".join(dict.fromkeys(a.hf_class for a in ARCHS.values()))
         raise QuantkitError(f"config.json: architecture {found} is not supported ({known})")
     dtype = CONFIG_DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype")))
+    qcfg = quantization_of(cfg)
     if not ARCHS[arch].has_vision:
-        return ModelConfig(arch=arch, text=text_config(cfg, ARCHS[arch].text_model_type), dtype=dtype)
+        return ModelConfig(arch=arch, text=text_config(cfg, ARCHS[arch].text_model_type), dtype=dtype,
+                           quantization=qcfg)  # fmt: skip
     text = cfg.get("text_config") or {}
     if cfg.get("vision_feature_layer", -1) != -1 or cfg.get("vision_feature_select_strategy", "full") != "full":
         raise QuantkitError("config.json: only vision_feature_layer -1 with strategy 'full' (Pixtral) is supported")
@@ -182,6 +193,7 @@ def parse_config(cfg: dict) -> ModelConfig:
         projector_bias=bool(cfg.get("multimodal_projector_bias", True)),
         projector_act=_act(str(cfg.get("projector_hidden_act", "gelu")), "config.json"),
         dtype=dtype,
+        quantization=qcfg,
     )
 
 

@@ -30,9 +30,9 @@ GPU_HEADROOM = 0.9  # fraction of free GPU memory given to weights; the rest is 
 class Checkpoint:
     """A converted (HF-layout) model folder: its ModelConfig and a lazy index of its tensors."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, config: ModelConfig | None = None):
         self.folder = Path(folder)
-        self.config: ModelConfig = load_model_config(self.folder)
+        self.config: ModelConfig = config or load_model_config(self.folder)
         self.index = TensorIndex(hf_weight_files(self.folder))
         # Current names unless some tensor has a legacy name; a folder mixing both is then refused by `unused`.
         arch = self.config.arch
@@ -191,13 +191,15 @@ def load_model(
     dtype: str | torch.dtype | None = "auto",
     progress: bool = True,
     prepare: Callable[[Transformer, Checkpoint], None] | None = None,
+    config: ModelConfig | None = None,
 ) -> Transformer:
     """Load a converted model folder, part by part, onto `device` (see parse_devices) in `dtype`.
 
     `prepare(model, checkpoint)` runs on the empty meta model before any weight is read: the hook where later
-    code swaps linears (swap_linears) for quantized ones whose tensors the checkpoint holds.
+    code swaps linears (swap_linears) for quantized ones whose tensors the checkpoint holds. `config`: the folder's
+    config when the caller has parsed it already (config.json is read once on the way to a running model).
     """
-    ckpt = Checkpoint(folder)
+    ckpt = Checkpoint(folder, config)
     devices = parse_devices(device)
     if not isinstance(dtype, torch.dtype):
         dtype = resolve_dtype(dtype, ckpt.config, devices[0])

@@ -1,4 +1,5 @@
-"""A resumable quantization job: settings fingerprint, finished layers, and the hidden states between layers.
+"""A resumable quantization job: settings fingerprint, finished layers, and the hidden states between layers; and
+the fingerprints that decide whether a job or a measurement may be reused (source, rows, settings).
 
 Layout of the work dir:
   job.json             settings, fingerprint, the job's named `steps` ("embed", "layer.0".."layer.N-1", "head",
@@ -26,13 +27,20 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.base import OutputFormat
+from quantkit.formats.registry import get_format
+from quantkit.formats.spec import QuantSettings
 from quantkit.io.claim import Claim, human, identity, os_error_message, remove, size_of
+from quantkit.model.load import Checkpoint
+from quantkit.quant.measure import CANDIDATES_VERSION
+from quantkit.quant.settings import QuantizeOptions
 
 JOB_VERSION = 2  # 1 counted finished steps with one integer; such a work dir is refused (--restart)
 # Everything a job writes into its work dir (glob patterns); measurement.json outlives the job, for reuse.
@@ -279,3 +287,41 @@ class Job:
 
     def info(self, step: str) -> dict:
         return self.state["info"].get(step, {})
+
+
+def source_fingerprint(ckpt: Checkpoint) -> str:
+    h = hashlib.sha256((ckpt.folder / "config.json").read_bytes())
+    for name, info in sorted(ckpt.index.infos.items()):
+        h.update(f"{name}:{info.dtype}:{info.shape}:{info.file.name}:{info.file.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def measurement_fingerprint(
+    ckpt: Checkpoint, ids: torch.Tensor, s: QuantSettings, rotate: bool, dtype, fmt: OutputFormat | str
+) -> dict:
+    """What a measurement depends on: the model, the rows, the candidate table and the GPTQ settings (not bits)."""
+    fingerprint = {
+        "source": source_fingerprint(ckpt),
+        "rows": hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16],
+        "candidates": CANDIDATES_VERSION,
+        "rotate": rotate,
+        "dtype": str(dtype),
+        **get_format(fmt).measurement_key(),
+        **asdict(s),
+    }
+    fingerprint.pop("bits")
+    return fingerprint
+
+
+def job_settings(ckpt: Checkpoint, o: QuantizeOptions, ids: torch.Tensor, specs) -> dict:
+    """What a quantize job depends on: a rerun with other settings does not resume it."""
+    return {
+        "source": source_fingerprint(ckpt),
+        "format": o.fmt,
+        "head_bits": o.head_bits,
+        "vision": o.vision,
+        "calibration": hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16],
+        "dtype": str(o.torch_dtype),
+        "strategy": hashlib.sha256(repr(specs).encode()).hexdigest()[:16],
+        **asdict(o.settings),
+    }

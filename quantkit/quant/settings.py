@@ -11,6 +11,8 @@ the model's shapes allow, before any work, so everything after it (job, measurem
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -162,3 +164,8 @@ def check_bpw_reachable(bpw: float, lo: float, hi: float) -> None:
     """--bpw against the range the cost model gives for this model (no measurement needed)."""
     if not lo - 1e-12 <= bpw <= hi + 1e-12:
         raise QuantkitError(f"--bpw {bpw} is outside what this model can reach: {lo:.3f} to {hi:.3f}")
+
+
+def rotate_seeds(rotate: bool) -> Callable[[int, str], int | None]:
+    """A fixed seed per linear (from its name) for the randomized Hadamard signs, or None without --rotate."""
+    return (lambda i, name: zlib.crc32(f"layers.{i}.{name}".encode())) if rotate else (lambda i, name: None)

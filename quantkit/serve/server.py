@@ -26,7 +26,7 @@ from quantkit.model.config import load_model_config
 from quantkit.model.generate import BLOCK, KV_FRACTION, kv_token_bytes, warm_up
 from quantkit.model.load import model_parts
 from quantkit.model.text import Transformer
-from quantkit.quantized_model import available_memory, load_any, quantization_config
+from quantkit.quantized_model import available_memory, load_any
 from quantkit.tokenizer.chat import ChatTokenizer
 
 
@@ -79,7 +79,7 @@ def bits_label(qcfg: dict) -> str:
 
 def describe(model: Transformer, folder: Path, name: str) -> list[str]:
     """Startup lines: the model, the device of each group of parts, the bytes of weights on each device."""
-    qcfg = quantization_config(folder)
+    qcfg = model.config.quantization
     kind = f"{qcfg.get('quant_method')} quantized" if qcfg else f"{model.norm.weight.dtype}".replace("torch.", "")
     if qcfg:
         kind += bits_label(qcfg)
@@ -199,7 +199,7 @@ def serve(
     tokenizer = ChatTokenizer.from_folder(folder)
     _check_port(host, port)
     name = served_model_name or folder.resolve().name
-    model = load_any(folder, device=device, dtype=dtype, backend=backend, progress=progress)
+    model = load_any(folder, device=device, dtype=dtype, backend=backend, progress=progress, config=config)
     if model.norm.weight.is_cuda:
         warm_up(model, tokenizer.bos_id)
     for line in describe(model, folder, name):
