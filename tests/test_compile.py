@@ -48,10 +48,12 @@ def test_every_runtime_launch_compiles_without_spills_within_shared_memory(tmp_p
         for dtype in ("torch.float16", "torch.bfloat16"):
             assert {(a, k, b, dtype, "decode"), (a, k, b, dtype, "gemv")} <= exl3, (a, k, b, dtype)
         assert (a, k, b, "torch.float32", "decode") in exl3
-    viterbi = {(r["arch"], r["example"]["bits"], bool(r["example"]["m"])) for r in rows if "viterbi" in r["paths"]}
-    assert viterbi == {(a, k, start) for a in (80, 90) for k in range(1, 9) for start in (False, True)}
-    back = {(r["arch"], r["example"]["bits"]) for r in rows if "viterbi_back" in r["paths"]}
-    assert back == {(a, k) for a in (80, 90) for k in range(1, 9)}
+    books = ("3inst", "mcg", "mul1")
+    viterbi = {(r["arch"], r["example"]["bits"], r["example"]["book"], bool(r["example"]["m"]))
+               for r in rows if "viterbi" in r["paths"]}  # fmt: skip
+    assert viterbi == set(itertools.product((80, 90), range(1, 9), books, (False, True)))
+    back = {(r["arch"], r["example"]["bits"], r["example"]["book"]) for r in rows if "viterbi_back" in r["paths"]}
+    assert back == set(itertools.product((80, 90), range(1, 9), books))
     sweeps = {s for r in rows for s in r["sweeps"]}
     assert {f"variants:{v}" for v in ("g32", "per_channel", "zeros", "mixed", "bias")} <= sweeps
     for r in rows:

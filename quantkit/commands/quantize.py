@@ -60,6 +60,13 @@ def _group_size(value: str) -> int | str | None:
     + f" (default: {UNIFORM_DEFAULT} for --bits, {MIXED_DEFAULT} for --bpw / --rotate).",
 )
 @click.option(
+    "--codebook",
+    type=click.Choice(list(dict.fromkeys(b for f in FORMATS.values() for b in f.codebooks))),
+    default=None,
+    help="; ".join(f"{f.name}: {', '.join(f.codebooks)} (default {f.codebooks[0]})" for f in FORMATS.values()
+                   if f.codebooks) + ". The trellis codebook; other formats have none.",
+)
+@click.option(
     "--export-names",
     type=click.Choice(["vllm", "gptqmodel"]),
     default="vllm",
@@ -90,7 +97,7 @@ def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement:
              text_field: str, rows: int, seq_len: int, seed: int, work_dir: Path | None, offload_dir: Path | None,
              restart: bool, device: str,
              dtype: str | None, max_shard_size: str, dry_run: bool, force: bool, quiet: bool,
-             export_names: str) -> None:  # fmt: skip
+             export_names: str, codebook: str | None) -> None:  # fmt: skip
     """Quantize a converted model SRC with GPTQ, layer by layer, into DST (resumable: rerun after a crash)."""
     from quantkit.quant.pipeline import quantize as run_quantize
     from quantkit.quant.settings import QuantizeOptions, QuantSettings
@@ -100,7 +107,7 @@ def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement:
     except ValueError:
         raise QuantkitError(f"--group-size must be auto, 32, 64, 128 or none, got {group_size}") from None
     settings = QuantSettings(bits=bits, group_size=gs, sym=sym, act_order=act_order, static_groups=static_groups,
-                             damp=damp, clip=clip)  # fmt: skip
+                             damp=damp, clip=clip, codebook=codebook)  # fmt: skip
     options = QuantizeOptions(
         settings=settings, fmt=fmt or (MIXED_DEFAULT if bpw is not None or rotate else UNIFORM_DEFAULT),
         head_bits=head_bits, bpw=bpw, rotate=rotate, measurement=measurement, measure_rows=measure_rows,

@@ -38,7 +38,8 @@ class Built:
     specs: per decoder layer, each linear's LinearSpec by its name in the layer (e.g. "self_attn.q_proj");
     export(name, naming): a model name (e.g. "layers.3.self_attn.q_proj") as the export spells it under a naming of
     quantkit.arch EXPORT_NAMINGS; predicted: the allocator's predicted KL per layer and block (--bpw only); shapes:
-    per decoder layer, each linear's (out, in) by the same names (None where the caller has none)."""
+    per decoder layer, each linear's (out, in) by the same names (None where the caller has none); head_shape:
+    lm_head's (out, in) when it is quantized."""
 
     settings: QuantSettings
     calibration: dict
@@ -52,6 +53,7 @@ class Built:
     vision_bits: int | None  # its linears' width when --vision quantize, else None (kept 16-bit)
     predicted: list[dict[str, float]] | None = None
     shapes: list[dict[str, tuple[int, int]]] | None = None
+    head_shape: tuple[int, int] | None = None
 
 
 class OutputFormat:
@@ -64,6 +66,7 @@ class OutputFormat:
     markers: ClassVar[frozenset[str]]  # every tensor suffix only this format stores (strays and gaps are refused)
     header_tensors: ClassVar[frozenset[str]] = frozenset()  # small tensors the loader reads to shape the rest
     rotates: ClassVar[bool] = False  # stores a Hadamard rotation of input features (--rotate)
+    codebooks: ClassVar[tuple[str, ...]] = ()  # the codebooks it codes with (--codebook), its default first
     mixed_matrix: ClassVar[bool] = False  # one matrix may hold several widths (--bpw may widen single linears)
     solver: ClassVar[str] = "gptq"  # what quantizes a linear for it (quant/solvers.py): "gptq" or "trellis"
     parts: ClassVar[frozenset[str]] = frozenset({"decoder", "head", "vision"})  # what it can store quantized
@@ -75,6 +78,9 @@ class OutputFormat:
             raise QuantkitError(f"--format {self.name} stores {', '.join(map(str, self.widths))} bits, not {s.bits}")
         if rotate and not self.rotates:
             raise QuantkitError(f"--format {self.name} stores no rotation: drop --rotate")
+        if s.codebook is not None and s.codebook not in self.codebooks:
+            raise QuantkitError(f"--format {self.name} codes with {', '.join(self.codebooks)}, not {s.codebook}"
+                                if self.codebooks else f"--format {self.name} has no codebook: drop --codebook")
 
     def check_shape(self, name: str, out_features: int, in_features: int) -> None:
         """Refuse a linear this format cannot store (named in the error)."""

@@ -28,9 +28,11 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.hadamard import hadamard_matrix
 
 CODEBOOKS = ("3inst", "mcg", "mul1")
+DEFAULT_CODEBOOK = "mul1"  # what exllamav3's converter codes with unless told otherwise
 TILE = 16
 HADAMARD_BLOCK = 128
 MCG_MULT, MUL1_MULT = 0xCBAC1FED, 0x83DCD12D
+FLAGS = {"mcg": MCG_MULT, "mul1": MUL1_MULT}  # codebook -> the multiplier its flag tensor holds
 _INST3 = (89226354, 64248484)
 _MASK, _BIAS = 0x8FFF8FFF, 0x3B603B60
 
@@ -147,6 +149,24 @@ def decode_weight(trellis: torch.Tensor, suh: torch.Tensor, svh: torch.Tensor, b
     """fp32 [in, out]: W = diag(suh) H Ŵ H diag(svh), so that y = x W (transpose for nn.Linear's weight)."""
     w = blocked_hadamard(decode_inner(trellis, book), 0) * suh.float()[:, None]
     return blocked_hadamard(w, 1) * svh.float()[None, :]
+
+
+def codebook_flag(book: str) -> dict[str, torch.Tensor]:
+    """The tensor that marks a linear coded with `book`, as exllamav3 stores it: a scalar int32 holding the
+    codebook's 32-bit multiplier (none for 3INST)."""
+    if book not in FLAGS:
+        return {}
+    mult = FLAGS[book]
+    return {book: torch.tensor(mult - (1 << 32) if mult >= 1 << 31 else mult, dtype=torch.int32)}
+
+
+def symbol_states(symbols: torch.Tensor, k: int) -> torch.Tensor:
+    """The 16-bit states [T, 256] of tail-biting K-bit symbol streams [T, 256]: each state is the previous one
+    shifted left by K with its own symbol in the low K bits, the stream wrapping around."""
+    state = torch.zeros_like(symbols)
+    for j in range(-(-TILE // k)):
+        state |= symbols.roll(j, dims=1) << (k * j)
+    return state & 0xFFFF
 
 
 def codebook_of(tensors: dict) -> str:

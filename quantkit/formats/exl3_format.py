@@ -1,7 +1,8 @@
 """The EXL3 format (ExLlamaV3's trellis code, formats/exl3.py): K = 1..8 bits per weight per linear, coded by our
 own encoder (quant/trellis.py), one K for every linear (--bits K) or one per linear chosen by --bpw. Stored as
 exllamav3 stores it: `trellis` int16, `suh` / `svh` fp16 per linear, dimensions padded to multiples of 128, the
-codebook 3INST (no `mcg` / `mul1` flag tensors), and a `quantization_config` with exllamav3's fields and the
+codebook mul1 unless --codebook says mcg or 3inst (flagged per linear by an `mul1` / `mcg` scalar int32 tensor holding
+the codebook's multiplier; 3INST has none), and a `quantization_config` with exllamav3's fields and the
 `tensor_storage` map GPTQModel reads (tests/interop: GPTQModel's torch EXL3 kernel loads our folders). quantkit
 loads it with a plain-torch linear (kernels/exl3_linear.py).
 """
@@ -27,8 +28,9 @@ class Exl3Format(OutputFormat):
     key_tensor = "trellis"
     markers = frozenset({"trellis", "suh", "svh"})
     solver = "trellis"
-    parts = frozenset({"decoder"})  # tensor_storage lists the decoder's linears only, so far
+    parts = frozenset({"decoder", "head"})  # tensor_storage lists the decoder's linears and lm_head (--head-bits)
     widths = (1, 2, 3, 4, 5, 6, 7, 8)  # K, as the format defines it
+    codebooks = (exl3.DEFAULT_CODEBOOK, *(b for b in exl3.CODEBOOKS if b != exl3.DEFAULT_CODEBOOK))
 
     def candidates(self, block: str, moe: bool) -> list[Candidate]:
         """K bits per linear, 1 to 8: the roles that read one input (q/k/v, gate/up) at one K, the other (o, down)
@@ -45,9 +47,10 @@ class Exl3Format(OutputFormat):
         ]
 
     def stored_bits(self, spec: LinearSpec, out_features: int, in_features: int, s: QuantSettings) -> int:
-        """The padded trellis at K bits per weight, and suh and svh in fp16."""
+        """The padded trellis at K bits per weight, suh and svh in fp16, and the codebook's int32 flag (if any)."""
         n_out, n_in = padded(out_features), padded(in_features)
-        return n_out * n_in * spec.bits + 16 * (n_out + n_in)
+        flag = 32 * len(exl3.codebook_flag(s.codebook or exl3.DEFAULT_CODEBOOK))
+        return n_out * n_in * spec.bits + 16 * (n_out + n_in) + flag
 
     def tensors(self, solved: SolvedLinear) -> dict[str, torch.Tensor]:
         return dict(solved.tensors)
@@ -55,20 +58,26 @@ class Exl3Format(OutputFormat):
     def quantization_config(self, b: Built) -> dict:
         """exllamav3's fields (quant_method, bits, head_bits, calibration rows/cols, out_scales, codebook; not its
         `version`, which GPTQModel takes for a format name), `format` for GPTQModel, `tensor_storage` per quantized
-        decoder linear, and quantkit's own fields under "quantkit"."""
+        linear (the decoder's, and lm_head with --head-bits), and quantkit's own fields under "quantkit"."""
         storage, sizes = {}, {}  # sizes: each linear's [out, in] before padding (quantkit's, for inspect)
-        for i, layer in enumerate(b.shapes or []):
-            for n, (n_out, n_in) in layer.items():
-                key = b.export(f"layers.{i}.{n}", b.export_names)
-                k = b.specs[i][n].bits
-                shapes = {"trellis": ([padded(n_in) // 16, padded(n_out) // 16, 16 * k], "int16"),
-                          "suh": ([padded(n_in)], "float16"), "svh": ([padded(n_out)], "float16")}  # fmt: skip
-                storage[key] = {
-                    "stored_tensors": {f"{key}.{t}": {"shape": s, "torch_dtype": d} for t, (s, d) in shapes.items()},
-                    "quant_format": self.name,
-                    "bits_per_weight": k,
-                }
-                sizes[key] = [n_out, n_in]
+        book = b.settings.codebook or exl3.DEFAULT_CODEBOOK
+        flag = {name: ([], "int32") for name in exl3.codebook_flag(book)}
+        multiplier = {f"{name}_multiplier": mult for name, mult in exl3.FLAGS.items() if name == book}
+        linears = [(f"layers.{i}.{n}", shape, b.specs[i][n].bits)
+                   for i, layer in enumerate(b.shapes or []) for n, shape in layer.items()]  # fmt: skip
+        if b.head_shape is not None:
+            linears.append(("lm_head", b.head_shape, b.head_bits))  # exllamav3 codes its head at 6 bits by default
+        for name, (n_out, n_in), k in linears:
+            key = b.export(name, b.export_names)
+            shapes = {"trellis": ([padded(n_in) // 16, padded(n_out) // 16, 16 * k], "int16"),
+                      "suh": ([padded(n_in)], "float16"), "svh": ([padded(n_out)], "float16"), **flag}  # fmt: skip
+            storage[key] = {
+                "stored_tensors": {f"{key}.{t}": {"shape": s, "torch_dtype": d} for t, (s, d) in shapes.items()},
+                "quant_format": self.name,
+                "bits_per_weight": k,
+                **multiplier,  # as exllamav3's tensor map records the codebook
+            }
+            sizes[key] = [n_out, n_in]
         return {
             "quant_method": self.name,
             "format": self.name,  # GPTQModel reads a `version` field as its format name: name it here instead
@@ -76,7 +85,7 @@ class Exl3Format(OutputFormat):
             "head_bits": b.head_bits,  # None: lm_head kept 16-bit (GPTQModel refuses 16 here)
             "calibration": {"rows": b.calibration.get("rows"), "cols": b.calibration.get("seq_len")},
             "out_scales": "always",
-            "codebook": "3inst",
+            "codebook": book,
             "tensor_storage": storage,
             "quantkit": {"calibration": b.calibration, "shapes": sizes, "producer": f"quantkit {__version__}"},
         }

@@ -23,6 +23,7 @@ class QuantSettings:
     static_groups: bool = False
     damp: float = 0.01
     clip: bool = False
+    codebook: str | None = None  # a trellis format's codebook (None: the format's default; others take none)
 
 
 @dataclass(frozen=True)

@@ -139,8 +139,8 @@ def launch_cases(sweeps: Iterable[str], bits: Iterable[int]) -> list[dict]:
             cases.append(dict(sweep="exl3", config="-", bits=k, book=book, m=0, path="decode", dtype=dtype))
             if dtype != torch.float32:
                 cases.append(dict(sweep="exl3", config="-", bits=k, book=book, m=1, path="gemv", dtype=dtype))
-        for k, start in itertools.product(range(1, 9), (False, True)):  # the encoder's Viterbi (3INST only)
-            cases.append(dict(sweep="exl3", config="-", bits=k, book="3inst", m=start, path="viterbi",
+        for k, book, start in itertools.product(range(1, 9), CODEBOOKS, (False, True)):  # the encoder's Viterbi
+            cases.append(dict(sweep="exl3", config="-", bits=k, book=book, m=start, path="viterbi",
                               dtype=torch.float32))  # fmt: skip
     return cases
 

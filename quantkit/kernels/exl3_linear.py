@@ -21,8 +21,8 @@ class Exl3Linear(nn.Module):
     def __init__(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, codebook: str):
         super().__init__()
         self.out_features, self.in_features, self.codebook = out_features, in_features, codebook
-        for name in ("trellis", "suh", "svh"):
-            self.register_buffer(name, tensors[name])
+        for name in ("trellis", "suh", "svh", *(n for n in exl3.FLAGS if n in tensors)):
+            self.register_buffer(name, tensors[name])  # the codebook's flag too: the folder's tensors, all used
         self.register_buffer("bias", tensors.get("bias"))
         self._dense: torch.Tensor | None = None
         self.backend, self._resolved = "auto", None

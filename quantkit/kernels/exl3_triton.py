@@ -221,5 +221,6 @@ def viterbi_forward(x: torch.Tensor, k: int, book: str, start: torch.Tensor | No
     cost = torch.empty(t, 2, 1 << 16, dtype=torch.float32, device=x.device)
     start_t = start.to(torch.int32).contiguous() if start is not None else cost
     _viterbi_forward[(t,)](x.contiguous(), cost, best, start_t, best.shape[1], K=k, BOOK=BOOK_IDS[book],
-                           HAS_START=start is not None, BLOCK=VITERBI_BLOCK)  # fmt: skip
+                           HAS_START=start is not None, BLOCK=VITERBI_BLOCK, maxnreg=128)  # fmt: skip
+    # maxnreg: left to itself ptxas capped mul1 at K = 4 (with a start state, sm_90) at 80 registers and spilled
     return cost[:, 0]

@@ -31,6 +31,7 @@ def output_config(
         o.settings, provenance, o.head_bits, o.bpw, o.rotate, specs,
         lambda name, names: module_prefix(ckpt, name, names), o.export_names, vision,
         o.settings.bits if o.vision == "quantize" else None, predicted, shapes,
+        (ckpt.config.text.vocab_size, ckpt.config.text.dim) if o.head_bits is not None else None,
     )  # fmt: skip
     qcfg = o.format.quantization_config(built)
     if predicted is not None:

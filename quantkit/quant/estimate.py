@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quantkit.formats.exl3 import padded
 from quantkit.memory import frozen_heap
 from quantkit.quant.gptq import gptq_quantize
 from quantkit.quant.settings import QuantSettings
@@ -132,8 +133,11 @@ def factor_seconds(in_f: int, r: Rates) -> float:
 def solve_seconds(out_f: int, in_f: int, r: Rates, block: int = 128, factor: bool = True) -> float:
     """One GPTQ solve of a [out_f, in_f] linear: factorization (unless cached), block updates, per-column steps."""
     update = 2 * out_f * in_f**2 / r.matmul
-    if r.trellis:  # the trellis solver: its band updates, and the Viterbi over every weight
-        return (factor_seconds(in_f, r) if factor else 0.0) + update + out_f * in_f * r.trellis
+    if r.trellis:  # the trellis solver: its band updates, and the Viterbi over every weight and the scale search's
+        from quantkit.quant.trellis import search_weights
+
+        coded = padded(out_f) * padded(in_f) + search_weights(out_f, in_f)
+        return (factor_seconds(in_f, r) if factor else 0.0) + update + coded * r.trellis
     columns = in_f * r.column + out_f * in_f * min(block, in_f) / 2 * r.element
     return (factor_seconds(in_f, r) if factor else 0.0) + update + columns
 

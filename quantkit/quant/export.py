@@ -38,6 +38,7 @@ def model_card(
         ("Act order", s.act_order),
         ("Symmetric", s.sym),
         ("Damp", f"{s.damp} (fraction of the mean Hessian diagonal)"),  # a fraction, not a percent
+        *([("Codebook", s.codebook)] if s.codebook else []),  # a trellis format's
         ("Dataset", calibration.get("dataset")),
         ("Rows x seq len", f"{calibration.get('rows')} x {calibration.get('seq_len')}"),
         ("Size", f"{size_bytes / 1e9:.2f} GB"),

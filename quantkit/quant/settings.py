@@ -94,7 +94,9 @@ class QuantizeOptions:
         parse_shard_size(self.max_shard_size)
         if self.dtype is not None and self.dtype not in CONFIG_DTYPES:
             raise QuantkitError(f"--dtype must be one of {', '.join(CONFIG_DTYPES)}, got {self.dtype!r}")
-        return replace(self, device=resolve_device(self.device))
+        if s.codebook is None and fmt.codebooks:  # resolved here: job, measurement and config see the concrete one
+            s = replace(s, codebook=fmt.codebooks[0])
+        return replace(self, settings=s, device=resolve_device(self.device))
 
     @property
     def format(self) -> OutputFormat:

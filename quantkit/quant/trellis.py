@@ -101,6 +101,58 @@ def encode_matrix(w: torch.Tensor, k: int, book: str = "3inst") -> torch.Tensor:
 CODEBOOK_SCALE = 1.24371088  # the 3inst / mcg codebooks' standard deviation (exllamav3's codebook_scale)
 SIGMA_REG = 0.025  # Hessian damping, a fraction of its mean diagonal (exllamav3's default)
 BAND = 16  # rows of Ŵ quantized together: one row of tiles
+SCALE_GRID = tuple(0.1 + 0.2 * i for i in range(10))  # the global scale's coarse search, as exllamav3 searches it
+SCALE_STEP = 0.075  # and its fine grid around the coarse minimum
+SAMPLE_WIDTH = 3  # tiles of the wrapped diagonal the search codes per tile row
+
+
+def sample_tiles(w: torch.Tensor, width: int = SAMPLE_WIDTH) -> torch.Tensor:
+    """Tiles [T, 256] (stream order) of Ŵ [in, out] for the scale search: a wrapped diagonal `width` tiles wide,
+    so every tile row and column is in it (outliers tend to be whole channels), and the tiles of highest and
+    lowest RMS."""
+    tk, tn = w.shape[0] // exl3.TILE, w.shape[1] // exl3.TILE
+    w4 = w.reshape(tk, exl3.TILE, tn, exl3.TILE)
+    n = max(tk, tn)
+    i = torch.arange(n).repeat_interleave(width)
+    rows, cols = i % tk, (i + torch.arange(width).repeat(n)) % tn
+    ms = w4.square().mean(dim=(1, 3)).flatten()
+    extremes = min(max(8, n * width // 16), (ms.numel() + 1) // 2)
+    flat = torch.cat([ms.topk(extremes).indices, ms.topk(extremes, largest=False).indices]).cpu()
+    rows, cols = torch.cat([rows, flat // tn]).to(w.device), torch.cat([cols, flat % tn]).to(w.device)
+    return w4[rows, :, cols, :].reshape(-1, 256)[:, exl3.fragment_order().to(w.device)]
+
+
+def search_weights(out_features: int, in_features: int) -> int:
+    """Weights global_scale codes for a linear of this size (padded as stored): 10 scales on a third of the sample
+    and 5 on all of it (what the dry run counts beside the linear's own coding)."""
+    tk, tn = padded(in_features) // exl3.TILE, padded(out_features) // exl3.TILE
+    n = max(tk, tn)
+    sample = n * SAMPLE_WIDTH + 2 * min(max(8, n * SAMPLE_WIDTH // 16), (tk * tn + 1) // 2)
+    return (len(SCALE_GRID) * -(-sample // 3) + 5 * sample) * 256
+
+
+def coded_errors(tiles: torch.Tensor, k: int, book: str, scales: list[float]) -> list[float]:
+    """For each scale s: the mean squared error of tiles coded as tiles * s and scaled back (one encode for all)."""
+    batch = torch.cat([tiles * s for s in scales])
+    values = exl3.codebook(book).to(tiles.device)[exl3.symbol_states(encode(batch, k, book), k)]
+    return [float((v / s - tiles).square().mean()) for v, s in zip(values.split(tiles.shape[0]), scales, strict=True)]
+
+
+def global_scale(w: torch.Tensor, k: int, book: str) -> float:
+    """The factor Ŵ is multiplied by before coding (and its input scales divided by) that codes a sample of its
+    tiles best: a coarse grid on a third of the sample, a fine grid around its minimum on all of it, refined by the
+    parabola through the fine minimum and its neighbours. The codebooks' spreads differ (mul1's is about 1.0,
+    3INST's 1.24) and the best scale of a K-bit code is below the plain spread match at every K."""
+    tiles = sample_tiles(w)
+    coarse = coded_errors(tiles[::3], k, book, list(SCALE_GRID))
+    center = SCALE_GRID[coarse.index(min(coarse))]
+    fine_scales = [center + SCALE_STEP * (i - 2) for i in range(5)]
+    fine = coded_errors(tiles, k, book, fine_scales)
+    b = fine.index(min(fine))
+    offset = 0.0
+    if 0 < b < 4 and (curve := fine[b - 1] - 2 * fine[b] + fine[b + 1]) > 0:
+        offset = max(-0.5, min(0.5, 0.5 * (fine[b - 1] - fine[b + 1]) / curve))
+    return max(fine_scales[b] + offset * SCALE_STEP, 0.01)
 
 
 def _rms(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -109,14 +161,15 @@ def _rms(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def solve_exl3(
-    weight: torch.Tensor, hessian: torch.Tensor, k: int, seed: int = 0, book: str = "3inst"
+    weight: torch.Tensor, hessian: torch.Tensor, k: int, seed: int = 0, book: str = exl3.DEFAULT_CODEBOOK
 ) -> dict[str, torch.Tensor]:
     """The EXL3 tensors (trellis, suh, svh) of an nn.Linear weight [out, in] (both multiples of 128) calibrated
     by H [in, in] = E[x xᵀ]. As exllamav3 regularizes: random signs on both sides, output channels scaled to a common
     RMS, output Hadamard, input channels scaled so that rows match the codebook's spread, input Hadamard; then the
     bands of 16 rows of Ŵ are coded in order with LDLQ error feedback (blocked GPTQ: each band's coding error is
     spread over the rows not yet coded, weighted by the Hessian in the rotated basis, Hz = H' diag(su) H diag(su)
-    H' with H' the blocked Hadamard)."""
+    H' with H' the blocked Hadamard). Before coding, Ŵ is scaled by the global_scale that codes a sample of its
+    tiles best (the input scales divided by it), as exllamav3 does."""
     n_out, n_in = weight.shape
     g = torch.Generator().manual_seed(seed)
     w = weight.float().T.contiguous()  # [in, out]: y = x w
@@ -126,6 +179,7 @@ def solve_exl3(
     sv = sv * out_scale / out_scale.mean()
     w = exl3.blocked_hadamard(w / sv, 1)
     su = -su * _rms(w, 1) / CODEBOOK_SCALE
+    su = su / global_scale(exl3.blocked_hadamard(w / su, 0), k, book)
     suh, svh = su.flatten().half(), sv.flatten().half()  # what is stored, and what the code must be fitted to
     w = exl3.blocked_hadamard(weight.float().T / suh.float()[:, None] / svh.float()[None, :], 1)
     w = exl3.blocked_hadamard(w, 0)  # Ŵ's target: H diag(1/suh) W diag(1/svh) H, with the stored fp16 scales
@@ -142,7 +196,7 @@ def solve_exl3(
         err = torch.linalg.solve_triangular(u[r : r + BAND, r : r + BAND].T, band - exl3.decode_inner(code, book),
                                             upper=False)  # band error x U_bb⁻¹, in Ŵ's orientation  # fmt: skip
         w[r + BAND :] -= u[r : r + BAND, r + BAND :].T @ err
-    return {"trellis": trellis, "suh": suh, "svh": svh}
+    return {"trellis": trellis, "suh": suh, "svh": svh, **exl3.codebook_flag(book)}
 
 
 @dataclass
@@ -158,12 +212,13 @@ class TrellisSolved:
 def solve_trellis(weight: torch.Tensor, hessian: torch.Tensor, spec: LinearSpec, s: QuantSettings) -> TrellisSolved:
     """solve_exl3 at spec.bits for a linear of any shape: padded with zero weights and zero Hessian entries (the
     padded inputs are always zero; solve_exl3's damping keeps H positive definite), coded, cut back. The rotation
-    seed is the spec's, else 0."""
+    seed is the spec's, else 0; the codebook the settings' (exllamav3's default when they name none)."""
     n_out, n_in = weight.shape
     w = torch.zeros(padded(n_out), padded(n_in), device=weight.device)
     w[:n_out, :n_in] = weight.float()
     h = torch.zeros(padded(n_in), padded(n_in), device=weight.device)
     h[:n_in, :n_in] = hessian.float()
-    tensors = solve_exl3(w, h, spec.bits, seed=spec.rotate_seed or 0)
-    dense = exl3.decode_weight(tensors["trellis"], tensors["suh"], tensors["svh"], "3inst").T[:n_out, :n_in]
+    book = s.codebook or exl3.DEFAULT_CODEBOOK
+    tensors = solve_exl3(w, h, spec.bits, seed=spec.rotate_seed or 0, book=book)
+    dense = exl3.decode_weight(tensors["trellis"], tensors["suh"], tensors["svh"], book).T[:n_out, :n_in]
     return TrellisSolved(tensors, dense.contiguous(), proxy_loss(weight, dense, hessian)[1])

@@ -2,7 +2,7 @@
 logits and 16 greedy tokens.
 
     python tests/interop/exl3_build.py HF_DIR OUT_DIR OURS.safetensors [--bits 4 | --bpw X] [--names vllm|gptqmodel]
-        [--greedy]
+        [--codebook mul1|mcg|3inst] [--head-bits K] [--greedy]
 
 --greedy codes the tiles with the greedy coder of tests/test_exl3.py instead of Viterbi (minutes instead of a
 quarter hour for the tiny models on a 2-core CPU): the interop rows check the layout, config and decoding, which do
@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--bpw", type=float, default=None, help="K per linear chosen for this target (else --bits)")
     ap.add_argument("--names", default="vllm", help="--export-names (GPTQModel takes Mixtral and Pixtral as gptqmodel)")
+    ap.add_argument("--codebook", default=None, help="the trellis codebook (default: the format's, mul1)")
+    ap.add_argument("--head-bits", type=int, default=None, help="code lm_head at K bits too")
     ap.add_argument("--greedy", action="store_true")
     args = ap.parse_args()
     if args.greedy:
@@ -44,8 +46,8 @@ def main() -> None:
         from test_exl3 import _greedy_symbols
 
         trellis.encode = _greedy_symbols
-    opts = QuantizeOptions(QuantSettings(args.bits, None), fmt="exl3", bpw=args.bpw, rows=4, seq_len=64, force=True,
-                           export_names=args.names)  # fmt: skip
+    opts = QuantizeOptions(QuantSettings(args.bits, None, codebook=args.codebook), fmt="exl3", bpw=args.bpw, rows=4,
+                           seq_len=64, force=True, export_names=args.names, head_bits=args.head_bits)  # fmt: skip
     quantize(args.src, args.dst, opts, progress=False, log=lambda _: None)
     model = load_any(args.dst, "cpu", "float32", "torch", progress=False)
     ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))

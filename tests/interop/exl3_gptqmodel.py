@@ -25,6 +25,12 @@ def main() -> int:
     ap.add_argument("--tol", type=float, default=1e-3)
     args = ap.parse_args()
     ours = load_file(args.ours)
+    try:  # its CPU kernel runs linears of >= 2^19 weights (a head) on oneDNN's BF16x3 matmul (3e-3 off): compare
+        from gptqmodel.nn_modules import exllamav3_torch  # the decoding, in fp32 as quantkit's reference runs
+
+        exllamav3_torch._cpu_bf16x3_should_use = lambda *shape: False
+    except (ImportError, AttributeError):
+        pass
     model = GPTQModel.load(args.folder, device="cpu", backend=BACKEND.EXL3_TORCH, dtype=torch.float32)
     exl3 = [n for n, m in model.model.named_modules() if type(m).__name__ == "ExllamaV3TorchLinear"]
     ids, want = ours["ids"], ours["greedy"]

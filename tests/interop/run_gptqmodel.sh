@@ -100,13 +100,15 @@ for peer in gptqmodel transformers; do  # one process each: GPTQModel.load patch
     "$VENV/bin/python" "$HERE/gptqmodel_logits.py" --peer "$peer" "${pairs[@]}" || status=1
 done
 
-# EXL3 (issue 27): `--format exl3 --bits 4` and `--bpw 3.5` (K per linear, 3 or 4) folders through GPTQModel's CPU
-# EXL3 kernel (BACKEND.EXL3_TORCH): logits against quantkit's within 1e-3 and 16 greedy tokens equal. Greedy tile
-# codes (exl3_build.py --greedy): the layout is under test, not the search.
+# EXL3 (issue 27): `--format exl3 --bits 4` and `--bpw 3.5` (K per linear, 3 or 4) folders (codebook mul1, the
+# default), `--bits 4` with the other codebooks (3inst, mcg) and with lm_head coded at 6 bits, through GPTQModel's CPU EXL3 kernel
+# (BACKEND.EXL3_TORCH): logits against quantkit's within 1e-3 and 16 greedy tokens equal. Greedy tile codes
+# (exl3_build.py --greedy): the layout is under test, not the search.
+EXL3_BUILDS=("--bits 4" "--bpw 3.5" "--bits 4 --codebook 3inst" "--bits 4 --codebook mcg" "--bits 4 --head-bits 6")
 for m in ${EXL3_MODELS:-mistral mixtral pixtral}; do
     [[ -d "$DIR/$m/native" ]] || "$PY" -m quantkit.synthetic "${PRESET[$m]}" "$DIR/$m/native" --tokenizer "$data/${TOK[$m]}"
     [[ -d "$DIR/$m/hf" ]] || qk convert "$DIR/$m/native" "$DIR/$m/hf" --quiet
-    for q in "--bits 4" "--bpw 3.5"; do
+    for q in "${EXL3_BUILDS[@]}"; do
         tag="exl3-$(echo "$q" | tr -d ' -')"
         echo "== quantize $m --format exl3 $q (greedy tile codes)"
         # shellcheck disable=SC2086
