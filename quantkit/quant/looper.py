@@ -8,6 +8,7 @@ Only a unit's own modules are ever in memory; what flows between units (hidden s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
@@ -40,6 +41,13 @@ class Done:
     wrote_rows: bool = False
 
 
+class Processor(Protocol):
+    """A pass (passes.py): `desc` names it on the progress bar; a method per unit kind takes the unit and its loaded
+    modules and returns Done."""
+
+    desc: str
+
+
 def model_units(model, head: bool = False, vision: bool = False, head_step: str = "head") -> list[Unit]:
     """A pass's units in order: embeddings, every decoder layer, then (optionally) the head and the vision tower."""
     n = len(model.layers)
@@ -60,7 +68,8 @@ def job_steps(units: list[Unit]) -> list[str]:
     return list(dict.fromkeys(u.step for u in units))
 
 
-def run(ckpt: Checkpoint, model, job: Job, units: list[Unit], processor, device, dtype, progress: bool) -> None:
+def run(ckpt: Checkpoint, model, job: Job, units: list[Unit], processor: Processor, device, dtype,
+        progress: bool) -> None:  # fmt: skip
     """Every unit whose step the job has not finished, in order: load, process, unload, free, record."""
     todo = [u for u in units if not job.finished(u.step)]
     desc = processor.desc

@@ -75,7 +75,8 @@ class QuantizePass(Pass):
 
     desc = "quantize"
 
-    def __init__(self, *args, specs, shapes, progress: bool, log: Callable[[str], None]):
+    def __init__(self, *args, specs: list[dict[str, LinearSpec]], shapes: list[dict[str, tuple[int, int]]],
+                 progress: bool, log: Callable[[str], None]):  # fmt: skip
         super().__init__(*args)
         self.specs, self.shapes, self.progress, self.log = specs, shapes, progress, log
         self.solve = SOLVERS[self.o.format.solver]

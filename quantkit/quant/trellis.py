@@ -142,7 +142,7 @@ def global_scale(w: torch.Tensor, k: int, book: str) -> float:
     """The factor Ŵ is multiplied by before coding (and its input scales divided by) that codes a sample of its
     tiles best: a coarse grid on a third of the sample, a fine grid around its minimum on all of it, refined by the
     parabola through the fine minimum and its neighbours. The codebooks' spreads differ (mul1's is about 1.0,
-    3INST's 1.24) and the best scale of a K-bit code is below the plain spread match at every K."""
+    3INST's 1.24), and a K-bit code's best scale sits at or below the plain spread match (0.9 for 3INST at K = 3)."""
     tiles = sample_tiles(w)
     coarse = coded_errors(tiles[::3], k, book, list(SCALE_GRID))
     center = SCALE_GRID[coarse.index(min(coarse))]
