@@ -49,7 +49,7 @@ class Exl3Format(OutputFormat):
     def stored_bits(self, spec: LinearSpec, out_features: int, in_features: int, s: QuantSettings) -> int:
         """The padded trellis at K bits per weight, suh and svh in fp16, and the codebook's int32 flag (if any)."""
         n_out, n_in = padded(out_features), padded(in_features)
-        flag = 32 * len(exl3.codebook_flag(s.codebook or exl3.DEFAULT_CODEBOOK))
+        flag = 32 * ((s.codebook or exl3.DEFAULT_CODEBOOK) in exl3.FLAGS)
         return n_out * n_in * spec.bits + 16 * (n_out + n_in) + flag
 
     def tensors(self, solved: SolvedLinear) -> dict[str, torch.Tensor]:
@@ -61,8 +61,8 @@ class Exl3Format(OutputFormat):
         linear (the decoder's, and lm_head with --head-bits), and quantkit's own fields under "quantkit"."""
         storage, sizes = {}, {}  # sizes: each linear's [out, in] before padding (quantkit's, for inspect)
         book = b.settings.codebook or exl3.DEFAULT_CODEBOOK
-        flag = {name: ([], "int32") for name in exl3.codebook_flag(book)}
-        multiplier = {f"{name}_multiplier": mult for name, mult in exl3.FLAGS.items() if name == book}
+        flag = {book: ([], "int32")} if book in exl3.FLAGS else {}
+        multiplier = {f"{book}_multiplier": exl3.FLAGS[book]} if book in exl3.FLAGS else {}
         linears = [(f"layers.{i}.{n}", shape, b.specs[i][n].bits)
                    for i, layer in enumerate(b.shapes or []) for n, shape in layer.items()]  # fmt: skip
         if b.head_shape is not None:
