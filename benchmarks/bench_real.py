@@ -58,6 +58,7 @@ END = "<!-- bench_real.py: end -->"
 CALIB = "calib_data/prose_en.txt"  # relative: commands run from the repo root
 GROUP = 64  # 128 does not divide SmolLM2's width 576
 BITS = (4, 3)
+PEERS = ((4, 0.0), (3, 0.0), (3, 2.4))  # GPTQModel rows (bits, mse): its defaults, and 3-bit with clipping as ours
 TARGETS = (2.5, 3.0, 3.5, 4.0, 4.5)
 STAGES = ("baseline", "bpw")
 HELDOUT = "heldout-pydoc-topics.jsonl"
@@ -121,22 +122,29 @@ def quantkit_build(work: Path, name: str, label: str, model: Path, args: list, f
     return build
 
 
-def gptqmodel_build(work: Path, model: Path, ids: torch.Tensor, bits: int, fresh: bool) -> Build | None:
-    """GPTQModel on exactly quantkit's calibration ids (benchmarks/peer.py), None without its venv."""
-    out = work / f"gptqmodel{bits}"
+def peer_name(bits: int, mse: float) -> str:
+    return f"gptqmodel{bits}" + (f"-mse{mse:g}" if mse else "")
+
+
+def gptqmodel_build(
+    work: Path, model: Path, ids: torch.Tensor, bits: int, fresh: bool, mse: float = 0.0
+) -> Build | None:
+    """GPTQModel on exactly quantkit's calibration ids (benchmarks/peer.py), None without its venv. mse: its
+    clipping search (0 = off, its default; 2.4 = the search quantkit runs by default)."""
+    out = work / peer_name(bits, mse)
     calib = work / "calib-ids.safetensors"  # the same ids run_gptqmodel passes in a temporary file
     command = (
         f"GPTQMODEL_CPU_WORKERS=2 {VENV}/bin/python benchmarks/peer_gptqmodel.py {model} {calib} {out} "
-        f"--bits {bits} --group-size {GROUP} --desc-act --sym --damp 0.01"
+        f"--bits {bits} --group-size {GROUP} --desc-act --sym --damp 0.01" + (f" --mse {mse:g}" if mse else "")
     )
     key = command + " ids:" + hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
-    label = f"GPTQModel {bits}-bit g{GROUP} desc_act"
+    label = f"GPTQModel {bits}-bit g{GROUP} desc_act" + (f" mse={mse:g}" if mse else "")
     if not fresh and (hit := cached(out, key)):
         print(f"cached: {label}", flush=True)
         return hit
     print(f"building: {command}", flush=True)
     shutil.rmtree(out, ignore_errors=True)
-    info, wall, cpu = timed(lambda: run_gptqmodel(model, ids, out, bits, GROUP, True, True, 0.01))
+    info, wall, cpu = timed(lambda: run_gptqmodel(model, ids, out, bits, GROUP, True, True, 0.01, mse=mse))
     if info is None:
         print(f"create the venv as tests/interop/run_gptqmodel.sh does: python -m venv {VENV} && "
               f"{VENV}/bin/python -m pip install gptqmodel optimum")  # fmt: skip
@@ -234,9 +242,9 @@ def main() -> None:
         name, label = f"gptq{bits}g{GROUP}", f"quantkit GPTQ {bits}-bit g{GROUP} act-order"
         qargs = ["--bits", bits, "--format", "gptq", "--group-size", GROUP, *calib_args]
         found.append(quantkit_build(work, name, label, model, qargs, args.fresh) if baseline else existing(work / name))
-    for bits in BITS:
-        found.append(gptqmodel_build(work, model, crows.ids, bits, args.fresh) if baseline
-                     else existing(work / f"gptqmodel{bits}"))  # fmt: skip
+    for bits, mse in PEERS:
+        found.append(gptqmodel_build(work, model, crows.ids, bits, args.fresh, mse) if baseline
+                     else existing(work / peer_name(bits, mse)))  # fmt: skip
     found += bpw_builds(work, model, calib_args, args.fresh, "bpw" in selected)
     builds = [b for b in found if b is not None]
     check_calibration(builds, crows.provenance)

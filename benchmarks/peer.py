@@ -28,6 +28,7 @@ def run_gptqmodel(
     sym: bool = True,
     damp: float = 0.01,
     venv: Path = VENV,
+    mse: float = 0.0,
 ) -> dict | None:
     """Quantize src with GPTQModel on CPU on exactly these calibration rows (int64 [rows, seq_len]) into out (GPTQ
     format). Returns the script's JSON ({"seconds", "bits", "group_size", "desc_act", ...}), None without the venv."""
@@ -41,7 +42,7 @@ def run_gptqmodel(
         cmd = [str(python), str(SCRIPT), str(Path(src).resolve()), str(calib), str(Path(out).resolve())]
         cmd += ["--bits", str(bits)]
         cmd += ["--group-size", str(group_size), "--desc-act" if desc_act else "--no-desc-act"]
-        cmd += ["--sym" if sym else "--asym", "--damp", str(damp)]
+        cmd += ["--sym" if sym else "--asym", "--damp", str(damp), "--mse", str(mse)]
         env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}
         # cwd: GPTQModel writes logs/gptq_log_*.log into the working directory.
         proc = subprocess.run(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, text=True)

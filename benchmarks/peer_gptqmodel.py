@@ -2,13 +2,14 @@
 
 Runs in the interop venv (tests/interop/run_gptqmodel.sh makes it), not in quantkit's python:
     python benchmarks/peer_gptqmodel.py SRC CALIB.safetensors OUT [--bits 4] [--group-size 128] [--desc-act]
-        [--sym] [--damp 0.01]
+        [--sym] [--damp 0.01] [--mse 2.4]
 SRC is a float folder from `quantkit convert`; CALIB holds one int64 tensor "ids" [rows, seq_len], the exact rows
 quantkit calibrated on, passed to GPTQModel as-is (no concatenation or re-tokenization). GPTQ settings follow
-quantkit's: true sequential, mse off, no group-aware reordering (act_group_aware=False, which GPTQModel would
-otherwise turn on without desc_act), lm_head kept in float. OUT is a GPTQ-format folder (checkpoint_format "gptq")
-that quantkit.quantized_model.load_quantized loads. Prints one JSON line on stdout as its last line:
-{"seconds": quantize() wall time (load and save excluded), "bits", "group_size", "desc_act", "sym", "damp",
+quantkit's: true sequential, no group-aware reordering (act_group_aware=False, which GPTQModel would otherwise turn
+on without desc_act), lm_head kept in float; its clipping search is off as GPTQModel's default (quantkit searches by
+default; --mse 2.4 runs GPTQModel's equivalent). OUT is a GPTQ-format folder (checkpoint_format "gptq") that
+quantkit.quantized_model.load_quantized loads. Prints one JSON line on stdout as its last line: {"seconds":
+quantize() wall time (load and save excluded), "bits", "group_size", "desc_act", "sym", "damp", "mse",
 "peak_rss_gb" (this process's peak resident memory, or its children's if larger), ...}.
 Driven by benchmarks/peer.py:run_gptqmodel.
 """
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--asym", dest="sym", action="store_false")
     ap.add_argument("--damp", type=float, default=0.01, help="damp_percent: fraction of mean diag(H)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--mse", type=float, default=0.0, help="GPTQModel's clipping search norm (0: off, its default)")
     args = ap.parse_args()
 
     ids = load_file(args.calib)["ids"].long()
@@ -61,6 +63,7 @@ def main() -> None:
         act_group_aware=False,
         sym=args.sym,
         damp_percent=args.damp,
+        mse=args.mse,
         true_sequential=True,
         format="gptq",
         offload_to_disk=False,
@@ -85,6 +88,7 @@ def main() -> None:
         "desc_act": args.desc_act,
         "sym": args.sym,
         "damp": args.damp,
+        "mse": args.mse,
         "rows": ids.shape[0],
         "seq_len": ids.shape[1],
         "dtype": args.dtype,

@@ -148,6 +148,36 @@ def test_dead_inputs(layer):
     assert _out_err(W, res.weight, X) < 0.6 * _out_err(W, rtn_quantize(W, 3, 64).weight, X)
 
 
+def _every_shrink(x, maxq, sym, grid=100, max_shrink=0.8, norm=2.5):
+    """Reference for the clipping search: GPTQ's --mse loop, every shrink of the grid tried on the solver's own
+    grid rule (_grid), per row the least error."""
+    from quantkit.quant.gptq import _grid, _quant
+
+    best = torch.full((x.shape[0],), float("inf"))
+    for i in range(int(max_shrink * grid)):
+        scale, zero = _grid(x, maxq, sym, shrink=1 - i / grid)
+        _, deq = _quant(x, scale[:, None], zero[:, None], maxq)
+        best = torch.minimum(best, (deq - x).abs().pow(norm).sum(dim=1))
+    return best
+
+
+@pytest.mark.parametrize("bits, sym", [(2, True), (3, True), (3, False), (4, True)])
+def test_coarse_to_fine_clipping_matches_trying_every_shrink(bits, sym):
+    """The coarse-to-fine search finds, over many rows of heavy-tailed weights, the total error of trying all 80
+    shrinks to within 0.1% (it is never below it: it tries a subset of the same grid)."""
+    from quantkit.quant.gptq import _find_params, _quant
+
+    torch.manual_seed(0)
+    x = torch.distributions.StudentT(4.0).sample((512, 64)) * 0.02
+    maxq = 2**bits - 1
+    scale, zero = _find_params(x, maxq, sym, True, 100, 0.8, 2.5)
+    _, deq = _quant(x, scale[:, None], zero[:, None], maxq)
+    found = (deq - x).abs().pow(2.5).sum(dim=1)
+    every = _every_shrink(x, maxq, sym)
+    assert bool((found >= every * (1 - 1e-5)).all())
+    assert float(found.sum()) <= 1.001 * float(every.sum())
+
+
 def test_clipping_search_lowers_rtn_error(layer):
     W, X, H = layer
     for bits in (2, 3):

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from quantkit.cli import main
-from quantkit.formats.gptq import GPTQ_BITS, dynamic_override, module_bits
+from quantkit.formats.gptq import GPTQ_BITS, dynamic_override, gptq_unpack, module_bits, module_sym
 from quantkit.serve.server import bits_label
 
 NUMEL = 8 * (128 * 128 * 2 + 64 * 128 * 2 + 3 * 128 * 256)  # the decoder linears of mistral_gptq_bpw's 8 layers
@@ -71,6 +71,18 @@ def test_bytes_on_disk_hit_the_target_with_loadable_bits(measured, target):
         assert len({bits[f"{layer}.self_attn.{p}_proj"] for p in "qkv"}) == 1  # vLLM's qkv_proj
         assert bits[f"{layer}.mlp.gate_proj"] == bits[f"{layer}.mlp.up_proj"]  # vLLM's gate_up_proj
     assert len(set(bits.values())) > 1  # mixed
+    assert qcfg["sym"] is True  # GPTQModel refuses a top-level false; every module has its own rule below
+    for module, b in bits.items():  # 2/3-bit modules asymmetric, 4/8-bit symmetric, as their rules say
+        assert module_sym(qcfg, module) == (b >= 4), module
+        assert dynamic_override(qcfg["dynamic"], module)["sym"] == (b >= 4)
+    zeros = {}
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for module in (m for m in bits if f"{m}.qzeros" in st.keys()):  # noqa: SIM118
+                t = {part: st.get_tensor(f"{module}.{part}") for part in PARTS}
+                zeros[module] = gptq_unpack(t, bits[module])[2]
+    for module, z in zeros.items():  # a symmetric grid stores the middle code; an asymmetric one its own zeros
+        assert bool((z == 2 ** (bits[module] - 1)).all()) == (bits[module] >= 4), module
     assert dynamic_override(qcfg["dynamic"], "lm_head") is False
     assert bits_label(qcfg) == f", per-module {'/'.join(map(str, sorted(set(bits.values()))))}-bit"  # serve's line
 
@@ -123,3 +135,31 @@ def test_uniform_pixtral_export_says_what_stays_16_bit(tiny_models, tmp_path):
         assert not any(re.match(k[2:], name) for k in qcfg["dynamic"])
     result = run("eval", out, "--reference", src, "--rows", "2", "--seq-len", "32", "--json", "--quiet")
     assert result.exit_code == 0, result.output + str(result.exception)
+
+
+def test_grid_symmetry_follows_the_width_unless_set():
+    """Unset, 4 and 8 bits are symmetric (what Marlin-class kernels run) and 2 / 3 bits asymmetric; a mixed layout
+    follows its narrowest width; --sym / --asym set it for every width."""
+    from quantkit.formats.spec import QuantSettings
+
+    auto = QuantSettings()
+    assert [auto.sym_for(b) for b in (2, 3, 4, 8)] == [False, False, True, True]
+    assert auto.sym_for(((4, 64), (3, 64))) is False and auto.sym_for(((8, 64), (4, 64))) is True
+    assert all(QuantSettings(sym=True).sym_for(b) for b in (2, 3, 4, 8))
+    assert not any(QuantSettings(sym=False).sym_for(b) for b in (2, 3, 4, 8))
+    assert (auto.sym_words(), QuantSettings(sym=False).sym_words()) == ("sym at 4+ bits, asym below", "asym")
+
+
+def test_uniform_gptq_builds_stay_symmetric_unless_asked():
+    """GPTQModel loads a GPTQ folder with a top-level sym false only if it made it: a uniform GPTQ build is
+    symmetric unless --asym; --bpw GPTQ builds and quantkit-format builds keep the by-width default."""
+    from quantkit.formats.spec import QuantSettings
+    from quantkit.quant.settings import QuantizeOptions
+
+    def sym(**kw):
+        return QuantizeOptions(settings=QuantSettings(bits=3, sym=kw.pop("sym", None)), device="cpu", **kw).check()
+
+    assert sym(fmt="gptq").settings.sym is True
+    assert sym(fmt="gptq", sym=False).settings.sym is False
+    assert sym(fmt="gptq", bpw=3.0).settings.sym is None
+    assert sym(fmt="quantkit").settings.sym is None

@@ -40,9 +40,20 @@ def _group_size(value: str) -> int | str | None:
 )
 @click.option("--act-order/--no-act-order", default=True, show_default=True, help="Quantize columns by salience.")
 @click.option("--static-groups", is_flag=True, help="With act order, fix the group grids up front.")
-@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grids.")
+@click.option(
+    "--sym/--asym",
+    default=None,
+    help="Symmetric or asymmetric grids (default: --bpw and --format quantkit symmetric at 4 and 8 bits, which the "
+    "fast 4/8-bit kernels need, asymmetric at 2 and 3, which lose less; a uniform --format gptq build symmetric, "
+    "as GPTQModel loads).",
+)
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Damping, fraction of mean diag(H).")
-@click.option("--clip", is_flag=True, help="Search a clipping factor for each group's scale.")
+@click.option(
+    "--clip/--no-clip",
+    default=True,
+    show_default=True,
+    help="Search a clipping factor for each group's scale (GPTQModel's mse=2.4; grids only, not exl3).",
+)
 @click.option(
     "--vision",
     type=click.Choice(["keep", "quantize"]),
@@ -91,7 +102,7 @@ def _group_size(value: str) -> int | str | None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement: Path | None, measure_rows: int,
              measure_all: bool,
-             bits: int, group_size: str, act_order: bool, static_groups: bool, sym: bool,
+             bits: int, group_size: str, act_order: bool, static_groups: bool, sym: bool | None,
              damp: float, clip: bool, vision: str, head_bits: int | None, fmt: str | None, dataset: str | None,
              split: str,
              text_field: str, rows: int, seq_len: int, seed: int, work_dir: Path | None, offload_dir: Path | None,

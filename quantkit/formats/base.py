@@ -68,6 +68,7 @@ class OutputFormat:
     rotates: ClassVar[bool] = False  # stores a Hadamard rotation of input features (--rotate)
     codebooks: ClassVar[tuple[str, ...]] = ()  # the codebooks it codes with (--codebook), its default first
     mixed_matrix: ClassVar[bool] = False  # one matrix may hold several widths (--bpw may widen single linears)
+    uniform_sym: ClassVar[bool | None] = None  # the grid of a uniform build without --sym / --asym (None: by width)
     solver: ClassVar[str] = "gptq"  # what quantizes a linear for it (quant/solvers.py): "gptq" or "trellis"
     parts: ClassVar[frozenset[str]] = frozenset({"decoder", "head", "vision"})  # what it can store quantized
 

@@ -194,6 +194,13 @@ def module_bits(qcfg: dict, name: str) -> int | None:
     return int((o or {}).get("bits", qcfg["bits"]))
 
 
+def module_sym(qcfg: dict, name: str) -> bool:
+    """Whether GPTQ module `name` has a symmetric grid: its `dynamic` rule's "sym" (GPTQModel and vLLM read it per
+    module too), else the folder's."""
+    o = dynamic_override(qcfg.get("dynamic"), name)
+    return bool((o or {}).get("sym", qcfg.get("sym", True)))
+
+
 def check_dynamic(dynamic) -> None:
     """Refuse a `dynamic` field that is not {rule: {...}} with valid regexes and GPTQ widths."""
     if dynamic is None:
@@ -209,3 +216,5 @@ def check_dynamic(dynamic) -> None:
             raise QuantkitError(f"quantization_config.dynamic: bad regex {key!r}: {e}") from None
         if "bits" in overrides and overrides["bits"] not in GPTQ_BITS:
             raise QuantkitError(f"quantization_config.dynamic[{key!r}]: bits {overrides['bits']} is not a GPTQ width")
+        if "sym" in overrides and not isinstance(overrides["sym"], bool):
+            raise QuantkitError(f"quantization_config.dynamic[{key!r}]: sym must be true or false")

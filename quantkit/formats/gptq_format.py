@@ -15,7 +15,15 @@ from quantkit import __version__
 from quantkit.arch.blocks import BLOCK_ROLES, SHARED_INPUT, block_of, expert_index, fused_names, moe_modules, role_of
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import Built, OutputFormat, SolvedLinear
-from quantkit.formats.gptq import GPTQ_BITS, GPTQ_FORMATS, check_dynamic, gptq_pack, gptq_stored_bits, module_bits
+from quantkit.formats.gptq import (
+    GPTQ_BITS,
+    GPTQ_FORMATS,
+    check_dynamic,
+    gptq_pack,
+    gptq_stored_bits,
+    module_bits,
+    module_sym,
+)
 from quantkit.formats.packed import PackedLinear
 from quantkit.formats.spec import Candidate, LinearSpec, QuantSettings
 from quantkit.kernels.qlinear import QuantLinear, gptq_to_packed
@@ -59,26 +67,32 @@ def unit_rule(names: list[str]) -> str:
 
 
 def dynamic_rules(
-    units: list[tuple[list[str], int]], head_bits: int | None, moe: bool, vision: bool, vision_bits: int | None
+    units: list[tuple[list[str], int]], head_bits: int | None, moe: bool, vision: bool, vision_bits: int | None,
+    s: QuantSettings,
 ) -> dict:
     """GPTQModel's `dynamic` field: "-:" rules for what stays 16-bit (the projector; the vision tower unless
     vision_bits; lm_head without --head-bits; the MoE router), then one "+:" rule per unit of linears sharing one
-    width (units: (exported names, bits)), the vision tower's and the head's."""
+    width (units: (exported names, bits)), the vision tower's and the head's; each "+:" rule with its width's grid
+    symmetry (s.sym_for), which GPTQModel and vLLM read per module."""
     rules: dict[str, dict] = {}
+
+    def width(bits: int) -> dict:
+        return {"bits": bits, "sym": s.sym_for(bits)}
+
     if vision:
         rules[KEEP_PROJECTOR] = {}
         if vision_bits is None:
             rules[KEEP_VISION] = {}
         else:
-            rules["+:" + KEEP_VISION[2:]] = {"bits": vision_bits}
+            rules["+:" + KEEP_VISION[2:]] = width(vision_bits)
     if head_bits is None:
         rules["-:" + HEAD] = {}
     if moe:
         rules[rf"-:^(?:model\.)?layers\.\d+\.(?:{'|'.join(moe_modules())})\.gate$"] = {}
     if head_bits is not None:
-        rules["+:" + HEAD] = {"bits": head_bits}
+        rules["+:" + HEAD] = width(head_bits)
     for names, bits in units:
-        rules[unit_rule(names)] = {"bits": bits}
+        rules[unit_rule(names)] = width(bits)
     return rules
 
 
@@ -185,6 +199,10 @@ class GPTQFormat(OutputFormat):
     help = ("the GPTQ layout transformers, GPTQModel, vLLM, ExLlamaV2 load (with --bpw: per-module 2/3/4/8 bits in "
             "GPTQModel's `dynamic` rules)")  # fmt: skip
     widths = GPTQ_BITS
+    # GPTQModel refuses a GPTQ folder whose top-level sym is false unless GPTQModel made it (a guard against old
+    # quantizers' zero-point overflow, which quantkit's z >= 1 rules out): uniform builds stay symmetric by default;
+    # --bpw builds set sym per module in `dynamic` and keep the top level true (no module takes it).
+    uniform_sym = True
     key_tensor = "qweight"
     markers = GPTQ_MARKERS
 
@@ -230,7 +248,7 @@ class GPTQFormat(OutputFormat):
             "bits": s.bits,
             "group_size": s.group_size or -1,
             "desc_act": s.act_order,
-            "sym": s.sym,
+            "sym": s.sym_for(s.bits),
             "static_groups": s.static_groups,
             "damp_percent": s.damp,
             "true_sequential": True,
@@ -242,9 +260,10 @@ class GPTQFormat(OutputFormat):
         if b.bpw is not None or b.vision or head_width:
             units = gptq_units(b) if b.bpw is not None else []
             moe = any(".experts." in n for names, _ in units for n in names)
-            qcfg["dynamic"] = dynamic_rules(units, b.head_bits, moe, b.vision, b.vision_bits)
+            qcfg["dynamic"] = dynamic_rules(units, b.head_bits, moe, b.vision, b.vision_bits, s)
             if units:
                 qcfg["bits"] = base_bits([w for _, w in units])
+                qcfg["sym"] = s.sym is not False  # every module has its rule; see uniform_sym
                 qcfg["quantkit"]["bpw"] = b.bpw
         return qcfg
 
@@ -275,7 +294,7 @@ class GPTQFormat(OutputFormat):
         if bits is None:
             raise QuantkitError(f"{prefix}: has GPTQ tensors, but a \"-:\" rule of quantization_config.dynamic says "
                                 "it is not quantized")  # fmt: skip
-        return GPTQTensors(tensors, bits, bool(qcfg.get("sym", True)), qcfg.get("checkpoint_format", GPTQ_FORMATS[0]),
+        return GPTQTensors(tensors, bits, module_sym(qcfg, prefix), qcfg.get("checkpoint_format", GPTQ_FORMATS[0]),
                            prefix)  # fmt: skip
 
     def repack(self, module: nn.Module, backend: str) -> nn.Module:

@@ -59,7 +59,8 @@ class QuantkitFormat(OutputFormat):
     def stored_bits(self, spec: LinearSpec, out_features: int, in_features: int, s: QuantSettings) -> int:
         return stored_bits_for(
             out_features, in_features, spec.bits if isinstance(spec.bits, int) else list(spec.bits), spec.group_size,
-            asym=not s.sym, act_order=s.act_order, static_groups=s.static_groups, had_in=spec.rotate_seed is not None,
+            asym=not s.sym_for(spec.bits), act_order=s.act_order, static_groups=s.static_groups,
+            had_in=spec.rotate_seed is not None,
         )  # fmt: skip
 
     def tensors(self, solved: SolvedLinear) -> dict[str, torch.Tensor]:
@@ -83,7 +84,9 @@ class QuantkitFormat(OutputFormat):
             "bpw": b.bpw,
             "rotate": b.rotate,
             "modules": {
-                b.export(f"layers.{i}.{n}", b.export_names): {"bits": sp.bits, "group_size": sp.group_size}
+                b.export(f"layers.{i}.{n}", b.export_names): {
+                    "bits": sp.bits, "group_size": sp.group_size, "sym": s.sym_for(sp.bits)
+                }
                 for i, layer in enumerate(b.specs)
                 for n, sp in layer.items()
             },

@@ -67,8 +67,10 @@ def solve_linear_widths(
     """solve_linear for specs that differ only in their widths or layouts (or one spec), in one GPTQ pass
     (losses=False: without the proxy losses, for the measurement)."""
     spec = specs[0]
-    if any((sp.group_size, sp.rotate_seed) != (spec.group_size, spec.rotate_seed) for sp in specs):
-        raise QuantkitError("internal: widths solved together must share group size and rotation")
+    sym = s.sym_for(spec.bits)
+    if any((sp.group_size, sp.rotate_seed, s.sym_for(sp.bits)) != (spec.group_size, spec.rotate_seed, sym)
+           for sp in specs):  # fmt: skip
+        raise QuantkitError("internal: widths solved together must share group size, rotation and symmetry")
     signs, block = None, 0
     if spec.rotate_seed is not None:
         block = block_size(W.shape[1])
@@ -77,7 +79,7 @@ def solve_linear_widths(
         H = rotate(rotate(H, signs, block).T, signs, block)  # Rᵀ H R
     widths = [list(sp.bits) if not isinstance(sp.bits, int) else sp.bits for sp in specs]
     results = gptq_quantize_widths(
-        W, H, widths, spec.group_size, sym=s.sym, act_order=s.act_order, static_groups=s.static_groups,
+        W, H, widths, spec.group_size, sym=sym, act_order=s.act_order, static_groups=s.static_groups,
         damp=s.damp, clip=s.clip, factors=factors, losses=losses,
     )  # fmt: skip
     return [Solved(res, signs, block) for res in results]

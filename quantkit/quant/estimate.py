@@ -80,7 +80,7 @@ def measure_rates(
     k = 256
     h = torch.randn(4 * k, k, device=device)
     hess = h.T @ h
-    settings = dict(group_size=min(s.group_size or k, k), sym=s.sym, act_order=s.act_order,
+    settings = dict(group_size=min(s.group_size or k, k), sym=s.sym_for(s.bits), act_order=s.act_order,
                     static_groups=s.static_groups, clip=s.clip)  # fmt: skip
     narrow, wide = (_timed(lambda o=o: gptq_quantize(torch.randn(o, k, device=device), hess, 4, **settings), device, 1)
                     for o in (32, 512))  # fmt: skip

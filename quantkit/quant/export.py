@@ -36,7 +36,7 @@ def model_card(
         ("Head bits", head_bits or 16),
         ("Group size", group),
         ("Act order", s.act_order),
-        ("Symmetric", s.sym),
+        ("Grid", s.sym_words()),
         ("Damp", f"{s.damp} (fraction of the mean Hessian diagonal)"),  # a fraction, not a percent
         *([("Codebook", s.codebook)] if s.codebook else []),  # a trellis format's
         ("Dataset", calibration.get("dataset")),

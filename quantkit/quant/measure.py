@@ -148,11 +148,15 @@ def probe_candidates(candidates: list[Candidate]) -> list[Candidate]:
     return [next(c for c in candidates if uniform_width(c) == b) for b in PROBE_BITS]
 
 
-def _widths_with(spec: LinearSpec, wanted: list[LinearSpec], cached: set[LinearSpec]) -> list[LinearSpec]:
-    """spec and the settings after it that a linear's later candidates want with its group size and rotation and
-    that are not cached, up to SOLVE_CACHE of them: one GPTQ pass solves them all (gptq_quantize_widths)."""
+def _widths_with(
+    spec: LinearSpec, wanted: list[LinearSpec], cached: set[LinearSpec], s: QuantSettings
+) -> list[LinearSpec]:
+    """spec and the settings after it that a linear's later candidates want with its group size, rotation and
+    symmetry and that are not cached, up to SOLVE_CACHE of them: one GPTQ pass solves them all
+    (gptq_quantize_widths)."""
+    key = (spec.group_size, spec.rotate_seed, s.sym_for(spec.bits))
     same = [sp for sp in wanted[wanted.index(spec) + 1 :] if sp not in cached
-            and (sp.group_size, sp.rotate_seed) == (spec.group_size, spec.rotate_seed)]  # fmt: skip
+            and (sp.group_size, sp.rotate_seed, s.sym_for(sp.bits)) == key]  # fmt: skip
     return [spec, *same[: SOLVE_CACHE - 1]]
 
 
@@ -230,7 +234,7 @@ def measure_layer(
                 linear = layer.get_submodule(n)
                 spec = specs[n] = spec_for_candidate(cand, n, linear.in_features, s, rotate_seed(n))
                 if (n, spec) not in solved:
-                    batch = _widths_with(spec, wanted[n], {sp for m, sp in solved if m == n})
+                    batch = _widths_with(spec, wanted[n], {sp for m, sp in solved if m == n}, s)
                     factor = factors.setdefault((id(hessians[n]), spec.rotate_seed), {})
                     results = _solve(fmt, floats[n], hessians[n], batch, s, factor)
                     for sp, res in reversed(list(zip(batch, results, strict=True))):  # spec last: the newest

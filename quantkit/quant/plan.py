@@ -101,7 +101,7 @@ def plan(ckpt: Checkpoint, model, o: QuantizeOptions, bpw_range: tuple[float, fl
     else:
         layer_bits = sum(stored_bits(o, out, i, s.bits) for out, i in shapes.values())
         words = f"{s.bits} bits ({layer_bits / per_layer:.3f} bits per weight stored), group {s.group_size or 'none'}"
-    words += f", act order {'on' if s.act_order else 'off'}, {'sym' if s.sym else 'asym'}"
+    words += f", act order {'on' if s.act_order else 'off'}, {s.sym_words()}"
     head = stored_bits(o, t.vocab_size, t.dim, o.head_bits) if o.head_bits else 0
     output = int((layer_bits * t.n_layers + head) / 8 + kept_bytes)
     largest_in = max(i for _, i in shapes.values())

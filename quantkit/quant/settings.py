@@ -96,6 +96,8 @@ class QuantizeOptions:
             raise QuantkitError(f"--dtype must be one of {', '.join(CONFIG_DTYPES)}, got {self.dtype!r}")
         if s.codebook is None and fmt.codebooks:  # resolved here: job, measurement and config see the concrete one
             s = replace(s, codebook=fmt.codebooks[0])
+        if s.sym is None and self.bpw is None and fmt.uniform_sym is not None:
+            s = replace(s, sym=fmt.uniform_sym)
         return replace(self, settings=s, device=resolve_device(self.device))
 
     @property
