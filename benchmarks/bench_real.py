@@ -161,7 +161,9 @@ def existing(folder: Path) -> Build | None:
     return Build(**json.loads(rec.read_text())) if rec.is_file() and (folder / "config.json").is_file() else None
 
 
-def bpw_builds(work: Path, model: Path, calib_args: list, fresh: bool, build: bool) -> list[Build | None]:
+def bpw_builds(
+    work: Path, model: Path, calib_args: list, fresh: bool, build: bool, rotate: bool = True
+) -> list[Build | None]:
     """--bpw at each target in both formats (and in the quantkit format with --rotate at 3.0), and in the GPTQ
     format at the exact sizes of the uniform GPTQ builds (which must not lose to them). The first build of a
     variant measures (unless work holds its measurement and --fresh is off), the rest reuse its measurement.json
@@ -171,7 +173,7 @@ def bpw_builds(work: Path, model: Path, calib_args: list, fresh: bool, build: bo
     variants = [
         ("quantkit", [], TARGETS),
         ("gptq", [], (*TARGETS, *sorted(uniform))),
-        ("quantkit", ["--rotate"], (3.0,)),
+        *([("quantkit", ["--rotate"], (3.0,))] if rotate else []),
     ]
     builds = []
     for fmt, extra, targets in variants:
@@ -183,7 +185,7 @@ def bpw_builds(work: Path, model: Path, calib_args: list, fresh: bool, build: bo
                 builds.append(existing(work / name))
                 continue
             measures = fresh and i == 0 or not measurement.is_file()  # else a measurement of this variant is reused
-            reuse = [] if measures else ["--measurement", measurement]
+            reuse = ["--measure-all"] if measures else ["--measurement", measurement]  # one measurement, all targets
             args = ["--bpw", str(target), "--format", fmt, *extra, "--group-size", GROUP, *calib_args, *reuse]
             label = f"quantkit --bpw {target:g} --format {fmt}{''.join(' ' + a for a in extra)}"
             if target in uniform:
@@ -219,6 +221,7 @@ def main() -> None:
     ap.add_argument("--only", choices=STAGES, help="build only this stage (default: all); cached builds of the "
                     "others are still evaluated")  # fmt: skip
     ap.add_argument("--fresh", action="store_true", help="rebuild the selected stages even if cached")
+    ap.add_argument("--no-rotate", action="store_true", help="leave out the --rotate build")
     ap.add_argument("--calib-rows", type=int, default=32)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--eval-rows", type=int, default=16)
@@ -245,7 +248,7 @@ def main() -> None:
     for bits, mse in PEERS:
         found.append(gptqmodel_build(work, model, crows.ids, bits, args.fresh, mse) if baseline
                      else existing(work / peer_name(bits, mse)))  # fmt: skip
-    found += bpw_builds(work, model, calib_args, args.fresh, "bpw" in selected)
+    found += bpw_builds(work, model, calib_args, args.fresh, "bpw" in selected, not args.no_rotate)
     builds = [b for b in found if b is not None]
     check_calibration(builds, crows.provenance)
     load_built = os.getloadavg()
