@@ -52,7 +52,7 @@ def _group_size(value: str) -> int | str | None:
     "--clip/--no-clip",
     default=True,
     show_default=True,
-    help="Search a clipping factor for each group's scale (GPTQModel's mse=2.4; grids only, not exl3).",
+    help="Search a clipping factor for each group's scale (as GPTQModel's mse option; grids only, not exl3).",
 )
 @click.option(
     "--vision",

@@ -23,7 +23,7 @@ class QuantSettings:
     act_order: bool = True
     static_groups: bool = False
     damp: float = 0.01
-    clip: bool = True  # search each group's clipping (GPTQ's --mse): half the KL at 3 bits on real weights
+    clip: bool = True  # search each group's clipping (GPTQ's --mse): 0.58x the real model's 3-bit KL
     codebook: str | None = None  # a trellis format's codebook (None: the format's default; others take none)
 
     def sym_for(self, bits: int | tuple[tuple[int, int], ...] | list) -> bool:
