@@ -164,10 +164,21 @@ def test_every_block_stays_between_the_widest_uniform_width_that_fits_and_the_ne
     assert all(_inside(c, None) for c in row)
 
 
+def test_probe_widths_bracket_the_window():
+    """A target probes the two PROBE_BITS around its width window (the curve between them is all it reads), the
+    two top ones above 4 bits, and all of them without a window."""
+    from quantkit.quant.allocate import probe_widths
+
+    assert probe_widths((2, 3)) == (2, 3) and probe_widths((3, 4)) == (3, 4)
+    assert probe_widths((4, 8)) == (3, 4) and probe_widths((8, 8)) == (3, 4)
+    assert probe_widths(None) == (2, 3, 4)
+
+
 def test_a_plain_run_measures_only_what_its_target_can_choose(tiny_models, tmp_path):
     """Without --measure-all, the measurement holds the candidates inside the target's width window and the probe
-    widths (allocate.needed_candidates), the build still hits the target, and a target with another window refuses
-    to reuse that measurement (naming what it lacks) while the same target takes it."""
+    widths that bracket it (allocate.needed_candidates: 2 and 3 bits for 3.0, not 4), the build still hits the
+    target, and a target with another window refuses to reuse that measurement (naming what it lacks) while the same
+    target takes it."""
     from quantkit.formats.registry import get_format
     from quantkit.model.load import Checkpoint, build_model
     from quantkit.quant.allocate import needed_candidates
@@ -189,7 +200,8 @@ def test_a_plain_run_measures_only_what_its_target_can_choose(tiny_models, tmp_p
     for layer, want in zip(meas["layers"], needed, strict=True):
         for b in ("attn", "mlp"):
             assert [e["candidate"] for e in layer[b]] == want[b]
-            assert {"2", "3", "4"} <= set(want[b]) and len(want[b]) < len(every[b]) / 2
+            assert {"2", "3"} <= set(want[b]) and "4" not in want[b] and len(want[b]) < len(every[b]) / 2
+    assert meas["probe"]["bits"] == [2, 3] and all(len(kl) == 2 for layer in meas["probe"]["kl"] for kl in layer)
     kept = tmp_path / "measurement.json"
     kept.write_bytes((tmp_path / ".w3.quantkit-work" / "measurement.json").read_bytes())
     result = run("quantize", src, tmp_path / "w5", "--bpw", "5.0", "--measurement", kept, *ARGS)

@@ -2,10 +2,10 @@
 
 The loss of a candidate is predicted from two measurements (measure.py): its local error (the block's relative
 output error on float inputs) and the block's probes, the KL divergence at the model's logits with only that block
-quantized uniformly at 2, 3 and 4 bits. Local errors alone mislead: a block whose output is a small change to a
-large residual stream shows a small relative error however much the model depends on it. The probes give each
-block its own curve of KL against local error (log-log, through the three points), read at each candidate's
-error; blocks add up (independent perturbations).
+quantized uniformly at 2, 3 and 4 bits (a run for one target: the two of them that bracket its widths). Local errors
+alone mislead: a block whose output is a small change to a large residual stream shows a small relative error
+however much the model depends on it. The probes give each block its own curve of KL against local error (log-log,
+through the probes), read at each candidate's error; blocks add up (independent perturbations).
 
 The budget is target_bpw × (number of decoder linear weights), and costs are the exact stored bits of each candidate
 (codes, scales, zeros, permutations, segment tables, rotation signs). The choice is a knapsack solved by dynamic
@@ -38,7 +38,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.base import OutputFormat
 from quantkit.formats.registry import get_format
 from quantkit.formats.spec import PER_CHANNEL, Candidate, LinearSpec, QuantSettings
-from quantkit.quant.measure import probe_candidates, spec_for_candidate, uniform_width
+from quantkit.quant.measure import PROBE_BITS, probe_candidates, spec_for_candidate, uniform_width
 
 RESOLUTION = 20_000
 BLOCKS = ("attn", "mlp")
@@ -171,6 +171,18 @@ def reachable_bpw(
     return sum(min(row) for row in bits) / numel, sum(max(row) for row in bits) / numel
 
 
+def probe_widths(window: tuple[int, int] | None) -> tuple[int, ...]:
+    """The PROBE_BITS a target with this width window needs: from the last at or below its lower width to the first
+    at or above its upper one (at least two). Its candidates' local errors lie between those probes' (the curve of
+    predicted_kl there is all the allocation reads); no window (below every uniform build): all of them."""
+    if window is None:
+        return PROBE_BITS
+    lo = max((k for k, b in enumerate(PROBE_BITS) if b <= window[0]), default=0)
+    hi = min((k for k, b in enumerate(PROBE_BITS) if b >= window[1]), default=len(PROBE_BITS) - 1)
+    lo = min(lo, hi - 1)
+    return PROBE_BITS[lo : hi + 1]
+
+
 def needed_candidates(
     shapes: list[dict[str, tuple[int, int]]], target_bpw: float, s: QuantSettings, rotate_seed, fmt: OutputFormat | str
 ) -> list[dict[str, list[str]]]:
@@ -181,7 +193,7 @@ def needed_candidates(
     window = _window(cands, bits, budget)
     out: list[dict[str, list[str]]] = [{} for _ in shapes]
     for (li, b), row in zip(blocks, cands, strict=True):
-        probes = {c.name for c in probe_candidates(row)}
+        probes = {c.name for c in probe_candidates(row, probe_widths(window))}
         out[li][b] = [c.name for c in row if _inside(c, window) or c.name in probes]
     return out
 
@@ -254,14 +266,15 @@ def allocate(
     window = _window(cands, bits, budget)
     allowed = [[j for j, c in enumerate(row) if _inside(c, window)] for row in cands]
     errors = []  # predicted KL of the allowed candidates (the others need not have been measured)
+    probed = tuple((measurement.get("probe") or {}).get("bits") or PROBE_BITS)
     for (li, b), row, ok in zip(blocks, cands, allowed, strict=True):
         entries = {e["candidate"]: e for e in measurement["layers"][li][b]}
-        lacking = [c.name for c in [*probe_candidates(row), *(row[j] for j in ok)] if c.name not in entries]
+        lacking = [c.name for c in [*probe_candidates(row, probed), *(row[j] for j in ok)] if c.name not in entries]
         if lacking:
             raise QuantkitError(f"the measurement lacks layer {li} {b} candidates that --bpw {target_bpw} can choose "
                                 f"({', '.join(sorted(set(lacking)))}): measure again, or with --measure-all for "
                                 "any target")  # fmt: skip
-        probes = [entries[c.name]["error"] for c in probe_candidates(row)]
+        probes = [entries[c.name]["error"] for c in probe_candidates(row, probed)]
         kl = predicted_kl(measurement, li, b, [entries[row[j].name]["error"] for j in ok], probes)
         errors.append(dict(zip(ok, kl, strict=True)))
     sub = _choose([[row[j] for j in ok] for row, ok in zip(bits, allowed, strict=True)],

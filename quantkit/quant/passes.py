@@ -20,7 +20,7 @@ from quantkit.quant.capture import LayerIO, LinearSpec, MemoryRows, quantize_lay
 from quantkit.quant.gptq import HessianAccumulator
 from quantkit.quant.job import Job
 from quantkit.quant.looper import Done, Unit
-from quantkit.quant.measure import PROBE_BITS, PROBE_ROWS, PROBE_TOKENS, measure_layer
+from quantkit.quant.measure import PROBE_BITS, PROBE_ROWS, PROBE_TOKENS, measure_layer, probed_widths
 from quantkit.quant.settings import QuantizeOptions
 from quantkit.quant.solvers import SOLVERS
 
@@ -137,23 +137,26 @@ class QuantizePass(Pass):
 class MeasurePass(Pass):
     """--bpw's measurement (measure.py): every block's candidates measured on the float layer's inputs, each block
     at each probe width carried on through the later (float) layers, and at the end ("probe", a head unit) the KL
-    at the logits of every probe stream against the float model's."""
+    at the logits of every probe stream against the float model's. The probe widths are PROBE_BITS, or those among
+    the wanted candidates (a target's bracketing widths, the same for every block)."""
 
     desc = "measure"
 
     def __init__(self, *args, wanted: list[dict[str, list[str]]] | None):
         super().__init__(*args)
         self.wanted = wanted
+        attn = self.o.format.candidates("attn", False)
+        self.widths = PROBE_BITS if wanted is None else probed_widths([c for c in attn if c.name in wanted[0]["attn"]])
         self.n_layers = self.ckpt.config.text.n_layers
         self.p_rows = min(PROBE_ROWS, self.rows)
         self.p_shape = (1, min(PROBE_TOKENS, self.ids.shape[1]), self.row_shape[2])
-        self.streams = 2 * len(PROBE_BITS) * self.p_rows  # per layer: each block at each probe width, each probe row
+        self.streams = 2 * len(self.widths) * self.p_rows  # per layer: each block at each probe width, each probe row
 
     def _probe_stores(self):
         return self.job.stores(self.streams * self.n_layers, self.p_shape, self.dtype, name="probe")
 
     def layer(self, unit: Unit, layer) -> Done:
-        i, p_rows, n_probes = unit.index, self.p_rows, len(PROBE_BITS)
+        i, p_rows, n_probes = unit.index, self.p_rows, len(self.widths)
         p_cur, p_nxt = self._probe_stores()
         p_ctx = self._context(self.p_shape)
         with torch.no_grad():  # the earlier blocks' probe streams go on through this (float) layer
@@ -172,7 +175,7 @@ class MeasurePass(Pass):
     def head(self, unit: Unit, norm, lm_head) -> Done:
         """Per layer [attn, mlp], per probe width: the mean KL divergence (nats per token) at the logits between the
         float model and the model with only that block quantized at that width, on the probe rows' first tokens."""
-        n_probes, p_rows, tokens = len(PROBE_BITS), self.p_rows, self.p_shape[1]
+        n_probes, p_rows, tokens = len(self.widths), self.p_rows, self.p_shape[1]
         cur, _ = self.job.stores(self.rows, self.row_shape, self.dtype)
         p_cur, _ = self._probe_stores()
         total = [0.0] * (2 * self.n_layers * n_probes)

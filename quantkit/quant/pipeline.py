@@ -49,7 +49,6 @@ from quantkit.quant.job import (
     measurement_fingerprint,
     space_needed,
 )
-from quantkit.quant.measure import PROBE_BITS
 from quantkit.quant.passes import MeasurePass, QuantizePass
 from quantkit.quant.plan import QuantPlan, checked_shapes, linear_shapes, needed, plan, with_time
 from quantkit.quant.settings import (
@@ -110,7 +109,7 @@ def measure(ckpt: Checkpoint, model, ids: torch.Tensor, work: Path, o: QuantizeO
     looper.run(ckpt, model, job, units, processor, o.device, o.torch_dtype, progress)
     data = {"version": 2, "fingerprint": fingerprint, "scope": "all" if wanted is None else f"--bpw {o.bpw}",
             "layers": [job.info(u.step) for u in units if u.kind == "layer"],
-            "probe": {"rows": processor.p_rows, "tokens": processor.p_shape[1], "bits": list(PROBE_BITS),
+            "probe": {"rows": processor.p_rows, "tokens": processor.p_shape[1], "bits": list(processor.widths),
                       "kl": job.info("probe")["kl"]}}  # fmt: skip
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
