@@ -171,9 +171,9 @@ def _quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: MaxQ)
     return q, scale * (q - zero)
 
 
-def _norm_error(d: torch.Tensor, norm: float) -> torch.Tensor:
-    """Σ d^norm over the last dim of d >= 0; 2.5 as d²·√d, which costs a tenth of a general power."""
-    return (d.square() * d.sqrt() if norm == 2.5 else d.pow(norm)).sum(dim=-1)
+def _norm_error_(d: torch.Tensor, norm: float) -> torch.Tensor:
+    """Σ d^norm over the last dim of d >= 0, overwriting d; 2.5 as d²·√d, which costs a tenth of a general power."""
+    return (d.square().mul_(d.sqrt_()) if norm == 2.5 else d.pow_(norm)).sum(dim=-1)
 
 
 def _find_params(
@@ -201,8 +201,10 @@ def _find_params(
         for part in i.split(max(1, CLIP_BATCH // x.numel())):
             p = 1 - part / clip_grid
             scale, zero = _range_grid(lo * p, hi * p, maxq, sym)  # [tries, out]
-            _, deq = _quant(x, scale.unsqueeze(-1), zero.unsqueeze(-1), mq)  # [tries, out, k]
-            found.append((_norm_error(deq.sub_(x).abs_(), clip_norm), part, scale, zero))
+            s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+            d = torch.div(x, s).round_().add_(z)  # [tries, out, k]: _quant's codes, then |deq − x|, in place
+            d = d.clamp_(0, mq) if isinstance(mq, int) else torch.minimum(d.clamp_(min=0), mq, out=d)
+            found.append((_norm_error_(d.sub_(z).mul_(s).sub_(x).abs_(), clip_norm), part, scale, zero))
         err, i, scale, zero = (torch.cat(t) for t in zip(*found, strict=True))
         k = err.argmin(dim=0, keepdim=True)
         return tuple(t.gather(0, k)[0] for t in (err, i, scale, zero))
