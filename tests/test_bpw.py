@@ -164,19 +164,20 @@ def test_every_block_stays_between_the_widest_uniform_width_that_fits_and_the_ne
     assert all(_inside(c, None) for c in row)
 
 
-def test_probe_widths_bracket_the_window():
-    """A target probes the two PROBE_BITS around its width window (the curve between them is all it reads), the
-    two top ones above 4 bits, and all of them without a window."""
-    from quantkit.quant.allocate import probe_widths
+def test_a_target_reads_the_probe_at_its_lower_width():
+    """A target reads one probe, at the widest PROBE_BITS width at or below its window's lower width (the narrowest
+    without a window), and predicts a candidate's KL from it with the square law of its local error."""
+    from quantkit.quant.allocate import predicted_kl, probe_widths
 
-    assert probe_widths((2, 3)) == (2, 3) and probe_widths((3, 4)) == (3, 4)
-    assert probe_widths((4, 8)) == (3, 4) and probe_widths((8, 8)) == (3, 4)
-    assert probe_widths(None) == (2, 3, 4)
+    assert probe_widths((2, 3)) == (2,) and probe_widths((3, 4)) == (3,)
+    assert probe_widths((4, 8)) == (4,) and probe_widths((8, 8)) == (4,) and probe_widths(None) == (2,)
+    assert predicted_kl([0.2, 0.1, 0.05], (0.1, 0.4)) == pytest.approx([1.6, 0.4, 0.1])
+    assert predicted_kl([0.2, 0.1], None) == [0.2, 0.1] and predicted_kl([0.2], (0.1, 0.0)) == [0.2]
 
 
 def test_a_plain_run_measures_only_what_its_target_can_choose(tiny_models, tmp_path):
-    """Without --measure-all, the measurement holds the candidates inside the target's width window and the probe
-    widths that bracket it (allocate.needed_candidates: 2 and 3 bits for 3.0, not 4), the build still hits the
+    """Without --measure-all, the measurement holds the candidates inside the target's width window and probes its
+    lower width only (allocate.needed_candidates: 2 and 3 bits for 3.0, not 4; probes at 2), the build still hits the
     target, and a target with another window refuses to reuse that measurement (naming what it lacks) while the same
     target takes it."""
     from quantkit.formats.registry import get_format
@@ -201,7 +202,7 @@ def test_a_plain_run_measures_only_what_its_target_can_choose(tiny_models, tmp_p
         for b in ("attn", "mlp"):
             assert [e["candidate"] for e in layer[b]] == want[b]
             assert {"2", "3"} <= set(want[b]) and "4" not in want[b] and len(want[b]) < len(every[b]) / 2
-    assert meas["probe"]["bits"] == [2, 3] and all(len(kl) == 2 for layer in meas["probe"]["kl"] for kl in layer)
+    assert meas["probe"]["bits"] == [2] and all(len(kl) == 1 for layer in meas["probe"]["kl"] for kl in layer)
     kept = tmp_path / "measurement.json"
     kept.write_bytes((tmp_path / ".w3.quantkit-work" / "measurement.json").read_bytes())
     result = run("quantize", src, tmp_path / "w5", "--bpw", "5.0", "--measurement", kept, *ARGS)

@@ -12,7 +12,7 @@ Errors are read on the first ERROR_ROWS rows; each linear is solved once per dis
 factorization of its Hessian. Each block is also probed at PROBE_BITS: its output with only that block quantized
 goes to the caller, which carries it to the logits (quant/pipeline.py `measure`), so that the allocator can weigh
 local errors by what they cost the model end to end (allocate.py `predicted_kl`); a run for one target probes only
-the widths that bracket its width window (allocate.probe_widths), which are the only ones its allocation reads.
+its window's lower width (allocate.probe_widths), the one probe its allocation reads.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ SOLVE_CACHE = 4  # solved weights kept per block, in multiples of the block's ow
 ERROR_ROWS = 2  # rows a candidate's block output error is read on (the Hessians use every measurement row)
 # Each block's probe streams: the first tokens of the first rows. One row's KL is noisy (25% rms in log against 8
 # rows' on SmolLM2-135M), and the allocation follows the noise: KL of --bpw 3.0 (GPTQ) 1.295 / 1.249 / 1.216 with
-# 1 / 4 / 8 rows. 4 rows, with the probes cut to the target's two bracketing widths, cost about what 1 row at
-# three widths plus 2 more rows did.
+# 1 / 4 / 8 rows. 4 rows at a target's one probe width (allocate.probe_widths) are 4 streams per block, against 3
+# for 1 row at three widths before.
 PROBE_ROWS, PROBE_TOKENS = 4, 128
 PROBE_BITS = (2, 3, 4)  # the uniform widths each block is probed at
 LAST_ROLES = ("o", "down")  # a dense half-layer's last linear: x + o_proj(attention), h + down_proj(act)
@@ -68,7 +68,7 @@ def measure_work(
             for b, cs in cands.items()
         },  # fmt: skip
         last={b: last[b] if shared[b] else "" for b in BLOCK_ROLES},
-        probes=len(probed_widths(cands["attn"])) * min(PROBE_ROWS, rows),
+        probes=len(probed_widths(cands["attn"], only is None)) * min(PROBE_ROWS, rows),
         probe_tokens=PROBE_TOKENS,
         head=head,
     )
@@ -147,16 +147,18 @@ def uniform_width(cand: Candidate) -> int | None:
 
 
 def probe_candidates(candidates: list[Candidate], widths=PROBE_BITS) -> list[Candidate]:
-    """The settings a block is probed at end to end: every role uniform at each of widths (PROBE_BITS or a part of
-    them) at the run's group size (every format has them). Several widths, because KL does not grow with one power
-    of the local error: 2-bit errors cost far more than a square law fitted at 3 bits predicts."""
+    """The settings a block is probed at end to end: every role uniform at each of widths (PROBE_BITS, or a target's
+    one) at the run's group size (every format has them)."""
     return [next(c for c in candidates if uniform_width(c) == b) for b in widths]
 
 
-def probed_widths(candidates: list[Candidate]) -> tuple[int, ...]:
-    """The PROBE_BITS whose uniform candidate is among candidates (a block's measured ones): its probe widths."""
+def probed_widths(candidates: list[Candidate], every: bool) -> tuple[int, ...]:
+    """The widths a block is probed at, given its measured candidates: the PROBE_BITS among their uniform widths
+    when every candidate is measured (a measurement for any target), else the lowest of those, which is the
+    target's lower window width (allocate.probe_widths): the one probe its allocation reads."""
     present = {uniform_width(c) for c in candidates}
-    return tuple(b for b in PROBE_BITS if b in present)
+    widths = tuple(b for b in PROBE_BITS if b in present)
+    return widths if every else widths[:1]
 
 
 def _widths_with(
@@ -228,7 +230,7 @@ def measure_layer(
         result[block] = []
         moe = any(expert_index(n) is not None for n in names)
         candidates = _only(fmt.candidates(block, moe), only, block)
-        probed = probe_candidates(candidates, probed_widths(candidates)) if probe is not None else []
+        probed = probe_candidates(candidates, probed_widths(candidates, only is None)) if probe is not None else []
         solved: dict[tuple[str, LinearSpec], torch.Tensor] = {}  # candidates share settings per linear: solve once
         room = SOLVE_CACHE * sum(w.numel() * w.element_size() for w in floats.values())
         factors: dict[tuple[int, int | None], dict] = {}  # one factorization per Hessian and rotation
