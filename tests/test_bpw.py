@@ -82,6 +82,26 @@ def test_allocation_is_deterministic(measured):
     assert a.bits <= 3.3 * a.numel and a.bpw > 3.28
 
 
+def test_a_measurement_without_the_targets_probe_width_is_refused(measured):
+    """--bpw 3.0 reads the 2-bit probes: a measurement that holds only 3-bit ones is refused, naming the width."""
+    from quantkit.errors import QuantkitError
+    from quantkit.model.load import Checkpoint, build_model
+    from quantkit.quant.allocate import allocate
+    from quantkit.quant.capture import QuantSettings
+    from quantkit.quant.plan import linear_shapes
+
+    src, _, measurement = measured
+    model = build_model(Checkpoint(src).config)
+    shapes = [linear_shapes(model, i) for i in range(len(model.layers))]
+    meas = json.loads(measurement.read_text())
+    k = meas["probe"]["bits"].index(3)
+    kls = [[kl[k : k + 1] for kl in layer] for layer in meas["probe"]["kl"]]
+    meas["probe"] = {**meas["probe"], "bits": [3], "kl": kls}
+    s = QuantSettings(bits=4, group_size=64, act_order=False)
+    with pytest.raises(QuantkitError, match="no 2-bit probes"):
+        allocate(meas, shapes, 3.0, s, lambda i, n: None, "quantkit")
+
+
 def test_the_range_ends_are_reachable(measured):
     """At the lowest reachable target every linear gets 2 bits per channel, at the highest 8 (the knapsack once
     failed at the lowest one: its rounded-up costs did not fit)."""
