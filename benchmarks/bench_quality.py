@@ -101,17 +101,19 @@ def folder_build(label: str, folder: Path, seconds: float | None, same_size_as: 
 
 
 def mixed_builds(work: Path, hf: Path, targets, label: str, folder: str, extra: list, measurement: Path) -> list:
-    """`--bpw` builds at each (target, same_size_as): the first measures (timed with it), the rest reuse its
-    measurement.json. label and folder are format strings taking the target."""
+    """`--bpw` builds at each (target, same_size_as): the first measures every candidate for any target
+    (--measure-all, timed with it), the rest reuse its measurement.json. label and folder are format strings taking
+    the target."""
     measurement.unlink(missing_ok=True)  # measured afresh in every run
     builds = []
     for target, same in targets:
         out = work / folder.format(target)
-        reuse = ["--measurement", measurement] if measurement.is_file() else []
+        reuse = ["--measurement", measurement] if measurement.is_file() else ["--measure-all"]
         seconds = quantkit_cli(hf, out, "--bpw", target, "--group-size", GROUP, *extra, *reuse)
-        if not reuse:
+        measured = reuse == ["--measure-all"]
+        if measured:
             shutil.copy(work / f".{out.name}.quantkit-work" / "measurement.json", measurement)
-        note = "" if reuse else " (incl. measurement)"
+        note = " (incl. measurement)" if measured else ""
         builds.append(folder_build(label.format(target) + note, out, seconds, same))
     return builds
 
@@ -125,6 +127,11 @@ def main() -> None:
     ap.add_argument("--eval-rows", type=int, default=128)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--no-peer", action="store_true", help="skip GPTQModel")
+    ap.add_argument(
+        "--reuse-uniform",
+        action="store_true",
+        help="keep the uniform and GPTQModel builds --work holds from an earlier run (no time column)",
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
     args = ap.parse_args()
 
@@ -148,7 +155,8 @@ def main() -> None:
         tag, extra = (" --rotate", ["--rotate"]) if rotate else ("", [])
         for bits, group in UNIFORM:
             out = args.work / f"gptq{bits}g{group}{'-rot' if rotate else ''}"
-            seconds = quantkit_cli(hf, out, "--bits", bits, "--group-size", group, *extra, *q)
+            kept = args.reuse_uniform and (out / "config.json").is_file()
+            seconds = None if kept else quantkit_cli(hf, out, "--bits", bits, "--group-size", group, *extra, *q)
             grouping = "per-channel" if group == "none" else f"g{group}"
             uniform[rotate].append(folder_build(f"quantkit GPTQ {bits}-bit {grouping} act-order{tag}", out, seconds))
             print(f"{uniform[rotate][-1].label}: {uniform[rotate][-1].bpw:.3f} bpw", flush=True)
@@ -157,10 +165,14 @@ def main() -> None:
         ids = _calibration(Checkpoint(hf), None, "train", "text", args.calib_rows, args.calib_seq_len, 0).ids
         for bits in (3, 4):
             out = args.work / f"gptqmodel{bits}"
+            label = f"GPTQModel {bits}-bit g{GROUP} desc_act"
+            if args.reuse_uniform and (out / "config.json").is_file():
+                builds.append(folder_build(label, out, None))
+                continue
             shutil.rmtree(out, ignore_errors=True)
             info = run_gptqmodel(hf, ids, out, bits, GROUP, True, True, 0.01)
             if info is not None:
-                builds.append(folder_build(f"GPTQModel {bits}-bit g{GROUP} desc_act", out, info["seconds"]))
+                builds.append(folder_build(label, out, info["seconds"]))
     # Mixed at each uniform build's exact size (equal bytes on disk), and without rotation at round targets.
     # Rotation signs cost 8 bits per input feature, so rotated builds are matched with the rotated uniform builds.
     for rotate in (False, True):
