@@ -1,5 +1,5 @@
 """Quality per byte on the benchmark model: 16-bit vs RTN vs GPTQ vs mixed --bpw (with and without --rotate) vs
-GPTQModel, on held-out text. Prints markdown tables and writes benchmarks/RESULTS.md.
+GPTQModel, on held-out text. Prints markdown tables and replaces its section of benchmarks/RESULTS.md.
 
 The benchmark model is the small Mistral-architecture LM that benchmarks/train_bench_model.py trains on the
 Python standard library (real language statistics, built offline); held-out perplexity is measured on its
@@ -42,11 +42,11 @@ from quantkit.quant.pipeline import _calibration
 from quantkit.quantized_model import load_any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_real import BEGIN as REAL_BEGIN  # noqa: E402
-from bench_real import END as REAL_END  # noqa: E402
 from peer import run_gptqmodel  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "quantkit-bench"
+BEGIN = "<!-- bench_quality.py: begin (this section is replaced by benchmarks/bench_quality.py) -->"
+END = "<!-- bench_quality.py: end -->"
 GROUP = 128
 UNIFORM = ((2, "128"), (2, "32"), (3, "none"), (3, "128"), (4, "none"), (4, "128"))  # (bits, --group-size)
 ROUND_TARGETS = (2.5, 3.0, 3.5, 4.0)
@@ -242,12 +242,8 @@ def write_results(args, builds: list[Build], results: dict[str, EvalResult]) -> 
             f"{ru.top1_agreement:.3f} / {rm.top1_agreement:.3f} |"
         )
     command = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
-    old = args.out.read_text() if args.out.is_file() else ""
-    kept = ""  # bench_real.py's section (the real model's table) stays on top
-    if REAL_BEGIN in old and REAL_END in old:
-        kept = old[old.index(REAL_BEGIN) : old.index(REAL_END) + len(REAL_END)] + "\n\n"
-    args.out.write_text(
-        kept + f"# Quality per byte on the benchmark model\n\nProduced by `{command.strip()}` on {date.today()} "
+    section = (
+        f"{BEGIN}\n# Quality per byte on the benchmark model\n\nProduced by `{command.strip()}` on {date.today()} "
         f"({platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}).\n\n"
         f"Model: {args.model} (see benchmarks/train_bench_model.py). Calibration: the bundled mix, "
         f"{args.calib_rows} rows x {args.calib_seq_len} tokens, the same rows for every quantizer. Held-out: "
@@ -261,8 +257,22 @@ def write_results(args, builds: list[Build], results: dict[str, EvalResult]) -> 
         "gate/up sharing one, one group size, written as `dynamic` rules); quantkit-format ones mix widths within a "
         "matrix. The ppl difference is exp(mean over rows of "
         "the per-row NLL difference) - 1, with one standard error of that mean over rows (rows from one file "
-        "are not independent, so this understates the spread somewhat).\n\n" + "\n".join(pairs) + "\n"
+        "are not independent, so this understates the spread somewhat).\n\n" + "\n".join(pairs) + f"\n{END}\n"
     )
+    write_section(args.out, section)
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace this script's delimited section, or append it; the rest of the file (other scripts' sections and
+    hand-written notes) stays as it is."""
+    text = path.read_text() if path.is_file() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text else "") + section
+    path.write_text(text)
 
 
 if __name__ == "__main__":
