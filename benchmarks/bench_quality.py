@@ -42,6 +42,7 @@ from quantkit.quant.pipeline import _calibration
 from quantkit.quantized_model import load_any
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_real import write_section  # noqa: E402
 from peer import run_gptqmodel  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "quantkit-bench"
@@ -108,12 +109,12 @@ def mixed_builds(work: Path, hf: Path, targets, label: str, folder: str, extra: 
     builds = []
     for target, same in targets:
         out = work / folder.format(target)
-        reuse = ["--measurement", measurement] if measurement.is_file() else ["--measure-all"]
+        measures = not measurement.is_file()
+        reuse = ["--measure-all"] if measures else ["--measurement", measurement]
         seconds = quantkit_cli(hf, out, "--bpw", target, "--group-size", GROUP, *extra, *reuse)
-        measured = reuse == ["--measure-all"]
-        if measured:
+        if measures:
             shutil.copy(work / f".{out.name}.quantkit-work" / "measurement.json", measurement)
-        note = " (incl. measurement)" if measured else ""
+        note = " (incl. measurement)" if measures else ""
         builds.append(folder_build(label.format(target) + note, out, seconds, same))
     return builds
 
@@ -259,20 +260,7 @@ def write_results(args, builds: list[Build], results: dict[str, EvalResult]) -> 
         "the per-row NLL difference) - 1, with one standard error of that mean over rows (rows from one file "
         "are not independent, so this understates the spread somewhat).\n\n" + "\n".join(pairs) + f"\n{END}\n"
     )
-    write_section(args.out, section)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's delimited section, or append it; the rest of the file (other scripts' sections and
-    hand-written notes) stays as it is."""
-    text = path.read_text() if path.is_file() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text else "") + section
-    path.write_text(text)
+    write_section(args.out, section, BEGIN, END, top=False)
 
 
 if __name__ == "__main__":

@@ -357,13 +357,19 @@ def render(args, model: Path, work: Path, builds: list[Build], results: dict[str
     ])  # fmt: skip
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the delimited section, or put it on top; the rest of the file stays as it is."""
+def write_section(path: Path, section: str, begin: str = BEGIN, end: str = END, top: bool = True) -> None:
+    """Replace a script's section (delimited by begin / end) where it is, or add it on top (top) or at the end; the
+    rest of the file (other scripts' sections, hand-written notes) stays as it is."""
     text = path.read_text() if path.is_file() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + rest.split(END, 1)[1].lstrip("\n")
-    path.write_text(section + "\n" + text)
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        text = head + section + ("\n" + tail if tail else "")
+    elif top:
+        text = section + ("\n" + text if text else "")
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text else "") + section
+    path.write_text(text)
 
 
 if __name__ == "__main__":
