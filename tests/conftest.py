@@ -65,7 +65,7 @@ def tiny_models(tmp_path_factory) -> TinyModels:
 
 @pytest.fixture(scope="session")
 def fresh_bpw_build():
-    """fresh_bpw_build(src, root, args): a `quantize --bpw 3.0 --measure-all` of src into root/fresh3; returns its
+    """fresh_bpw_build(src, root, args): a `quantize --bpw 3.0` of src into root/fresh3; returns its
     measurement.json, kept (copied beside it) so other targets reuse it with --measurement instead of measuring."""
     return _fresh_bpw_build
 
@@ -77,7 +77,7 @@ def _fresh_bpw_build(src: Path, root: Path, args: list[str]) -> Path:
 
     from quantkit.cli import main
 
-    args = ["quantize", str(src), str(root / "fresh3"), "--bpw", "3.0", "--measure-all", *map(str, args)]
+    args = ["quantize", str(src), str(root / "fresh3"), "--bpw", "3.0", *map(str, args)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output + str(result.exception)
     measurement = root / "measurement.json"

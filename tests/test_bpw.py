@@ -83,7 +83,7 @@ def test_allocation_is_deterministic(measured):
 
 
 def test_a_measurement_without_the_targets_probe_width_is_refused(measured):
-    """--bpw 3.0 reads the 2-bit probes: a measurement that holds only 3-bit ones is refused, naming the width."""
+    """--bpw reads the 2-bit probes: a measurement that holds only 3-bit ones is refused, naming the width."""
     from quantkit.errors import QuantkitError
     from quantkit.model.load import Checkpoint, build_model
     from quantkit.quant.allocate import allocate
@@ -94,9 +94,8 @@ def test_a_measurement_without_the_targets_probe_width_is_refused(measured):
     model = build_model(Checkpoint(src).config)
     shapes = [linear_shapes(model, i) for i in range(len(model.layers))]
     meas = json.loads(measurement.read_text())
-    k = meas["probe"]["bits"].index(3)
-    kls = [[kl[k : k + 1] for kl in layer] for layer in meas["probe"]["kl"]]
-    meas["probe"] = {**meas["probe"], "bits": [3], "kl": kls}
+    assert meas["probe"]["bits"] == [2]
+    meas["probe"] = {**meas["probe"], "bits": [3]}
     s = QuantSettings(bits=4, group_size=64, act_order=False)
     with pytest.raises(QuantkitError, match="no 2-bit probes"):
         allocate(meas, shapes, 3.0, s, lambda i, n: None, "quantkit")
@@ -164,47 +163,47 @@ def test_the_lowest_target_builds_and_runs(measured, tmp_path):
     assert 0 < json.loads(result.stdout)["kl_divergence"] < 5
 
 
-def test_every_block_stays_between_the_widest_uniform_width_that_fits_and_the_next():
-    """The window: with uniform 3-bit within the budget and uniform 4-bit not, every candidate outside 3..4 bits (a
-    2-bit or 8-bit role, a per-channel grid) is out; without a uniform build that fits there is no window."""
-    from quantkit.quant.allocate import _inside, _window
-    from quantkit.quant.measure import PER_CHANNEL, Candidate
+def test_the_allocation_trades_widths_across_the_whole_table():
+    """No width window: where uniform 3-bit fits the budget and uniform 4-bit does not, a block whose probe says the
+    model depends on it goes to 8 bits, paid for by the others going below 3 (per-channel or 2-bit grids); the
+    predicted KL is the square law through each block's 2-bit probe."""
+    from quantkit.formats.registry import get_format
+    from quantkit.formats.spec import PER_CHANNEL
+    from quantkit.quant.allocate import _table, allocate
+    from quantkit.quant.capture import QuantSettings
 
-    def cand(*roles):
-        return Candidate("c", tuple((r, ((w, 1.0),), g) for r, (w, g) in zip(("q", "o"), roles, strict=True)))
+    layer = {"self_attn.q_proj": (256, 256), "self_attn.k_proj": (64, 256), "self_attn.v_proj": (64, 256),
+             "self_attn.o_proj": (256, 256), "mlp.gate_proj": (512, 256), "mlp.up_proj": (512, 256),
+             "mlp.down_proj": (256, 512)}  # fmt: skip
+    shapes = [dict(layer) for _ in range(3)]
+    s = QuantSettings(bits=4, group_size=64, act_order=False)
+    blocks, cands, bits = _table(shapes, s, lambda i, n: None, get_format("quantkit"))
+    numel = sum(o * i for layer in shapes for o, i in layer.values())
+    per_weight = [[x / (numel / 6) for x in row] for row in bits]  # the blocks' sizes are near enough equal here
+    layers = [{b: [] for b in ("attn", "mlp")} for _ in shapes]
+    for (li, b), row, costs in zip(blocks, cands, per_weight, strict=True):
+        layers[li][b] = [{"candidate": c.name, "error": 2.0 ** -x} for c, x in zip(row, costs, strict=True)]
+    kl = [[[1000.0], [0.01]], [[0.01], [0.01]], [[0.01], [0.01]]]  # layer 0's attention is what the model needs
+    meas = {"layers": layers, "probe": {"rows": 4, "tokens": 128, "bits": [2], "kl": kl}}
+    uniform3 = sum(row[[c.name for c in r].index("3")] for row, r in zip(bits, cands, strict=True)) / numel
+    alloc = allocate(meas, shapes, uniform3 + 0.05, s, lambda i, n: None, "quantkit")
+    assert alloc.choices[0]["attn"] == "8"
+    below = [alloc.specs[li][n] for li in (1, 2) for n in layer]
+    assert any(sp.group_size == PER_CHANNEL or sp.bits == 2 for sp in below)
+    assert alloc.bits <= (uniform3 + 0.05) * numel
 
-    row = [cand((w, None), (w, None)) for w in (2, 3, 4, 8)] + [
-        cand((3, None), (8, None)),
-        cand((4, PER_CHANNEL), (4, None)),
-    ]
-    bits = [[200, 300, 400, 800, 550, 390]] * 2
-    assert _window([row, row], bits, 700) == (3, 4)
-    assert [_inside(c, (3, 4)) for c in row] == [False, True, True, False, False, False]
-    assert _window([row, row], bits, 1600) == (8, 8) and _window([row, row], bits, 399) is None
-    assert all(_inside(c, None) for c in row)
 
+def test_a_candidates_kl_is_its_blocks_probe_through_the_square_law():
+    from quantkit.quant.allocate import predicted_kl
 
-def test_a_target_reads_the_probe_at_its_lower_width():
-    """A target reads one probe, at the widest PROBE_BITS width at or below its window's lower width (the narrowest
-    without a window), and predicts a candidate's KL from it with the square law of its local error."""
-    from quantkit.quant.allocate import predicted_kl, probe_widths
-
-    assert probe_widths((2, 3)) == (2,) and probe_widths((3, 4)) == (3,)
-    assert probe_widths((4, 8)) == (4,) and probe_widths((8, 8)) == (4,) and probe_widths(None) == (2,)
     assert predicted_kl([0.2, 0.1, 0.05], (0.1, 0.4)) == pytest.approx([1.6, 0.4, 0.1])
     assert predicted_kl([0.2, 0.1], None) == [0.2, 0.1] and predicted_kl([0.2], (0.1, 0.0)) == [0.2]
 
 
-def test_a_plain_run_measures_only_what_its_target_can_choose(tiny_models, tmp_path):
-    """Without --measure-all, the measurement holds the candidates inside the target's width window and probes its
-    lower width only (allocate.needed_candidates: 2 and 3 bits for 3.0, not 4; probes at 2), the build still hits the
-    target, and a target with another window refuses to reuse that measurement (naming what it lacks) while the same
-    target takes it."""
+def test_a_plain_run_measures_for_every_target(tiny_models, tmp_path):
+    """A --bpw run measures every candidate and probes at 2 bits, so its measurement.json serves any other target;
+    a measurement that lacks candidates (an older quantkit measured for one target only) is refused, naming them."""
     from quantkit.formats.registry import get_format
-    from quantkit.model.load import Checkpoint, build_model
-    from quantkit.quant.allocate import needed_candidates
-    from quantkit.quant.capture import QuantSettings
-    from quantkit.quant.plan import linear_shapes
 
     src = tiny_models.get("mistral_bpw")["hf"]
     out = tmp_path / "w3"
@@ -212,21 +211,19 @@ def test_a_plain_run_measures_only_what_its_target_can_choose(tiny_models, tmp_p
     assert result.exit_code == 0, result.output + str(result.exception)
     assert 2.98 <= decoder_bpw(out) <= 3.0
     meas = json.loads((tmp_path / ".w3.quantkit-work" / "measurement.json").read_text())
-    assert meas["scope"] == "--bpw 3.0"
-    model = build_model(Checkpoint(src).config)
-    shapes = [linear_shapes(model, i) for i in range(len(model.layers))]
-    s = QuantSettings(bits=4, group_size=64, act_order=False)
-    needed = needed_candidates(shapes, 3.0, s, lambda i, n: None, "quantkit")
+    assert meas["scope"] == "all"
     every = {b: [c.name for c in get_format("quantkit").candidates(b, False)] for b in ("attn", "mlp")}
-    for layer, want in zip(meas["layers"], needed, strict=True):
-        for b in ("attn", "mlp"):
-            assert [e["candidate"] for e in layer[b]] == want[b]
-            assert {"2", "3"} <= set(want[b]) and "4" not in want[b] and len(want[b]) < len(every[b]) / 2
+    for layer in meas["layers"]:
+        assert {b: [e["candidate"] for e in layer[b]] for b in ("attn", "mlp")} == every
     assert meas["probe"]["bits"] == [2] and all(len(kl) == 1 for layer in meas["probe"]["kl"] for kl in layer)
     kept = tmp_path / "measurement.json"
-    kept.write_bytes((tmp_path / ".w3.quantkit-work" / "measurement.json").read_bytes())
+    kept.write_text(json.dumps(meas))
     result = run("quantize", src, tmp_path / "w5", "--bpw", "5.0", "--measurement", kept, *ARGS)
-    assert result.exit_code == 1 and "lacks attn candidates this target can choose" in result.stderr
-    assert "--measure-all" in result.stderr and not (tmp_path / "w5").exists()
-    result = run("quantize", src, tmp_path / "again", "--bpw", "3.0", "--measurement", kept, *ARGS)
     assert result.exit_code == 0, result.output + str(result.exception)
+    assert 4.98 <= decoder_bpw(tmp_path / "w5") <= 5.0
+    for layer in meas["layers"]:
+        layer["attn"] = [e for e in layer["attn"] if e["candidate"] != "8"]
+    kept.write_text(json.dumps(meas))
+    result = run("quantize", src, tmp_path / "w4", "--bpw", "4.0", "--measurement", kept, *ARGS)
+    assert result.exit_code == 1 and "lacks attn candidates (8;" in result.stderr
+    assert "measure again" in result.stderr and not (tmp_path / "w4").exists()

@@ -23,12 +23,6 @@ def _group_size(value: str) -> int | str | None:
 @click.option("--measurement", type=click.Path(path_type=Path), help="Reuse a measurement.json for --bpw.")
 @click.option("--measure-rows", type=int, default=16, show_default=True, help="Calibration rows measured for --bpw.")
 @click.option(
-    "--measure-all",
-    is_flag=True,
-    help="Measure every candidate, so that --measurement reuses it for any --bpw target (default: only what this "
-    "target can choose, about half the measuring time).",
-)
-@click.option(
     "-b", "--bits", type=int, default=4, show_default=True, help="Bits per weight (2-8; 1-8 with --format exl3)."
 )
 @click.option(
@@ -101,7 +95,6 @@ def _group_size(value: str) -> int | str | None:
 @click.option("--force", is_flag=True, help="Replace a non-empty DST.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement: Path | None, measure_rows: int,
-             measure_all: bool,
              bits: int, group_size: str, act_order: bool, static_groups: bool, sym: bool | None,
              damp: float, clip: bool, vision: str, head_bits: int | None, fmt: str | None, dataset: str | None,
              split: str,
@@ -122,7 +115,7 @@ def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement:
     options = QuantizeOptions(
         settings=settings, fmt=fmt or (MIXED_DEFAULT if bpw is not None or rotate else UNIFORM_DEFAULT),
         head_bits=head_bits, bpw=bpw, rotate=rotate, measurement=measurement, measure_rows=measure_rows,
-        measure_all=measure_all, vision=vision, dataset=dataset, split=split, text_field=text_field, rows=rows,
+        vision=vision, dataset=dataset, split=split, text_field=text_field, rows=rows,
         seq_len=seq_len, seed=seed, work_dir=work_dir, offload_dir=offload_dir, restart=restart, force=force,
         dry_run=dry_run, device=device, dtype=dtype, max_shard_size=max_shard_size, export_names=export_names,
     ).check()  # fmt: skip

@@ -2,7 +2,7 @@
 
 The loss of a candidate is predicted from two measurements (measure.py): its local error (the block's relative
 output error on float inputs) and the block's probe, the KL divergence at the model's logits with only that block
-quantized uniformly at the lower width of the target's window (2 bits for 3.0). Local errors alone mislead: a block
+quantized uniformly at 2 bits (measure.PROBE_BITS). Local errors alone mislead: a block
 whose output is a small change to a large residual stream shows a small relative error however much the model
 depends on it. The probe scales each block's errors: KL = probe KL x (error / probe error)^2, the square law of a
 small perturbation of the logits, read at each candidate's error; blocks add up (independent perturbations). On
@@ -20,12 +20,14 @@ therefore lands just under the target, within the smallest such step (one group 
 In a format whose linears cannot mix widths (GPTQ), the fill moves whole blocks to a dearer candidate of their table
 instead (one that does not raise the measured error), largest error drop per bit first.
 
-Every block keeps at least the widest uniform width whose build fits the budget (b) and goes at most one width
-above it (b+1; 8 after 4 in the GPTQ format): a --bpw build is that uniform build with its most sensitive units
-one width up, so it is not behind the uniform build of its size or below. The error model ranks units well but
-misjudges trades across widths: on SmolLM2-135M (30 layers, GPTQ g64) at uniform 4-bit's size, a free knapsack put
-q/k/v at 8 bits and o/down at 3 in 17 blocks, predicted 29% less KL than uniform 4-bit and measured 37% more.
-Below the smallest uniform build (per-channel and small-group grids) there is no floor.
+The knapsack chooses among every candidate of the table, across widths. Until 2026-12-06 every block stayed
+between the widest uniform width whose build fits the budget (b) and the next width up: before the probes, a free
+choice on SmolLM2-135M at uniform 4-bit's size (GPTQ g64) put q/k/v at 8 bits and o/down at 3 in 17 blocks and
+measured 37% more KL than uniform 4-bit. With the probes weighing the blocks that window only cost: on SmolLM2-135M
+dropping it took the real-model KL from 1.249 / 1.154 to 1.075 / 1.010 at 3.0 (GPTQ / quantkit format), 0.269 to
+0.220 at uniform 4-bit's size (GPTQ) and 0.337 to 0.230 at 4.0 (quantkit format); on the self-trained model it cut
+the KL at 3.0 and 4.0 to 0.67x and 0.44x (benchmarks/RESULTS.md). Every target reads the 2-bit probes
+(measure.PROBE_BITS), so one measurement serves every target.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ from quantkit.arch.blocks import block_of, expert_index
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import OutputFormat
 from quantkit.formats.registry import get_format
-from quantkit.formats.spec import PER_CHANNEL, Candidate, LinearSpec, QuantSettings
-from quantkit.quant.measure import PROBE_BITS, probe_candidates, spec_for_candidate, uniform_width
+from quantkit.formats.spec import LinearSpec, QuantSettings
+from quantkit.quant.measure import PROBE_BITS, probe_candidates, spec_for_candidate
 
 RESOLUTION = 20_000
 BLOCKS = ("attn", "mlp")
@@ -56,7 +58,6 @@ class Allocation:
     target_bpw: float
     choices: list[dict[str, str]]  # per layer: block -> candidate name
     predicted: list[dict[str, float]]  # per layer: block -> the predicted KL of its choice (local error without probe)
-    window: tuple[int, int] | None = None  # (b, b+1): the widths every block's candidate stays within
 
     @property
     def bpw(self) -> float:
@@ -132,23 +133,6 @@ def _fill_blocks(picks: list[int], bits: list[list[int]], errors: list[list[floa
         picks[-k], left = j, left - delta
 
 
-def _window(cands: list[list[Candidate]], bits: list[list[int]], budget: int) -> tuple[int, int] | None:
-    """(b, the next width up) for the widest uniform width b whose build fits the budget; None when none fits."""
-    widths = sorted({b for row in cands for c in row if (b := uniform_width(c)) is not None})
-    for k in reversed(range(len(widths))):
-        uni = [next((j for j, c in enumerate(row) if uniform_width(c) == widths[k]), None) for row in cands]
-        if None not in uni and sum(x[j] for x, j in zip(bits, uni, strict=True)) <= budget:
-            return widths[k], widths[min(k + 1, len(widths) - 1)]
-    return None
-
-
-def _inside(cand: Candidate, window: tuple[int, int] | None) -> bool:
-    """Every role of cand within the window's widths, at the run's group size or finer (no per-channel grid)."""
-    if window is None:
-        return True
-    return all(window[0] <= w <= window[1] and g != PER_CHANNEL for _, segs, g in cand.roles for w, _ in segs)
-
-
 def _table(shapes: list[dict[str, tuple[int, int]]], s: QuantSettings, rotate_seed, fmt: OutputFormat):
     """Every block (layer, "attn" / "mlp"), its candidates and their exact stored bits on these shapes: the same
     costs a measurement records, known before measuring."""
@@ -171,29 +155,6 @@ def reachable_bpw(
     _, _, bits = _table(shapes, s, rotate_seed, get_format(fmt))
     numel = sum(o * i for layer in shapes for o, i in layer.values())
     return sum(min(row) for row in bits) / numel, sum(max(row) for row in bits) / numel
-
-
-def probe_widths(window: tuple[int, int] | None) -> tuple[int, ...]:
-    """The probe width a target with this width window reads, as a 1-tuple: the widest PROBE_BITS at or below its
-    lower width (its candidates' errors lie at or below that probe's); no window (below every uniform build): the
-    narrowest."""
-    low = window[0] if window is not None else PROBE_BITS[0]
-    return (max((b for b in PROBE_BITS if b <= low), default=PROBE_BITS[0]),)
-
-
-def needed_candidates(
-    shapes: list[dict[str, tuple[int, int]]], target_bpw: float, s: QuantSettings, rotate_seed, fmt: OutputFormat | str
-) -> list[dict[str, list[str]]]:
-    """Per layer and block, the candidates a --bpw target can choose (those inside its width window) and the probe
-    widths: all that a measurement for this one target has to measure (the rest is known to be left out)."""
-    blocks, cands, bits = _table(shapes, s, rotate_seed, get_format(fmt))
-    budget = int(target_bpw * sum(o * i for layer in shapes for o, i in layer.values()))
-    window = _window(cands, bits, budget)
-    out: list[dict[str, list[str]]] = [{} for _ in shapes]
-    for (li, b), row in zip(blocks, cands, strict=True):
-        probes = {c.name for c in probe_candidates(row, probe_widths(window))}
-        out[li][b] = [c.name for c in row if _inside(c, window) or c.name in probes]
-    return out
 
 
 def predicted_kl(errors: list[float], probe: tuple[float, float] | None) -> list[float]:
@@ -242,31 +203,24 @@ def allocate(
     if not lo <= target_bpw <= hi:
         raise QuantkitError(f"--bpw {target_bpw} is outside what this model can reach: {lo:.3f} to {hi:.3f}")
     budget = int(target_bpw * numel)
-    window = _window(cands, bits, budget)
-    allowed = [[j for j, c in enumerate(row) if _inside(c, window)] for row in cands]
-    errors = []  # predicted KL of the allowed candidates (the others need not have been measured)
+    errors = []  # per block, the predicted KL of each candidate
     probe = measurement.get("probe")
-    (width,) = probe_widths(window)
+    (width,) = PROBE_BITS
     if probe is not None and width not in probe["bits"]:
-        raise QuantkitError(f"the measurement has no {width}-bit probes, which --bpw {target_bpw} reads (it has "
-                            f"{probe['bits']}): measure again, or with --measure-all for any target")  # fmt: skip
-    for (li, b), row, ok in zip(blocks, cands, allowed, strict=True):
+        raise QuantkitError(f"the measurement has no {width}-bit probes, which --bpw reads (it has {probe['bits']}): "
+                            "measure again")  # fmt: skip
+    for (li, b), row in zip(blocks, cands, strict=True):
         entries = {e["candidate"]: e for e in measurement["layers"][li][b]}
-        probed = probe_candidates(row, (width,))[0]
-        lacking = [c.name for c in [probed, *(row[j] for j in ok)] if c.name not in entries]
+        lacking = [c.name for c in row if c.name not in entries]
         if lacking:
-            raise QuantkitError(f"the measurement lacks layer {li} {b} candidates that --bpw {target_bpw} can choose "
-                                f"({', '.join(sorted(set(lacking)))}): measure again, or with --measure-all for "
-                                "any target")  # fmt: skip
+            raise QuantkitError(f"the measurement lacks layer {li} {b} candidates ({', '.join(sorted(lacking))}): "
+                                "measure again")  # fmt: skip
         point = None
         if probe is not None:
+            probed = probe_candidates(row)[0]
             point = (entries[probed.name]["error"], probe["kl"][li][BLOCKS.index(b)][probe["bits"].index(width)])
-        kl = predicted_kl([entries[row[j].name]["error"] for j in ok], point)
-        errors.append(dict(zip(ok, kl, strict=True)))
-    sub = _choose([[row[j] for j in ok] for row, ok in zip(bits, allowed, strict=True)],
-                  [[row[j] for j in ok] for row, ok in zip(errors, allowed, strict=True)], budget,
-                  fill=not fmt.mixed_matrix)  # fmt: skip
-    picks = [ok[p] for ok, p in zip(allowed, sub, strict=True)]
+        errors.append(predicted_kl([entries[c.name]["error"] for c in row], point))
+    picks = _choose(bits, errors, budget, fill=not fmt.mixed_matrix)
 
     specs: list[dict[str, LinearSpec]] = [{} for _ in shapes]
     choices: list[dict[str, str]] = [{} for _ in shapes]
@@ -281,12 +235,12 @@ def allocate(
             if block_of(name) == b:
                 specs[li][name] = spec_for_candidate(cand, name, i, s, rotate_seed(li, name))
                 used += fmt.stored_bits(specs[li][name], o, i, s)
-        dearer = [(bits[k][j], errors[k][j]) for j in allowed[k] if bits[k][j] > bits[k][c]]
+        dearer = [(x, e) for x, e in zip(bits[k], errors[k], strict=True) if x > bits[k][c]]
         gain = max(((errors[k][c] - e) / (x - bits[k][c]) for x, e in dearer), default=0.0)
         slopes.append((gain, li, b))
 
     if not fmt.mixed_matrix:
-        return Allocation(specs, used, numel, target_bpw, choices, predicted, window)
+        return Allocation(specs, used, numel, target_bpw, choices, predicted)
     for _gain, li, b in sorted(slopes, key=lambda t: (-t[0], t[1], t[2])):  # fill, steepest blocks first
         names = sorted(n for n in shapes[li] if block_of(n) == b)
         progress = True
@@ -295,13 +249,9 @@ def allocate(
             for name in names:
                 o, i = shapes[li][name]
                 new = _upgrade(specs[li][name], i)
-                if new is None or (window is not None and _top_width(new) > window[1]):
+                if new is None:
                     continue
                 delta = fmt.stored_bits(new, o, i, s) - fmt.stored_bits(specs[li][name], o, i, s)
                 if used + delta <= budget:
                     specs[li][name], used, progress = new, used + delta, True
-    return Allocation(specs, used, numel, target_bpw, choices, predicted, window)
-
-
-def _top_width(spec: LinearSpec) -> int:
-    return spec.bits if isinstance(spec.bits, int) else max(b for b, _ in spec.bits)
+    return Allocation(specs, used, numel, target_bpw, choices, predicted)

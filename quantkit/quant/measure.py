@@ -11,8 +11,8 @@ The candidates and their stored bits come from the output format (formats/: GPTQ
 Errors are read on the first ERROR_ROWS rows; each linear is solved once per distinct setting, from one
 factorization of its Hessian. Each block is also probed at PROBE_BITS: its output with only that block quantized
 goes to the caller, which carries it to the logits (quant/pipeline.py `measure`), so that the allocator can weigh
-local errors by what they cost the model end to end (allocate.py `predicted_kl`); a run for one target probes only
-its window's lower width (allocate.probe_widths), the one probe its allocation reads.
+local errors by what they cost the model end to end (allocate.py `predicted_kl`). Every candidate is measured, so
+one measurement serves every --bpw target.
 """
 
 from __future__ import annotations
@@ -38,24 +38,24 @@ from quantkit.quant.estimate import MeasureWork
 from quantkit.quant.gptq import HessianAccumulator
 from quantkit.quant.solvers import SOLVERS
 
-CANDIDATES_VERSION = 4  # 4: end-to-end probes at 2, 3 and 4 bits (measurement.json "probe")
+CANDIDATES_VERSION = 4  # 4: end-to-end probes (measurement.json "probe"; 2, 3 and 4 bits until 2026-12-06)
 SOLVE_CACHE = 4  # solved weights kept per block, in multiples of the block's own weights (GPTQ widths: 4 each)
 ERROR_ROWS = 2  # rows a candidate's block output error is read on (the Hessians use every measurement row)
 # Each block's probe streams: the first tokens of the first rows. One row's KL is noisy (25% rms in log against 8
 # rows' on SmolLM2-135M), and the allocation follows the noise: KL of --bpw 3.0 (GPTQ) 1.295 / 1.249 / 1.216 with
-# 1 / 4 / 8 rows. 4 rows at a target's one probe width (allocate.probe_widths) are 4 streams per block, against 3
-# for 1 row at three widths before.
+# 1 / 4 / 8 rows. 4 rows at one probe width are 4 streams per block, against 3 for 1 row at three widths before.
 PROBE_ROWS, PROBE_TOKENS = 4, 128
-PROBE_BITS = (2, 3, 4)  # the uniform widths each block is probed at
+# The uniform width each block is probed at; the square law (allocate.predicted_kl) carries it to the other widths.
+# On the self-trained model, allocations for 3.0 / 4.0 / 4.16 / 4.25 read from 2-bit probes measured KL 1.00 / 0.84 /
+# 0.94 / 0.95x those read from 3-bit probes and 1.00 / 0.84 / 0.79 / 0.69x those from 4-bit probes.
+PROBE_BITS = (2,)
 LAST_ROLES = ("o", "down")  # a dense half-layer's last linear: x + o_proj(attention), h + down_proj(act)
 
-def measure_work(
-    fmt: OutputFormat | str, rows: int, head: tuple[int, int], moe: bool = False, only: dict | None = None
-) -> MeasureWork:
-    """What measure_layer and the probes do for this format on `rows` measurement rows, for the --dry-run estimate
-    (only: the candidate names measured per block, as measure_layer takes them; None = all)."""
+
+def measure_work(fmt: OutputFormat | str, rows: int, head: tuple[int, int], moe: bool = False) -> MeasureWork:
+    """What measure_layer and the probes do for this format on `rows` measurement rows, for the --dry-run estimate."""
     fmt = get_format(fmt)
-    cands = {b: _only(fmt.candidates(b, moe and b == "mlp"), only, b) for b in BLOCK_ROLES}
+    cands = {b: fmt.candidates(b, moe and b == "mlp") for b in BLOCK_ROLES}
     last = {b: next(r for r in BLOCK_ROLES[b] if r in LAST_ROLES) for b in BLOCK_ROLES}
     shared = {b: not (moe and b == "mlp") for b in BLOCK_ROLES}  # the last-linear shortcut of dense halves
     return MeasureWork(
@@ -68,7 +68,7 @@ def measure_work(
             for b, cs in cands.items()
         },  # fmt: skip
         last={b: last[b] if shared[b] else "" for b in BLOCK_ROLES},
-        probes=len(probed_widths(cands["attn"], only is None)) * min(PROBE_ROWS, rows),
+        probes=len(PROBE_BITS) * min(PROBE_ROWS, rows),
         probe_tokens=PROBE_TOKENS,
         head=head,
     )
@@ -136,10 +136,6 @@ def _shared_hessians(accs: dict[str, HessianAccumulator]) -> dict[str, torch.Ten
     return {n: by_acc[id(a)] if id(a) in by_acc else by_acc.setdefault(id(a), a.hessian()) for n, a in accs.items()}
 
 
-def _only(candidates: list[Candidate], only: dict[str, list[str]] | None, block: str) -> list[Candidate]:
-    return candidates if only is None else [c for c in candidates if c.name in only[block]]
-
-
 def uniform_width(cand: Candidate) -> int | None:
     """b when the candidate stores every role uniformly at b bits with the run's group size, else None."""
     widths = {segs[0][0] if len(segs) == 1 and g is None else None for _, segs, g in cand.roles}
@@ -147,18 +143,9 @@ def uniform_width(cand: Candidate) -> int | None:
 
 
 def probe_candidates(candidates: list[Candidate], widths=PROBE_BITS) -> list[Candidate]:
-    """The settings a block is probed at end to end: every role uniform at each of widths (PROBE_BITS, or a target's
-    one) at the run's group size (every format has them)."""
+    """The settings a block is probed at end to end: every role uniform at each of widths at the run's group size
+    (every format has them)."""
     return [next(c for c in candidates if uniform_width(c) == b) for b in widths]
-
-
-def probed_widths(candidates: list[Candidate], every: bool) -> tuple[int, ...]:
-    """The widths a block is probed at, given its measured candidates: the PROBE_BITS among their uniform widths
-    when every candidate is measured (a measurement for any target), else the lowest of those, which is the
-    target's lower window width (allocate.probe_widths): the one probe its allocation reads."""
-    present = {uniform_width(c) for c in candidates}
-    widths = tuple(b for b in PROBE_BITS if b in present)
-    return widths if every else widths[:1]
 
 
 def _widths_with(
@@ -211,15 +198,13 @@ def measure_layer(
     fmt: OutputFormat | str,
     probe: Callable[[str, int, int, torch.Tensor], None] | None = None,
     probe_rows: int = 0,
-    only: dict[str, list[str]] | None = None,
 ) -> dict[str, list[dict]]:
     """{"attn": [...], "mlp": [...]}, one {"candidate", "bits", "error"} per candidate, for this layer; io.middle
     keeps the float attention half's outputs (the MLP half's inputs).
 
     probe(block, k, r, h): for the first probe_rows rows, the layer's output with only this block quantized at its
-    k-th probe width (probed_widths of the measured candidates; the other half float), which the caller carries to
-    the logits to weigh this block's errors. only: the candidates to measure per block (allocate.needed_candidates;
-    None = every candidate)."""
+    k-th PROBE_BITS width (the other half float), which the caller carries to the logits to weigh this block's
+    errors."""
     fmt = get_format(fmt)
     accs = _hessians(layer, io, ctx)
     result: dict[str, list[dict]] = {}
@@ -229,8 +214,8 @@ def measure_layer(
         floats = {n: layer.get_submodule(n).weight.data.clone() for n in names}
         result[block] = []
         moe = any(expert_index(n) is not None for n in names)
-        candidates = _only(fmt.candidates(block, moe), only, block)
-        probed = probe_candidates(candidates, probed_widths(candidates, only is None)) if probe is not None else []
+        candidates = fmt.candidates(block, moe)
+        probed = probe_candidates(candidates) if probe is not None else []
         solved: dict[tuple[str, LinearSpec], torch.Tensor] = {}  # candidates share settings per linear: solve once
         room = SOLVE_CACHE * sum(w.numel() * w.element_size() for w in floats.values())
         factors: dict[tuple[int, int | None], dict] = {}  # one factorization per Hessian and rotation

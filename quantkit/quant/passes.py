@@ -20,7 +20,7 @@ from quantkit.quant.capture import LayerIO, LinearSpec, MemoryRows, quantize_lay
 from quantkit.quant.gptq import HessianAccumulator
 from quantkit.quant.job import Job
 from quantkit.quant.looper import Done, Unit
-from quantkit.quant.measure import PROBE_ROWS, PROBE_TOKENS, measure_layer, probed_widths
+from quantkit.quant.measure import PROBE_BITS, PROBE_ROWS, PROBE_TOKENS, measure_layer
 from quantkit.quant.settings import QuantizeOptions
 from quantkit.quant.solvers import SOLVERS
 
@@ -137,16 +137,13 @@ class QuantizePass(Pass):
 class MeasurePass(Pass):
     """--bpw's measurement (measure.py): every block's candidates measured on the float layer's inputs, each block
     at each probe width carried on through the later (float) layers, and at the end ("probe", a head unit) the KL
-    at the logits of every probe stream against the float model's. The probe widths are PROBE_BITS, or for a target
-    (wanted) its window's lower width (measure.probed_widths; the same for every block)."""
+    at the logits of every probe stream against the float model's (each block at each PROBE_BITS width)."""
 
     desc = "measure"
 
-    def __init__(self, *args, wanted: list[dict[str, list[str]]] | None):
+    def __init__(self, *args):
         super().__init__(*args)
-        self.wanted = wanted
-        attn = self.o.format.candidates("attn", False)
-        self.widths = probed_widths([c for c in attn if wanted is None or c.name in wanted[0]["attn"]], wanted is None)
+        self.widths = PROBE_BITS
         self.n_layers = self.ckpt.config.text.n_layers
         self.p_rows = min(PROBE_ROWS, self.rows)
         self.p_shape = (1, min(PROBE_TOKENS, self.ids.shape[1]), self.row_shape[2])
@@ -171,8 +168,7 @@ class MeasurePass(Pass):
 
         io = self._layer_io(self.job.store("attn", self.rows, self.row_shape, self.dtype))
         info = measure_layer(layer, io, self._context(self.row_shape), self.o.settings,
-                             lambda name: self.seeds(i, name), self.o.format, probe, p_rows,
-                             None if self.wanted is None else self.wanted[i])  # fmt: skip
+                             lambda name: self.seeds(i, name), self.o.format, probe, p_rows)  # fmt: skip
         return Done(None, info, True)
 
     def head(self, unit: Unit, norm, lm_head) -> Done:

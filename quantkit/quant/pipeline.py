@@ -12,7 +12,6 @@ assemble.py (the output folder); this module runs them in order.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -49,8 +48,9 @@ from quantkit.quant.job import (
     measurement_fingerprint,
     space_needed,
 )
+from quantkit.quant.measure import PROBE_BITS
 from quantkit.quant.passes import MeasurePass, QuantizePass
-from quantkit.quant.plan import QuantPlan, checked_shapes, linear_shapes, needed, plan, with_time
+from quantkit.quant.plan import QuantPlan, checked_shapes, linear_shapes, plan, with_time
 from quantkit.quant.settings import (
     AUTO,
     QuantizeOptions,
@@ -84,30 +84,21 @@ def _repeat_note(provenance: dict) -> str | None:
     )
 
 
-def _covers(data: dict, wanted: list[dict[str, list[str]]] | None) -> bool:
-    """Whether a measurement holds every wanted candidate (None: every candidate of the format)."""
-    return wanted is not None and all(
-        set(names) <= {e["candidate"] for e in layer[block]}
-        for layer, want in zip(data.get("layers") or [], wanted, strict=True) for block, names in want.items()
-    )  # fmt: skip
-
-
-def measure(ckpt: Checkpoint, model, ids: torch.Tensor, work: Path, o: QuantizeOptions, progress: bool = True,
-            wanted: list[dict[str, list[str]]] | None = None) -> dict:  # fmt: skip
-    """The measurement pass (passes.MeasurePass), resumable in work/measure, saved as work/measurement.json.
-    wanted: per layer and block, the candidates to measure (None: all, so that any --bpw target can reuse it)."""
+def measure(ckpt: Checkpoint, model, ids: torch.Tensor, work: Path, o: QuantizeOptions, progress: bool = True) -> dict:
+    """The measurement pass (passes.MeasurePass): every candidate of every block and the probes, resumable in
+    work/measure, saved as work/measurement.json (reusable with --measurement for any --bpw target)."""
     fingerprint = measurement_fingerprint(ckpt, ids, o.settings, o.rotate, o.torch_dtype, o.format)
     path = work / "measurement.json"
     if path.is_file():
         saved = read_json(path)
-        if saved.get("fingerprint") == fingerprint and (saved.get("scope") == "all" or _covers(saved, wanted)):
+        if saved.get("fingerprint") == fingerprint and saved.get("scope") == "all":  # not an older one-target one
             return saved
-    scope = "all" if wanted is None else hashlib.sha256(json.dumps(wanted).encode()).hexdigest()[:16]
     units = looper.model_units(model, head=True, head_step="probe")
-    job = Job(work / "measure", {**fingerprint, "scope": scope}, looper.job_steps(units), offload_dir=o.offload_dir)
-    processor = MeasurePass(ckpt, model, job, ids, o, rotate_seeds(o.rotate), wanted=wanted)
+    settings = {**fingerprint, "scope": "all", "probe_bits": list(PROBE_BITS)}
+    job = Job(work / "measure", settings, looper.job_steps(units), offload_dir=o.offload_dir)
+    processor = MeasurePass(ckpt, model, job, ids, o, rotate_seeds(o.rotate))
     looper.run(ckpt, model, job, units, processor, o.device, o.torch_dtype, progress)
-    data = {"version": 2, "fingerprint": fingerprint, "scope": "all" if wanted is None else f"--bpw {o.bpw}",
+    data = {"version": 2, "fingerprint": fingerprint, "scope": "all",
             "layers": [job.info(u.step) for u in units if u.kind == "layer"],
             "probe": {"rows": processor.p_rows, "tokens": processor.p_shape[1], "bits": list(processor.widths),
                       "kl": job.info("probe")["kl"]}}  # fmt: skip
@@ -118,11 +109,10 @@ def measure(ckpt: Checkpoint, model, ids: torch.Tensor, work: Path, o: QuantizeO
 
 
 def load_measurement(
-    path: Path, fmt: OutputFormat | str, expected: dict | None = None, n_layers: int | None = None, shapes=None,
-    wanted: list[dict[str, list[str]]] | None = None,
+    path: Path, fmt: OutputFormat | str, expected: dict | None = None, n_layers: int | None = None, shapes=None
 ) -> dict:
     """A saved measurement.json; refused when it was made for another model, other settings or is incomplete
-    (lacks candidates of the format, or of `wanted` when given: what the target can choose)."""
+    (lacks candidates of the format, or the probes --bpw reads)."""
     fmt = get_format(fmt)
     data = read_json(path)
     layers = data.get("layers")
@@ -132,16 +122,19 @@ def load_measurement(
     probe = data.get("probe") or {}
     if layers and not (isinstance(probe.get("kl"), list) and len(probe["kl"]) == len(layers)):
         raise QuantkitError(f"measurement {path} has no end-to-end probe (an older quantkit made it): measure again")
+    if layers and not set(PROBE_BITS) <= set(probe.get("bits") or []):
+        raise QuantkitError(f"measurement {path} has no {'/'.join(map(str, PROBE_BITS))}-bit probes (an older quantkit "
+                            "measured for one target only): measure again")  # fmt: skip
     for i, layer in enumerate(layers or []):
         for block in ("attn", "mlp"):
             names = {c.get("candidate") for c in (layer or {}).get(block) or [] if isinstance(c, dict)}
             moe = shapes is not None and i < len(shapes) and any(
                 expert_index(n) is not None and block_of(n) == block for n in shapes[i])  # fmt: skip
-            need = {c.name for c in fmt.candidates(block, moe)} if wanted is None else set(wanted[i][block])
+            need = {c.name for c in fmt.candidates(block, moe)}
             if not need <= names:
-                raise QuantkitError(f"measurement {path}: layer {i} lacks {block} candidates this target can choose "
-                                    f"({', '.join(sorted(need - names))}): measure again (--measure-all measures for "
-                                    "any target)")  # fmt: skip
+                raise QuantkitError(f"measurement {path}: layer {i} lacks {block} candidates "
+                                    f"({', '.join(sorted(need - names))}; an older quantkit measured for one target "
+                                    "only): measure again")  # fmt: skip
     fp = data.get("fingerprint")
     if expected is not None and fp != expected:
         diff = sorted(k for k in set(expected) | set(fp or {}) if (fp or {}).get(k) != expected.get(k))
@@ -190,7 +183,7 @@ def _plan(src: Path, dst: Path, o: QuantizeOptions, work: Path, progress: bool, 
         bpw_range = reachable_bpw(shapes, o.settings, rotate_seeds(o.rotate), o.format)
         check_bpw_reachable(o.bpw, *bpw_range)
         if o.measurement is not None:
-            load_measurement(o.measurement, o.format, n_layers=n_layers, shapes=shapes, wanted=needed(o, shapes))
+            load_measurement(o.measurement, o.format, n_layers=n_layers, shapes=shapes)
     the_plan = replace(plan(ckpt, model, o, bpw_range), group_choice=group_choice)
     output = OutputFolder(dst, force=o.force, src=src, work=work)  # validates dst before any work, dry run included
     if o.dry_run:
@@ -249,18 +242,14 @@ def _allocate(ckpt, model, ids, work: Path, o: QuantizeOptions, shapes, seeds, p
     m_ids = ids[: min(o.measure_rows, o.rows)]
     if o.measurement is not None:
         expected = measurement_fingerprint(ckpt, m_ids, o.settings, o.rotate, o.torch_dtype, o.format)
-        meas = load_measurement(o.measurement, o.format, expected, len(shapes), shapes, needed(o, shapes))
+        meas = load_measurement(o.measurement, o.format, expected, len(shapes), shapes)
     else:
-        meas = measure(ckpt, model, m_ids, work, o, progress, None if o.measure_all else needed(o, shapes))
-        reuse = "any --bpw target" if o.measure_all else "this --bpw target's width window; --measure-all for any"
-        log(f"measurement: {work / 'measurement.json'} (reuse it with --measurement: {reuse})")
+        meas = measure(ckpt, model, m_ids, work, o, progress)
+        log(f"measurement: {work / 'measurement.json'} (reuse it with --measurement for any --bpw target)")
     alloc = allocate(meas, shapes, o.bpw, o.settings, seeds, o.format)
     total = sum(v for layer in alloc.predicted for v in layer.values())
     log(
         f"allocation: {alloc.bpw:.4f} bits per decoder weight for --bpw {o.bpw} "
         f"({alloc.bits:,} bits, {alloc.bits / 8e9:.3f} GB), predicted KL {total:.4g}"
     )
-    if alloc.window is not None:
-        log(f"allocation: every block between {alloc.window[0]} and {alloc.window[1]} bits (uniform "
-            f"{alloc.window[0]}-bit is the widest uniform build within the budget)")  # fmt: skip
     return alloc.specs, alloc.predicted

@@ -10,11 +10,10 @@ from functools import partial
 from quantkit.arch.blocks import block_of, role_of, vision_layers
 from quantkit.errors import QuantkitError
 from quantkit.model.load import Checkpoint
-from quantkit.quant.allocate import needed_candidates
 from quantkit.quant.capture import LinearSpec, capture_groups
 from quantkit.quant.estimate import COUNT_FLOPS, estimate_seconds, human_seconds, measure_rates
 from quantkit.quant.measure import measure_work
-from quantkit.quant.settings import QuantizeOptions, rotate_seeds
+from quantkit.quant.settings import QuantizeOptions
 
 
 @dataclass
@@ -125,8 +124,7 @@ def with_time(the_plan: QuantPlan, model, o: QuantizeOptions, shapes, t, startup
     estimate = partial(
         estimate_seconds, shapes, capture_groups(model.layers[0]), rows=o.rows, seq_len=o.seq_len,
         attn_dim=t.n_heads * t.head_dim, head=(t.vocab_size, t.dim) if o.head_bits else None,
-        measure=measure_work(o.format, min(o.measure_rows, o.rows), (t.vocab_size, t.dim), t.n_experts > 0,
-                             None if o.measure_all else needed(o, shapes)[0])
+        measure=measure_work(o.format, min(o.measure_rows, o.rows), (t.vocab_size, t.dim), t.n_experts > 0)
         if o.bpw is not None and o.measurement is None else None, block_of=block_of, role_of=role_of,
     )  # fmt: skip
     seconds, flops = startup + estimate(rates=rates), estimate(rates=COUNT_FLOPS)
@@ -138,8 +136,3 @@ def with_time(the_plan: QuantPlan, model, o: QuantizeOptions, shapes, t, startup
              + (f"; the trellis encoding at {rates.trellis * 1e6:.0f} µs per weight (K = {trellis_k}, timed just "
                 "now; a wider K range costs more per weight at lower K)" if trellis_k is not None else ""))  # fmt: skip
     return replace(the_plan, seconds=seconds, time_basis=basis)
-
-
-def needed(o: QuantizeOptions, shapes) -> list[dict[str, list[str]]]:
-    """The candidates o.bpw can choose, per layer and block (allocate.needed_candidates)."""
-    return needed_candidates(shapes, o.bpw, o.settings, rotate_seeds(o.rotate), o.format)

@@ -42,7 +42,6 @@ class QuantizeOptions:
     rotate: bool = False
     measurement: Path | None = None
     measure_rows: int = 16
-    measure_all: bool = False  # measure every candidate (reusable for any target), not only this target's
     vision: str = "keep"
     dataset: str | None = None
     split: str = "train"
