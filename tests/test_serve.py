@@ -314,8 +314,10 @@ def test_kv_budget_refuses_what_cannot_fit_and_preempts_what_can(folders, one_th
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(folders, one_thread):
-    """A 2,000-token prompt joins a running request: prefilled whole, the running one gets no decode step until the
-    prompt is in; with --prefill-chunk 64 it gets one after each of the ~31 chunks (counted, not timed)."""
+    """A 2,000-token prompt joins a running request: prefilled whole, it is one prefill call with no decode step
+    inside; with --prefill-chunk 64 it is ~31 calls with a decode step of the running request after each. Counted
+    inside the worker (the decode steps at each of the long prompt's prefill calls), so a slow test thread cannot
+    add the running request's steps from before the prompt was admitted."""
     import queue
 
     from quantkit.model.generate import Sampling
@@ -326,14 +328,22 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(folders, one_
     model = load_any(folders["float"], device="cpu", backend="torch", progress=False)
     tokenizer = ChatTokenizer.from_folder(folders["float"])
     long_ids = [tokenizer.bos_id, *(1000 + i % 5000 for i in range(1999))]
-    steps = {}
+    calls: dict = {}
     for chunk in (None, 64):
         engine, events = Engine(model, tokenizer, prefill_chunk=chunk), queue.Queue()
+        calls[chunk] = []
+        prefill = engine.batch.prefill
+
+        def counted(row, limit, prefill=prefill, seen=calls[chunk], engine=engine):
+            if len(row.input_ids) == len(long_ids):
+                seen.append(engine.stats["decode_steps"])  # the worker's own counter, read on the worker
+            return prefill(row, limit)
+
+        engine.batch.prefill = counted
         try:
             running = Job(tokenizer.encode_raw("Count"), [], Sampling(max_new_tokens=100000), events.put)
             engine.submit(running)
             assert events.get(timeout=TIMEOUT_S)[0] == "first"
-            before = engine.status()["decode_steps"]
             finished: queue.Queue = queue.Queue()
             engine.submit(Job(long_ids, [], Sampling(max_new_tokens=1), finished.put))
             for _ in range(5):  # first, text, done
@@ -341,11 +351,11 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(folders, one_
                 if kind in ("done", "error"):
                     break
             assert kind == "done"
-            steps[chunk] = engine.status()["decode_steps"] - before
             running.cancel()
         finally:
             engine.close()
-    assert steps[None] <= 1 and steps[64] >= 2000 // 64 - 2, steps
+    assert len(calls[None]) == 1, calls
+    assert len(calls[64]) >= 2000 // 64 - 2 and calls[64][-1] - calls[64][0] >= len(calls[64]) - 1, calls
 
 
 def test_completions_on_the_chat_prompt_ids_give_the_chat_answer(served):
