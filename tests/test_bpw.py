@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 from same_output import assert_same_files
 
@@ -227,3 +228,44 @@ def test_a_plain_run_measures_for_every_target(tiny_models, tmp_path):
     result = run("quantize", src, tmp_path / "w4", "--bpw", "4.0", "--measurement", kept, *ARGS)
     assert result.exit_code == 1 and "lacks attn candidates (8;" in result.stderr
     assert "measure again" in result.stderr and not (tmp_path / "w4").exists()
+
+
+def test_the_measurement_does_not_depend_on_how_many_settings_a_pass_solves(monkeypatch):
+    """measure_layer solves a linear's settings of one grid kind in one pass, as many as SOLVE_BYTES holds for the
+    block: with no room beyond SOLVE_CACHE (a large model's case: 4 a pass, and the least recently used evicted) it
+    records the same candidates, bits and errors (the stacked solve is row by row; errors to float rounding)."""
+    from quantkit.model.config import ModelConfig, TextConfig
+    from quantkit.model.text import Transformer
+    from quantkit.quant import measure
+    from quantkit.quant.capture import LayerIO, MemoryRows
+    from quantkit.quant.settings import QuantSettings
+
+    t = TextConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, vocab_size=96,
+                   norm_eps=1e-5, rope_theta=1e4, max_seq_len=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig("mistral", t))
+    for name, p in model.named_parameters():
+        p.data = torch.ones_like(p) if "norm" in name else torch.randn_like(p) * 0.3
+    rows = [torch.randn(1, 64, 64) for _ in range(3)]
+    ctx = model.context(0, rows[0])
+    s = QuantSettings(group_size=32)
+    solved = []
+    real_solve = measure._solve
+    monkeypatch.setattr(measure, "_solve", lambda *a: solved.append(len(a[3])) or real_solve(*a))
+
+    def measured(room: int) -> dict:
+        monkeypatch.setattr(measure, "SOLVE_BYTES", room)
+        io = LayerIO(3, MemoryRows(list(rows)), MemoryRows([None] * 3), "cpu", middle=MemoryRows([None] * 3))
+        return measure.measure_layer(model.layers[0], io, ctx, s, lambda n: None, "quantkit")
+
+    solved.clear()
+    small = measured(0)
+    assert max(solved) == measure.SOLVE_CACHE
+    passes_small = len(solved)
+    solved.clear()
+    big = measured(1 << 30)
+    assert max(solved) > measure.SOLVE_CACHE and len(solved) < passes_small
+    for block in ("attn", "mlp"):
+        assert [(c["candidate"], c["bits"]) for c in small[block]] == [(c["candidate"], c["bits"]) for c in big[block]]
+        for a, b in zip(small[block], big[block], strict=True):
+            assert a["error"] == pytest.approx(b["error"], rel=1e-4), a["candidate"]

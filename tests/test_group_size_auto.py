@@ -12,8 +12,10 @@ import pytest
 from click.testing import CliRunner
 from same_output import assert_same_files
 
+from quantkit.arch.blocks import BLOCK_ROLES
 from quantkit.cli import main
 from quantkit.formats.registry import get_format
+from quantkit.formats.spec import Candidate
 from quantkit.quant.measure import PER_CHANNEL, spec_for_candidate
 from quantkit.quant.settings import QuantSettings, resolve_group_size
 
@@ -87,11 +89,13 @@ def test_auto_counts_the_vision_tower_and_falls_back_to_per_channel(tiny_models,
 
 
 def test_bpw_candidates_use_the_resolved_size(wide192, tmp_path):
-    """--bpw's table: the run's-size candidates take auto's 64; a fixed g32 that does not divide takes the run's."""
+    """--bpw's table: the run's-size candidates take auto's 64; a fixed g32 (a candidate a format may declare) that
+    does not divide takes the run's."""
     for g, k in ((64, 192), (64, 384), (None, 48)):
         s = QuantSettings(group_size=g)
         for block in ("attn", "mlp"):
-            for cand in get_format("quantkit").candidates(block, False):
+            g32 = Candidate("3 g32", tuple((r, ((3, 1.0),), 32) for r in BLOCK_ROLES[block]))
+            for cand in [*get_format("quantkit").candidates(block, False), g32]:
                 for _, _, cand_g in cand.roles:
                     name = "self_attn.q_proj" if block == "attn" else "mlp.down_proj"
                     group = spec_for_candidate(cand, name, k, s, None).group_size
