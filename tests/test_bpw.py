@@ -234,18 +234,13 @@ def test_the_measurement_does_not_depend_on_how_many_settings_a_pass_solves(monk
     """measure_layer solves a linear's settings of one grid kind in one pass, as many as SOLVE_BYTES holds for the
     block: with no room beyond SOLVE_CACHE (a large model's case: 4 a pass, and the least recently used evicted) it
     records the same candidates, bits and errors (the stacked solve is row by row; errors to float rounding)."""
-    from quantkit.model.config import ModelConfig, TextConfig
-    from quantkit.model.text import Transformer
+    from test_decode import tiny_model
+
     from quantkit.quant import measure
     from quantkit.quant.capture import LayerIO, MemoryRows
     from quantkit.quant.settings import QuantSettings
 
-    t = TextConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, vocab_size=96,
-                   norm_eps=1e-5, rope_theta=1e4, max_seq_len=64)  # fmt: skip
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig("mistral", t))
-    for name, p in model.named_parameters():
-        p.data = torch.ones_like(p) if "norm" in name else torch.randn_like(p) * 0.3
+    model = tiny_model()
     rows = [torch.randn(1, 64, 64) for _ in range(3)]
     ctx = model.context(0, rows[0])
     s = QuantSettings(group_size=32)
@@ -258,7 +253,6 @@ def test_the_measurement_does_not_depend_on_how_many_settings_a_pass_solves(monk
         io = LayerIO(3, MemoryRows(list(rows)), MemoryRows([None] * 3), "cpu", middle=MemoryRows([None] * 3))
         return measure.measure_layer(model.layers[0], io, ctx, s, lambda n: None, "quantkit")
 
-    solved.clear()
     small = measured(0)
     assert max(solved) == measure.SOLVE_CACHE
     passes_small = len(solved)

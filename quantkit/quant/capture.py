@@ -60,6 +60,12 @@ def solve_linear(
     return solve_linear_widths(W, H, [spec], s, factors)[0]
 
 
+def grid_kind(spec: LinearSpec, s: QuantSettings) -> tuple:
+    """What specs solved together in one GPTQ pass (solve_linear_widths) must share: group size, rotation and
+    symmetry."""
+    return spec.group_size, spec.rotate_seed, s.sym_for(spec.bits)
+
+
 def solve_linear_widths(
     W: torch.Tensor, H: torch.Tensor, specs: list[LinearSpec], s: QuantSettings, factors: dict | None = None,
     losses: bool = True,
@@ -68,8 +74,7 @@ def solve_linear_widths(
     (losses=False: without the proxy losses, for the measurement)."""
     spec = specs[0]
     sym = s.sym_for(spec.bits)
-    if any((sp.group_size, sp.rotate_seed, s.sym_for(sp.bits)) != (spec.group_size, spec.rotate_seed, sym)
-           for sp in specs):  # fmt: skip
+    if any(grid_kind(sp, s) != grid_kind(spec, s) for sp in specs):
         raise QuantkitError("internal: widths solved together must share group size, rotation and symmetry")
     signs, block = None, 0
     if spec.rotate_seed is not None:

@@ -31,6 +31,7 @@ from quantkit.quant.capture import (
     LayerIO,
     attach_hessians,
     capture_groups,
+    grid_kind,
     shared_expert_hessians,
     solve_linear_widths,
 )
@@ -150,11 +151,6 @@ def probe_candidates(candidates: list[Candidate], widths=PROBE_BITS) -> list[Can
     """The settings a block is probed at end to end: every role uniform at each of widths at the run's group size
     (every format has them)."""
     return [next(c for c in candidates if uniform_width(c) == b) for b in widths]
-
-
-def grid_kind(spec: LinearSpec, s: QuantSettings) -> tuple:
-    """What settings solved in one GPTQ pass must share: group size, rotation and symmetry."""
-    return spec.group_size, spec.rotate_seed, s.sym_for(spec.bits)
 
 
 def _widths_with(
