@@ -134,11 +134,6 @@ class QuantizePass(Pass):
         return Done(tensors, {"vision_bits": s.bits}) if unit.ends_step else Done()
 
 
-# Logits the probe head computes at once (fp32, and as much again for their log-softmax): 128 MB. On SmolLM2-135M
-# (5 streams a batch) the head took 0.78x the time of one stream at a time, the same KL bit for bit.
-HEAD_ELEMENTS = 1 << 25
-
-
 class MeasurePass(Pass):
     """--bpw's measurement (measure.py): every block's candidates measured on the float layer's inputs, each block
     at each probe width carried on through the later (float) layers, and at the end ("probe", a head unit) the KL
@@ -183,18 +178,12 @@ class MeasurePass(Pass):
         cur, _ = self.job.stores(self.rows, self.row_shape, self.dtype)
         p_cur, _ = self._probe_stores()
         total = [0.0] * (2 * self.n_layers * n_probes)
-        vocab = self.ckpt.config.text.vocab_size
-        batch = max(1, HEAD_ELEMENTS // (tokens * vocab))  # streams through the head at once
         with torch.no_grad():
             for r in range(p_rows):
                 ref = torch.log_softmax(self.model.head(cur.read(r)[:, :tokens].to(self.device)).float(), -1)
                 p = ref.exp()
-                for start in range(0, len(total), batch):
-                    streams = range(start, min(start + batch, len(total)))
-                    h = torch.cat([p_cur.read(b * p_rows + r) for b in streams]).to(self.device)
-                    logp = torch.log_softmax(self.model.head(h).float(), -1)
-                    kl = logp.neg_().add_(ref).mul_(p).sum(-1).mean(-1).tolist()  # KL(float || probed) per stream
-                    for b, v in zip(streams, kl, strict=True):
-                        total[b] += v / p_rows
+                for b in range(len(total)):
+                    logp = torch.log_softmax(self.model.head(p_cur.read(b * p_rows + r).to(self.device)).float(), -1)
+                    total[b] += float(logp.neg_().add_(ref).mul_(p).sum(-1).mean()) / p_rows  # KL(float || probed)
         per_block = [total[k : k + n_probes] for k in range(0, len(total), n_probes)]
         return Done(None, {"kl": [per_block[2 * i : 2 * i + 2] for i in range(self.n_layers)]})
