@@ -102,15 +102,15 @@ def folder_build(label: str, folder: Path, seconds: float | None, same_size_as: 
 
 
 def mixed_builds(work: Path, hf: Path, targets, label: str, folder: str, extra: list, measurement: Path) -> list:
-    """`--bpw` builds at each (target, same_size_as): the first measures (every candidate, for any target; timed
-    with it), the rest reuse its measurement.json. label and folder are format strings taking
+    """`--bpw` builds at each (target, same_size_as): the first measures (for every target up to the highest,
+    --measure-for; timed with it), the rest reuse its measurement.json. label and folder are format strings taking
     the target."""
     measurement.unlink(missing_ok=True)  # measured afresh in every run
     builds = []
     for target, same in targets:
         out = work / folder.format(target)
         measures = not measurement.is_file()
-        reuse = [] if measures else ["--measurement", measurement]
+        reuse = ["--measure-for", max(t for t, _ in targets)] if measures else ["--measurement", measurement]
         seconds = quantkit_cli(hf, out, "--bpw", target, "--group-size", GROUP, *extra, *reuse)
         if measures:
             shutil.copy(work / f".{out.name}.quantkit-work" / "measurement.json", measurement)

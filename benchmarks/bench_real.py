@@ -185,7 +185,8 @@ def bpw_builds(
                 builds.append(existing(work / name))
                 continue
             measures = fresh and i == 0 or not measurement.is_file()  # else a measurement of this variant is reused
-            reuse = [] if measures else ["--measurement", measurement]  # one measurement serves every target
+            # one measurement serves every target up to the highest
+            reuse = ["--measure-for", str(max(targets))] if measures else ["--measurement", measurement]
             args = ["--bpw", str(target), "--format", fmt, *extra, "--group-size", GROUP, *calib_args, *reuse]
             label = f"quantkit --bpw {target:g} --format {fmt}{''.join(' ' + a for a in extra)}"
             if target in uniform:

@@ -37,9 +37,9 @@ def decoder_bpw(folder) -> float:
 
 @pytest.fixture(scope="module")
 def measured(tiny_models, tmp_path_factory, fresh_bpw_build):
-    """A fresh --bpw 3.0 run; its measurement.json is kept for the other targets."""
+    """A fresh --bpw 3.0 run measured for every target (--measure-for 9); its measurement.json is kept for them."""
     src, root = tiny_models.get("mistral_bpw")["hf"], tmp_path_factory.mktemp("bpw")
-    return src, root, fresh_bpw_build(src, root, ARGS)
+    return src, root, fresh_bpw_build(src, root, [*ARGS, "--measure-for", "9"])
 
 
 @pytest.mark.parametrize("target", [2.5, 3.0, 4.0, 5.0])
@@ -165,9 +165,9 @@ def test_the_lowest_target_builds_and_runs(measured, tmp_path):
 
 
 def test_the_allocation_trades_widths_across_the_whole_table():
-    """No width window: where uniform 3-bit fits the budget and uniform 4-bit does not, a block whose probe says the
-    model depends on it goes to 8 bits, paid for by the others going below 3 (per-channel or 2-bit grids); the
-    predicted KL is the square law through each block's 2-bit probe."""
+    """No width window: at uniform 3-bit's size, a block whose probe says the model depends on it goes as far above
+    the target as the format reaches (2.5 bits per weight), paid for by the others going below 3 (per-channel or
+    2-bit grids); the predicted KL is the square law through each block's 2-bit probe."""
     from quantkit.formats.registry import get_format
     from quantkit.formats.spec import PER_CHANNEL
     from quantkit.quant.allocate import _table, allocate
@@ -187,11 +187,12 @@ def test_the_allocation_trades_widths_across_the_whole_table():
     kl = [[[1000.0], [0.01]], [[0.01], [0.01]], [[0.01], [0.01]]]  # layer 0's attention is what the model needs
     meas = {"layers": layers, "probe": {"rows": 4, "tokens": 128, "bits": [2], "kl": kl}}
     uniform3 = sum(row[[c.name for c in r].index("3")] for row, r in zip(bits, cands, strict=True)) / numel
-    alloc = allocate(meas, shapes, uniform3 + 0.05, s, lambda i, n: None, "quantkit")
-    assert alloc.choices[0]["attn"] == "8"
+    alloc = allocate(meas, shapes, uniform3, s, lambda i, n: None, "quantkit")
+    chosen = bits[0][[c.name for c in cands[0]].index(alloc.choices[0]["attn"])] / (2 * 256 * 256 + 2 * 64 * 256)
+    assert uniform3 + 2 < chosen <= uniform3 + 2.5, (alloc.choices[0]["attn"], chosen, uniform3)
     below = [alloc.specs[li][n] for li in (1, 2) for n in layer]
     assert any(sp.group_size == PER_CHANNEL or sp.bits == 2 for sp in below)
-    assert alloc.bits <= (uniform3 + 0.05) * numel
+    assert alloc.bits <= uniform3 * numel
 
 
 def test_a_candidates_kl_is_its_blocks_probe_through_the_square_law():
@@ -201,33 +202,62 @@ def test_a_candidates_kl_is_its_blocks_probe_through_the_square_law():
     assert predicted_kl([0.2, 0.1], None) == [0.2, 0.1] and predicted_kl([0.2], (0.1, 0.0)) == [0.2]
 
 
-def test_a_plain_run_measures_for_every_target(tiny_models, tmp_path):
-    """A --bpw run measures every candidate and probes at 2 bits, so its measurement.json serves any other target;
-    a measurement that lacks candidates (an older quantkit measured for one target only) is refused, naming them."""
+BLOCK_NUMEL = {"attn": 2 * 128 * 128 + 2 * 64 * 128, "mlp": 3 * 128 * 256}  # one layer's, of the tiny model
+
+
+def test_a_run_measures_the_candidates_its_target_can_use(tiny_models, tmp_path):
+    """A --bpw 3.0 run (quantkit format) measures the candidates that store at most 2.5 bits per weight above 3.0
+    and probes at 2 bits: its measurement.json serves 3.0 and the targets below it, and a higher target is refused
+    (nothing written), naming the target it was made for."""
+    src = tiny_models.get("mistral_bpw")["hf"]
+    result = run("quantize", src, tmp_path / "w3", "--bpw", "3.0", *ARGS)
+    assert result.exit_code == 0, result.output + str(result.exception)
+    assert "reuse it with --measurement for --bpw up to 3" in result.output
+    meas = json.loads((tmp_path / ".w3.quantkit-work" / "measurement.json").read_text())
+    assert meas["scope"] == "all" and meas["reach"] == 5.5
+    assert meas["probe"]["bits"] == [2] and all(len(kl) == 1 for layer in meas["probe"]["kl"] for kl in layer)
+    for layer in meas["layers"]:
+        for b in ("attn", "mlp"):
+            names = {e["candidate"] for e in layer[b]}
+            assert {"2", "2 per-channel", "3", "3+salient", "4", "5"} <= names and not {"6", "7+salient", "8"} & names
+            assert all(e["bits"] <= 5.5 * BLOCK_NUMEL[b] for e in layer[b])
+    kept = tmp_path / "measurement.json"
+    kept.write_text(json.dumps(meas))
+    result = run("quantize", src, tmp_path / "w25", "--bpw", "2.5", "--measurement", kept, *ARGS)
+    assert result.exit_code == 0, result.output + str(result.exception)
+    assert 2.48 <= decoder_bpw(tmp_path / "w25") <= 2.5
+    result = run("quantize", src, tmp_path / "w4", "--bpw", "4.0", "--measurement", kept, *ARGS)
+    assert result.exit_code == 1 and "was made for --bpw up to 3, which lacks candidates --bpw 4" in result.stderr
+    assert "measure again" in result.stderr and not (tmp_path / "w4").exists()
+    result = run("quantize", src, tmp_path / "g3", "--bpw", "3.0", "--format", "gptq", "--measurement", kept, *ARGS)
+    assert result.exit_code == 1 and "was made for --format quantkit, not gptq" in result.stderr
+
+
+def test_measure_for_makes_one_measurement_serve_every_target(tiny_models, tmp_path):
+    """--measure-for 9 measures every candidate, so the measurement.json serves any target; one that lacks a
+    candidate the target may use is refused, naming it."""
     from quantkit.formats.registry import get_format
 
     src = tiny_models.get("mistral_bpw")["hf"]
-    out = tmp_path / "w3"
-    result = run("quantize", src, out, "--bpw", "3.0", *ARGS)
+    result = run("quantize", src, tmp_path / "w3", "--bpw", "3.0", "--measure-for", "9", *ARGS)
     assert result.exit_code == 0, result.output + str(result.exception)
-    assert 2.98 <= decoder_bpw(out) <= 3.0
     meas = json.loads((tmp_path / ".w3.quantkit-work" / "measurement.json").read_text())
-    assert meas["scope"] == "all"
     every = {b: [c.name for c in get_format("quantkit").candidates(b, False)] for b in ("attn", "mlp")}
     for layer in meas["layers"]:
         assert {b: [e["candidate"] for e in layer[b]] for b in ("attn", "mlp")} == every
-    assert meas["probe"]["bits"] == [2] and all(len(kl) == 1 for layer in meas["probe"]["kl"] for kl in layer)
     kept = tmp_path / "measurement.json"
     kept.write_text(json.dumps(meas))
     result = run("quantize", src, tmp_path / "w5", "--bpw", "5.0", "--measurement", kept, *ARGS)
     assert result.exit_code == 0, result.output + str(result.exception)
     assert 4.98 <= decoder_bpw(tmp_path / "w5") <= 5.0
     for layer in meas["layers"]:
-        layer["attn"] = [e for e in layer["attn"] if e["candidate"] != "8"]
+        layer["attn"] = [e for e in layer["attn"] if e["candidate"] != "5"]
     kept.write_text(json.dumps(meas))
     result = run("quantize", src, tmp_path / "w4", "--bpw", "4.0", "--measurement", kept, *ARGS)
-    assert result.exit_code == 1 and "lacks attn candidates (8;" in result.stderr
+    assert result.exit_code == 1 and "lacks layer 0 attn candidates (5)" in result.stderr
     assert "measure again" in result.stderr and not (tmp_path / "w4").exists()
+    result = run("quantize", src, tmp_path / "w6", "--bits", "4", "--measure-for", "5", *ARGS)
+    assert result.exit_code == 1 and "--measure-for goes with --bpw" in result.stderr
 
 
 def test_the_measurement_does_not_depend_on_how_many_settings_a_pass_solves(monkeypatch):

@@ -109,7 +109,7 @@ def test_bpw_is_not_worse_than_the_uniform_build_of_equal_or_smaller_size(smol, 
     measurement = tmp_path / ".m3.quantkit-work" / "measurement.json"
     between = (uniform[3][0] + uniform[4][0]) / 2
     for name, target, against in (("m3", uniform[3][0], 3), ("mid", between, 3), ("m4", uniform[4][0], 4)):
-        reuse = ["--measurement", tmp_path / "measurement.json"] if name != "m3" else []
+        reuse = ["--measurement", tmp_path / "measurement.json"] if name != "m3" else ["--measure-for", uniform[4][0]]
         cli("quantize", hf, tmp_path / name, "--bpw", f"{target:.6f}", "--format", fmt, *calib, *reuse)
         if name == "m3":
             (tmp_path / "measurement.json").write_bytes(measurement.read_bytes())

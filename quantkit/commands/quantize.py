@@ -22,6 +22,9 @@ def _group_size(value: str) -> int | str | None:
 @click.option("--rotate", is_flag=True, help="Randomized Hadamard rotation of input features (quantkit format).")
 @click.option("--measurement", type=click.Path(path_type=Path), help="Reuse a measurement.json for --bpw.")
 @click.option("--measure-rows", type=int, default=16, show_default=True, help="Calibration rows measured for --bpw.")
+@click.option("--measure-for", type=float,
+              help="Measure for every --bpw up to this one, so that the measurement.json serves them all "
+                   "(default: the --bpw target and those below it).")  # fmt: skip
 @click.option(
     "-b", "--bits", type=int, default=4, show_default=True, help="Bits per weight (2-8; 1-8 with --format exl3)."
 )
@@ -95,6 +98,7 @@ def _group_size(value: str) -> int | str | None:
 @click.option("--force", is_flag=True, help="Replace a non-empty DST.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement: Path | None, measure_rows: int,
+             measure_for: float | None,
              bits: int, group_size: str, act_order: bool, static_groups: bool, sym: bool | None,
              damp: float, clip: bool, vision: str, head_bits: int | None, fmt: str | None, dataset: str | None,
              split: str,
@@ -115,7 +119,7 @@ def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement:
     options = QuantizeOptions(
         settings=settings, fmt=fmt or (MIXED_DEFAULT if bpw is not None or rotate else UNIFORM_DEFAULT),
         head_bits=head_bits, bpw=bpw, rotate=rotate, measurement=measurement, measure_rows=measure_rows,
-        vision=vision, dataset=dataset, split=split, text_field=text_field, rows=rows,
+        measure_for=measure_for, vision=vision, dataset=dataset, split=split, text_field=text_field, rows=rows,
         seq_len=seq_len, seed=seed, work_dir=work_dir, offload_dir=offload_dir, restart=restart, force=force,
         dry_run=dry_run, device=device, dtype=dtype, max_shard_size=max_shard_size, export_names=export_names,
     ).check()  # fmt: skip

@@ -20,14 +20,16 @@ therefore lands just under the target, within the smallest such step (one group 
 In a format whose linears cannot mix widths (GPTQ), the fill moves whole blocks to a dearer candidate of their table
 instead (one that does not raise the measured error), largest error drop per bit first.
 
-The knapsack chooses among every candidate of the table, across widths. Until 2026-12-06 every block stayed
-between the widest uniform width whose build fits the budget (b) and the next width up: before the probes, a free
-choice on SmolLM2-135M at uniform 4-bit's size (GPTQ g64) put q/k/v at 8 bits and o/down at 3 in 17 blocks and
-measured 37% more KL than uniform 4-bit. With the probes weighing the blocks that window only cost: on SmolLM2-135M
-dropping it took the real-model KL from 1.249 / 1.154 to 1.075 / 1.010 at 3.0 (GPTQ / quantkit format), 0.269 to
-0.220 at uniform 4-bit's size (GPTQ) and 0.337 to 0.230 at 4.0 (quantkit format); on the self-trained model it cut
-the KL at 3.0 and 4.0 to 0.67x and 0.44x (benchmarks/RESULTS.md). Every target reads the 2-bit probes
-(measure.PROBE_BITS), so one measurement serves every target.
+The knapsack chooses among every candidate of the table across widths, up to the format's reach above the target
+(OutputFormat.reach: in the quantkit format 2.5 bits per weight, which left SmolLM2's allocations unchanged).
+Until 2026-12-06 every block stayed between the widest uniform width whose build fits the budget (b) and the next
+width up: before the probes, a free choice on SmolLM2-135M at uniform 4-bit's size (GPTQ g64) put q/k/v at 8 bits
+and o/down at 3 in 17 blocks and measured 37% more KL than uniform 4-bit. With the probes weighing the blocks that
+window only cost: on SmolLM2-135M dropping it took the real-model KL from 1.249 / 1.154 to 1.075 / 1.010 at 3.0
+(GPTQ / quantkit format), 0.269 to 0.220 at uniform 4-bit's size (GPTQ) and 0.337 to 0.230 at 4.0 (quantkit
+format); on the self-trained model it cut the KL at 3.0 and 4.0 to 0.67x and 0.44x (benchmarks/RESULTS.md).
+Every target reads the 2-bit probes (measure.PROBE_BITS), so one measurement serves every target its candidates
+reach.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.base import OutputFormat
 from quantkit.formats.registry import get_format
 from quantkit.formats.spec import LinearSpec, QuantSettings
-from quantkit.quant.measure import PROBE_BITS, probe_candidates, spec_for_candidate
+from quantkit.quant.measure import PROBE_BITS, block_table, check_reach, probe_candidates, reach_of, spec_for_candidate
 
 RESOLUTION = 20_000
 BLOCKS = ("attn", "mlp")
@@ -133,17 +135,17 @@ def _fill_blocks(picks: list[int], bits: list[list[int]], errors: list[list[floa
         picks[-k], left = j, left - delta
 
 
-def _table(shapes: list[dict[str, tuple[int, int]]], s: QuantSettings, rotate_seed, fmt: OutputFormat):
-    """Every block (layer, "attn" / "mlp"), its candidates and their exact stored bits on these shapes: the same
-    costs a measurement records, known before measuring."""
+def _table(shapes: list[dict[str, tuple[int, int]]], s: QuantSettings, rotate_seed, fmt: OutputFormat,
+           reach: float | None = None):  # fmt: skip
+    """Every block (layer, "attn" / "mlp"), its candidates (up to reach bits per weight) and their exact stored
+    bits on these shapes: the same costs a measurement records, known before measuring."""
     blocks = [(li, b) for li in range(len(shapes)) for b in ("attn", "mlp")]
-    cands = [fmt.candidates(b, _is_moe(shapes[li], b)) for li, b in blocks]
-    bits = []
-    for (li, b), row in zip(blocks, cands, strict=True):
-        layer = shapes[li]
-        names = [n for n in layer if block_of(n) == b]
-        bits.append([sum(fmt.stored_bits(spec_for_candidate(c, n, layer[n][1], s, rotate_seed(li, n)), *layer[n], s)
-                         for n in names) for c in row])  # fmt: skip
+    cands, bits = [], []
+    for li, b in blocks:
+        seed = lambda n, li=li: rotate_seed(li, n)  # noqa: E731
+        table = block_table(fmt, b, _is_moe(shapes[li], b), shapes[li], s, seed, reach)
+        cands.append([c for c, _ in table])
+        bits.append([x for _, x in table])
     return blocks, cands, bits
 
 
@@ -198,7 +200,8 @@ def allocate(
     that mixes widths within a matrix widens single linears instead."""
     fmt = get_format(fmt)
     numel = sum(o * i for layer in shapes for o, i in layer.values())
-    blocks, cands, bits = _table(shapes, s, rotate_seed, fmt)
+    check_reach(measurement.get("reach"), fmt, target_bpw, "the measurement")
+    blocks, cands, bits = _table(shapes, s, rotate_seed, fmt, reach_of(fmt, target_bpw))
     lo, hi = sum(min(x) for x in bits) / numel, sum(max(x) for x in bits) / numel
     if not lo <= target_bpw <= hi:
         raise QuantkitError(f"--bpw {target_bpw} is outside what this model can reach: {lo:.3f} to {hi:.3f}")

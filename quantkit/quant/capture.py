@@ -23,7 +23,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.hadamard import block_size, random_signs, rotate
 from quantkit.formats.spec import LinearSpec, QuantSettings
 from quantkit.memory import release
-from quantkit.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize_widths
+from quantkit.quant.gptq import CLIP_SEARCH, GPTQResult, HessianAccumulator, gptq_quantize_widths
 
 STARVED_FRACTION = 0.1  # an expert with < 10% of the tokens uniform routing would give it is "starved"
 
@@ -68,10 +68,10 @@ def grid_kind(spec: LinearSpec, s: QuantSettings) -> tuple:
 
 def solve_linear_widths(
     W: torch.Tensor, H: torch.Tensor, specs: list[LinearSpec], s: QuantSettings, factors: dict | None = None,
-    losses: bool = True,
+    losses: bool = True, clip_search: tuple[int, int] = CLIP_SEARCH,
 ) -> list[Solved]:
-    """solve_linear for specs that differ only in their widths or layouts (or one spec), in one GPTQ pass
-    (losses=False: without the proxy losses, for the measurement)."""
+    """solve_linear for specs that differ only in their widths or layouts (or one spec), in one GPTQ pass (the
+    measurement's: losses=False, without the proxy losses, and a coarser clip_search)."""
     spec = specs[0]
     sym = s.sym_for(spec.bits)
     if any(grid_kind(sp, s) != grid_kind(spec, s) for sp in specs):
@@ -85,7 +85,7 @@ def solve_linear_widths(
     widths = [list(sp.bits) if not isinstance(sp.bits, int) else sp.bits for sp in specs]
     results = gptq_quantize_widths(
         W, H, widths, spec.group_size, sym=sym, act_order=s.act_order, static_groups=s.static_groups,
-        damp=s.damp, clip=s.clip, factors=factors, losses=losses,
+        damp=s.damp, clip=s.clip, clip_search=clip_search, factors=factors, losses=losses,
     )  # fmt: skip
     return [Solved(res, signs, block) for res in results]
 

@@ -129,7 +129,9 @@ def column_bits(bits: int | Sequence[tuple[int, int]], n_in: int, group_size: in
     return [b for b, n in layout for _ in range(n)]
 
 
-CLIP_COARSE = 8  # the clipping search's coarse stride, in steps of its grid (a power of two)
+# The clipping search's (coarse stride, finest stride), in steps of its grid (powers of two): every 8th step, then
+# around each row's best down to single steps. The --bpw measurement searches (16, 4) (measure.MEASURE_CLIP).
+CLIP_SEARCH = (8, 1)
 # Elements of the shrinks the clipping search tries at once: 4 MB of fp32 per temporary, which the CPU's caches
 # hold. 16 MB ran 1.7x slower on the measurement's stacked widths (SmolLM2's gate_proj at three widths, one
 # group: 3 tries a batch instead of all 10), the same codes.
@@ -187,16 +189,18 @@ def _norm_error_(d: torch.Tensor, norm: float) -> torch.Tensor:
 
 
 def _find_params(
-    x: torch.Tensor, maxq: MaxQ, sym: bool, clip: bool, clip_grid: int, clip_max_shrink: float, clip_norm: float
+    x: torch.Tensor, maxq: MaxQ, sym: bool, clip: bool, clip_grid: int, clip_max_shrink: float, clip_norm: float,
+    search: tuple[int, int] = CLIP_SEARCH,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid for x [out, k]; with clip, the shrink factor per row minimizing Σ|x − deq|^clip_norm.
 
     Clipping the range trades a few saturated outliers for a finer step on everything else; at 3 bits it took the
     real model's KL from 1.67 to 0.97 (benchmarks/RESULTS.md). The shrinks are GPTQ's --mse grid, p = 1 − i/clip_grid
-    down to 1 − clip_max_shrink, searched coarse to fine: every CLIP_COARSE-th step, then around each row's best at
-    half the stride, a quarter, ... one step (the error is smooth in p at that scale; 16 tries instead of 80, each
-    stage in one batch). The error's norm is 2.5 where GPTQ's is 2.4: d²·√d costs a tenth of a general power, and
-    on SmolLM2's weights it chose the same scale for 50-88% of the rows, at a 0.3-0.8% larger squared error.
+    down to 1 − clip_max_shrink, searched coarse to fine (search = (coarse, finest) strides): every 8th step, then
+    around each row's best at half the stride, a quarter, ... one step (the error is smooth in p at that scale; 16
+    tries instead of 80, each stage in one batch). The error's norm is 2.5 where GPTQ's is 2.4: d²·√d costs a tenth
+    of a general power, and on SmolLM2's weights it chose the same scale for 50-88% of the rows, at a 0.3-0.8%
+    larger squared error.
     """
     lo, hi = x.amin(dim=1).clamp(max=0), x.amax(dim=1).clamp(min=0)  # amin: min(dim) is 25x slower
     if not clip:
@@ -218,9 +222,10 @@ def _find_params(
         k = err.min(dim=0, keepdim=True).indices  # the first least, as argmin gives, 17x faster
         return tuple(t.gather(0, k)[0] for t in (err, i, scale, zero))
 
-    best = least(torch.arange(0, steps, CLIP_COARSE, device=x.device, dtype=x.dtype).unsqueeze(1).expand(-1, len(x)))
-    d = CLIP_COARSE // 2
-    while d:  # halve the stride around each row's best: its neighbours d steps either side
+    coarse, finest = search
+    best = least(torch.arange(0, steps, coarse, device=x.device, dtype=x.dtype).unsqueeze(1).expand(-1, len(x)))
+    d = coarse // 2
+    while d >= finest:  # halve the stride around each row's best: its neighbours d steps either side
         near = least((best[1] + torch.tensor([[-d], [d]], device=x.device, dtype=x.dtype)).clamp(1, steps - 1))
         better = near[0] < best[0]
         best = tuple(torch.where(better, n, b) for n, b in zip(near, best, strict=True))
@@ -301,6 +306,7 @@ def gptq_quantize_widths(
     clip_grid: int = 100,
     clip_max_shrink: float = 0.8,
     clip_norm: float = 2.5,
+    clip_search: tuple[int, int] = CLIP_SEARCH,
     block_size: int = 128,
     factors: dict | None = None,
     losses: bool = True,
@@ -310,7 +316,8 @@ def gptq_quantize_widths(
     GPTQ updates every output row on its own, so the rows of W stacked once per width, each copy with its own
     largest code per column, give each width's result; the --bpw measurement solves a linear's candidate settings
     that share a group size this way, one column loop for all of them instead of one each (the loop's per-column
-    steps are most of a small solve). losses=False skips the proxy losses (nan), which the measurement does not read.
+    steps are most of a small solve). losses=False skips the proxy losses (nan), which the measurement does not read;
+    clip_search (coarse, finest stride) a coarser clipping search than the default, which the measurement takes.
     """
     mixed = [not isinstance(b, int) for b in widths]
     for b, m in zip(widths, mixed, strict=True):
@@ -343,7 +350,7 @@ def gptq_quantize_widths(
         WkT[dead] = 0
     if len(widths) > 1:
         WkT = WkT.repeat(1, len(widths))
-    clip_args = (clip, clip_grid, clip_max_shrink, clip_norm)
+    clip_args = (clip, clip_grid, clip_max_shrink, clip_norm, clip_search)
 
     gs = group_size or n_in
     n_groups = n_in // gs

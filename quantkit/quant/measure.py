@@ -11,8 +11,10 @@ The candidates and their stored bits come from the output format (formats/: GPTQ
 Errors are read on the first ERROR_ROWS rows; each linear is solved once per distinct setting, from one
 factorization of its Hessian. Each block is also probed at PROBE_BITS: its output with only that block quantized
 goes to the caller, which carries it to the logits (quant/pipeline.py `measure`), so that the allocator can weigh
-local errors by what they cost the model end to end (allocate.py `predicted_kl`). Every candidate is measured, so
-one measurement serves every --bpw target.
+local errors by what they cost the model end to end (allocate.py `predicted_kl`). A format with a `reach` measures
+the candidates that store at most that many bits per weight above the target (the quantkit format's 2.5: 13 of 19
+at 3.0), which the allocation chooses from, so one measurement serves every --bpw target up to its own
+(--measure-for raises it); the others measure their whole table.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from quantkit.arch.blocks import BLOCK_ROLES, block_of, expert_index, role_of
+from quantkit.errors import QuantkitError
 from quantkit.formats.base import OutputFormat
 from quantkit.formats.registry import get_format
 from quantkit.formats.spec import PER_CHANNEL, Candidate, LinearSpec, QuantSettings, Segments
@@ -45,22 +48,34 @@ CANDIDATES_VERSION = 4  # 4: end-to-end probes (measurement.json "probe"; 2, 3 a
 # the block (fewer passes and no re-solves after evictions: a SmolLM2-135M layer measured in 0.78-0.90x the time of 4
 # a pass, the same errors); a large model's blocks take SOLVE_CACHE (4) a pass.
 SOLVE_CACHE, SOLVE_BYTES = 4, 1 << 30
-ERROR_ROWS = 2  # rows a candidate's block output error is read on (the Hessians use every measurement row)
+# Rows a candidate's block output error is read on (the Hessians use every measurement row): 1 since 2026-12-07 (2
+# before; with the probes' 64 tokens, MEASURE_CLIP and the quantkit format's reach, 0.61x that format's measurement
+# time; benchmarks/RESULTS.md "A cheaper measurement, second round").
+ERROR_ROWS = 1
 # Each block's probe streams: the first tokens of the first rows. One row's KL is noisy (25% rms in log against 8
 # rows' on SmolLM2-135M), and the allocation follows the noise: KL of --bpw 3.0 (GPTQ) 1.295 / 1.249 / 1.216 with
-# 1 / 4 / 8 rows. 4 rows at one probe width are 4 streams per block, against 3 for 1 row at three widths before.
-PROBE_ROWS, PROBE_TOKENS = 4, 128
+# 1 / 4 / 8 rows of 128 tokens. 4 rows at one probe width are 4 streams per block; 64 tokens each since 2026-12-07.
+PROBE_ROWS, PROBE_TOKENS = 4, 64
 # The uniform width each block is probed at; the square law (allocate.predicted_kl) carries it to the other widths.
 # On the self-trained model, allocations for 3.0 / 4.0 / 4.16 / 4.25 read from 2-bit probes measured KL 1.00 / 0.84 /
 # 0.94 / 0.95x those read from 3-bit probes and 1.00 / 0.84 / 0.79 / 0.69x those from 4-bit probes.
 PROBE_BITS = (2,)
+# The measurement's clipping search: every 16th shrink, refined to 4 steps (9 tries where the run's search takes 16;
+# gptq.CLIP_SEARCH). It was 27% of a quantkit-format measurement of SmolLM2-135M; the errors measured with it
+# differ from the full search's by 2-9% rms per candidate, their mean within 2% (benchmarks/RESULTS.md).
+MEASURE_CLIP = (16, 4)
 LAST_ROLES = ("o", "down")  # a dense half-layer's last linear: x + o_proj(attention), h + down_proj(act)
 
 
-def measure_work(fmt: OutputFormat | str, rows: int, head: tuple[int, int], moe: bool = False) -> MeasureWork:
-    """What measure_layer and the probes do for this format on `rows` measurement rows, for the --dry-run estimate."""
+def measure_work(
+    fmt: OutputFormat | str, rows: int, head: tuple[int, int], layer: dict[str, tuple[int, int]], s: QuantSettings,
+    moe: bool = False, reach: float | None = None,
+) -> MeasureWork:
+    """What measure_layer and the probes do for this format on `rows` measurement rows, for the --dry-run estimate
+    (layer: a decoder layer's linear shapes; reach: reach_of the target)."""
     fmt = get_format(fmt)
-    cands = {b: fmt.candidates(b, moe and b == "mlp") for b in BLOCK_ROLES}
+    cands = {b: [c for c, _ in block_table(fmt, b, moe and b == "mlp", layer, s, lambda n: None, reach)]
+             for b in BLOCK_ROLES}  # fmt: skip
     last = {b: next(r for r in BLOCK_ROLES[b] if r in LAST_ROLES) for b in BLOCK_ROLES}
     shared = {b: not (moe and b == "mlp") for b in BLOCK_ROLES}  # the last-linear shortcut of dense halves
     return MeasureWork(
@@ -77,6 +92,45 @@ def measure_work(fmt: OutputFormat | str, rows: int, head: tuple[int, int], moe:
         probe_tokens=PROBE_TOKENS,
         head=head,
     )
+
+
+def reach_of(fmt: OutputFormat | str, target: float | None) -> float | None:
+    """The most bits per weight a block's candidates may store for this --bpw target (OutputFormat.reach); None:
+    every candidate of the table."""
+    fmt = get_format(fmt)
+    return None if target is None or fmt.reach is None else target + fmt.reach
+
+
+def covers(reach: float | None, needed: float | None) -> bool:
+    """Whether a measurement of the candidates up to `reach` holds every one up to `needed` (None: all)."""
+    return reach is None or (needed is not None and needed <= reach)
+
+
+def check_reach(reach: float | None, fmt: OutputFormat | str, target: float | None, what: str) -> None:
+    """Refuse a measurement (what: its name in the message) made for a lower --bpw than target: it lacks
+    candidates target may use."""
+    fmt = get_format(fmt)
+    if target is not None and not covers(reach, reach_of(fmt, target)):
+        made = f"--bpw up to {reach - fmt.reach:g}" if fmt.reach is not None else f"{reach:g} bits per weight"
+        raise QuantkitError(f"{what} was made for {made}, which lacks candidates --bpw {target:g} may use: measure "
+                            "again (--measure-for makes a measurement serve every target up to it)")  # fmt: skip
+
+
+def block_table(
+    fmt: OutputFormat, block: str, moe: bool, layer: dict[str, tuple[int, int]], s: QuantSettings, rotate_seed,
+    reach: float | None = None,
+) -> list[tuple[Candidate, int]]:
+    """The block's candidates and their exact stored bits, on layer's shapes ({name: (out, in)}); with reach,
+    only those that store at most reach bits per weight (what a --bpw target measures and chooses from)."""
+    names = [n for n in layer if block_of(n) == block]
+    numel = sum(layer[n][0] * layer[n][1] for n in names)
+    table = []
+    for c in fmt.candidates(block, moe):
+        bits = sum(fmt.stored_bits(spec_for_candidate(c, n, layer[n][1], s, rotate_seed(n)), *layer[n], s)
+                   for n in names)  # fmt: skip
+        if reach is None or bits <= reach * numel:
+            table.append((c, bits))
+    return table
 
 
 def layout_for(segments: Segments, in_features: int, group: int | None) -> int | tuple[tuple[int, int], ...]:
@@ -165,9 +219,9 @@ def _widths_with(
 
 def _solve(fmt: OutputFormat, W: torch.Tensor, H: torch.Tensor, specs: list[LinearSpec], s: QuantSettings, factor):
     """Each spec's solution of one linear: GPTQ solves them in one pass (from one factorization of H, without the
-    proxy losses); another format's solver (the EXL3 trellis encoder) one by one."""
+    proxy losses, with MEASURE_CLIP's search); another format's solver (the EXL3 trellis encoder) one by one."""
     if fmt.solver == "gptq":
-        return solve_linear_widths(W, H, specs, s, factor, losses=False)
+        return solve_linear_widths(W, H, specs, s, factor, losses=False, clip_search=MEASURE_CLIP)
     return [SOLVERS[fmt.solver](W, H, spec, s) for spec in specs]
 
 
@@ -201,9 +255,11 @@ def measure_layer(
     fmt: OutputFormat | str,
     probe: Callable[[str, int, int, torch.Tensor], None] | None = None,
     probe_rows: int = 0,
+    reach: float | None = None,
 ) -> dict[str, list[dict]]:
-    """{"attn": [...], "mlp": [...]}, one {"candidate", "bits", "error"} per candidate, for this layer; io.middle
-    keeps the float attention half's outputs (the MLP half's inputs).
+    """{"attn": [...], "mlp": [...]}, one {"candidate", "bits", "error"} per candidate (those that store at most
+    reach bits per weight), for this layer; io.middle keeps the float attention half's outputs (the MLP half's
+    inputs).
 
     probe(block, k, r, h): for the first probe_rows rows, the layer's output with only this block quantized at its
     k-th PROBE_BITS width (the other half float), which the caller carries to the logits to weigh this block's
@@ -217,7 +273,8 @@ def measure_layer(
         floats = {n: layer.get_submodule(n).weight.data.clone() for n in names}
         result[block] = []
         moe = any(expert_index(n) is not None for n in names)
-        candidates = fmt.candidates(block, moe)
+        shapes = {n: (layer.get_submodule(n).out_features, layer.get_submodule(n).in_features) for n in names}
+        candidates = [c for c, _ in block_table(fmt, block, moe, shapes, s, rotate_seed, reach)]
         probed = probe_candidates(candidates) if probe is not None else []
         solved: dict[tuple[str, LinearSpec], torch.Tensor] = {}  # candidates share settings per linear: solve once
         block_bytes = sum(w.numel() * w.element_size() for w in floats.values())

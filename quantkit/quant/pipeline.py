@@ -48,7 +48,7 @@ from quantkit.quant.job import (
     measurement_fingerprint,
     space_needed,
 )
-from quantkit.quant.measure import PROBE_BITS
+from quantkit.quant.measure import PROBE_BITS, check_reach, covers, reach_of
 from quantkit.quant.passes import MeasurePass, QuantizePass
 from quantkit.quant.plan import QuantPlan, checked_shapes, linear_shapes, plan, with_time
 from quantkit.quant.settings import (
@@ -85,20 +85,23 @@ def _repeat_note(provenance: dict) -> str | None:
 
 
 def measure(ckpt: Checkpoint, model, ids: torch.Tensor, work: Path, o: QuantizeOptions, progress: bool = True) -> dict:
-    """The measurement pass (passes.MeasurePass): every candidate of every block and the probes, resumable in
-    work/measure, saved as work/measurement.json (reusable with --measurement for any --bpw target)."""
+    """The measurement pass (passes.MeasurePass): every candidate of every block that o.measured_target can use
+    (measure.reach_of) and the probes, resumable in work/measure, saved as work/measurement.json (reusable with
+    --measurement for every --bpw target up to o.measured_target)."""
     fingerprint = measurement_fingerprint(ckpt, ids, o.settings, o.rotate, o.torch_dtype, o.format)
+    reach = reach_of(o.format, o.measured_target)
     path = work / "measurement.json"
     if path.is_file():
         saved = read_json(path)
-        if saved.get("fingerprint") == fingerprint and saved.get("scope") == "all":  # not an older one-target one
+        if (saved.get("fingerprint") == fingerprint and saved.get("scope") == "all"  # not an older one-target one
+                and covers(saved.get("reach"), reach)):  # fmt: skip
             return saved
     units = looper.model_units(model, head=True, head_step="probe")
-    settings = {**fingerprint, "scope": "all", "probe_bits": list(PROBE_BITS)}
+    settings = {**fingerprint, "scope": "all", "probe_bits": list(PROBE_BITS), "reach": reach}
     job = Job(work / "measure", settings, looper.job_steps(units), offload_dir=o.offload_dir)
     processor = MeasurePass(ckpt, model, job, ids, o, rotate_seeds(o.rotate))
     looper.run(ckpt, model, job, units, processor, o.device, o.torch_dtype, progress)
-    data = {"version": 2, "fingerprint": fingerprint, "scope": "all",
+    data = {"version": 2, "fingerprint": fingerprint, "scope": "all", "reach": reach,
             "layers": [job.info(u.step) for u in units if u.kind == "layer"],
             "probe": {"rows": processor.p_rows, "tokens": processor.p_shape[1], "bits": list(processor.widths),
                       "kl": job.info("probe")["kl"]}}  # fmt: skip
@@ -109,12 +112,17 @@ def measure(ckpt: Checkpoint, model, ids: torch.Tensor, work: Path, o: QuantizeO
 
 
 def load_measurement(
-    path: Path, fmt: OutputFormat | str, expected: dict | None = None, n_layers: int | None = None, shapes=None
+    path: Path, fmt: OutputFormat | str, expected: dict | None = None, n_layers: int | None = None, shapes=None,
+    target: float | None = None,
 ) -> dict:
     """A saved measurement.json; refused when it was made for another model, other settings or is incomplete
-    (lacks candidates of the format, or the probes --bpw reads)."""
+    (lacks candidates of the format that target may use, or the probes --bpw reads)."""
     fmt = get_format(fmt)
     data = read_json(path)
+    made_for = (data.get("fingerprint") or {}).get("format", "quantkit")  # the quantkit format's key names none
+    if made_for != fmt.name:
+        raise QuantkitError(f"measurement {path} was made for --format {made_for}, not {fmt.name}: measure again "
+                            "without --measurement")  # fmt: skip
     layers = data.get("layers")
     if n_layers is not None and (not isinstance(layers, list) or len(layers) != n_layers):
         found = len(layers) if isinstance(layers, list) else 0
@@ -125,7 +133,7 @@ def load_measurement(
     if layers and not set(PROBE_BITS) <= set(probe.get("bits") or []):
         raise QuantkitError(f"measurement {path} has no {'/'.join(map(str, PROBE_BITS))}-bit probes (an older quantkit "
                             "measured for one target only): measure again")  # fmt: skip
-    for i, layer in enumerate(layers or []):
+    for i, layer in enumerate((layers or []) if data.get("reach") is None else []):  # else allocate checks them
         for block in ("attn", "mlp"):
             names = {c.get("candidate") for c in (layer or {}).get(block) or [] if isinstance(c, dict)}
             moe = shapes is not None and i < len(shapes) and any(
@@ -142,6 +150,7 @@ def load_measurement(
             f"measurement {path} was made for another model or other settings (differs in: {', '.join(diff)}); "
             "measure again without --measurement"
         )
+    check_reach(data.get("reach"), fmt, target, f"measurement {path}")
     return data
 
 
@@ -183,7 +192,7 @@ def _plan(src: Path, dst: Path, o: QuantizeOptions, work: Path, progress: bool, 
         bpw_range = reachable_bpw(shapes, o.settings, rotate_seeds(o.rotate), o.format)
         check_bpw_reachable(o.bpw, *bpw_range)
         if o.measurement is not None:
-            load_measurement(o.measurement, o.format, n_layers=n_layers, shapes=shapes)
+            load_measurement(o.measurement, o.format, n_layers=n_layers, shapes=shapes, target=o.bpw)
     the_plan = replace(plan(ckpt, model, o, bpw_range), group_choice=group_choice)
     output = OutputFolder(dst, force=o.force, src=src, work=work)  # validates dst before any work, dry run included
     if o.dry_run:
@@ -242,10 +251,11 @@ def _allocate(ckpt, model, ids, work: Path, o: QuantizeOptions, shapes, seeds, p
     m_ids = ids[: min(o.measure_rows, o.rows)]
     if o.measurement is not None:
         expected = measurement_fingerprint(ckpt, m_ids, o.settings, o.rotate, o.torch_dtype, o.format)
-        meas = load_measurement(o.measurement, o.format, expected, len(shapes), shapes)
+        meas = load_measurement(o.measurement, o.format, expected, len(shapes), shapes, o.bpw)
     else:
         meas = measure(ckpt, model, m_ids, work, o, progress)
-        log(f"measurement: {work / 'measurement.json'} (reuse it with --measurement for any --bpw target)")
+        up_to = "any --bpw target" if meas.get("reach") is None else f"--bpw up to {meas['reach'] - o.format.reach:g}"
+        log(f"measurement: {work / 'measurement.json'} (reuse it with --measurement for {up_to})")
     alloc = allocate(meas, shapes, o.bpw, o.settings, seeds, o.format)
     total = sum(v for layer in alloc.predicted for v in layer.values())
     log(

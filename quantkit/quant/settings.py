@@ -42,6 +42,7 @@ class QuantizeOptions:
     rotate: bool = False
     measurement: Path | None = None
     measure_rows: int = 16
+    measure_for: float | None = None  # a new measurement serves every --bpw up to max(bpw, measure_for)
     vision: str = "keep"
     dataset: str | None = None
     split: str = "train"
@@ -87,6 +88,12 @@ class QuantizeOptions:
                 raise QuantkitError(f"--bpw must be a positive number of bits per weight, got {self.bpw}")
             if self.measure_rows < 1:
                 raise QuantkitError(f"--measure-rows must be at least 1, got {self.measure_rows}")
+        if self.measure_for is not None:
+            if self.bpw is None:
+                raise QuantkitError("--measure-for goes with --bpw (it says which targets a measurement serves)")
+            if not math.isfinite(self.measure_for) or self.measure_for <= 0:
+                raise QuantkitError(f"--measure-for must be a positive number of bits per weight, got "
+                                    f"{self.measure_for}")  # fmt: skip
         for name, value in (("--rows", self.rows), ("--seq-len", self.seq_len)):
             if value < 1:
                 raise QuantkitError(f"{name} must be at least 1, got {value}")
@@ -103,6 +110,11 @@ class QuantizeOptions:
     def format(self) -> OutputFormat:
         """The output format object of fmt."""
         return get_format(self.fmt)
+
+    @property
+    def measured_target(self) -> float | None:
+        """The highest --bpw a new measurement is made for (it serves every target up to it)."""
+        return None if self.bpw is None else max(self.bpw, self.measure_for or self.bpw)
 
     @property
     def torch_dtype(self) -> torch.dtype:
