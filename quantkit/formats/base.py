@@ -76,6 +76,10 @@ class OutputFormat:
     reach: ClassVar[float | None] = None
 
     # The quantizer's side.
+    def reach_for(self, target: float | None) -> float | None:
+        """The most bits per weight a block's candidates may store for this --bpw target (None: the whole table)."""
+        return None if target is None or self.reach is None else target + self.reach
+
     def check(self, s: QuantSettings, bpw: float | None, rotate: bool) -> None:
         """Refuse settings this format cannot store (one line, before any work)."""
         if s.bits not in self.widths:

@@ -44,7 +44,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.base import OutputFormat
 from quantkit.formats.registry import get_format
 from quantkit.formats.spec import LinearSpec, QuantSettings
-from quantkit.quant.measure import PROBE_BITS, block_table, check_reach, probe_candidates, reach_of, spec_for_candidate
+from quantkit.quant.measure import PROBE_BITS, block_table, check_reach, probe_candidates, spec_for_candidate
 
 RESOLUTION = 20_000
 BLOCKS = ("attn", "mlp")
@@ -201,7 +201,7 @@ def allocate(
     fmt = get_format(fmt)
     numel = sum(o * i for layer in shapes for o, i in layer.values())
     check_reach(measurement.get("reach"), fmt, target_bpw, "the measurement")
-    blocks, cands, bits = _table(shapes, s, rotate_seed, fmt, reach_of(fmt, target_bpw))
+    blocks, cands, bits = _table(shapes, s, rotate_seed, fmt, fmt.reach_for(target_bpw))
     lo, hi = sum(min(x) for x in bits) / numel, sum(max(x) for x in bits) / numel
     if not lo <= target_bpw <= hi:
         raise QuantkitError(f"--bpw {target_bpw} is outside what this model can reach: {lo:.3f} to {hi:.3f}")

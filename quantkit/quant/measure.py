@@ -72,7 +72,7 @@ def measure_work(
     moe: bool = False, reach: float | None = None,
 ) -> MeasureWork:
     """What measure_layer and the probes do for this format on `rows` measurement rows, for the --dry-run estimate
-    (layer: a decoder layer's linear shapes; reach: reach_of the target)."""
+    (layer: a decoder layer's linear shapes; reach: the format's reach_for the target)."""
     fmt = get_format(fmt)
     cands = {b: [c for c, _ in block_table(fmt, b, moe and b == "mlp", layer, s, lambda n: None, reach)]
              for b in BLOCK_ROLES}  # fmt: skip
@@ -94,13 +94,6 @@ def measure_work(
     )
 
 
-def reach_of(fmt: OutputFormat | str, target: float | None) -> float | None:
-    """The most bits per weight a block's candidates may store for this --bpw target (OutputFormat.reach); None:
-    every candidate of the table."""
-    fmt = get_format(fmt)
-    return None if target is None or fmt.reach is None else target + fmt.reach
-
-
 def covers(reach: float | None, needed: float | None) -> bool:
     """Whether a measurement of the candidates up to `reach` holds every one up to `needed` (None: all)."""
     return reach is None or (needed is not None and needed <= reach)
@@ -110,7 +103,7 @@ def check_reach(reach: float | None, fmt: OutputFormat | str, target: float | No
     """Refuse a measurement (what: its name in the message) made for a lower --bpw than target: it lacks
     candidates target may use."""
     fmt = get_format(fmt)
-    if target is not None and not covers(reach, reach_of(fmt, target)):
+    if target is not None and not covers(reach, fmt.reach_for(target)):
         made = f"--bpw up to {reach - fmt.reach:g}" if fmt.reach is not None else f"{reach:g} bits per weight"
         raise QuantkitError(f"{what} was made for {made}, which lacks candidates --bpw {target:g} may use: measure "
                             "again (--measure-for makes a measurement serve every target up to it)")  # fmt: skip

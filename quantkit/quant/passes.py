@@ -20,7 +20,7 @@ from quantkit.quant.capture import LayerIO, LinearSpec, MemoryRows, quantize_lay
 from quantkit.quant.gptq import HessianAccumulator
 from quantkit.quant.job import Job
 from quantkit.quant.looper import Done, Unit
-from quantkit.quant.measure import PROBE_BITS, PROBE_ROWS, PROBE_TOKENS, measure_layer, reach_of
+from quantkit.quant.measure import PROBE_BITS, PROBE_ROWS, PROBE_TOKENS, measure_layer
 from quantkit.quant.settings import QuantizeOptions
 from quantkit.quant.solvers import SOLVERS
 
@@ -169,7 +169,7 @@ class MeasurePass(Pass):
         io = self._layer_io(self.job.store("attn", self.rows, self.row_shape, self.dtype))
         info = measure_layer(layer, io, self._context(self.row_shape), self.o.settings,
                              lambda name: self.seeds(i, name), self.o.format, probe, p_rows,
-                             reach_of(self.o.format, self.o.measured_target))  # fmt: skip
+                             self.o.measure_reach)  # fmt: skip
         return Done(None, info, True)
 
     def head(self, unit: Unit, norm, lm_head) -> Done:

@@ -48,7 +48,7 @@ from quantkit.quant.job import (
     measurement_fingerprint,
     space_needed,
 )
-from quantkit.quant.measure import PROBE_BITS, check_reach, covers, reach_of
+from quantkit.quant.measure import PROBE_BITS, check_reach, covers
 from quantkit.quant.passes import MeasurePass, QuantizePass
 from quantkit.quant.plan import QuantPlan, checked_shapes, linear_shapes, plan, with_time
 from quantkit.quant.settings import (
@@ -85,11 +85,11 @@ def _repeat_note(provenance: dict) -> str | None:
 
 
 def measure(ckpt: Checkpoint, model, ids: torch.Tensor, work: Path, o: QuantizeOptions, progress: bool = True) -> dict:
-    """The measurement pass (passes.MeasurePass): every candidate of every block that o.measured_target can use
-    (measure.reach_of) and the probes, resumable in work/measure, saved as work/measurement.json (reusable with
-    --measurement for every --bpw target up to o.measured_target)."""
+    """The measurement pass (passes.MeasurePass): every candidate of every block up to o.measure_reach and the
+    probes, resumable in work/measure, saved as work/measurement.json (reusable with --measurement for every --bpw
+    target up to the one it was made for)."""
     fingerprint = measurement_fingerprint(ckpt, ids, o.settings, o.rotate, o.torch_dtype, o.format)
-    reach = reach_of(o.format, o.measured_target)
+    reach = o.measure_reach
     path = work / "measurement.json"
     if path.is_file():
         saved = read_json(path)

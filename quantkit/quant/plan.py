@@ -12,7 +12,7 @@ from quantkit.errors import QuantkitError
 from quantkit.model.load import Checkpoint
 from quantkit.quant.capture import LinearSpec, capture_groups
 from quantkit.quant.estimate import COUNT_FLOPS, estimate_seconds, human_seconds, measure_rates
-from quantkit.quant.measure import measure_work, reach_of
+from quantkit.quant.measure import measure_work
 from quantkit.quant.settings import QuantizeOptions
 
 
@@ -125,7 +125,7 @@ def with_time(the_plan: QuantPlan, model, o: QuantizeOptions, shapes, t, startup
         estimate_seconds, shapes, capture_groups(model.layers[0]), rows=o.rows, seq_len=o.seq_len,
         attn_dim=t.n_heads * t.head_dim, head=(t.vocab_size, t.dim) if o.head_bits else None,
         measure=measure_work(o.format, min(o.measure_rows, o.rows), (t.vocab_size, t.dim), shapes[0], o.settings,
-                             t.n_experts > 0, reach_of(o.format, o.measured_target))
+                             t.n_experts > 0, o.measure_reach)
         if o.bpw is not None and o.measurement is None else None, block_of=block_of, role_of=role_of,
     )  # fmt: skip
     seconds, flops = startup + estimate(rates=rates), estimate(rates=COUNT_FLOPS)

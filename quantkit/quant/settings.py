@@ -112,9 +112,10 @@ class QuantizeOptions:
         return get_format(self.fmt)
 
     @property
-    def measured_target(self) -> float | None:
-        """The highest --bpw a new measurement is made for (it serves every target up to it)."""
-        return None if self.bpw is None else max(self.bpw, self.measure_for or self.bpw)
+    def measure_reach(self) -> float | None:
+        """The most bits per weight a new measurement's candidates store: what every --bpw up to max(bpw,
+        measure_for) may use (OutputFormat.reach_for; None: the whole table)."""
+        return None if self.bpw is None else self.format.reach_for(max(self.bpw, self.measure_for or self.bpw))
 
     @property
     def torch_dtype(self) -> torch.dtype:
