@@ -258,6 +258,9 @@ def test_measure_for_makes_one_measurement_serve_every_target(tiny_models, tmp_p
     assert "measure again" in result.stderr and not (tmp_path / "w4").exists()
     result = run("quantize", src, tmp_path / "w6", "--bits", "4", "--measure-for", "5", *ARGS)
     assert result.exit_code == 1 and "--measure-for goes with --bpw" in result.stderr
+    result = run("quantize", src, tmp_path / "w7", "--bpw", "4.0", "--measurement", kept, "--measure-for", "5", *ARGS)
+    assert result.exit_code == 1 and "--measure-for is for a new measurement" in result.stderr
+    assert not (tmp_path / "w7").exists()
 
 
 def test_the_measurement_does_not_depend_on_how_many_settings_a_pass_solves(monkeypatch):

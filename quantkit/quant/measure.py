@@ -267,7 +267,8 @@ def measure_layer(
         result[block] = []
         moe = any(expert_index(n) is not None for n in names)
         shapes = {n: (layer.get_submodule(n).out_features, layer.get_submodule(n).in_features) for n in names}
-        candidates = [c for c, _ in block_table(fmt, block, moe, shapes, s, rotate_seed, reach)]
+        table = block_table(fmt, block, moe, shapes, s, rotate_seed, reach)
+        candidates = [c for c, _ in table]
         probed = probe_candidates(candidates) if probe is not None else []
         solved: dict[tuple[str, LinearSpec], torch.Tensor] = {}  # candidates share settings per linear: solve once
         block_bytes = sum(w.numel() * w.element_size() for w in floats.values())
@@ -282,8 +283,8 @@ def measure_layer(
                 spec = spec_for_candidate(cand, n, layer.get_submodule(n).in_features, s, rotate_seed(n))
                 if spec not in wanted[n]:
                     wanted[n].append(spec)
-        for cand in candidates:
-            bits, specs = 0, {}
+        for cand, bits in table:
+            specs = {}
             for n in names:
                 linear = layer.get_submodule(n)
                 spec = specs[n] = spec_for_candidate(cand, n, linear.in_features, s, rotate_seed(n))
@@ -298,7 +299,6 @@ def measure_layer(
                             room += (old := solved.pop(next(iter(solved)))).numel() * old.element_size()
                         solved[n, sp] = weight
                 solved[n, spec] = linear.weight.data = solved.pop((n, spec))
-                bits += fmt.stored_bits(spec, linear.out_features, linear.in_features, s)
             err = ref = 0.0
             n_err, n_probe = min(io.rows, ERROR_ROWS), min(probe_rows, io.rows) if cand in probed else 0
             with torch.no_grad():

@@ -91,6 +91,8 @@ class QuantizeOptions:
         if self.measure_for is not None:
             if self.bpw is None:
                 raise QuantkitError("--measure-for goes with --bpw (it says which targets a measurement serves)")
+            if self.measurement is not None:
+                raise QuantkitError("--measure-for is for a new measurement; --measurement reuses one as it was made")
             if not math.isfinite(self.measure_for) or self.measure_for <= 0:
                 raise QuantkitError(f"--measure-for must be a positive number of bits per weight, got "
                                     f"{self.measure_for}")  # fmt: skip
