@@ -80,6 +80,10 @@ class OutputFormat:
         """The most bits per weight a block's candidates may store for this --bpw target (None: the whole table)."""
         return None if target is None or self.reach is None else target + self.reach
 
+    def target_for(self, reach: float) -> float:
+        """The highest --bpw target a measurement of the candidates up to reach serves (reach_for's inverse)."""
+        return reach - (self.reach or 0.0)
+
     def check(self, s: QuantSettings, bpw: float | None, rotate: bool) -> None:
         """Refuse settings this format cannot store (one line, before any work)."""
         if s.bits not in self.widths:

@@ -104,7 +104,7 @@ def check_reach(reach: float | None, fmt: OutputFormat | str, target: float | No
     candidates target may use."""
     fmt = get_format(fmt)
     if target is not None and not covers(reach, fmt.reach_for(target)):
-        made = f"--bpw up to {reach - fmt.reach:g}" if fmt.reach is not None else f"{reach:g} bits per weight"
+        made = f"--bpw up to {fmt.target_for(reach):g}" if fmt.reach is not None else f"{reach:g} bits per weight"
         raise QuantkitError(f"{what} was made for {made}, which lacks candidates --bpw {target:g} may use: measure "
                             "again (--measure-for makes a measurement serve every target up to it)")  # fmt: skip
 

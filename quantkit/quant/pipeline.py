@@ -254,7 +254,8 @@ def _allocate(ckpt, model, ids, work: Path, o: QuantizeOptions, shapes, seeds, p
         meas = load_measurement(o.measurement, o.format, expected, len(shapes), shapes, o.bpw)
     else:
         meas = measure(ckpt, model, m_ids, work, o, progress)
-        up_to = "any --bpw target" if meas.get("reach") is None else f"--bpw up to {meas['reach'] - o.format.reach:g}"
+        reach = meas.get("reach")
+        up_to = "any --bpw target" if reach is None else f"--bpw up to {o.format.target_for(reach):g}"
         log(f"measurement: {work / 'measurement.json'} (reuse it with --measurement for {up_to})")
     alloc = allocate(meas, shapes, o.bpw, o.settings, seeds, o.format)
     total = sum(v for layer in alloc.predicted for v in layer.values())
