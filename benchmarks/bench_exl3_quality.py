@@ -12,13 +12,16 @@ model. Bits per weight are those of the N quantized layers, every stored byte co
     python benchmarks/bench_exl3_quality.py [--layers 1] [--targets 2.5,3.0,4.0] [--exl3-targets T,...]
         [--exl3-bits 2,3,4] [--work /tmp/bench-exl3q]
 
-Builds are cached in the work folder (bench_real.py's cache: same command, same folder); the table is printed and
-written to WORK/table.md. Expect minutes per layer for GPTQ and about an hour per layer for EXL3 --bpw on 2 cores.
+Builds are cached in the work folder (bench_real.py's cache: same command, same folder); the first --bpw build of a
+format measures for its highest target and the others reuse that measurement (--measurement), as bench_real.py does.
+The table is printed and written to WORK/table.md. Expect minutes per layer for GPTQ and about an hour per layer for
+EXL3 --bpw on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import time
@@ -33,7 +36,7 @@ from quantkit.metrics import evaluate_many
 from quantkit.quantized_model import load_any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_real import CALIB, GROUP, HELDOUT, Build, quantkit_build, write_heldout  # noqa: E402
+from bench_real import CALIB, GROUP, HELDOUT, quantkit_build, write_heldout  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,12 +95,16 @@ def main() -> None:
           for k in (int(k) for k in args.exl3_bits.split(",") if k)),  # fmt: skip
     ]
     exl3_targets = targets if args.exl3_targets is None else [float(t) for t in args.exl3_targets.split(",") if t]
-    for t in targets:
-        for fmt in ("gptq", "quantkit", "exl3") if t in exl3_targets else ("gptq", "quantkit"):
-            plan.append((f"bpw{t:g}-{fmt}", f"--bpw {t:g} --format {fmt}", ["--bpw", t, "--format", fmt]))
-    builds: list[Build] = []
-    for name, label, qargs in plan:
-        builds.append(quantkit_build(work, name, label, src, [*qargs, *calib], False))
+    builds = [quantkit_build(work, name, label, src, [*qargs, *calib], False) for name, label, qargs in plan]
+    for fmt, fmt_targets in (("gptq", targets), ("quantkit", targets), ("exl3", exl3_targets)):
+        measurement = work / f"measurement-{fmt}.json"  # one measurement per format serves all its targets
+        for t in fmt_targets:
+            name, first = f"bpw{t:g}-{fmt}", not measurement.is_file()
+            reuse = ["--measure-for", max(fmt_targets)] if first else ["--measurement", measurement]
+            label = f"--bpw {t:g} --format {fmt}" + (" (incl. measurement)" if first else "")
+            builds.append(quantkit_build(work, name, label, src, ["--bpw", t, "--format", fmt, *calib, *reuse], False))
+            if first:
+                shutil.copy(work / f".{name}.quantkit-work" / "measurement.json", measurement)
 
     heldout = work / HELDOUT
     write_heldout(heldout)

@@ -208,7 +208,7 @@ BLOCK_NUMEL = {"attn": 2 * 128 * 128 + 2 * 64 * 128, "mlp": 3 * 128 * 256}  # on
 def test_a_run_measures_the_candidates_its_target_can_use(tiny_models, tmp_path):
     """A --bpw 3.0 run (quantkit format) measures the candidates that store at most 2.5 bits per weight above 3.0
     and probes at 2 bits: its measurement.json serves 3.0 and the targets below it, and a higher target is refused
-    (nothing written), naming the target it was made for."""
+    (nothing written), naming the target it was made for; so is one that lacks a candidate, even in a dry run."""
     src = tiny_models.get("mistral_bpw")["hf"]
     result = run("quantize", src, tmp_path / "w3", "--bpw", "3.0", *ARGS)
     assert result.exit_code == 0, result.output + str(result.exception)
@@ -231,6 +231,10 @@ def test_a_run_measures_the_candidates_its_target_can_use(tiny_models, tmp_path)
     assert "measure again" in result.stderr and not (tmp_path / "w4").exists()
     result = run("quantize", src, tmp_path / "g3", "--bpw", "3.0", "--format", "gptq", "--measurement", kept, *ARGS)
     assert result.exit_code == 1 and "was made for --format quantkit, not gptq" in result.stderr
+    meas["layers"][0]["attn"] = [e for e in meas["layers"][0]["attn"] if e["candidate"] != "3"]
+    kept.write_text(json.dumps(meas))  # a candidate its reach covers is missing: refused before any work
+    result = run("quantize", src, tmp_path / "d25", "--bpw", "2.5", "--measurement", kept, "--dry-run", *ARGS)
+    assert result.exit_code == 1 and "lacks layer 0 attn candidates (3)" in result.stderr, result.output
 
 
 def test_measure_for_makes_one_measurement_serve_every_target(tiny_models, tmp_path):

@@ -213,7 +213,7 @@ def allocate(
         raise QuantkitError(f"the measurement has no {width}-bit probes, which --bpw reads (it has {probe['bits']}): "
                             "measure again")  # fmt: skip
     for (li, b), row in zip(blocks, cands, strict=True):
-        entries = {e["candidate"]: e for e in measurement["layers"][li][b]}
+        entries = {e.get("candidate"): e for e in (measurement["layers"][li] or {}).get(b) or [] if isinstance(e, dict)}
         lacking = [c.name for c in row if c.name not in entries]
         if lacking:
             raise QuantkitError(f"the measurement lacks layer {li} {b} candidates ({', '.join(sorted(lacking))}): "

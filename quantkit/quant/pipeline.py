@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from quantkit import STARTED
-from quantkit.arch.blocks import block_of, expert_index
 from quantkit.calib.rows import tokenized_rows
 from quantkit.calib.sources import load_calibration
 from quantkit.errors import QuantkitError
@@ -48,7 +47,7 @@ from quantkit.quant.job import (
     measurement_fingerprint,
     space_needed,
 )
-from quantkit.quant.measure import PROBE_BITS, check_reach, covers
+from quantkit.quant.measure import PROBE_BITS, covers
 from quantkit.quant.passes import MeasurePass, QuantizePass
 from quantkit.quant.plan import QuantPlan, checked_shapes, linear_shapes, plan, with_time
 from quantkit.quant.settings import (
@@ -111,12 +110,10 @@ def measure(ckpt: Checkpoint, model, ids: torch.Tensor, work: Path, o: QuantizeO
     return data
 
 
-def load_measurement(
-    path: Path, fmt: OutputFormat | str, expected: dict | None = None, n_layers: int | None = None, shapes=None,
-    target: float | None = None,
-) -> dict:
-    """A saved measurement.json; refused when it was made for another model, other settings or is incomplete
-    (lacks candidates of the format that target may use, or the probes --bpw reads)."""
+def load_measurement(path: Path, fmt: OutputFormat | str, expected: dict | None = None, n_layers: int | None = None
+                     ) -> dict:  # fmt: skip
+    """A saved measurement.json; refused when it was made for another format, model or settings, or lacks the
+    probes --bpw reads. Whether it holds the candidates a target may use is allocate's check (it knows the table)."""
     fmt = get_format(fmt)
     data = read_json(path)
     made_for = (data.get("fingerprint") or {}).get("format", "quantkit")  # the quantkit format's key names none
@@ -133,16 +130,6 @@ def load_measurement(
     if layers and not set(PROBE_BITS) <= set(probe.get("bits") or []):
         raise QuantkitError(f"measurement {path} has no {'/'.join(map(str, PROBE_BITS))}-bit probes (an older quantkit "
                             "measured for one target only): measure again")  # fmt: skip
-    for i, layer in enumerate((layers or []) if data.get("reach") is None else []):  # else allocate checks them
-        for block in ("attn", "mlp"):
-            names = {c.get("candidate") for c in (layer or {}).get(block) or [] if isinstance(c, dict)}
-            moe = shapes is not None and i < len(shapes) and any(
-                expert_index(n) is not None and block_of(n) == block for n in shapes[i])  # fmt: skip
-            need = {c.name for c in fmt.candidates(block, moe)}
-            if not need <= names:
-                raise QuantkitError(f"measurement {path}: layer {i} lacks {block} candidates "
-                                    f"({', '.join(sorted(need - names))}; an older quantkit measured for one target "
-                                    "only): measure again")  # fmt: skip
     fp = data.get("fingerprint")
     if expected is not None and fp != expected:
         diff = sorted(k for k in set(expected) | set(fp or {}) if (fp or {}).get(k) != expected.get(k))
@@ -150,7 +137,6 @@ def load_measurement(
             f"measurement {path} was made for another model or other settings (differs in: {', '.join(diff)}); "
             "measure again without --measurement"
         )
-    check_reach(data.get("reach"), fmt, target, f"measurement {path}")
     return data
 
 
@@ -191,8 +177,9 @@ def _plan(src: Path, dst: Path, o: QuantizeOptions, work: Path, progress: bool, 
     if o.bpw is not None:
         bpw_range = reachable_bpw(shapes, o.settings, rotate_seeds(o.rotate), o.format)
         check_bpw_reachable(o.bpw, *bpw_range)
-        if o.measurement is not None:
-            load_measurement(o.measurement, o.format, n_layers=n_layers, shapes=shapes, target=o.bpw)
+        if o.measurement is not None:  # refused now, before any work, if it cannot serve this target
+            allocate(load_measurement(o.measurement, o.format, n_layers=n_layers), shapes, o.bpw, o.settings,
+                     rotate_seeds(o.rotate), o.format)  # fmt: skip
     the_plan = replace(plan(ckpt, model, o, bpw_range), group_choice=group_choice)
     output = OutputFolder(dst, force=o.force, src=src, work=work)  # validates dst before any work, dry run included
     if o.dry_run:
@@ -251,7 +238,7 @@ def _allocate(ckpt, model, ids, work: Path, o: QuantizeOptions, shapes, seeds, p
     m_ids = ids[: min(o.measure_rows, o.rows)]
     if o.measurement is not None:
         expected = measurement_fingerprint(ckpt, m_ids, o.settings, o.rotate, o.torch_dtype, o.format)
-        meas = load_measurement(o.measurement, o.format, expected, len(shapes), shapes, o.bpw)
+        meas = load_measurement(o.measurement, o.format, expected, len(shapes))
     else:
         meas = measure(ckpt, model, m_ids, work, o, progress)
         reach = meas.get("reach")
