@@ -206,6 +206,25 @@ def test_exl3_bpw_chooses_k_per_linear_within_the_exact_budget(tiny_models, tmp_
         assert torch.isfinite(model(ids)).all()
 
 
+def test_an_exl3_target_measures_each_linear_at_up_to_one_and_a_half_bits_above_it():
+    """--bpw 3.0 --format exl3 measures (and chooses among) K = 1..4 per linear, not all eight: each K a linear is
+    measured at costs one trellis encode of it. The block average alone would let o_proj reach K = 8 beside
+    q/k/v at 1 (3.6 bits per weight on Mistral Large's shapes)."""
+    from quantkit.formats.registry import get_format
+    from quantkit.formats.spec import QuantSettings
+    from quantkit.quant.measure import block_table, spec_for_candidate
+
+    fmt, s = get_format("exl3"), QuantSettings(bits=3, group_size=None)
+    layer = {"self_attn.q_proj": (12288, 12288), "self_attn.k_proj": (1024, 12288),
+             "self_attn.v_proj": (1024, 12288), "self_attn.o_proj": (12288, 12288)}  # fmt: skip
+    table = block_table(fmt, "attn", False, layer, s, lambda n: None, fmt.reach_for(3.0))
+    widths = {n: {spec_for_candidate(c, n, layer[n][1], s, None).bits for c, _ in table} for n in layer}
+    assert widths == {n: {1, 2, 3, 4} for n in layer}
+    assert {c.name for c, _ in table} == {f"exl3 {a}/{k}" for a in range(1, 5) for k in range(1, 5)}
+    everything = block_table(fmt, "attn", False, layer, s, lambda n: None)
+    assert "exl3 1/8" in {c.name for c, _ in everything} and len(everything) == 64
+
+
 def test_exl3_takes_one_bit_per_weight(tiny_models, tmp_path, monkeypatch):
     """K = 1 (the format's narrowest; GPTQ grids stop at 2): a --bits 1 folder stores 16-bit-per-tile streams and
     runs; the other formats still refuse 1 bit."""

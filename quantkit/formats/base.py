@@ -71,8 +71,9 @@ class OutputFormat:
     uniform_sym: ClassVar[bool | None] = None  # the grid of a uniform build without --sym / --asym (None: by width)
     solver: ClassVar[str] = "gptq"  # what quantizes a linear for it (quant/solvers.py): "gptq" or "trellis"
     parts: ClassVar[frozenset[str]] = frozenset({"decoder", "head", "vision"})  # what it can store quantized
-    # --bpw: how many bits per weight above the target a block's candidates may store (measured and chosen; the
-    # measurement's time goes with their number); None: the whole table, whatever the target
+    # --bpw: how many bits per weight above the target a block's candidates may store (a format with one width per
+    # matrix: each linear's width; measured and chosen, the measurement's time goes with their number); None: the
+    # whole table, whatever the target
     reach: ClassVar[float | None] = None
 
     # The quantizer's side.

@@ -30,6 +30,7 @@ class Exl3Format(OutputFormat):
     solver = "trellis"
     parts = frozenset({"decoder", "head"})  # tensor_storage lists the decoder's linears and lm_head (--head-bits)
     widths = (1, 2, 3, 4, 5, 6, 7, 8)  # K, as the format defines it
+    reach = 1.5  # --bpw 3.0 measures and chooses K = 1..4 per linear: 4 trellis encodes each, not 8
     codebooks = (exl3.DEFAULT_CODEBOOK, *(b for b in exl3.CODEBOOKS if b != exl3.DEFAULT_CODEBOOK))
 
     def candidates(self, block: str, moe: bool) -> list[Candidate]:

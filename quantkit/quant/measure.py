@@ -113,15 +113,18 @@ def block_table(
     fmt: OutputFormat, block: str, moe: bool, layer: dict[str, tuple[int, int]], s: QuantSettings, rotate_seed,
     reach: float | None = None,
 ) -> list[tuple[Candidate, int]]:
-    """The block's candidates and their exact stored bits, on layer's shapes ({name: (out, in)}); with reach,
-    only those that store at most reach bits per weight (what a --bpw target measures and chooses from)."""
+    """The block's candidates and their exact stored bits, on layer's shapes ({name: (out, in)}); with reach, only
+    those a --bpw target measures and chooses from: in a format that mixes widths within a matrix, those that store
+    at most reach bits per weight; in one with one width per matrix, those whose every linear is at most reach bits
+    wide (each width a linear is measured at costs a solve, an EXL3 trellis encode, which a block's average would
+    not bound; and stored bits would count EXL3's padding, 4x on a 64-wide model, against the target)."""
     names = [n for n in layer if block_of(n) == block]
     numel = sum(layer[n][0] * layer[n][1] for n in names)
     table = []
     for c in fmt.candidates(block, moe):
-        bits = sum(fmt.stored_bits(spec_for_candidate(c, n, layer[n][1], s, rotate_seed(n)), *layer[n], s)
-                   for n in names)  # fmt: skip
-        if reach is None or bits <= reach * numel:
+        specs = [spec_for_candidate(c, n, layer[n][1], s, rotate_seed(n)) for n in names]
+        bits = sum(fmt.stored_bits(spec, *layer[n], s) for spec, n in zip(specs, names, strict=True))
+        if reach is None or (bits <= reach * numel if fmt.mixed_matrix else all(sp.bits <= reach for sp in specs)):
             table.append((c, bits))
     return table
 
