@@ -87,10 +87,11 @@ def main() -> None:
     if not (full / "config.json").is_file():
         raise SystemExit(f"no model at {full}: run python benchmarks/real_model.py OUT first")
     src = truncated(work, args.layers)
-    calib = ["--dataset", CALIB, "--rows", 32, "--seq-len", 512, "--group-size", GROUP]
+    calib = ["--dataset", CALIB, "--rows", 32, "--seq-len", 512]
+    grid = ["--group-size", GROUP]  # GPTQ's alone: EXL3 has no groups (and refuses the option)
     targets = [float(t) for t in args.targets.split(",") if t]
     plan: list[tuple[str, str, list]] = [
-        *((f"gptq{b}", f"GPTQ {b}-bit g{GROUP} (uniform)", ["--bits", b, "--format", "gptq"]) for b in (3, 4)),
+        *((f"gptq{b}", f"GPTQ {b}-bit g{GROUP} (uniform)", ["--bits", b, "--format", "gptq", *grid]) for b in (3, 4)),
         *((f"exl3-k{k}", f"EXL3 K={k} (uniform)", ["--bits", k, "--format", "exl3"])
           for k in (int(k) for k in args.exl3_bits.split(",") if k)),  # fmt: skip
     ]
@@ -102,7 +103,8 @@ def main() -> None:
             name, first = f"bpw{t:g}-{fmt}", not measurement.is_file()
             reuse = ["--measure-for", max(fmt_targets)] if first else ["--measurement", measurement]
             label = f"--bpw {t:g} --format {fmt}" + (" (incl. measurement)" if first else "")
-            builds.append(quantkit_build(work, name, label, src, ["--bpw", t, "--format", fmt, *calib, *reuse], False))
+            qargs = ["--bpw", t, "--format", fmt, *calib, *reuse, *(grid if fmt != "exl3" else [])]
+            builds.append(quantkit_build(work, name, label, src, qargs, False))
             if first:
                 shutil.copy(work / f".{name}.quantkit-work" / "measurement.json", measurement)
 

@@ -156,6 +156,11 @@ def test_an_exl3_folder_quantizes_saves_loads_and_runs(tiny_models, tmp_path, mo
     assert storage["stored_tensors"][f"{k_proj}.mul1"] == {"shape": [], "torch_dtype": "int32"}  # the codebook flag
     assert storage["mul1_multiplier"] == 0x83DCD12D  # as exllamav3's tensor map records it
     assert qcfg["quantkit"]["shapes"][k_proj] == [32, 64]  # [out, in] before padding to 128
+    card = (dst / "README.md").read_text()  # the encoder's own settings, not GPTQ's, and who loads it
+    assert "EXL3 trellis code" in card and "| Damp | 0.025 " in card and "| Codebook | mul1 |" in card
+    assert not any(f"| {row} |" in card for row in ("Group size", "Act order", "Grid", "Hadamard rotation"))
+    assert "GPTQ," not in card
+    assert "GPTQModel: refuses this folder" in card and "multiples of 128" in card, card  # 64 wide: padded
 
     report = json.loads(CliRunner().invoke(main, ["inspect", str(dst), "--json"]).output)
     expected = (128 * 128 * 4 + 16 * 256 + 32) * 14 / (2 * (64 * 64 * 2 + 32 * 64 * 2 + 3 * 64 * 128))
@@ -208,8 +213,8 @@ def test_exl3_bpw_chooses_k_per_linear_within_the_exact_budget(tiny_models, tmp_
 
 def test_an_exl3_target_measures_each_linear_at_up_to_one_and_a_half_bits_above_it():
     """--bpw 3.0 --format exl3 measures (and chooses among) K = 1..4 per linear, not all eight: each K a linear is
-    measured at costs one trellis encode of it. The block average alone would let o_proj reach K = 8 beside
-    q/k/v at 1 (3.6 bits per weight on Mistral Large's shapes)."""
+    measured at costs one trellis encode of it. A bound on the block's average alone would let o_proj reach K = 8
+    beside q/k/v at 1 (4.2 bits per weight on Mistral Large's shapes, under 3.0 + 1.5)."""
     from quantkit.formats.registry import get_format
     from quantkit.formats.spec import QuantSettings
     from quantkit.quant.measure import block_table, spec_for_candidate
@@ -223,6 +228,24 @@ def test_an_exl3_target_measures_each_linear_at_up_to_one_and_a_half_bits_above_
     assert {c.name for c, _ in table} == {f"exl3 {a}/{k}" for a in range(1, 5) for k in range(1, 5)}
     everything = block_table(fmt, "attn", False, layer, s, lambda n: None)
     assert "exl3 1/8" in {c.name for c, _ in everything} and len(everything) == 64
+
+
+def test_exl3_refuses_the_options_only_gptq_grids_use(tiny_models, tmp_path):
+    """The trellis encoder has no groups, act order, grids or clipping and damps as exllamav3 does: those options
+    given with --format exl3 are refused in one line (not silently ignored), and the plan names the codebook."""
+    from click.testing import CliRunner
+
+    from quantkit.cli import main
+
+    src = tiny_models.get("mistral_large")["hf"]
+    base = ["quantize", str(src), str(tmp_path / "x"), "--format", "exl3", "--dry-run", "--rows", "2"]
+    for extra, named in ((["--damp", "0.05"], "--damp"), (["--group-size", "32", "--asym"], "--group-size, --sym"),
+                         (["--no-act-order"], "--act-order / --no-act-order"), (["--no-clip"], "--clip")):  # fmt: skip
+        result = CliRunner().invoke(main, [*base, *extra])
+        assert result.exit_code == 1 and f"drop {named}" in result.output, result.output
+    result = CliRunner().invoke(main, base)
+    assert result.exit_code == 0 and "format: exl3; 4 bits" in result.output and "codebook mul1" in result.output
+    assert "group" not in result.output.splitlines()[0] and not (tmp_path / "x").exists()
 
 
 def test_exl3_takes_one_bit_per_weight(tiny_models, tmp_path, monkeypatch):

@@ -9,6 +9,26 @@ import click
 from quantkit.errors import QuantkitError
 from quantkit.formats.registry import FORMATS, MIXED_DEFAULT, UNIFORM_DEFAULT
 
+GRID_OPTIONS = {"group_size": "--group-size", "act_order": "--act-order / --no-act-order", "sym": "--sym / --asym",
+                "static_groups": "--static-groups", "damp": "--damp", "clip": "--clip / --no-clip"}  # GPTQ's alone
+
+
+def _refuse_grid_options(fmt: str | None) -> None:
+    """A trellis format's encoder has no groups, act order, grids or clipping, and damps as exllamav3 does: such
+    options given with it would be silently ignored, so they are refused (one line)."""
+    from click.core import ParameterSource
+
+    from quantkit.formats.registry import get_format
+
+    if fmt is None or get_format(fmt).solver == "gptq":
+        return
+    ctx = click.get_current_context()
+    given = [flag for name, flag in GRID_OPTIONS.items()
+             if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]  # fmt: skip
+    if given:
+        raise QuantkitError(f"--format {fmt} codes without groups, act order, grids or clipping and damps as exllamav3 "
+                            f"does (0.025): drop {', '.join(given)}")  # fmt: skip
+
 
 def _group_size(value: str) -> int | str | None:
     v = value.lower()
@@ -110,6 +130,7 @@ def quantize(src: Path, dst: Path, bpw: float | None, rotate: bool, measurement:
     from quantkit.quant.pipeline import quantize as run_quantize
     from quantkit.quant.settings import QuantizeOptions, QuantSettings
 
+    _refuse_grid_options(fmt)
     try:
         gs = _group_size(group_size)
     except ValueError:

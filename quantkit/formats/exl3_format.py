@@ -102,6 +102,26 @@ class Exl3Format(OutputFormat):
     def own_fields(self, qcfg: dict) -> dict:
         return qcfg.get("quantkit") or {}
 
+    def loading_notes(self, arch: str | None, qcfg: dict, names: str) -> str:
+        """Which loaders take the folder: quantkit; GPTQModel's CPU EXL3 kernel unless a width is padded (it
+        refuses those) or the names are not its own; ExLlamaV3 / TabbyAPI by layout, not yet run here."""
+        shapes = (qcfg.get("quantkit") or {}).get("shapes") or {}
+        ragged = sorted(n for n, shape in shapes.items() if any(d % 128 for d in shape))
+        gptqmodel = ("GPTQModel (7.7, checked on CPU): `pip install gptqmodel`, then "
+                     '`GPTQModel.load("DIR", backend=BACKEND.EXL3_TORCH)`.')  # fmt: skip
+        if (arch, names) in (("mixtral", "vllm"), ("pixtral", "vllm")):
+            gptqmodel = "GPTQModel: not under this folder's names; it loads an `--export-names gptqmodel` export."
+        elif ragged:
+            gptqmodel = (f"GPTQModel: refuses this folder: its EXL3 kernel takes widths that are multiples of 128, "
+                         f"and {ragged[0]} is {shapes[ragged[0]]} (stored padded, as exllamav3 pads).")  # fmt: skip
+        lines = [
+            "- quantkit: `quantkit run DIR`, `quantkit eval DIR` or `quantkit serve DIR`.",
+            f"- {gptqmodel}",
+            "- ExLlamaV3 / TabbyAPI: the tensor names, layout and `quantization_config` fields exllamav3's converter "
+            "writes; not yet run on them.",
+        ]
+        return "## Loading\n\nEXL3, ExLlamaV3's trellis-coded format:\n\n" + "\n".join(lines) + "\n"
+
     def check_config(self, qcfg: dict) -> None:
         if qcfg.get("codebook", "3inst") not in exl3.CODEBOOKS:
             raise QuantkitError(f"EXL3 codebook {qcfg.get('codebook')!r} is not supported "

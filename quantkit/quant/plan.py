@@ -9,6 +9,7 @@ from functools import partial
 
 from quantkit.arch.blocks import block_of, role_of, vision_layers
 from quantkit.errors import QuantkitError
+from quantkit.formats import exl3
 from quantkit.model.load import Checkpoint
 from quantkit.quant.capture import LinearSpec, capture_groups
 from quantkit.quant.estimate import COUNT_FLOPS, estimate_seconds, human_seconds, measure_rates
@@ -96,11 +97,14 @@ def plan(ckpt: Checkpoint, model, o: QuantizeOptions, bpw_range: tuple[float, fl
     if o.bpw is not None:
         layer_bits = per_layer * o.bpw
         lo, hi = bpw_range or (float("nan"), float("nan"))
-        words = f"--bpw {o.bpw} (this model reaches {lo:.3f} to {hi:.3f}), group {s.group_size or 'none'}"
+        words = f"--bpw {o.bpw} (this model reaches {lo:.3f} to {hi:.3f})"
     else:
         layer_bits = sum(stored_bits(o, out, i, s.bits) for out, i in shapes.values())
-        words = f"{s.bits} bits ({layer_bits / per_layer:.3f} bits per weight stored), group {s.group_size or 'none'}"
-    words += f", act order {'on' if s.act_order else 'off'}, {s.sym_words()}"
+        words = f"{s.bits} bits ({layer_bits / per_layer:.3f} bits per weight stored)"
+    if o.format.solver == "gptq":
+        words += f", group {s.group_size or 'none'}, act order {'on' if s.act_order else 'off'}, {s.sym_words()}"
+    else:  # a trellis code has no groups, act order or grids
+        words += f", codebook {s.codebook or exl3.DEFAULT_CODEBOOK}"
     head = stored_bits(o, t.vocab_size, t.dim, o.head_bits) if o.head_bits else 0
     output = int((layer_bits * t.n_layers + head) / 8 + kept_bytes)
     largest_in = max(i for _, i in shapes.values())
