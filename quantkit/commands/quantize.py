@@ -26,8 +26,10 @@ def _refuse_grid_options(fmt: str | None) -> None:
     given = [flag for name, flag in GRID_OPTIONS.items()
              if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]  # fmt: skip
     if given:
+        from quantkit.quant.trellis import SIGMA_REG
+
         raise QuantkitError(f"--format {fmt} codes without groups, act order, grids or clipping and damps as exllamav3 "
-                            f"does (0.025): drop {', '.join(given)}")  # fmt: skip
+                            f"does ({SIGMA_REG}): drop {', '.join(given)}")  # fmt: skip
 
 
 def _group_size(value: str) -> int | str | None:
