@@ -18,6 +18,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats import exl3
 from quantkit.formats.base import Built, OutputFormat, SolvedLinear
 from quantkit.formats.exl3 import padded
+from quantkit.formats.gptq_format import GPTQMODEL_REFUSES
 from quantkit.formats.spec import Candidate, LinearSpec, QuantSettings
 from quantkit.kernels.exl3_linear import Exl3Linear
 
@@ -109,7 +110,7 @@ class Exl3Format(OutputFormat):
         ragged = sorted(n for n, shape in shapes.items() if any(d % 128 for d in shape))
         gptqmodel = ("GPTQModel (7.7, checked on CPU): `pip install gptqmodel`, then "
                      '`GPTQModel.load("DIR", backend=BACKEND.EXL3_TORCH)`.')  # fmt: skip
-        if (arch, names) in (("mixtral", "vllm"), ("pixtral", "vllm")):
+        if (arch, names) in GPTQMODEL_REFUSES:
             gptqmodel = "GPTQModel: not under this folder's names; it loads an `--export-names gptqmodel` export."
         elif ragged:
             gptqmodel = (f"GPTQModel: refuses this folder: its EXL3 kernel takes widths that are multiples of 128, "

@@ -138,6 +138,7 @@ NAMING_NOTES = {
         "(the default)."
     ),
 }
+GPTQMODEL_REFUSES = frozenset({("mixtral", "vllm"), ("pixtral", "vllm")})  # (arch, naming) GPTQModel 7.7 cannot load
 SAME_NAMES = "Tensor names: the same under `--export-names vllm` and `gptqmodel`; the loaders above take them."
 
 
@@ -148,7 +149,7 @@ def gptq_loading_notes(arch: str | None, bits: int | None, mixed: bool = False, 
     gptqmodel = 'GPTQModel: `pip install gptqmodel`, then `GPTQModel.load("DIR")`.'
     if arch == "pixtral":
         gptqmodel += " Its Llava loader also builds the image processor: PixtralProcessor needs torchvision."
-    if (arch, names) in (("mixtral", "vllm"), ("pixtral", "vllm")):
+    if (arch, names) in GPTQMODEL_REFUSES:
         gptqmodel = "GPTQModel: not under this folder's names; it loads an `--export-names gptqmodel` export."
     vllm = "vLLM: `pip install vllm`, then `vllm serve DIR`."
     if bits in (2, 3):
