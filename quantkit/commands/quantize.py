@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.registry import FORMATS, MIXED_DEFAULT, UNIFORM_DEFAULT
+from quantkit.formats.registry import FORMATS, MIXED_DEFAULT, UNIFORM_DEFAULT, get_format
 
 GRID_OPTIONS = {"group_size": "--group-size", "act_order": "--act-order / --no-act-order", "sym": "--sym / --asym",
                 "static_groups": "--static-groups", "damp": "--damp", "clip": "--clip / --no-clip"}  # GPTQ's alone
@@ -17,8 +17,6 @@ def _refuse_grid_options(fmt: str | None) -> None:
     """A trellis format's encoder has no groups, act order, grids or clipping, and damps as exllamav3 does: such
     options given with it would be silently ignored, so they are refused (one line)."""
     from click.core import ParameterSource
-
-    from quantkit.formats.registry import get_format
 
     if fmt is None or get_format(fmt).solver == "gptq":
         return
