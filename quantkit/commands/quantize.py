@@ -18,7 +18,7 @@ def _refuse_grid_options(fmt: str | None) -> None:
     options given with it would be silently ignored, so they are refused (one line)."""
     from click.core import ParameterSource
 
-    if fmt is None or get_format(fmt).solver == "gptq":
+    if fmt is None or get_format(fmt).grid_options:
         return
     ctx = click.get_current_context()
     given = [flag for name, flag in GRID_OPTIONS.items()

@@ -70,6 +70,8 @@ class OutputFormat:
     mixed_matrix: ClassVar[bool] = False  # one matrix may hold several widths (--bpw may widen single linears)
     uniform_sym: ClassVar[bool | None] = None  # the grid of a uniform build without --sym / --asym (None: by width)
     solver: ClassVar[str] = "gptq"  # what quantizes a linear for it (quant/solvers.py): "gptq" or "trellis"
+    method: ClassVar[str] = "GPTQ"  # the model card's words for how its linears were quantized
+    grid_options: ClassVar[bool] = True  # its solver reads --group-size, --act-order, --sym, --damp and --clip
     parts: ClassVar[frozenset[str]] = frozenset({"decoder", "head", "vision"})  # what it can store quantized
     # --bpw: how many bits per weight above the target a block's candidates may store (a format with one width per
     # matrix: each linear's width; measured and chosen, the measurement's time goes with their number); None: the
@@ -94,6 +96,19 @@ class OutputFormat:
         if s.codebook is not None and s.codebook not in self.codebooks:
             raise QuantkitError(f"--format {self.name} codes with {', '.join(self.codebooks)}, not {s.codebook}"
                                 if self.codebooks else f"--format {self.name} has no codebook: drop --codebook")
+
+    def settings_rows(self, s: QuantSettings, rotate: bool, group_why: str | None = None) -> list[tuple[str, object]]:
+        """The solver's settings as the model card lists them (GPTQ's: rotation, group size, act order, grid and
+        damp). group_why: why --group-size auto did not choose 128."""
+        group = s.group_size or "none (per channel)"
+        if group_why:
+            group = f"{s.group_size or 'none, per channel'} (auto: {group_why})"
+        return [("Hadamard rotation", rotate), ("Group size", group), ("Act order", s.act_order),
+                ("Grid", s.sym_words()), ("Damp", f"{s.damp} (fraction of the mean Hessian diagonal)")]  # fmt: skip
+
+    def settings_words(self, s: QuantSettings) -> str:
+        """The solver's settings in the plan line (what --dry-run prints)."""
+        return f"group {s.group_size or 'none'}, act order {'on' if s.act_order else 'off'}, {s.sym_words()}"
 
     def check_shape(self, name: str, out_features: int, in_features: int) -> None:
         """Refuse a linear this format cannot store (named in the error)."""

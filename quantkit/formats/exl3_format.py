@@ -21,6 +21,7 @@ from quantkit.formats.exl3 import padded
 from quantkit.formats.gptq_format import GPTQMODEL_REFUSES
 from quantkit.formats.spec import Candidate, LinearSpec, QuantSettings
 from quantkit.kernels.exl3_linear import Exl3Linear
+from quantkit.quant.trellis import SIGMA_REG
 
 
 class Exl3Format(OutputFormat):
@@ -29,6 +30,8 @@ class Exl3Format(OutputFormat):
     key_tensor = "trellis"
     markers = frozenset({"trellis", "suh", "svh"})
     solver = "trellis"
+    method = "EXL3 trellis code by quantkit's own encoder, Hadamard on both sides, LDLQ"
+    grid_options = False  # no groups, act order, grids or clipping; damped as exllamav3 damps (trellis.SIGMA_REG)
     parts = frozenset({"decoder", "head"})  # tensor_storage lists the decoder's linears and lm_head (--head-bits)
     widths = (1, 2, 3, 4, 5, 6, 7, 8)  # K, as the format defines it
     reach = 1.5  # --bpw 3.0 measures and chooses K = 1..4 per linear: 4 trellis encodes each, not 8
@@ -47,6 +50,14 @@ class Exl3Format(OutputFormat):
             for a in self.widths
             for k in self.widths
         ]
+
+    def settings_rows(self, s: QuantSettings, rotate: bool, group_why: str | None = None) -> list[tuple[str, object]]:
+        """The encoder's settings: its damping (exllamav3's sigma_reg) and codebook."""
+        return [("Damp", f"{SIGMA_REG} (fraction of the mean Hessian diagonal, exllamav3's sigma_reg)"),
+                ("Codebook", s.codebook or exl3.DEFAULT_CODEBOOK)]  # fmt: skip
+
+    def settings_words(self, s: QuantSettings) -> str:
+        return f"codebook {s.codebook or exl3.DEFAULT_CODEBOOK}"
 
     def stored_bits(self, spec: LinearSpec, out_features: int, in_features: int, s: QuantSettings) -> int:
         """The padded trellis at K bits per weight, suh and svh in fp16, and the codebook's int32 flag (if any)."""

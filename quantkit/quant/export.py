@@ -4,10 +4,8 @@ the output format says: formats/, docs/format.md)."""
 from __future__ import annotations
 
 from quantkit import __version__
-from quantkit.formats import exl3
 from quantkit.formats.base import OutputFormat
 from quantkit.formats.spec import QuantSettings
-from quantkit.quant.trellis import SIGMA_REG
 
 
 def model_card(
@@ -28,28 +26,17 @@ def model_card(
     qcfg: the folder's quantization_config (a mixed GPTQ build's `bits` decides vLLM's kernel).
     group_why: why --group-size auto did not choose 128 (so a card of auto -> 128 equals one of --group-size 128).
     names: the export's naming (--export-names), for which loaders take it."""
-    if fmt.solver == "gptq":
-        group = s.group_size or "none (per channel)"
-        if group_why:
-            group = f"{s.group_size or 'none, per channel'} (auto: {group_why})"
-        method = "GPTQ"
-        solver = [("Hadamard rotation", rotate), ("Group size", group), ("Act order", s.act_order),
-                  ("Grid", s.sym_words()), ("Damp", f"{s.damp} (fraction of the mean Hessian diagonal)")]  # fmt: skip
-    else:  # the trellis encoder has no groups, act order or grids, and damps as exllamav3 does
-        method = "EXL3 trellis code by quantkit's own encoder, Hadamard on both sides, LDLQ"
-        solver = [("Damp", f"{SIGMA_REG} (fraction of the mean Hessian diagonal, exllamav3's sigma_reg)"),
-                  ("Codebook", s.codebook or exl3.DEFAULT_CODEBOOK)]  # fmt: skip
     rows = [
         ("Format", fmt.name),
         ("Bits", f"{bpw} bpw (mixed)" if bpw else s.bits),
         ("Head bits", head_bits or 16),
-        *solver,
+        *fmt.settings_rows(s, rotate, group_why),
         ("Dataset", calibration.get("dataset")),
         ("Rows x seq len", f"{calibration.get('rows')} x {calibration.get('seq_len')}"),
         ("Size", f"{size_bytes / 1e9:.2f} GB"),
         ("Quantizer", f"quantkit {__version__}"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    intro = f"Quantized with quantkit ({method}, calibrated layer by layer)."
+    intro = f"Quantized with quantkit ({fmt.method}, calibrated layer by layer)."
     notes = fmt.loading_notes(arch, qcfg, names)
     return f"# {name}\n\n{intro}\n\n| parameter | value |\n|---|---|\n{table}\n\n{notes}"

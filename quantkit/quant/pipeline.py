@@ -169,7 +169,7 @@ def _plan(src: Path, dst: Path, o: QuantizeOptions, work: Path, progress: bool, 
     if o.settings.group_size == AUTO:  # resolved once, here: job, measurement and config all see the concrete size
         g, group_why = resolve_group_size(checked)
         o = replace(o, settings=replace(o.settings, group_size=g))
-        group_choice = group_size_words(g, group_why) if o.format.solver == "gptq" else ""  # EXL3 has no groups
+        group_choice = group_size_words(g, group_why) if o.format.grid_options else ""
     check_against_model(o, read_json(src / "config.json"), checked)
     n_layers = ckpt.config.text.n_layers
     shapes = [linear_shapes(model, i) for i in range(n_layers)]

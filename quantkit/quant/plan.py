@@ -9,7 +9,6 @@ from functools import partial
 
 from quantkit.arch.blocks import block_of, role_of, vision_layers
 from quantkit.errors import QuantkitError
-from quantkit.formats import exl3
 from quantkit.model.load import Checkpoint
 from quantkit.quant.capture import LinearSpec, capture_groups
 from quantkit.quant.estimate import COUNT_FLOPS, estimate_seconds, human_seconds, measure_rates
@@ -101,10 +100,7 @@ def plan(ckpt: Checkpoint, model, o: QuantizeOptions, bpw_range: tuple[float, fl
     else:
         layer_bits = sum(stored_bits(o, out, i, s.bits) for out, i in shapes.values())
         words = f"{s.bits} bits ({layer_bits / per_layer:.3f} bits per weight stored)"
-    if o.format.solver == "gptq":
-        words += f", group {s.group_size or 'none'}, act order {'on' if s.act_order else 'off'}, {s.sym_words()}"
-    else:  # a trellis code has no groups, act order or grids
-        words += f", codebook {s.codebook or exl3.DEFAULT_CODEBOOK}"
+    words += f", {o.format.settings_words(s)}"
     head = stored_bits(o, t.vocab_size, t.dim, o.head_bits) if o.head_bits else 0
     output = int((layer_bits * t.n_layers + head) / 8 + kept_bytes)
     largest_in = max(i for _, i in shapes.values())
