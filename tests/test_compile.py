@@ -52,8 +52,8 @@ def test_every_runtime_launch_compiles_without_spills_within_shared_memory(tmp_p
     viterbi = {(r["arch"], r["example"]["bits"], r["example"]["book"], bool(r["example"]["m"]))
                for r in rows if "viterbi" in r["paths"]}  # fmt: skip
     assert viterbi == set(itertools.product((80, 90), range(1, 9), books, (False, True)))
-    back = {(r["arch"], r["example"]["bits"], r["example"]["book"]) for r in rows if "viterbi_back" in r["paths"]}
-    assert back == set(itertools.product((80, 90), range(1, 9), books))
+    back = {(r["arch"], r["example"]["bits"]) for r in rows if "viterbi_back" in r["paths"]}  # decodes no values
+    assert back == set(itertools.product((80, 90), range(1, 9)))
     sweeps = {s for r in rows for s in r["sweeps"]}
     assert {f"variants:{v}" for v in ("g32", "per_channel", "zeros", "mixed", "bias")} <= sweeps
     for r in rows:

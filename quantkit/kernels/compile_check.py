@@ -179,9 +179,10 @@ def _kernel(name: str):
 
 
 @contextlib.contextmanager
-def _recording(kernel: str, arch: int, kernels: dict[str, dict], current: dict):
+def _recording(kernel: str, arch: int, kernels: dict[str, dict], current: dict, path: str | None = None):
     """The kernel object swapped for a recorder while the launch code runs: each launch's specialisation for arch
-    goes into kernels (keyed by what makes it distinct), with the case (current) that made it."""
+    goes into kernels (keyed by what makes it distinct), with the case (current) that made it (its path renamed to
+    `path` where one launch code runs two kernels)."""
     module, attr = KERNELS[kernel]
     mod = __import__(module, fromlist=[attr])
     specialise = make_specialiser(getattr(mod, attr), arch)
@@ -192,7 +193,7 @@ def _recording(kernel: str, arch: int, kernels: dict[str, dict], current: dict):
                 key, spec = specialise(args, kwargs)
                 spec["kernel"] = kernel
                 entry = kernels.setdefault(kernel + key, dict(spec=spec, cases=[]))  # two kernels' keys may match
-                entry["cases"].append(dict(current, grid=list(grid)))
+                entry["cases"].append(dict(current, grid=list(grid), **({"path": path} if path else {})))
 
             return launch
 
@@ -239,19 +240,16 @@ def capture(arch: int, cases: list[dict]) -> dict[str, dict]:
             trellis = torch.empty(n_in // 16, n_out // 16, 16 * c["bits"], dtype=torch.int16)
             suh, svh = torch.empty(n_in, dtype=torch.float16), torch.empty(n_out, dtype=torch.float16)
             exl3_triton.gemv(torch.empty(c["m"], n_in, dtype=c["dtype"]), trellis, suh, svh, c["book"])
-    with _recording("exl3_viterbi", arch, kernels, current):
+    with (
+        _recording("exl3_viterbi", arch, kernels, current),
+        _recording("exl3_viterbi_back", arch, kernels, current, path="viterbi_back"),
+    ):
         for c in (c for c in cases if c["sweep"] == "exl3" and c["path"] == "viterbi"):
             current.clear()
             current.update(c)
             tiles, start = 4, torch.zeros(4, dtype=torch.long) if c["m"] else None
-            best = torch.empty(256, tiles, (1 << 16) >> c["bits"])
-            exl3_triton.viterbi_forward(torch.empty(tiles, 256), c["bits"], c["book"], start, best)
-    with _recording("exl3_viterbi_back", arch, kernels, current):
-        for c in (c for c in cases if c["sweep"] == "exl3" and c["path"] == "viterbi" and not c["m"]):
-            current.clear()
-            current.update(c, path="viterbi_back")
-            best = torch.empty(256, 4, (1 << 16) >> c["bits"])
-            exl3_triton.viterbi_back(torch.empty(4, 256), c["bits"], c["book"], torch.zeros(4, dtype=torch.long), best)
+            arg = torch.zeros(256, tiles, (1 << 16) >> c["bits"], dtype=torch.uint8)
+            exl3_triton.viterbi(torch.empty(tiles, 256), c["bits"], c["book"], start, arg)
     return kernels
 
 
@@ -318,8 +316,9 @@ def kernel_name(spec: dict) -> str:
     if spec["kernel"].startswith("exl3"):
         from quantkit.kernels.exl3_triton import BOOK_IDS
 
-        book = next(b for b, i in BOOK_IDS.items() if i == cv["BOOK"])
-        data = spec["signature"]["out" if spec["kernel"] == "exl3" else "x"][1:]
+        book = next((b for b, i in BOOK_IDS.items() if i == cv.get("BOOK")), "-")  # the way back decodes none
+        tensor = "out" if spec["kernel"] == "exl3" else "x" if "x" in spec["signature"] else "arg"
+        data = spec["signature"][tensor][1:]
         what = {"exl3": "decode", "exl3_gemv": "gemv", "exl3_viterbi": "viterbi", "exl3_viterbi_back": "way back"}[
             spec["kernel"]
         ]

@@ -8,8 +8,9 @@
   decoder bit for bit) or in the activations' dtype for the prefill's matmul.
 - `_gemv` (gemv): y = x W for up to 16 rows with nothing dense in memory: both Hadamard transforms and scales
   fused, Ŵ decoded in registers.
-- `_viterbi_forward`, `_viterbi_back` (viterbi_forward, viterbi_back): quant/trellis.py's encoder, one tile per
-  program: all 256 steps of a pass in one launch, and the way back in another.
+- `_viterbi_forward`, `_viterbi_back` (viterbi): quant/trellis.py's encoder on a GPU, one tile per program: all
+  256 steps of a pass in one launch (path costs per state suffix, 2^(16-K) floats, and each step's choice as a
+  byte), and the way back in another.
 Tests run them in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 must be set before Triton is imported);
 kernels/compile_check.py compiles them for sm_80 / sm_90.
 """
@@ -148,79 +149,77 @@ def gemv(x: torch.Tensor, trellis: torch.Tensor, suh: torch.Tensor, svh: torch.T
 
 
 VITERBI_BLOCK = 4096  # trellis states one step of the Viterbi kernel handles at a time (16 blocks per step)
+VITERBI_WARPS = 8  # 16 states per thread: at 4 warps (32) ptxas spilled at K = 1, 4, 5, 6 under maxnreg=128
 
 
 @triton.jit
-def _viterbi_forward(x, cost, best, start, n_tiles, K: tl.constexpr, BOOK: tl.constexpr, HAS_START: tl.constexpr,
+def _viterbi_forward(x, cost, arg, start, n_tiles, K: tl.constexpr, BOOK: tl.constexpr, HAS_START: tl.constexpr,
                      BLOCK: tl.constexpr):  # fmt: skip
-    """The forward pass of quant/trellis.py's Viterbi for one tile per program, all 256 steps in one launch: each
-    step's cheapest predecessor cost per state suffix into best [256, tiles, 2^(16-K)], the path costs in two
-    buffers of 2^16 per tile (read one, write the other, a barrier between steps). The new costs are computed as
-    the torch pass computes them ((v² + (-2x) v) + best), so that its way back finds the same predecessors."""
+    """The forward pass of quant/trellis.py's Viterbi for one tile per program, all 256 steps in one launch. A path
+    cost is kept per state suffix (its low 16 - K bits, which the next state begins with): step i's cost of suffix
+    e is the least over the 2^K states (h, e) of their squared error, computed as the torch pass computes it
+    ((v² + (-2x) v), the codebook value v in registers), plus the cost of their own predecessor suffix (the state's
+    top 16 - K bits). So a step reads and writes 2^(16-K) costs (two buffers in cost, a barrier between steps)
+    instead of 2^16, and records which h was cheapest in arg [256, tiles, 2^(16-K)] (uint8), which the way back
+    follows. The costs after the last step are left in cost[:, 0]."""
     t = tl.program_id(0)
     LOW: tl.constexpr = 65536 >> K
     P: tl.constexpr = 1 << K
-    BJ: tl.constexpr = BLOCK // P
-    buf = cost + t.to(tl.int64) * 2 * 65536
-    offs = tl.arange(0, BLOCK)
-    for b in range(0, 65536, BLOCK):
-        if HAS_START:
-            init = tl.where(b + offs == tl.load(start + t), 0.0, float("inf"))
-        else:
-            init = tl.zeros([BLOCK], dtype=tl.float32)
-        tl.store(buf + b + offs, init)
-    tl.debug_barrier()
+    BE: tl.constexpr = BLOCK // P
+    buf = cost + t.to(tl.int64) * 2 * LOW
     h = tl.arange(0, P)
+    for b in range(0, LOW, BE):  # before position 0: any suffix, or the start state's alone
+        e = b + tl.arange(0, BE)
+        if HAS_START:
+            init = tl.where(e == tl.load(start + t) % LOW, 0.0, float("inf"))
+        else:
+            init = tl.zeros([BE], dtype=tl.float32)
+        tl.store(buf + e, init)
+    tl.debug_barrier()
     for i in range(256):
-        prev = buf + (i % 2) * 65536
-        cur = buf + ((i + 1) % 2) * 65536
+        prev = buf + (i % 2) * LOW
+        cur = buf + ((i + 1) % 2) * LOW
         x2 = tl.load(x + t * 256 + i) * -2.0
-        for jb in range(0, LOW, BJ):
-            j = jb + tl.arange(0, BJ)
-            low_cost = tl.min(tl.load(prev + h[:, None] * LOW + j[None, :]), axis=0)  # predecessors: top K bits
-            tl.store(best + (i * n_tiles + t).to(tl.int64) * LOW + j, low_cost)
-            state = j[:, None] * P + h[None, :]  # the states these suffixes lead to: [BJ, P], contiguous
+        for first in range(0, LOW, BE):  # 65536 / BLOCK blocks at every K (unrolled, ptxas spills)
+            e = first + tl.arange(0, BE)
+            state = (h[:, None] << (16 - K)) | e[None, :]  # [P, BE]: the states that end in these suffixes
             v = _value(state, BOOK)
-            tl.store(cur + state, (v * v + x2 * v) + low_cost[:, None])
+            c = (v * v + x2 * v) + tl.load(prev + (state >> K))
+            least, which = tl.min(c, axis=0, return_indices=True)
+            tl.store(cur + e, least)
+            tl.store(arg + (i * n_tiles + t).to(tl.int64) * LOW + e, which.to(tl.uint8))
         tl.debug_barrier()
 
 
 @triton.jit
-def _viterbi_back(x, best, end, states, n_tiles, K: tl.constexpr, BOOK: tl.constexpr):
-    """The way back of quant/trellis.py's Viterbi for one tile per program: from its end state, each step's
-    predecessor is the cheapest of the 2^K states it may have come from, their costs recomputed from best and x as
-    _viterbi_forward computed them; the 256 states into states [T, 256] (int32)."""
+def _viterbi_back(arg, end, states, n_tiles, K: tl.constexpr):
+    """The way back of _viterbi_forward for one tile per program: from its end state, each step's state is the
+    cheapest h the forward pass recorded for the suffix the next state begins with; the 256 states into states
+    [T, 256] (int32)."""
     t = tl.program_id(0)
     LOW: tl.constexpr = 65536 >> K
-    h = tl.arange(0, 1 << K)
     state = tl.load(end + t)
     for back in range(255):
         i = 255 - back
         tl.store(states + t * 256 + i, state)
-        pred = (h << (16 - K)) | (state >> K)  # the states step i may have come from
-        v = _value(pred, BOOK)
-        x2 = tl.load(x + t * 256 + i - 1) * -2.0
-        cost = (v * v + x2 * v) + tl.load(best + ((i - 1) * n_tiles + t).to(tl.int64) * LOW + (pred >> K))
-        state = tl.sum(tl.where(h == tl.argmin(cost, axis=0), pred, 0))
+        e = state >> K
+        state = (tl.load(arg + ((i - 1) * n_tiles + t).to(tl.int64) * LOW + e).to(tl.int32) << (16 - K)) | e
     tl.store(states + t * 256, state)
 
 
-def viterbi_back(x: torch.Tensor, k: int, book: str, end: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
-    """The way back after viterbi_forward in one kernel: states long [T, 256] of the cheapest paths ending in end."""
-    t = x.shape[0]
-    states = torch.empty(t, 256, dtype=torch.int32, device=x.device)
-    _viterbi_back[(t,)](x.contiguous(), best, end.to(torch.int32).contiguous(), states, best.shape[1], K=k,
-                        BOOK=BOOK_IDS[book])  # fmt: skip
-    return states.long()
-
-
-def viterbi_forward(x: torch.Tensor, k: int, book: str, start: torch.Tensor | None, best: torch.Tensor) -> torch.Tensor:
-    """quant/trellis.py's forward pass over x [T, 256] fp32 in one kernel: fills best [256, >= T, 2^(16-K)] (T
-    columns used) and returns the final path costs [T, 2^16]."""
-    t = x.shape[0]
-    cost = torch.empty(t, 2, 1 << 16, dtype=torch.float32, device=x.device)
+def viterbi(x: torch.Tensor, k: int, book: str, start: torch.Tensor | None, arg: torch.Tensor) -> torch.Tensor:
+    """quant/trellis.py's Viterbi pass over x [T, 256] fp32 in two kernels: states long [T, 256] of the cheapest
+    path, which with start [T] begins after that state and ends in it, else begins anywhere and ends where it is
+    cheapest. arg [256, >= T, 2^(16-K)] uint8 is scratch (T columns used)."""
+    t, low = x.shape[0], 65536 >> k
+    cost = torch.empty(t, 2, low, dtype=torch.float32, device=x.device)
     start_t = start.to(torch.int32).contiguous() if start is not None else cost
-    _viterbi_forward[(t,)](x.contiguous(), cost, best, start_t, best.shape[1], K=k, BOOK=BOOK_IDS[book],
-                           HAS_START=start is not None, BLOCK=VITERBI_BLOCK, maxnreg=128)  # fmt: skip
-    # maxnreg: left to itself ptxas capped mul1 at K = 4 (with a start state, sm_90) at 80 registers and spilled
-    return cost[:, 0]
+    _viterbi_forward[(t,)](x.contiguous(), cost, arg, start_t, arg.shape[1], K=k, BOOK=BOOK_IDS[book],
+                           HAS_START=start is not None, BLOCK=VITERBI_BLOCK, num_warps=VITERBI_WARPS,
+                           maxnreg=128)  # fmt: skip
+    if start is None:  # the cheapest end: the cheapest suffix, and the h the last step chose for it
+        e = cost[:, 0].argmin(dim=1)
+        start = (arg[255, :t].gather(1, e[:, None])[:, 0].long() << (16 - k)) | e
+    states = torch.empty(t, 256, dtype=torch.int32, device=x.device)
+    _viterbi_back[(t,)](arg, start.to(torch.int32).contiguous(), states, arg.shape[1], K=k)
+    return states.long()

@@ -13,6 +13,7 @@ a second pass starts from that state and must end in it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -22,26 +23,19 @@ from quantkit.formats.spec import LinearSpec, QuantSettings
 from quantkit.quant.gptq import proxy_loss
 
 STATES = 1 << 16
-BEST_BYTES = 128 << 20  # per batch of tiles: the [256, tiles, 2^(16-K)] fp32 table of each step's best predecessors
+SCRATCH_BYTES = 128 << 20  # per batch of tiles: the [256, tiles, 2^(16-K)] table of each step's predecessors
 
 
-def _viterbi(
-    x: torch.Tensor, k: int, book: str, start: torch.Tensor | None, best: torch.Tensor, triton: bool = False
-) -> torch.Tensor:
+def _viterbi(x: torch.Tensor, k: int, book: str, start: torch.Tensor | None, best: torch.Tensor) -> torch.Tensor:
     """One pass over x [T, 256]: the states [T, 256] of the cheapest paths; with start [T] the path begins after
     that state and ends in it, else it begins anywhere and ends where it is cheapest. best [256, >= T, 2^(16-K)] is
     scratch: the forward pass keeps only each step's cheapest predecessor cost (a min, not an argmin: torch's min
     with indices over the strided view is 5x slower than amin), and the way back recomputes the 2^K predecessor
     costs of the one state it follows, with the same ops in the same order, so it picks the forward pass's path.
-    With triton, the forward pass and the way back are one kernel each (kernels/exl3_triton.py), the same
-    computation (on a GPU, 256 steps of small torch ops per batch would be bound by their launches)."""
+    (On a GPU, kernels/exl3_triton.py's viterbi runs the pass instead: 256 steps of small torch ops per batch would
+    be bound by their launches.)"""
     t, low = x.shape[0], STATES >> k
     best = best[:, :t]
-    if triton:
-        from quantkit.kernels.exl3_triton import viterbi_back, viterbi_forward
-
-        cost = viterbi_forward(x, k, book, start, best)
-        return viterbi_back(x, k, book, start if start is not None else cost.argmin(dim=1), best)
     values = exl3.codebook(book).to(x.device)
     square = values * values
     cost = torch.zeros(t, STATES, device=x.device)
@@ -68,24 +62,31 @@ def _viterbi(
 
 
 def batch_tiles(k: int, device: torch.device | str = "cpu") -> int:
-    """Tiles encoded at once at K bits: as many as BEST_BYTES of scratch holds (16x that on a GPU, where each tile
-    is a program of the Viterbi kernel and more of them fill more of its SMs)."""
-    scratch = BEST_BYTES * (16 if torch.device(device).type == "cuda" else 1)
-    return max(1, scratch // (256 * (STATES >> k) * 4))
+    """Tiles encoded at once at K bits: as many as SCRATCH_BYTES holds of the [256, tiles, 2^(16-K)] table a pass
+    keeps (on a GPU 16x that, and a byte per entry, not fp32: each tile is a program of the Viterbi kernel, and more
+    of them fill more of its SMs; 1024 tiles at K = 3)."""
+    gpu = torch.device(device).type == "cuda"
+    per_tile = 256 * (STATES >> k) * (1 if gpu else 4)
+    return max(1, SCRATCH_BYTES * (16 if gpu else 1) // per_tile)
 
 
 def encode(x: torch.Tensor, k: int, book: str = "3inst", backend: str = "auto") -> torch.Tensor:
     """Symbols long [T, 256] (K bits each, stream order) of the tail-biting code closest to x [T, 256] (fp32). The
-    forward passes run as a Triton kernel where the kernels' backend resolves to Triton (a GPU), else in torch."""
+    passes run as Triton kernels where the kernels' backend resolves to Triton (a GPU), else in torch."""
     from quantkit.kernels import resolve_backend
 
-    triton = resolve_backend(backend, x.device) == "triton"
     batch = batch_tiles(k, x.device)
-    best = torch.empty(256, min(batch, x.shape[0]), STATES >> k, device=x.device)
+    shape = (256, min(batch, x.shape[0]), STATES >> k)
+    if resolve_backend(backend, x.device) == "triton":
+        from quantkit.kernels.exl3_triton import viterbi
+
+        one_pass = partial(viterbi, arg=torch.empty(shape, dtype=torch.uint8, device=x.device))
+    else:
+        one_pass = partial(_viterbi, best=torch.empty(shape, device=x.device))
     out = []
     for chunk in x.float().split(batch):
-        states = _viterbi(chunk.roll(-128, dims=1), k, book, None, best, triton)  # position 255 sits at 127
-        out.append(_viterbi(chunk, k, book, states[:, 127], best, triton) & ((1 << k) - 1))
+        states = one_pass(chunk.roll(-128, dims=1), k, book, None)  # position 255 sits at 127
+        out.append(one_pass(chunk, k, book, states[:, 127]) & ((1 << k) - 1))
     return torch.cat(out)
 
 
