@@ -6,7 +6,8 @@
 #   3. bench_decode: a 4-layer model of Pixtral-Large's width at 3.0 bpw, eager and CUDA-graph decode tokens/s,
 #      projected to 88 layers with the roofline fraction; and the ops launched per layer per decoded token;
 #   4. bench_exl3_encode: the EXL3 trellis encoder (its Viterbi kernel) on a 2048 x 2048 matrix at K = 2/3/4: seconds
-#      per million weights and the projection to Pixtral-Large's decoder;
+#      per million weights and the projection to Pixtral-Large's decoder, then exl3_encode_projection: the same
+#      projection computed from the kernel's sm_90 SASS without running it (issue bound), to set beside it;
 #   5. bench_quantize_speed: one random decoder layer at Pixtral-Large's widths quantized --bits 4 and --bpw 3.0
 #      (both formats) on the GPU, 32 x 2048 calibration tokens: seconds per layer (x 88 for the whole model) next to
 #      --dry-run's estimate.
@@ -23,7 +24,7 @@ for arg in "$@"; do
   case "$arg" in
     --dry) DRY=1 ;;
     --no-install) INSTALL=0 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     -*) echo "error: unknown option $arg" >&2; exit 2 ;;
     *) OUT="$arg" ;;
   esac
@@ -60,6 +61,7 @@ if [ $DRY = 1 ]; then
   step bench_kernels 300 "$PY" benchmarks/bench_kernels.py --bits 2 3 4 8 --exl3 2 3 4
   step bench_decode 300 "$PY" benchmarks/bench_decode.py --dry
   step launch_count 300 "$PY" benchmarks/bench_decode.py --dry --count --backend torch --modes eager
+  step exl3_projection 120 "$PY" benchmarks/exl3_encode_projection.py --k 2,3,4 --book 3inst
 else
   step tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_decode.py tests/test_exl3.py
   step bench_kernels 200 "$PY" benchmarks/bench_kernels.py --bits 2 3 4 8 --exl3 2 3 4 --batch 1 16
@@ -68,6 +70,7 @@ else
   step bench_decode_fixup 90 "$PY" benchmarks/bench_decode.py --layers 4 --bpw 3.0 --modes graph --reduce fixup
   step launch_count 60 "$PY" benchmarks/bench_decode.py --count --layers 2 --modes eager static  # graph: = static
   step exl3_encode 300 "$PY" benchmarks/bench_exl3_encode.py --device cuda --size 2048
+  step exl3_projection 120 "$PY" benchmarks/exl3_encode_projection.py --k 2,3,4 --book 3inst
   step quantize_speed 420 "$PY" benchmarks/bench_quantize_speed.py --models pixtral-large-layer --rows 32 \
     --seq-len 2048 --work /tmp/gpu-check-quantize
 fi

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,11 +23,13 @@ def test_gpu_check_dry_mode_runs_and_writes_the_results_file(tmp_path):
     text = out.read_text()
     assert res.returncode == 0, text[-6000:] + res.stderr[-2000:]
     assert text == res.stdout  # the file holds the whole run
-    for step in ("tests", "bench_kernels", "bench_decode", "launch_count"):
+    for step in ("tests", "bench_kernels", "bench_decode", "launch_count", "exl3_projection"):
         assert f"--- {step}: exit 0" in text
     assert "passed" in text and "FAIL" not in text
     assert text.count("max relative error") == 14  # 4 widths and 3 EXL3 K x 2 row counts, interpreter vs torch
     assert text.count("exl3 K=") == 6
     assert "tok/s 88L" in text and "\neager " in text and "\nstatic " in text
     assert "per decoder layer per decoded token" in text
+    rows = re.findall(r"^\| [234] \| \d+ \| \d+\.\d \| \d+\.\d\d \| \d+\.\d\d \|$", text, re.M)
+    assert "sm_90 SASS" in text and len(rows) == 3, rows  # exl3_encode_projection: K = 2, 3, 4
     assert "gpu_check: all steps passed" in text
