@@ -180,7 +180,7 @@ def _viterbi_forward(x, cost, arg, start, n_tiles, K: tl.constexpr, BOOK: tl.con
         prev = buf + (i % 2) * LOW
         cur = buf + ((i + 1) % 2) * LOW
         x2 = tl.load(x + t * 256 + i) * -2.0
-        for first in range(0, LOW, BE):  # 65536 / BLOCK blocks at every K (unrolled, ptxas spills)
+        for first in range(0, LOW, BE):  # 65536 / BLOCK blocks at every K (tl.static_range's unrolling spilled)
             e = first + tl.arange(0, BE)
             state = (h[:, None] << (16 - K)) | e[None, :]  # [P, BE]: the states that end in these suffixes
             v = _value(state, BOOK)
