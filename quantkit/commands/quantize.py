@@ -24,7 +24,7 @@ def _refuse_grid_options(fmt: str | None) -> None:
     given = [flag for name, flag in GRID_OPTIONS.items()
              if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]  # fmt: skip
     if given:
-        from quantkit.quant.trellis import SIGMA_REG
+        from quantkit.formats.exl3 import SIGMA_REG
 
         raise QuantkitError(f"--format {fmt} codes without groups, act order, grids or clipping and damps as exllamav3 "
                             f"does ({SIGMA_REG}): drop {', '.join(given)}")  # fmt: skip

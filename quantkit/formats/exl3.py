@@ -29,6 +29,7 @@ from quantkit.formats.hadamard import hadamard_matrix
 
 CODEBOOKS = ("3inst", "mcg", "mul1")
 DEFAULT_CODEBOOK = "mul1"  # what exllamav3's converter codes with unless told otherwise
+SIGMA_REG = 0.025  # Hessian damping, a fraction of its mean diagonal (exllamav3's converter's default)
 TILE = 16
 HADAMARD_BLOCK = 128
 MCG_MULT, MUL1_MULT = 0xCBAC1FED, 0x83DCD12D

@@ -17,11 +17,10 @@ from quantkit.arch.blocks import BLOCK_ROLES, SHARED_INPUT
 from quantkit.errors import QuantkitError
 from quantkit.formats import exl3
 from quantkit.formats.base import Built, OutputFormat, SolvedLinear
-from quantkit.formats.exl3 import padded
+from quantkit.formats.exl3 import SIGMA_REG, padded
 from quantkit.formats.gptq_format import GPTQMODEL_REFUSES
 from quantkit.formats.spec import Candidate, LinearSpec, QuantSettings
 from quantkit.kernels.exl3_linear import Exl3Linear
-from quantkit.quant.trellis import SIGMA_REG
 
 
 class Exl3Format(OutputFormat):
@@ -31,7 +30,7 @@ class Exl3Format(OutputFormat):
     markers = frozenset({"trellis", "suh", "svh"})
     solver = "trellis"
     method = "EXL3 trellis code by quantkit's own encoder, Hadamard on both sides, LDLQ"
-    grid_options = False  # no groups, act order, grids or clipping; damped as exllamav3 damps (trellis.SIGMA_REG)
+    grid_options = False  # no groups, act order, grids or clipping; damped as exllamav3 damps (exl3.SIGMA_REG)
     parts = frozenset({"decoder", "head"})  # tensor_storage lists the decoder's linears and lm_head (--head-bits)
     widths = (1, 2, 3, 4, 5, 6, 7, 8)  # K, as the format defines it
     reach = 1.5  # --bpw 3.0 measures and chooses K = 1..4 per linear: 4 trellis encodes each, not 8

@@ -18,7 +18,7 @@ from functools import partial
 import torch
 
 from quantkit.formats import exl3
-from quantkit.formats.exl3 import padded
+from quantkit.formats.exl3 import SIGMA_REG, padded
 from quantkit.formats.spec import LinearSpec, QuantSettings
 from quantkit.quant.gptq import proxy_loss
 
@@ -100,7 +100,6 @@ def encode_matrix(w: torch.Tensor, k: int, book: str = "3inst") -> torch.Tensor:
 
 
 CODEBOOK_SCALE = 1.24371088  # the 3inst / mcg codebooks' standard deviation (exllamav3's codebook_scale)
-SIGMA_REG = 0.025  # Hessian damping, a fraction of its mean diagonal (exllamav3's default)
 BAND = 16  # rows of Ŵ quantized together: one row of tiles
 SCALE_GRID = tuple(0.1 + 0.2 * i for i in range(10))  # the global scale's coarse search, as exllamav3 searches it
 SCALE_STEP = 0.075  # and its fine grid around the coarse minimum
