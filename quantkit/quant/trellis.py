@@ -61,13 +61,12 @@ def _viterbi(x: torch.Tensor, k: int, book: str, start: torch.Tensor | None, bes
     return states
 
 
-def batch_tiles(k: int, device: torch.device | str = "cpu") -> int:
+def batch_tiles(k: int, device: torch.device | str = "cpu", entry_bytes: int = 4) -> int:
     """Tiles encoded at once at K bits: as many as SCRATCH_BYTES holds of the [256, tiles, 2^(16-K)] table a pass
-    keeps (on a GPU 16x that, and a byte per entry, not fp32: each tile is a program of the Viterbi kernel, and more
-    of them fill more of its SMs; 1024 tiles at K = 3)."""
-    gpu = torch.device(device).type == "cuda"
-    per_tile = 256 * (STATES >> k) * (1 if gpu else 4)
-    return max(1, SCRATCH_BYTES * (16 if gpu else 1) // per_tile)
+    keeps (entry_bytes: the torch pass's fp32 costs, or the Triton kernel's byte per choice; on a GPU 16x the bytes:
+    each tile is a program of the Viterbi kernel, and more of them fill more of its SMs; 1024 tiles at K = 3)."""
+    scratch = SCRATCH_BYTES * (16 if torch.device(device).type == "cuda" else 1)
+    return max(1, scratch // (256 * (STATES >> k) * entry_bytes))
 
 
 def encode(x: torch.Tensor, k: int, book: str = "3inst", backend: str = "auto") -> torch.Tensor:
@@ -75,9 +74,10 @@ def encode(x: torch.Tensor, k: int, book: str = "3inst", backend: str = "auto") 
     passes run as Triton kernels where the kernels' backend resolves to Triton (a GPU), else in torch."""
     from quantkit.kernels import resolve_backend
 
-    batch = batch_tiles(k, x.device)
+    triton = resolve_backend(backend, x.device) == "triton"
+    batch = batch_tiles(k, x.device, 1 if triton else 4)
     shape = (256, min(batch, x.shape[0]), STATES >> k)
-    if resolve_backend(backend, x.device) == "triton":
+    if triton:
         from quantkit.kernels.exl3_triton import viterbi
 
         one_pass = partial(viterbi, arg=torch.empty(shape, dtype=torch.uint8, device=x.device))
