@@ -18,7 +18,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats import exl3
 from quantkit.formats.base import Built, OutputFormat, SolvedLinear
 from quantkit.formats.exl3 import SIGMA_REG, padded
-from quantkit.formats.gptq_format import GPTQMODEL_REFUSES
+from quantkit.formats.gptq_format import GPTQMODEL_OTHER_NAMES, GPTQMODEL_REFUSES
 from quantkit.formats.spec import Candidate, LinearSpec, QuantSettings
 from quantkit.kernels.exl3_linear import Exl3Linear
 
@@ -121,7 +121,7 @@ class Exl3Format(OutputFormat):
         gptqmodel = ("GPTQModel (7.7, checked on CPU): `pip install gptqmodel`, then "
                      '`GPTQModel.load("DIR", backend=BACKEND.EXL3_TORCH)`.')  # fmt: skip
         if (arch, names) in GPTQMODEL_REFUSES:
-            gptqmodel = "GPTQModel: not under this folder's names; it loads an `--export-names gptqmodel` export."
+            gptqmodel = GPTQMODEL_OTHER_NAMES
         elif ragged:
             gptqmodel = (f"GPTQModel: refuses this folder: its EXL3 kernel takes widths that are multiples of 128, "
                          f"and {ragged[0]} is {shapes[ragged[0]]} (stored padded, as exllamav3 pads).")  # fmt: skip

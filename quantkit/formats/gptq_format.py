@@ -139,6 +139,7 @@ NAMING_NOTES = {
     ),
 }
 GPTQMODEL_REFUSES = frozenset({("mixtral", "vllm"), ("pixtral", "vllm")})  # (arch, naming) GPTQModel 7.7 cannot load
+GPTQMODEL_OTHER_NAMES = "GPTQModel: not under this folder's names; it loads an `--export-names gptqmodel` export."
 SAME_NAMES = "Tensor names: the same under `--export-names vllm` and `gptqmodel`; the loaders above take them."
 
 
@@ -150,7 +151,7 @@ def gptq_loading_notes(arch: str | None, bits: int | None, mixed: bool = False, 
     if arch == "pixtral":
         gptqmodel += " Its Llava loader also builds the image processor: PixtralProcessor needs torchvision."
     if (arch, names) in GPTQMODEL_REFUSES:
-        gptqmodel = "GPTQModel: not under this folder's names; it loads an `--export-names gptqmodel` export."
+        gptqmodel = GPTQMODEL_OTHER_NAMES
     vllm = "vLLM: `pip install vllm`, then `vllm serve DIR`."
     if bits in (2, 3):
         vllm = "vLLM: `pip install vllm`, then `vllm serve DIR --dtype float16` (2- and 3-bit GPTQ runs on vLLM's "
