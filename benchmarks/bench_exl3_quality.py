@@ -12,8 +12,9 @@ model. Bits per weight are those of the N quantized layers, every stored byte co
     python benchmarks/bench_exl3_quality.py [--layers 1] [--targets 2.5,3.0,4.0] [--exl3-targets T,...]
         [--exl3-bits 2,3,4] [--work /tmp/bench-exl3q]
 
-Builds are cached in the work folder (bench_real.py's cache: same command, same folder); the first --bpw build of a
-format measures for its highest target and the others reuse that measurement (--measurement), as bench_real.py does.
+Builds are cached in the work folder (bench_real.py's cache: same command, same folder); a --bpw build reuses a saved
+measurement of its format that serves its target (--measurement, WORK/measurement-FMT*.json), else it measures for
+the format's highest target (--measure-for) and saves that measurement for the others, as bench_real.py does.
 The table is printed and written to WORK/table.md. Expect minutes per layer for GPTQ and about an hour per layer for
 EXL3 --bpw on 2 cores.
 """
@@ -21,6 +22,7 @@ EXL3 --bpw on 2 cores.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -31,8 +33,10 @@ import torch
 from torch import nn
 
 from quantkit.evaluation import EvalSettings, eval_rows, logits_fn
+from quantkit.formats.registry import get_format
 from quantkit.inspect import describe
 from quantkit.metrics import evaluate_many
+from quantkit.quant.measure import covers, floor_for
 from quantkit.quantized_model import load_any
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -48,6 +52,15 @@ def truncated(work: Path, layers: int) -> Path:
         subprocess.run([sys.executable, "benchmarks/real_model.py", str(out), "--layers", str(layers)], cwd=REPO,
                        check=True)  # fmt: skip
     return out / "smollm2-hf"
+
+
+def serving(work: Path, fmt: str, target: float) -> Path | None:
+    """The saved measurement of this format (work/measurement-FMT*.json) that serves --bpw target and measured the
+    fewest candidates (the lowest reach), if any."""
+    saved = {p: json.loads(p.read_text()) for p in work.glob(f"measurement-{fmt}*.json")}
+    window = get_format(fmt).reach_for(target), floor_for(fmt, target)
+    fits = [p for p, m in saved.items() if covers(m.get("reach"), window[0], m.get("floor"), window[1])]
+    return min(fits, key=lambda p: (saved[p].get("reach") is None, saved[p].get("reach") or 0.0), default=None)
 
 
 @torch.no_grad()
@@ -98,15 +111,16 @@ def main() -> None:
     exl3_targets = targets if args.exl3_targets is None else [float(t) for t in args.exl3_targets.split(",") if t]
     builds = [quantkit_build(work, name, label, src, [*qargs, *calib], False) for name, label, qargs in plan]
     for fmt, fmt_targets in (("gptq", targets), ("quantkit", targets), ("exl3", exl3_targets)):
-        measurement = work / f"measurement-{fmt}.json"  # one measurement per format serves all its targets
         for t in fmt_targets:
-            name, first = f"bpw{t:g}-{fmt}", not measurement.is_file()
+            name, measurement = f"bpw{t:g}-{fmt}", serving(work, fmt, t)
+            first = measurement is None  # this build measures for the highest target; later ones reuse it
             reuse = ["--measure-for", max(fmt_targets)] if first else ["--measurement", measurement]
             label = f"--bpw {t:g} --format {fmt}" + (" (incl. measurement)" if first else "")
             qargs = ["--bpw", t, "--format", fmt, *calib, *reuse, *(grid if fmt != "exl3" else [])]
             builds.append(quantkit_build(work, name, label, src, qargs, False))
             if first:
-                shutil.copy(work / f".{name}.quantkit-work" / "measurement.json", measurement)
+                saved = work / f"measurement-{fmt}-for{max(fmt_targets):g}.json"
+                shutil.copy(work / f".{name}.quantkit-work" / "measurement.json", saved)
 
     heldout = work / HELDOUT
     write_heldout(heldout)

@@ -99,6 +99,22 @@ def test_the_encoder_finds_a_code_at_least_as_close_as_a_greedy_one(k):
     assert viterbi / float(w.var()) < bound, viterbi / float(w.var())
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+def test_both_layouts_of_the_torch_viterbi_find_the_same_symbols(k, monkeypatch):
+    """The torch passes keep their costs symbol-major at small K and state-major above (trellis.H_MAJOR_K, for
+    speed); either layout finds the same symbols bit for bit, the tail-biting start included, and so do ties (a
+    target of zeros, where many paths cost the same)."""
+    from quantkit.quant import trellis
+
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(k)) * trellis.CODEBOOK_SCALE
+    x[2] = 0.0
+    codes = []
+    for h_major_k in (0, 8):
+        monkeypatch.setattr(trellis, "H_MAJOR_K", h_major_k)
+        codes.append(trellis.encode(x, k, "mul1", backend="torch"))
+    assert torch.equal(codes[0], codes[1])
+
+
 def _greedy_symbols(x: torch.Tensor, k: int, book: str = "3inst") -> torch.Tensor:
     """A plain left-to-right code of x [T, 256]: each symbol the best for its own position given the ones before."""
     values = exl3.codebook(book)
@@ -185,7 +201,8 @@ def test_an_exl3_folder_quantizes_saves_loads_and_runs(tiny_models, tmp_path, mo
 def test_exl3_bpw_chooses_k_per_linear_within_the_exact_budget(tiny_models, tmp_path, monkeypatch):
     """--bpw with --format exl3: each linear measured at the K its target can choose (greedy tile codes in place of
     Viterbi, as above), the knapsack picks K per block, and every stored bit (padding, suh, svh) counts against
-    the target. On this 64-wide model K = 3 is 10.1 and K = 4 13.2 stored bits per real weight (padded to 128)."""
+    the target. On this 64-wide model K = 3 is 10.1 and K = 4 13.2 stored bits per real weight (padded to 128). The
+    kept measurement.json names its window: K = 2 (the probe width) to 8, no K = 1."""
     import json
 
     from click.testing import CliRunner
@@ -205,29 +222,59 @@ def test_exl3_bpw_chooses_k_per_linear_within_the_exact_budget(tiny_models, tmp_
 
     report = json.loads(CliRunner().invoke(main, ["inspect", str(dst), "--json"]).output)
     assert 10.1 < report["quantized"]["decoder_bpw"] <= 11.5
+    meas = json.loads((tmp_path / ".exl3-bpw.quantkit-work" / "measurement.json").read_text())
+    assert (meas["floor"], meas["reach"]) == (2.0, 13.0)
+    names = {e["candidate"] for layer in meas["layers"] for b in ("attn", "mlp") for e in layer[b]}
+    assert names == {f"exl3 {a}/{k}" for a in range(2, 9) for k in range(2, 9)}
     model = load_any(dst, "cpu", "float32", "torch", progress=False)
     ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.isfinite(model(ids)).all()
 
 
-def test_an_exl3_target_measures_each_linear_at_up_to_one_and_a_half_bits_above_it():
-    """--bpw 3.0 --format exl3 measures (and chooses among) K = 1..4 per linear, not all eight: each K a linear is
-    measured at costs one trellis encode of it. A bound on the block's average alone would let o_proj reach K = 8
-    beside q/k/v at 1 (4.2 bits per weight on Mistral Large's shapes, under 3.0 + 1.5)."""
+def test_an_exl3_target_measures_each_linear_within_one_and_a_half_bits_of_it():
+    """--bpw 3.0 --format exl3 measures (and chooses among) K = 2..4 per linear, not all eight: each K a linear is
+    measured at costs one trellis encode of it, and K = 1's is the slowest. A bound on the block's average alone
+    would let o_proj reach K = 8 beside q/k/v at 1 (4.2 bits per weight on Mistral Large's shapes, under 3.0 + 1.5).
+    K = 1 stays for targets up to 2.5, and no target leaves out K = 2, the width every block is probed at."""
     from quantkit.formats.registry import get_format
     from quantkit.formats.spec import QuantSettings
-    from quantkit.quant.measure import block_table, spec_for_candidate
+    from quantkit.quant.measure import block_table, floor_for, spec_for_candidate
 
     fmt, s = get_format("exl3"), QuantSettings(bits=3, group_size=None)
     layer = {"self_attn.q_proj": (12288, 12288), "self_attn.k_proj": (1024, 12288),
              "self_attn.v_proj": (1024, 12288), "self_attn.o_proj": (12288, 12288)}  # fmt: skip
-    table = block_table(fmt, "attn", False, layer, s, lambda n: None, fmt.reach_for(3.0))
-    widths = {n: {spec_for_candidate(c, n, layer[n][1], s, None).bits for c, _ in table} for n in layer}
-    assert widths == {n: {1, 2, 3, 4} for n in layer}
-    assert {c.name for c, _ in table} == {f"exl3 {a}/{k}" for a in range(1, 5) for k in range(1, 5)}
+    for target, ks in ((3.0, range(2, 5)), (2.5, range(1, 5)), (4.0, range(2, 6)), (6.0, range(2, 8))):
+        table = block_table(fmt, "attn", False, layer, s, lambda n: None, fmt.reach_for(target),
+                            floor_for(fmt, target))  # fmt: skip
+        widths = {n: {spec_for_candidate(c, n, layer[n][1], s, None).bits for c, _ in table} for n in layer}
+        assert widths == {n: set(ks) for n in layer}, target
+        assert {c.name for c, _ in table} == {f"exl3 {a}/{k}" for a in ks for k in ks}
     everything = block_table(fmt, "attn", False, layer, s, lambda n: None)
     assert "exl3 1/8" in {c.name for c, _ in everything} and len(everything) == 64
+    assert floor_for("quantkit", 3.0) is None and floor_for("gptq", 3.0) is None  # GPTQ grids: the whole table
+
+
+def test_an_exl3_measurement_serves_targets_from_its_own_up_to_its_measure_for():
+    """An EXL3 measurement leaves out K = 1 above 2.5, so one made for 4.0 cannot serve 2.5 (refused in one line,
+    naming the remedy); --measure-for below --bpw lowers its floor instead, so that it serves both."""
+    from quantkit.errors import QuantkitError
+    from quantkit.formats.spec import QuantSettings
+    from quantkit.quant.measure import check_reach
+    from quantkit.quant.settings import QuantizeOptions
+
+    made_for_4 = QuantizeOptions(QuantSettings(4, None), fmt="exl3", bpw=4.0)
+    assert (made_for_4.measure_floor, made_for_4.measure_reach) == (2.0, 5.5)
+    for target in (3.5, 4.0):
+        check_reach(made_for_4.measure_reach, "exl3", target, "m", made_for_4.measure_floor)
+    for target, words in ((2.5, "leaves out linears narrower than 2 bits"), (4.5, "was made for --bpw up to 4")):
+        with pytest.raises(QuantkitError, match=words) as e:
+            check_reach(made_for_4.measure_reach, "exl3", target, "m", made_for_4.measure_floor)
+        assert "--measure-for" in str(e.value) and "\n" not in str(e.value)
+    both = QuantizeOptions(QuantSettings(4, None), fmt="exl3", bpw=4.0, measure_for=2.5)
+    assert (both.measure_floor, both.measure_reach) == (1.0, 5.5)
+    check_reach(both.measure_reach, "exl3", 2.5, "m", both.measure_floor)
+    check_reach(5.5, "exl3", 2.5, "an older measurement", None)  # made before floors: every width down to K = 1
 
 
 def test_exl3_refuses_the_options_only_gptq_grids_use(tiny_models, tmp_path):

@@ -43,8 +43,8 @@ def _group_size(value: str) -> int | str | None:
 @click.option("--measurement", type=click.Path(path_type=Path), help="Reuse a measurement.json for --bpw.")
 @click.option("--measure-rows", type=int, default=16, show_default=True, help="Calibration rows measured for --bpw.")
 @click.option("--measure-for", type=float,
-              help="Measure for every --bpw up to this one, so that the measurement.json serves them all "
-                   "(default: the --bpw target and those below it).")  # fmt: skip
+              help="Measure for every --bpw between the target and this one, so that the measurement.json serves "
+                   "them all (default: the target and, but for --format exl3 above 2.5, those below it).")  # fmt: skip
 @click.option(
     "-b", "--bits", type=int, default=4, show_default=True, help="Bits per weight (2-8; 1-8 with --format exl3)."
 )

@@ -77,11 +77,19 @@ class OutputFormat:
     # matrix: each linear's width; measured and chosen, the measurement's time goes with their number); None: the
     # whole table, whatever the target
     reach: ClassVar[float | None] = None
+    # and how many below it each linear may be (None: down to the table's narrowest). A format whose narrowest widths
+    # cost the most to measure and are never chosen near the target sets it: EXL3's K = 1 trellis encode is its
+    # slowest, and --bpw 3.0 does not pick it
+    reach_below: ClassVar[float | None] = None
 
     # The quantizer's side.
     def reach_for(self, target: float | None) -> float | None:
         """The most bits per weight a block's candidates may store for this --bpw target (None: the whole table)."""
         return None if target is None or self.reach is None else target + self.reach
+
+    def floor_for(self, target: float | None) -> float | None:
+        """The fewest bits per weight each linear of a block's candidates may have for this --bpw target (None: any)."""
+        return None if target is None or self.reach_below is None else target - self.reach_below
 
     def target_for(self, reach: float) -> float:
         """The highest --bpw target a measurement of the candidates up to reach serves (reach_for's inverse)."""

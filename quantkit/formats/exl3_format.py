@@ -33,7 +33,8 @@ class Exl3Format(OutputFormat):
     grid_options = False  # no groups, act order, grids or clipping; damped as exllamav3 damps (exl3.SIGMA_REG)
     parts = frozenset({"decoder", "head"})  # tensor_storage lists the decoder's linears and lm_head (--head-bits)
     widths = (1, 2, 3, 4, 5, 6, 7, 8)  # K, as the format defines it
-    reach = 1.5  # --bpw 3.0 measures and chooses K = 1..4 per linear: 4 trellis encodes each, not 8
+    reach = 1.5  # --bpw 3.0 measures and chooses K = 2..4 per linear: 3 trellis encodes each, not 8
+    reach_below = 1.5  # K = 1 only for targets up to 2.5 (never a floor above the probes' 2 bits: measure.floor_for)
     codebooks = (exl3.DEFAULT_CODEBOOK, *(b for b in exl3.CODEBOOKS if b != exl3.DEFAULT_CODEBOOK))
 
     def candidates(self, block: str, moe: bool) -> list[Candidate]:

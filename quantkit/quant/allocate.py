@@ -21,7 +21,8 @@ In a format whose linears cannot mix widths (GPTQ), the fill moves whole blocks 
 instead (one that does not raise the measured error), largest error drop per bit first.
 
 The knapsack chooses among every candidate of the table across widths, up to the format's reach above the target
-(OutputFormat.reach: in the quantkit format 2.5 bits per weight, which left SmolLM2's allocations unchanged).
+(OutputFormat.reach: in the quantkit format 2.5 bits per weight, which left SmolLM2's allocations unchanged), and
+in EXL3 down to 1.5 below it (reach_below: no K = 1 at 3.0, which SmolLM2's allocation did not choose either).
 Until 2026-12-06 every block stayed between the widest uniform width whose build fits the budget (b) and the next
 width up: before the probes, a free choice on SmolLM2-135M at uniform 4-bit's size (GPTQ g64) put q/k/v at 8 bits
 and o/down at 3 in 17 blocks and measured 37% more KL than uniform 4-bit. With the probes weighing the blocks that
@@ -44,7 +45,14 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.base import OutputFormat
 from quantkit.formats.registry import get_format
 from quantkit.formats.spec import LinearSpec, QuantSettings
-from quantkit.quant.measure import PROBE_BITS, block_table, check_reach, probe_candidates, spec_for_candidate
+from quantkit.quant.measure import (
+    PROBE_BITS,
+    block_table,
+    check_reach,
+    floor_for,
+    probe_candidates,
+    spec_for_candidate,
+)
 
 RESOLUTION = 20_000
 BLOCKS = ("attn", "mlp")
@@ -136,14 +144,15 @@ def _fill_blocks(picks: list[int], bits: list[list[int]], errors: list[list[floa
 
 
 def _table(shapes: list[dict[str, tuple[int, int]]], s: QuantSettings, rotate_seed, fmt: OutputFormat,
-           reach: float | None = None):  # fmt: skip
-    """Every block (layer, "attn" / "mlp"), its candidates (up to reach bits per weight) and their exact stored
-    bits on these shapes: the same costs a measurement records, known before measuring."""
+           reach: float | None = None, floor: float | None = None):  # fmt: skip
+    """Every block (layer, "attn" / "mlp"), its candidates (up to reach bits per weight, linears at least floor
+    bits wide) and their exact stored bits on these shapes: the same costs a measurement records, known before
+    measuring."""
     blocks = [(li, b) for li in range(len(shapes)) for b in ("attn", "mlp")]
     cands, bits = [], []
     for li, b in blocks:
         seed = lambda n, li=li: rotate_seed(li, n)  # noqa: E731
-        table = block_table(fmt, b, _is_moe(shapes[li], b), shapes[li], s, seed, reach)
+        table = block_table(fmt, b, _is_moe(shapes[li], b), shapes[li], s, seed, reach, floor)
         cands.append([c for c, _ in table])
         bits.append([x for _, x in table])
     return blocks, cands, bits
@@ -200,8 +209,8 @@ def allocate(
     that mixes widths within a matrix widens single linears instead."""
     fmt = get_format(fmt)
     numel = sum(o * i for layer in shapes for o, i in layer.values())
-    check_reach(measurement.get("reach"), fmt, target_bpw, "the measurement")
-    blocks, cands, bits = _table(shapes, s, rotate_seed, fmt, fmt.reach_for(target_bpw))
+    check_reach(measurement.get("reach"), fmt, target_bpw, "the measurement", measurement.get("floor"))
+    blocks, cands, bits = _table(shapes, s, rotate_seed, fmt, fmt.reach_for(target_bpw), floor_for(fmt, target_bpw))
     lo, hi = sum(min(x) for x in bits) / numel, sum(max(x) for x in bits) / numel
     if not lo <= target_bpw <= hi:
         raise QuantkitError(f"--bpw {target_bpw} is outside what this model can reach: {lo:.3f} to {hi:.3f}")

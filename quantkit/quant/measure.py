@@ -14,7 +14,9 @@ goes to the caller, which carries it to the logits (quant/pipeline.py `measure`)
 local errors by what they cost the model end to end (allocate.py `predicted_kl`). A format with a `reach` measures
 the candidates that store at most that many bits per weight above the target (the quantkit format's 2.5: 13 of 19
 at 3.0), which the allocation chooses from, so one measurement serves every --bpw target up to its own
-(--measure-for raises it); the others measure their whole table.
+(--measure-for raises it); the others measure their whole table. One with a `reach_below` (EXL3) also leaves out
+the linears narrower than that below the target, so its measurement serves targets from its own up (--measure-for
+below the target lowers that).
 """
 
 from __future__ import annotations
@@ -69,12 +71,12 @@ LAST_ROLES = ("o", "down")  # a dense half-layer's last linear: x + o_proj(atten
 
 def measure_work(
     fmt: OutputFormat | str, rows: int, head: tuple[int, int], layer: dict[str, tuple[int, int]], s: QuantSettings,
-    moe: bool = False, reach: float | None = None,
+    moe: bool = False, reach: float | None = None, floor: float | None = None,
 ) -> MeasureWork:
     """What measure_layer and the probes do for this format on `rows` measurement rows, for the --dry-run estimate
-    (layer: a decoder layer's linear shapes; reach: the format's reach_for the target)."""
+    (layer: a decoder layer's linear shapes; reach, floor: the measurement's window, floor_for and reach_for)."""
     fmt = get_format(fmt)
-    cands = {b: [c for c, _ in block_table(fmt, b, moe and b == "mlp", layer, s, lambda n: None, reach)]
+    cands = {b: [c for c, _ in block_table(fmt, b, moe and b == "mlp", layer, s, lambda n: None, reach, floor)]
              for b in BLOCK_ROLES}  # fmt: skip
     last = {b: next(r for r in BLOCK_ROLES[b] if r in LAST_ROLES) for b in BLOCK_ROLES}
     shared = {b: not (moe and b == "mlp") for b in BLOCK_ROLES}  # the last-linear shortcut of dense halves
@@ -94,36 +96,54 @@ def measure_work(
     )
 
 
-def covers(reach: float | None, needed: float | None) -> bool:
-    """Whether a measurement of the candidates up to `reach` holds every one up to `needed` (None: all)."""
-    return reach is None or (needed is not None and needed <= reach)
+def covers(reach: float | None, needed: float | None, floor: float | None = None, needed_floor: float | None = None
+           ) -> bool:  # fmt: skip
+    """Whether a measurement of the candidates up to `reach` (and down to `floor`) holds every one up to `needed`
+    (and down to `needed_floor`; None: all)."""
+    high = reach is None or (needed is not None and needed <= reach)
+    return high and (floor is None or (needed_floor is not None and needed_floor >= floor))
 
 
-def check_reach(reach: float | None, fmt: OutputFormat | str, target: float | None, what: str) -> None:
-    """Refuse a measurement (what: its name in the message) made for a lower --bpw than target: it lacks
-    candidates target may use."""
+def floor_for(fmt: OutputFormat | str, target: float | None) -> float | None:
+    """The narrowest width a --bpw target measures and chooses per linear (OutputFormat.floor_for), never above the
+    probe width: the allocation reads every block's probed candidate."""
+    floor = get_format(fmt).floor_for(target)
+    return None if floor is None else min(floor, min(PROBE_BITS))
+
+
+def check_reach(reach: float | None, fmt: OutputFormat | str, target: float | None, what: str,
+                floor: float | None = None) -> None:  # fmt: skip
+    """Refuse a measurement (what: its name in the message) made for a lower --bpw than target, or for a higher
+    one where the format leaves out narrow widths (floor): it lacks candidates target may use."""
     fmt = get_format(fmt)
     if target is not None and not covers(reach, fmt.reach_for(target)):
         made = f"--bpw up to {fmt.target_for(reach):g}" if fmt.reach is not None else f"{reach:g} bits per weight"
         raise QuantkitError(f"{what} was made for {made}, which lacks candidates --bpw {target:g} may use: measure "
                             "again (--measure-for makes a measurement serve every target up to it)")  # fmt: skip
+    if target is not None and not covers(None, None, floor, floor_for(fmt, target)):
+        raise QuantkitError(f"{what} leaves out linears narrower than {floor:g} bits, which --bpw {target:g} may use: "
+                            "measure again (--measure-for makes a measurement serve every target between the run's "
+                            "--bpw and it)")  # fmt: skip
 
 
 def block_table(
     fmt: OutputFormat, block: str, moe: bool, layer: dict[str, tuple[int, int]], s: QuantSettings, rotate_seed,
-    reach: float | None = None,
+    reach: float | None = None, floor: float | None = None,
 ) -> list[tuple[Candidate, int]]:
     """The block's candidates and their exact stored bits, on layer's shapes ({name: (out, in)}); with reach, only
     those a --bpw target measures and chooses from: in a format that mixes widths within a matrix, those that store
     at most reach bits per weight; in one with one width per matrix, those whose every linear is at most reach bits
     wide (each width a linear is measured at costs a solve, an EXL3 trellis encode, which a block's average would
-    not bound; and stored bits would count EXL3's padding, 4x on a 64-wide model, against the target)."""
+    not bound; and stored bits would count EXL3's padding, 4x on a 64-wide model, against the target); with floor,
+    only those whose every linear is at least floor bits wide."""
     names = [n for n in layer if block_of(n) == block]
     numel = sum(layer[n][0] * layer[n][1] for n in names)
     table = []
     for c in fmt.candidates(block, moe):
         specs = [spec_for_candidate(c, n, layer[n][1], s, rotate_seed(n)) for n in names]
         bits = sum(fmt.stored_bits(spec, *layer[n], s) for spec, n in zip(specs, names, strict=True))
+        if floor is not None and any(sp.bits < floor for sp in specs):
+            continue
         if reach is None or (bits <= reach * numel if fmt.mixed_matrix else all(sp.bits <= reach for sp in specs)):
             table.append((c, bits))
     return table
@@ -252,9 +272,10 @@ def measure_layer(
     probe: Callable[[str, int, int, torch.Tensor], None] | None = None,
     probe_rows: int = 0,
     reach: float | None = None,
+    floor: float | None = None,
 ) -> dict[str, list[dict]]:
-    """{"attn": [...], "mlp": [...]}, one {"candidate", "bits", "error"} per candidate (those that store at most
-    reach bits per weight), for this layer; io.middle keeps the float attention half's outputs (the MLP half's
+    """{"attn": [...], "mlp": [...]}, one {"candidate", "bits", "error"} per candidate (those within block_table's
+    reach and floor), for this layer; io.middle keeps the float attention half's outputs (the MLP half's
     inputs).
 
     probe(block, k, r, h): for the first probe_rows rows, the layer's output with only this block quantized at its
@@ -270,7 +291,7 @@ def measure_layer(
         result[block] = []
         moe = any(expert_index(n) is not None for n in names)
         shapes = {n: (layer.get_submodule(n).out_features, layer.get_submodule(n).in_features) for n in names}
-        table = block_table(fmt, block, moe, shapes, s, rotate_seed, reach)
+        table = block_table(fmt, block, moe, shapes, s, rotate_seed, reach, floor)
         candidates = [c for c, _ in table]
         probed = probe_candidates(candidates) if probe is not None else []
         solved: dict[tuple[str, LinearSpec], torch.Tensor] = {}  # candidates share settings per linear: solve once

@@ -169,7 +169,7 @@ class MeasurePass(Pass):
         io = self._layer_io(self.job.store("attn", self.rows, self.row_shape, self.dtype))
         info = measure_layer(layer, io, self._context(self.row_shape), self.o.settings,
                              lambda name: self.seeds(i, name), self.o.format, probe, p_rows,
-                             self.o.measure_reach)  # fmt: skip
+                             self.o.measure_reach, self.o.measure_floor)  # fmt: skip
         return Done(None, info, True)
 
     def head(self, unit: Unit, norm, lm_head) -> Done:

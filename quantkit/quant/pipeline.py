@@ -84,23 +84,25 @@ def _repeat_note(provenance: dict) -> str | None:
 
 
 def measure(ckpt: Checkpoint, model, ids: torch.Tensor, work: Path, o: QuantizeOptions, progress: bool = True) -> dict:
-    """The measurement pass (passes.MeasurePass): every candidate of every block up to o.measure_reach and the
-    probes, resumable in work/measure, saved as work/measurement.json (reusable with --measurement for every --bpw
-    target up to the one it was made for)."""
+    """The measurement pass (passes.MeasurePass): every candidate of every block between o.measure_floor and
+    o.measure_reach and the probes, resumable in work/measure, saved as work/measurement.json (reusable with
+    --measurement for every --bpw target between those it was made for)."""
     fingerprint = measurement_fingerprint(ckpt, ids, o.settings, o.rotate, o.torch_dtype, o.format)
-    reach = o.measure_reach
+    reach, floor = o.measure_reach, o.measure_floor
     path = work / "measurement.json"
     if path.is_file():
         saved = read_json(path)
         if (saved.get("fingerprint") == fingerprint and saved.get("scope") == "all"  # not an older one-target one
-                and covers(saved.get("reach"), reach)):  # fmt: skip
+                and covers(saved.get("reach"), reach, saved.get("floor"), floor)):  # fmt: skip
             return saved
     units = looper.model_units(model, head=True, head_step="probe")
     settings = {**fingerprint, "scope": "all", "probe_bits": list(PROBE_BITS), "reach": reach}
+    if floor is not None:  # (absent where there is none, so that earlier runs' work folders resume)
+        settings["floor"] = floor
     job = Job(work / "measure", settings, looper.job_steps(units), offload_dir=o.offload_dir)
     processor = MeasurePass(ckpt, model, job, ids, o, rotate_seeds(o.rotate))
     looper.run(ckpt, model, job, units, processor, o.device, o.torch_dtype, progress)
-    data = {"version": 2, "fingerprint": fingerprint, "scope": "all", "reach": reach,
+    data = {"version": 2, "fingerprint": fingerprint, "scope": "all", "reach": reach, "floor": floor,
             "layers": [job.info(u.step) for u in units if u.kind == "layer"],
             "probe": {"rows": processor.p_rows, "tokens": processor.p_shape[1], "bits": list(processor.widths),
                       "kl": job.info("probe")["kl"]}}  # fmt: skip
@@ -241,8 +243,10 @@ def _allocate(ckpt, model, ids, work: Path, o: QuantizeOptions, shapes, seeds, p
         meas = load_measurement(o.measurement, o.format, expected, len(shapes))
     else:
         meas = measure(ckpt, model, m_ids, work, o, progress)
-        reach = meas.get("reach")
+        reach, floor = meas.get("reach"), meas.get("floor")
         up_to = "any --bpw target" if reach is None else f"--bpw up to {o.format.target_for(reach):g}"
+        if floor is not None and reach is not None:  # the lowest target whose floor is at least this one
+            up_to = f"--bpw {floor + (o.format.reach_below or 0.0):g} to {o.format.target_for(reach):g}"
         log(f"measurement: {work / 'measurement.json'} (reuse it with --measurement for {up_to})")
     alloc = allocate(meas, shapes, o.bpw, o.settings, seeds, o.format)
     total = sum(v for layer in alloc.predicted for v in layer.values())

@@ -125,7 +125,7 @@ def with_time(the_plan: QuantPlan, model, o: QuantizeOptions, shapes, t, startup
         estimate_seconds, shapes, capture_groups(model.layers[0]), rows=o.rows, seq_len=o.seq_len,
         attn_dim=t.n_heads * t.head_dim, head=(t.vocab_size, t.dim) if o.head_bits else None,
         measure=measure_work(o.format, min(o.measure_rows, o.rows), (t.vocab_size, t.dim), shapes[0], o.settings,
-                             t.n_experts > 0, o.measure_reach)
+                             t.n_experts > 0, o.measure_reach, o.measure_floor)
         if o.bpw is not None and o.measurement is None else None, block_of=block_of, role_of=role_of,
     )  # fmt: skip
     seconds, flops = startup + estimate(rates=rates), estimate(rates=COUNT_FLOPS)

@@ -42,7 +42,7 @@ class QuantizeOptions:
     rotate: bool = False
     measurement: Path | None = None
     measure_rows: int = 16
-    measure_for: float | None = None  # a new measurement serves every --bpw up to max(bpw, measure_for)
+    measure_for: float | None = None  # a new measurement serves every --bpw between bpw and measure_for
     vision: str = "keep"
     dataset: str | None = None
     split: str = "train"
@@ -118,6 +118,14 @@ class QuantizeOptions:
         """The most bits per weight a new measurement's candidates store: what every --bpw up to max(bpw,
         measure_for) may use (OutputFormat.reach_for; None: the whole table)."""
         return None if self.bpw is None else self.format.reach_for(max(self.bpw, self.measure_for or self.bpw))
+
+    @property
+    def measure_floor(self) -> float | None:
+        """The narrowest width a new measurement's candidates give a linear: what every --bpw down to min(bpw,
+        measure_for) may use (measure.floor_for; None: down to the table's narrowest)."""
+        from quantkit.quant.measure import floor_for  # measure imports estimate, which imports this module
+
+        return None if self.bpw is None else floor_for(self.format, min(self.bpw, self.measure_for or self.bpw))
 
     @property
     def torch_dtype(self) -> torch.dtype:
