@@ -15,8 +15,8 @@ model. Bits per weight are those of the N quantized layers, every stored byte co
 Builds are cached in the work folder (bench_real.py's cache: same command, same folder); a --bpw build reuses a saved
 measurement of its format that serves its target (--measurement, WORK/measurement-FMT*.json), else it measures for
 the format's highest target (--measure-for) and saves that measurement for the others, as bench_real.py does.
-The table is printed and written to WORK/table.md. Expect minutes per layer for GPTQ and about an hour per layer for
-EXL3 --bpw on 2 cores.
+The table is printed and written to WORK/table.md. Expect minutes per layer for GPTQ and, on 2 cores, about half an
+hour per layer for an EXL3 measurement (SmolLM2's first layer at K = 2..5: 30 min) and 10-20 min per EXL3 build.
 """
 
 from __future__ import annotations

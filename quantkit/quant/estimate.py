@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.formats.exl3 import padded
+from quantkit.formats.spec import QuantSettings
 from quantkit.memory import frozen_heap
 from quantkit.quant.gptq import gptq_quantize
-from quantkit.quant.settings import QuantSettings
 
 OPS_PER_LAYER_FORWARD = 40  # torch ops in one decoder layer's forward on one row (norms, projections, rope, sdpa, …)
 

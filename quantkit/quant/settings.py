@@ -25,6 +25,7 @@ from quantkit.formats.registry import UNIFORM_DEFAULT, get_format
 from quantkit.formats.spec import QuantSettings
 from quantkit.io.writer import parse_shard_size
 from quantkit.model.config import CONFIG_DTYPES
+from quantkit.quant.measure import floor_for
 
 AUTO = "auto"
 GROUP_SIZES = (AUTO, 32, 64, 128, None)
@@ -123,8 +124,6 @@ class QuantizeOptions:
     def measure_floor(self) -> float | None:
         """The narrowest width a new measurement's candidates give a linear: what every --bpw down to min(bpw,
         measure_for) may use (measure.floor_for; None: down to the table's narrowest)."""
-        from quantkit.quant.measure import floor_for  # measure imports estimate, which imports this module
-
         return None if self.bpw is None else floor_for(self.format, min(self.bpw, self.measure_for or self.bpw))
 
     @property
