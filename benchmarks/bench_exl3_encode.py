@@ -24,7 +24,7 @@ import torch
 from quantkit.formats import exl3
 from quantkit.formats.registry import get_format
 from quantkit.quant import trellis
-from quantkit.quant.measure import floor_for
+from quantkit.quant.measure import measured_widths
 
 
 def scalar_rtn(w: torch.Tensor, k: int) -> torch.Tensor:
@@ -70,8 +70,7 @@ def main() -> None:
         rates[k] = seconds / n
         print(f"| {k} | {seconds:.1f} | {seconds * 1e6 / n:.0f} | {mse:.4f} | {rtn:.4f} | {hours:,.0f} |")
     fmt = get_format("exl3")
-    floor = floor_for(fmt, args.bpw) or 0
-    measured = [k for k in fmt.widths if floor <= k <= fmt.reach_for(args.bpw)]
+    measured = measured_widths(fmt, args.bpw)
     near = {k: rates[min(rates, key=lambda m: (abs(m - k), m))] for k in fmt.widths}
     one = near[min(max(round(args.bpw), 1), 8)]  # a --bits pass at the K nearest the target
     every, window = sum(near.values()), sum(near[k] for k in measured)

@@ -24,9 +24,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default; set 
 
 import torch  # noqa: E402
 
-from quantkit.formats.registry import get_format  # noqa: E402
 from quantkit.kernels import compile_check, exl3_triton  # noqa: E402
-from quantkit.quant.measure import floor_for  # noqa: E402
+from quantkit.quant.measure import measured_widths  # noqa: E402
 
 PIXTRAL_LARGE_DECODER = 88 * (2 * 12288 * 12288 + 2 * 12288 * 1024 + 3 * 12288 * 28672)  # weights
 H100_ISSUE = 132 * 4 * 1.98e9  # warp instructions per second: SMs x schedulers x boost clock
@@ -83,9 +82,7 @@ def main() -> None:
         writes = tile_passes * 256 * ((1 << 16) >> k) / H100_BYTES / 3600
         hours[k] = issue
         print(f"| {k} | {per_step} | {per_step * 32 * warps / (1 << 16):.1f} | {issue:.2f} | {writes:.2f} |")
-    fmt = get_format("exl3")
-    floor = floor_for(fmt, args.bpw) or 0
-    measured = [k for k in fmt.widths if floor <= k <= fmt.reach_for(args.bpw)]
+    measured = measured_widths("exl3", args.bpw)
     if all(k in hours for k in measured) and round(args.bpw) in hours:
         total = sum(hours[k] for k in measured) + hours[round(args.bpw)]
         print(f"--bpw {args.bpw:g}: measurement at K = {measured[0]}..{measured[-1]} and a final pass at about K = "

@@ -111,6 +111,14 @@ def floor_for(fmt: OutputFormat | str, target: float | None) -> float | None:
     return None if floor is None else min(floor, min(PROBE_BITS))
 
 
+def measured_widths(fmt: OutputFormat | str, target: float) -> list[int]:
+    """The widths a --bpw target measures each linear at, in a format with one width per matrix (EXL3's K): each a
+    solve of every linear, which the encode benches price."""
+    fmt = get_format(fmt)
+    floor, reach = floor_for(fmt, target), fmt.reach_for(target)
+    return [w for w in fmt.widths if (floor is None or w >= floor) and (reach is None or w <= reach)]
+
+
 def check_reach(reach: float | None, fmt: OutputFormat | str, target: float | None, what: str,
                 floor: float | None = None) -> None:  # fmt: skip
     """Refuse a measurement (what: its name in the message) made for a lower --bpw than target, or for a higher

@@ -51,9 +51,9 @@ def _viterbi(x: torch.Tensor, k: int, book: str, start: torch.Tensor | None, bes
     if h_major:
         v3, sq3 = v3.T.contiguous(), sq3.T.contiguous()
     cost = torch.zeros(shape, device=x.device)
+    rows = torch.arange(t, device=x.device)
     if start is not None:
         cost.fill_(float("inf"))
-        rows = torch.arange(t, device=x.device)
         if h_major:
             cost[rows, start & (n - 1), start >> k] = 0.0
         else:
@@ -72,13 +72,12 @@ def _viterbi(x: torch.Tensor, k: int, book: str, start: torch.Tensor | None, bes
         torch.add(err, before, out=cost)
     state = start if start is not None else (cost.transpose(1, 2) if h_major else cost).reshape(t, STATES).argmin(1)
     states = torch.empty(t, 256, dtype=torch.long, device=x.device)
-    rows = torch.arange(t, device=x.device)[:, None]
     top = (torch.arange(1 << k, device=x.device) << (16 - k))[None, :]
     for i in range(255, 0, -1):
         states[:, i] = state
         pred = top | (state >> k)[:, None]  # [T, 2^K]: the states step i may have come from
         pred_cost = torch.addcmul(square[pred], x[:, i - 1 : i], values[pred], value=-2.0)
-        pred_cost = pred_cost + best[i - 1, rows, pred >> k]
+        pred_cost = pred_cost + best[i - 1, rows[:, None], pred >> k]
         state = pred.gather(1, pred_cost.argmin(dim=1, keepdim=True))[:, 0]
     states[:, 0] = state
     return states
