@@ -11,6 +11,10 @@ Uniform GPTQ is built at the widths and group sizes that land near 2.5, 3.0 and 
 3- and 4-bit per channel) and at g128; each mixed build is made at exactly a uniform build's size (equal bytes).
 GPTQ-format mixed builds (--bpw --format gptq: whole-module widths in GPTQModel's `dynamic` rules, what vLLM
 serves) are made at the g128 uniform builds' sizes and at 3.0 / 4.0 next to the quantkit-format mixed builds.
+With --exl3, EXL3 rows too (issue 27): uniform `--bits K --format exl3` at K = 2, 3 and `--bpw 3.0 --format exl3`
+next to the quantkit-format mixed build of that target (the whole model, where bench_exl3_quality.py can afford one
+real layer; this model's 64-wide k/v projections are stored at 128, as EXL3 pads them). About 45 min of 2 CPU
+cores: the encoder's global-scale search codes twice as many tiles as these small linears hold.
 All builds are evaluated in one pass over the same held-out rows, so their per-row NLLs pair up: the equal-bytes
 table gives the perplexity difference with its standard error over rows.
 """
@@ -52,6 +56,8 @@ GROUP = 128
 UNIFORM = ((2, "128"), (2, "32"), (3, "none"), (3, "128"), (4, "none"), (4, "128"))  # (bits, --group-size)
 ROUND_TARGETS = (2.5, 3.0, 3.5, 4.0)
 GPTQ_FORMAT_TARGETS = (3.0, 4.0)  # each next to the quantkit-format mixed build of the same target
+EXL3_BITS = (2, 3)  # uniform --bits K --format exl3 (each 7-9 min of 2 CPU cores on the benchmark model)
+EXL3_TARGETS = (3.0,)  # issue 27's goal at 3.0 (a 2.5 target would measure K = 1 too, the slowest code: +15 min)
 
 
 @dataclass
@@ -104,19 +110,34 @@ def folder_build(label: str, folder: Path, seconds: float | None, same_size_as: 
 def mixed_builds(work: Path, hf: Path, targets, label: str, folder: str, extra: list, measurement: Path) -> list:
     """`--bpw` builds at each (target, same_size_as): the first measures (for every target up to the highest,
     --measure-for; timed with it), the rest reuse its measurement.json. label and folder are format strings taking
-    the target."""
+    the target; extra holds the format and group size."""
     measurement.unlink(missing_ok=True)  # measured afresh in every run
     builds = []
     for target, same in targets:
         out = work / folder.format(target)
         measures = not measurement.is_file()
         reuse = ["--measure-for", max(t for t, _ in targets)] if measures else ["--measurement", measurement]
-        seconds = quantkit_cli(hf, out, "--bpw", target, "--group-size", GROUP, *extra, *reuse)
+        seconds = quantkit_cli(hf, out, "--bpw", target, *extra, *reuse)
         if measures:
             shutil.copy(work / f".{out.name}.quantkit-work" / "measurement.json", measurement)
         note = " (incl. measurement)" if measures else ""
         builds.append(folder_build(label.format(target) + note, out, seconds, same))
     return builds
+
+
+def exl3_builds(args, hf: Path, q: list) -> list[Build]:
+    """Uniform EXL3 at EXL3_BITS (kept with --reuse-uniform) and EXL3 --bpw at EXL3_TARGETS, each of those next to
+    the quantkit-format mixed build of its target."""
+    builds = []
+    for k in EXL3_BITS:
+        out = args.work / f"exl3k{k}"
+        kept = args.reuse_uniform and (out / "config.json").is_file()
+        seconds = None if kept else quantkit_cli(hf, out, "--bits", k, "--format", "exl3", *q)
+        builds.append(folder_build(f"EXL3 K={k}", out, seconds))
+        print(f"{builds[-1].label}: {builds[-1].bpw:.3f} bpw", flush=True)
+    targets = [(t, f"quantkit mixed --bpw {t:.3f}") for t in EXL3_TARGETS]
+    return builds + mixed_builds(args.work, hf, targets, "EXL3 mixed --bpw {:.3f}", "exl3mixed{:.3f}",
+                                 ["--format", "exl3", *q], args.work / "measurement-exl3.json")  # fmt: skip
 
 
 def main() -> None:
@@ -128,6 +149,7 @@ def main() -> None:
     ap.add_argument("--eval-rows", type=int, default=128)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--no-peer", action="store_true", help="skip GPTQModel")
+    ap.add_argument("--exl3", action="store_true", help="add the EXL3 rows (about 45 min of 2 CPU cores)")
     ap.add_argument(
         "--reuse-uniform",
         action="store_true",
@@ -145,6 +167,7 @@ def main() -> None:
     if not (hf / "config.json").is_file():
         convert(native, hf, progress=False)
     q = ["--rows", args.calib_rows, "--seq-len", args.calib_seq_len]
+    grid = ["--group-size", GROUP]
     float_model = load_any(hf, "cpu", "float32", "torch", progress=False)
     builds = [Build("16-bit", float_model, 16.0, folder_size(hf), None)]
     for bits in (2, 3, 4):
@@ -181,13 +204,15 @@ def main() -> None:
         targets = [(u.bpw + 1e-9, u.label) for u in uniform[rotate]]  # exact bpw, float slack
         targets += [] if rotate else [(t, None) for t in ROUND_TARGETS]
         builds += mixed_builds(args.work, hf, targets, "quantkit mixed --bpw {:.3f}" + tag, f"mixed{{:.3f}}{suffix}",
-                               [*extra, *q], args.work / f"measurement{suffix}.json")  # fmt: skip
+                               [*extra, *grid, *q], args.work / f"measurement{suffix}.json")  # fmt: skip
     # GPTQ-format mixed (per-module 2/3/4/8 bits in `dynamic`, one group size): at the uniform g128 builds' sizes,
     # and at 3.0 / 4.0 next to the quantkit-format mixed builds of the same target.
     targets = [(u.bpw + 1e-9, u.label) for u in uniform[False] if u.label.endswith(f"g{GROUP} act-order")]
     targets += [(t, f"quantkit mixed --bpw {t:.3f}") for t in GPTQ_FORMAT_TARGETS]
     builds += mixed_builds(args.work, hf, targets, "GPTQ-format mixed --bpw {:.3f}", "gptqmixed{:.3f}",
-                           ["--format", "gptq", *q], args.work / "measurement-gptq.json")  # fmt: skip
+                           ["--format", "gptq", *grid, *q], args.work / "measurement-gptq.json")  # fmt: skip
+    if args.exl3:
+        builds += exl3_builds(args, hf, q)
 
     es = EvalSettings(str(heldout), rows=args.eval_rows, seq_len=args.eval_seq_len, device="cpu", dtype="float32",
                       backend="torch")  # fmt: skip
@@ -256,7 +281,8 @@ def write_results(args, builds: list[Build], results: dict[str, EvalResult]) -> 
         "equal): a uniform GPTQ build, or for the GPTQ-format mixed builds at 3.0 / 4.0 the quantkit-format mixed "
         "build of the same target. GPTQ-format mixed builds choose whole-module widths (2/3/4/8 bits, q/k/v and "
         "gate/up sharing one, one group size, written as `dynamic` rules); quantkit-format ones mix widths within a "
-        "matrix. The ppl difference is exp(mean over rows of "
+        "matrix; EXL3 mixed builds (with --exl3) one K per linear, next to the quantkit-format build of their target. "
+        "The ppl difference is exp(mean over rows of "
         "the per-row NLL difference) - 1, with one standard error of that mean over rows (rows from one file "
         "are not independent, so this understates the spread somewhat).\n\n" + "\n".join(pairs) + f"\n{END}\n"
     )
