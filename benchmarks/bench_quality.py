@@ -107,6 +107,14 @@ def folder_build(label: str, folder: Path, seconds: float | None, same_size_as: 
     return Build(label, folder, realized(folder), folder_size(folder), seconds, same_size_as)
 
 
+def uniform_build(args, hf: Path, out: Path, label: str, qargs: list) -> Build:
+    """One uniform build (`quantize hf out *qargs`), or the one --work holds with --reuse-uniform (no time)."""
+    kept = args.reuse_uniform and (out / "config.json").is_file()
+    build = folder_build(label, out, None if kept else quantkit_cli(hf, out, *qargs))
+    print(f"{label}: {build.bpw:.3f} bpw", flush=True)
+    return build
+
+
 def mixed_builds(work: Path, hf: Path, targets, label: str, folder: str, extra: list, measurement: Path) -> list:
     """`--bpw` builds at each (target, same_size_as): the first measures (for every target up to the highest,
     --measure-for; timed with it), the rest reuse its measurement.json. label and folder are format strings taking
@@ -128,13 +136,8 @@ def mixed_builds(work: Path, hf: Path, targets, label: str, folder: str, extra: 
 def exl3_builds(args, hf: Path, q: list) -> list[Build]:
     """Uniform EXL3 at EXL3_BITS (kept with --reuse-uniform) and EXL3 --bpw at EXL3_TARGETS, each of those next to
     the quantkit-format mixed build of its target."""
-    builds = []
-    for k in EXL3_BITS:
-        out = args.work / f"exl3k{k}"
-        kept = args.reuse_uniform and (out / "config.json").is_file()
-        seconds = None if kept else quantkit_cli(hf, out, "--bits", k, "--format", "exl3", *q)
-        builds.append(folder_build(f"EXL3 K={k}", out, seconds))
-        print(f"{builds[-1].label}: {builds[-1].bpw:.3f} bpw", flush=True)
+    builds = [uniform_build(args, hf, args.work / f"exl3k{k}", f"EXL3 K={k}", ["--bits", k, "--format", "exl3", *q])
+              for k in EXL3_BITS]  # fmt: skip
     targets = [(t, f"quantkit mixed --bpw {t:.3f}") for t in EXL3_TARGETS]
     return builds + mixed_builds(args.work, hf, targets, "EXL3 mixed --bpw {:.3f}", "exl3mixed{:.3f}",
                                  ["--format", "exl3", *q], args.work / "measurement-exl3.json")  # fmt: skip
@@ -179,11 +182,10 @@ def main() -> None:
         tag, extra = (" --rotate", ["--rotate"]) if rotate else ("", [])
         for bits, group in UNIFORM:
             out = args.work / f"gptq{bits}g{group}{'-rot' if rotate else ''}"
-            kept = args.reuse_uniform and (out / "config.json").is_file()
-            seconds = None if kept else quantkit_cli(hf, out, "--bits", bits, "--group-size", group, *extra, *q)
             grouping = "per-channel" if group == "none" else f"g{group}"
-            uniform[rotate].append(folder_build(f"quantkit GPTQ {bits}-bit {grouping} act-order{tag}", out, seconds))
-            print(f"{uniform[rotate][-1].label}: {uniform[rotate][-1].bpw:.3f} bpw", flush=True)
+            label = f"quantkit GPTQ {bits}-bit {grouping} act-order{tag}"
+            qargs = ["--bits", bits, "--group-size", group, *extra, *q]
+            uniform[rotate].append(uniform_build(args, hf, out, label, qargs))
         builds += uniform[rotate]
     if not args.no_peer:
         ids = _calibration(Checkpoint(hf), None, "train", "text", args.calib_rows, args.calib_seq_len, 0).ids
